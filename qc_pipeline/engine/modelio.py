@@ -1,0 +1,172 @@
+"""Model folders: ``weights.pt`` (a ``state_dict``) + ``model_card.json``.
+
+Every checkpoint travels with its JSON model card. The card says what the
+network is (class and constructor arguments), which grid / voxel size /
+normalisation it expects, the high-frequency radius, gamma, schedule
+defaults, its size (parameters, multiply-adds per pass), how it was trained,
+and an evaluation table.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .errors import ModelCardError, ModelNotFoundError
+from .hf import REFERENCE_FOV_MM, REFERENCE_RADIUS, hf_radius
+from .schedules import SCHEDULES
+from .taufit import DEFAULT_GAMMA, R2_MIN
+
+__all__ = [
+    "WEIGHTS_NAME", "CARD_NAME", "DEFAULT_GRID", "DEFAULT_VOXEL_SIZE", "NORMALISATION",
+    "save_model_folder", "load_model_card", "make_random_model_folder", "default_model_dir",
+    "default_card", "build_network", "code_version",
+]
+
+WEIGHTS_NAME = "weights.pt"
+CARD_NAME = "model_card.json"
+DEFAULT_GRID = (80, 96, 80)
+DEFAULT_VOXEL_SIZE = (2.0, 2.0, 2.0)
+NORMALISATION = ("iterative z-score inside the brain mask (paper 4.1.1: z-score, re-estimate mean/SD "
+                 "from voxels within 2 SD, three more passes); background set to 0")
+
+
+def code_version() -> str:
+    """Package version (the lead's git commit is not read at run time)."""
+    try:
+        from qc_pipeline import __version__
+        return str(__version__)
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
+def default_model_dir(contrast: str = "T1w") -> Path:
+    """Folder of the packaged model for ``contrast`` (may not contain weights yet)."""
+    import qc_pipeline.models as _models
+
+    return Path(_models.__file__).parent / str(contrast).lower()
+
+
+def default_card(grid: Sequence[int] = DEFAULT_GRID, voxel_size: Sequence[float] = DEFAULT_VOXEL_SIZE,
+                 *, contrast: str = "T1w", gamma: float = DEFAULT_GAMMA, schedule: str = "fast") -> dict:
+    """A model card with the engine's defaults (network/training fields are filled by the caller)."""
+    grid = [int(g) for g in grid]
+    vs = [float(v) for v in voxel_size]
+    return {
+        "model_id": f"{contrast.lower()}-untrained",
+        "contrast": contrast,
+        "grid": grid,
+        "voxel_size": vs,
+        "orientation": "RAS",
+        "normalisation": NORMALISATION,
+        "hf": {"reference_radius": REFERENCE_RADIUS, "reference_fov_mm": REFERENCE_FOV_MM,
+               "reference_grid": [192, 192, 192], "reference_voxel_size": [1.0, 1.0, 1.0],
+               "radius": list(hf_radius(grid, vs)),
+               "units": "frequency-index units per axis (ellipsoid); same cycles/mm as r=15 on 192 x 1 mm"},
+        "gamma": gamma,
+        "r2_min": R2_MIN,
+        "schedule": schedule,
+        "schedules": {k: {"sweep_t": list(s.sweep_t) if k != "reference" else "1..100 step 1",
+                          "early_stop": s.early_stop, "refine_start": s.refine_start,
+                          "max_refine": s.max_refine, "tol": s.tol} for k, s in SCHEDULES.items()},
+        "network": None,
+        "params": None,
+        "macs_per_pass": None,
+        "training": {},
+        "code_version": code_version(),
+        "evaluation": [],
+    }
+
+
+def build_network(card: Mapping[str, Any]) -> torch.nn.Module:
+    """Instantiate the network described by ``card["network"]``."""
+    from qc_pipeline.models.unet import UNet3D
+
+    cfg = dict(card.get("network") or {})
+    cls = cfg.pop("class", "UNet3D")
+    if cls != "UNet3D":
+        raise ModelCardError(f"model card names network class {cls!r}; only 'UNet3D' is known")
+    try:
+        return UNet3D(**cfg)
+    except TypeError as exc:
+        raise ModelCardError(f"model card network arguments {cfg!r} do not fit UNet3D: {exc}") from exc
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_model_folder(path, net: torch.nn.Module, card: Mapping[str, Any]) -> Path:
+    """Write ``weights.pt`` (state_dict, CPU tensors) and ``model_card.json`` atomically.
+
+    ``network``, ``params`` and ``macs_per_pass`` are filled from ``net`` when the
+    card lacks them.
+    """
+    from qc_pipeline.models.unet import count_macs, count_parameters
+
+    path = Path(path)
+    card = dict(card)
+    if not card.get("network") and hasattr(net, "config"):
+        card["network"] = net.config()
+    if card.get("params") is None:
+        card["params"] = count_parameters(net)
+    if card.get("macs_per_pass") is None and card.get("grid"):
+        card["macs_per_pass"] = count_macs(net, tuple(card["grid"]))
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    _atomic_write_bytes(path / WEIGHTS_NAME, lambda tmp: torch.save(state, tmp))
+    text = json.dumps(card, indent=2, sort_keys=False, default=str) + "\n"
+    _atomic_write_bytes(path / CARD_NAME, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+def load_model_card(path) -> dict:
+    """Read ``model_card.json`` of a model folder (typed errors when missing/broken)."""
+    path = Path(path)
+    card_file = path / CARD_NAME if path.is_dir() or not path.suffix else path
+    if not card_file.is_file():
+        raise ModelNotFoundError(f"no model card at {card_file} (a model folder holds {WEIGHTS_NAME} and {CARD_NAME})")
+    try:
+        card = json.loads(card_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelCardError(f"cannot read model card {card_file}: {exc}") from exc
+    for key in ("grid", "voxel_size", "network"):
+        if not card.get(key):
+            raise ModelCardError(f"model card {card_file} lacks the field {key!r}")
+    return card
+
+
+def make_random_model_folder(path, *, grid=(32, 32, 32), voxel_size=(2, 2, 2), features=(4, 8, 16),
+                             contrast: str = "T1w", seed: int = 0) -> Path:
+    """Write a tiny randomly initialised model folder (for wiring tests; scores are meaningless).
+
+    Returns the folder path.
+    """
+    from qc_pipeline.models.unet import UNet3D
+
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(int(seed))
+        net = UNet3D(2, 1, tuple(int(f) for f in features))
+    finally:
+        torch.random.set_rng_state(gen_state)
+    net.eval()
+    card = default_card(grid, voxel_size, contrast=contrast)
+    card["model_id"] = f"{contrast.lower()}-random-seed{seed}"
+    card["training"] = {"data": "none: randomly initialised (wiring tests only)", "subjects": 0,
+                        "steps": 0, "wall_time_s": 0.0, "machine": platform.platform()}
+    card["network"] = net.config()
+    return save_model_folder(path, net, card)

@@ -1,0 +1,580 @@
+"""Group level: rank scans, flag outliers per site, summarise sites, score ratings.
+
+Reads only the derivatives folder (``OUTPUT_DIR/sub-*/[ses-*/]anat/*_qc.json`` and the
+NIfTIs they name); never the raw BIDS tree.
+
+Flag rules
+----------
+``robust`` (default)
+    Per site, a scan is flagged when ``anomaly_fraction > median + k * s`` where ``s`` is
+    the scaled MAD (``1.4826 * median(|x - median|)``, the normal-consistent robust SD) of
+    that site's successful scans, ``k = 3`` by default (``mad_k``). Sites with fewer than
+    ``min_site_size`` (default 8) successful scans use the pooled distribution of all
+    sites of the same suffix instead. When the MAD is 0 (e.g. most scans score exactly
+    0), ``s`` falls back to ``1.2533 * mean(|x - median|)``; when that is 0 too, any scan
+    scoring above the median is flagged.
+``fnr`` (``flag_at_fnr=0.2`` with labels)
+    One threshold calibrated on all labelled scans of the suffix (pooled over sites, since
+    few artifact scans per site make per-site calibration unstable): the highest
+    ``anomaly_fraction`` such that at most ``flag_at_fnr`` of the labelled artifact scans
+    fall below it; a scan is flagged when ``anomaly_fraction >= threshold``. Without
+    labelled artifact scans for a suffix, that suffix falls back to the robust rule and
+    the rule text says so.
+
+Labels
+------
+``labels`` is a TSV (or CSV) with a ``bids_name`` column (file names, paths and
+extensions are tolerated) and one rating column, the first found of ``label, rating, qc,
+artifact, bad, quality, exclude, manual_qc``. Values: ``1/0``, ``true/false``,
+``bad/good``, ``fail/pass``, ``exclude/include``, ``artifact/clean``,
+``reject/accept``; ``questionable`` (also ``doubtful``, ``maybe``, ``?``) is *excluded*
+from the metrics by default (``questionable="exclude"``; ``"bad"`` or ``"good"`` map it to
+a class). Empty values are unlabelled. When a scan is rated several times, the row with
+the latest ``timestamp`` (or the last row) wins. The ratings TSV downloaded from the
+subject reports (``bids_name, rating, artifacts, comment, rater, timestamp``) is accepted
+as is.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from . import metrics as _metrics
+
+__all__ = [
+    "run_group",
+    "load_qc_records",
+    "load_labels",
+    "LabelsError",
+    "GroupError",
+    "QCRecord",
+    "ROW_COLUMNS",
+    "SITE_COLUMNS",
+    "DEFAULT_MAD_K",
+    "DEFAULT_MIN_SITE_SIZE",
+]
+
+LOGGER = logging.getLogger(__name__)
+
+DEFAULT_MAD_K = 3.0
+DEFAULT_MIN_SITE_SIZE = 8
+MAD_SCALE = 1.4826
+MEANAD_SCALE = 1.2533
+SINGLE_SITE = "all"
+POOLED_SITE = "ALL_SITES"
+
+ROW_COLUMNS = [
+    "bids_name", "subject", "session", "acquisition", "run", "suffix", "site", "status",
+    "anomaly_voxels", "anomaly_fraction", "anomaly_mm3", "rank", "percentile_in_site",
+    "flagged", "error", "threshold", "label", "warnings", "model_id",
+    "report",
+]
+SITE_COLUMNS = [
+    "site", "n_scans", "n_failed", "median_fraction", "p95_fraction", "threshold",
+    "threshold_rule", "n_flagged", "n_labelled", "n_artifact", "AUROC", "AUPRC",
+    "FPR80", "FPR90", "FNR80", "FNR90", "metrics_note",
+]
+
+_ENTITY_KEYS = {"sub": "subject", "ses": "session", "acq": "acquisition", "run": "run",
+                "rec": "reconstruction", "ce": "ceagent", "task": "task", "echo": "echo",
+                "part": "part"}
+
+
+class GroupError(ValueError):
+    """Bad arguments to the group level (e.g. ``flag_at_fnr`` without labels)."""
+
+
+class LabelsError(ValueError):
+    """A labels file that cannot be used; the message names the file and the problem."""
+
+
+# --------------------------------------------------------------------------- records
+@dataclass
+class QCRecord:
+    """One ``*_qc.json`` as the group level and the reports see it."""
+
+    path: Path
+    data: dict
+    bids_name: str
+    entities: dict
+    site: str
+    status: str
+    error: str | None = None
+    warnings: list = field(default_factory=list)
+
+    @property
+    def subject(self) -> str:
+        return str(self.entities.get("subject", ""))
+
+    @property
+    def suffix(self) -> str:
+        return str(self.entities.get("suffix", ""))
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok" and math.isfinite(self.fraction)
+
+    def _num(self, key) -> float:
+        try:
+            v = float(self.data.get(key))
+        except (TypeError, ValueError):
+            return math.nan
+        return v
+
+    @property
+    def fraction(self) -> float:
+        return self._num("anomaly_fraction")
+
+    @property
+    def voxels(self) -> float:
+        return self._num("anomaly_voxels")
+
+    @property
+    def mm3(self) -> float:
+        return self._num("anomaly_mm3")
+
+    def resolve(self, key: str) -> Path | None:
+        """Path of a file named by field ``key`` (relative to the qc.json or absolute)."""
+        value = self.data.get(key)
+        if not value or not isinstance(value, str):
+            return None
+        p = Path(value)
+        candidates = [p] if p.is_absolute() else [self.path.parent / p, self.path.parent / p.name]
+        for c in candidates:
+            if c.is_file():
+                return c
+        return None
+
+
+def parse_bids_name(name: str) -> dict:
+    """Entities of a BIDS file name (``sub-01_ses-a_run-1_T1w`` -> dict)."""
+    base = Path(name).name
+    base = re.sub(r"(_qc\.json|\.nii\.gz|\.nii|\.json)$", "", base)
+    parts = base.split("_")
+    ent: dict = {}
+    for part in parts:
+        if "-" in part:
+            k, _, v = part.partition("-")
+            ent[_ENTITY_KEYS.get(k, k)] = v
+    if parts and "-" not in parts[-1]:
+        ent["suffix"] = parts[-1]
+    return ent
+
+
+def normalise_bids_name(name: str) -> str:
+    """``/x/sub-01_T1w.nii.gz`` or ``sub-01_T1w_qc.json`` -> ``sub-01_T1w``."""
+    base = Path(str(name).strip()).name
+    return re.sub(r"(_qc\.json|\.nii\.gz|\.nii|\.json)$", "", base)
+
+
+def _site_of(data: dict, site_column: str) -> str:
+    meta = data.get("metadata") or {}
+    if not isinstance(meta, dict):
+        meta = {}
+    candidates = []
+    if site_column != "site":
+        candidates.append(meta.get(site_column))
+    candidates += [data.get("site"), meta.get(site_column)]
+    for c in candidates:
+        if c is not None and str(c).strip() not in ("", "n/a", "nan", "None"):
+            return str(c).strip()
+    return SINGLE_SITE
+
+
+def _read_record(path: Path, site_column: str) -> QCRecord:
+    fallback_name = normalise_bids_name(path.name)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("top level is not an object")
+    except (OSError, ValueError) as exc:
+        return QCRecord(path=path, data={}, bids_name=fallback_name,
+                        entities=parse_bids_name(fallback_name), site=SINGLE_SITE,
+                        status="error", error=f"unreadable qc.json: {exc}")
+    bids_name = str(data.get("bids_name") or fallback_name)
+    ent = parse_bids_name(bids_name)
+    given = data.get("entities")
+    if isinstance(given, dict):
+        ent.update({k: v for k, v in given.items() if v is not None})
+    status = str(data.get("status") or "error").lower()
+    error = data.get("error")
+    if status != "ok" and not error:
+        error = f"status {status!r} with no reason given"
+    warnings = data.get("warnings") or []
+    if not isinstance(warnings, list):
+        warnings = [str(warnings)]
+    rec = QCRecord(path=path, data=data, bids_name=bids_name, entities=ent,
+                   site=_site_of(data, site_column), status="ok" if status == "ok" else "error",
+                   error=None if status == "ok" else str(error), warnings=[str(w) for w in warnings])
+    if rec.status == "ok" and not math.isfinite(rec.fraction):
+        rec.status = "error"
+        rec.error = "status ok but anomaly_fraction is missing or not finite"
+    return rec
+
+
+def load_qc_records(output_dir, *, subject: str | None = None,
+                    site_column: str = "site") -> list[QCRecord]:
+    """Every ``*_qc.json`` under ``output_dir/sub-*/[ses-*/]anat`` (optionally one subject)."""
+    root = Path(output_dir)
+    sub = "sub-*" if subject is None else f"sub-{str(subject).removeprefix('sub-')}"
+    paths = sorted(set(root.glob(f"{sub}/anat/*_qc.json")) | set(root.glob(f"{sub}/ses-*/anat/*_qc.json")))
+    return [_read_record(p, site_column) for p in paths]
+
+
+# --------------------------------------------------------------------------- labels
+_LABEL_COLUMNS = ("label", "rating", "qc", "artifact", "bad", "quality", "exclude", "manual_qc")
+_BAD = {"1", "1.0", "true", "bad", "fail", "failed", "exclude", "excluded", "artifact",
+        "artefact", "reject", "rejected", "poor", "yes"}
+_GOOD = {"0", "0.0", "false", "good", "pass", "passed", "include", "included", "clean",
+         "accept", "accepted", "ok", "excellent", "acceptable", "no"}
+_QUESTIONABLE = {"questionable", "doubtful", "maybe", "?", "unsure", "borderline"}
+
+
+def load_labels(path, *, questionable: str = "exclude") -> dict[str, int]:
+    """Read a labels/ratings TSV -> ``{bids_name: 1 (artifact) | 0 (clean)}``.
+
+    See the module docstring for the accepted columns and values. Raises
+    :class:`LabelsError` naming the file and the problem.
+    """
+    if questionable not in ("exclude", "bad", "good"):
+        raise LabelsError(f"questionable must be 'exclude', 'bad' or 'good', got {questionable!r}")
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise LabelsError(f"cannot read labels file {path}: {exc}") from exc
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not lines:
+        raise LabelsError(f"labels file {path} is empty")
+    delim = "\t" if "\t" in lines[0] else ","
+    reader = csv.DictReader(io.StringIO("\n".join(lines)), delimiter=delim)
+    cols = {c.strip().lower(): c for c in (reader.fieldnames or [])}
+    if "bids_name" not in cols:
+        raise LabelsError(f"labels file {path} has no 'bids_name' column "
+                          f"(columns: {', '.join(reader.fieldnames or [])})")
+    label_col = next((cols[c] for c in _LABEL_COLUMNS if c in cols), None)
+    if label_col is None:
+        raise LabelsError(f"labels file {path} has no rating column; expected one of "
+                          f"{', '.join(_LABEL_COLUMNS)} (columns: {', '.join(reader.fieldnames or [])})")
+    ts_col = cols.get("timestamp")
+    best: dict[str, tuple] = {}
+    for i, row in enumerate(reader):
+        name = normalise_bids_name(row.get(cols["bids_name"]) or "")
+        raw = str(row.get(label_col) or "").strip().lower()
+        if not name or raw in ("", "n/a", "na", "nan", "none"):
+            continue
+        if raw in _BAD:
+            value: int | None = 1
+        elif raw in _GOOD:
+            value = 0
+        elif raw in _QUESTIONABLE:
+            value = {"exclude": None, "bad": 1, "good": 0}[questionable]
+        else:
+            raise LabelsError(f"labels file {path}, row {i + 2}: value {raw!r} in column "
+                              f"{label_col!r} is not a rating (use 0/1, good/bad, questionable)")
+        key = (str(row.get(ts_col) or "") if ts_col else "", i)
+        if name not in best or key >= best[name][0]:
+            best[name] = (key, value)
+    return {n: v for n, (_, v) in best.items() if v is not None}
+
+
+# --------------------------------------------------------------------------- stats
+def _robust_threshold(x: np.ndarray, k: float) -> tuple[float, float, float]:
+    med = float(np.median(x))
+    dev = np.abs(x - med)
+    scale = MAD_SCALE * float(np.median(dev))
+    if scale == 0.0:
+        scale = MEANAD_SCALE * float(np.mean(dev))
+    return med + k * scale, med, scale
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _fmt(v):
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "n/a"
+        return f"{v:.6g}"
+    return str(v)
+
+
+def _csv_text(rows: Iterable[Mapping], columns: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: _fmt(r.get(c)) for c in columns})
+    return buf.getvalue()
+
+
+def _rank_min(values_desc_sorted: list[float]) -> list[int]:
+    ranks, prev, prev_rank = [], None, 0
+    for i, v in enumerate(values_desc_sorted, start=1):
+        if v != prev:
+            prev_rank, prev = i, v
+        ranks.append(prev_rank)
+    return ranks
+
+
+def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] | None,
+                          flag_at_fnr: float | None, mad_k: float,
+                          min_site_size: int) -> tuple[list[dict], list[dict], dict]:
+    """Rows (ranked), site rows and a summary for the records of ONE suffix."""
+    ok = [r for r in records if r.ok]
+    failed = [r for r in records if not r.ok]
+    sites = sorted({r.site for r in records})
+    pooled = np.array([r.fraction for r in ok], dtype=float)
+    lab = {} if labels is None else {r.bids_name: labels[normalise_bids_name(r.bids_name)]
+                                     for r in records if normalise_bids_name(r.bids_name) in labels}
+
+    # ---- threshold per site
+    site_thr: dict[str, tuple[float, str]] = {}
+    strict: bool = True  # robust: flag score > thr; fnr: flag score >= thr
+    rule_summary = ""
+    fnr_thr = math.nan
+    if flag_at_fnr is not None:
+        ly = [lab[r.bids_name] for r in ok if r.bids_name in lab]
+        ls = [r.fraction for r in ok if r.bids_name in lab]
+        if sum(ly) > 0:
+            fnr_thr = _metrics.threshold_at_fnr(ly, ls, flag_at_fnr)
+    if math.isfinite(fnr_thr):
+        strict = False
+        n_lab, n_art = len(ly), int(sum(ly))
+        rule = (f"calibrated at FNR<={flag_at_fnr:g}: anomaly_fraction >= {fnr_thr:.6g} "
+                f"(pooled over sites; {n_lab} labelled scans, {n_art} artifact)")
+        rule_summary = rule
+        for s in sites:
+            site_thr[s] = (fnr_thr, rule)
+    else:
+        prefix = ""
+        if flag_at_fnr is not None:
+            prefix = f"no labelled artifact scans to calibrate FNR<={flag_at_fnr:g}; fallback: "
+        for s in sites:
+            xs = np.array([r.fraction for r in ok if r.site == s], dtype=float)
+            if xs.size >= min_site_size:
+                thr, med, sc = _robust_threshold(xs, mad_k)
+                rule = (f"{prefix}robust per site: anomaly_fraction > median + {mad_k:g} x "
+                        f"scaled MAD = {med:.4g} + {mad_k:g} x {sc:.4g} = {thr:.6g} (n={xs.size})")
+            elif pooled.size:
+                thr, med, sc = _robust_threshold(pooled, mad_k)
+                rule = (f"{prefix}robust, pooled over sites (site has {xs.size} < {min_site_size} "
+                        f"scans): anomaly_fraction > median + {mad_k:g} x scaled MAD = {med:.4g} + "
+                        f"{mad_k:g} x {sc:.4g} = {thr:.6g} (n={pooled.size})")
+            else:
+                thr, rule = math.nan, f"{prefix}no successful scans: nothing to flag"
+            site_thr[s] = (thr, rule)
+        rule_summary = (f"{prefix}robust per site: flag when anomaly_fraction > median + "
+                        f"{mad_k:g} x scaled MAD (1.4826 x MAD) of the site's scores; sites with "
+                        f"fewer than {min_site_size} successful scans use the pooled distribution")
+
+    def is_flagged(r: QCRecord) -> bool:
+        thr = site_thr[r.site][0]
+        if not math.isfinite(thr):
+            return False
+        return r.fraction > thr if strict else r.fraction >= thr
+
+    # ---- rows
+    ok_sorted = sorted(ok, key=lambda r: (-r.fraction, r.bids_name))
+    ranks = _rank_min([r.fraction for r in ok_sorted])
+    site_scores = {s: np.array([r.fraction for r in ok if r.site == s], dtype=float) for s in sites}
+    rows = []
+    for r, rank in zip(ok_sorted, ranks):
+        xs = site_scores[r.site]
+        pct = 100.0 * float(np.mean(xs <= r.fraction))
+        rows.append(_row(r, lab, rank=rank, pct=pct, flagged=is_flagged(r),
+                         thr=site_thr[r.site][0]))
+    for r in sorted(failed, key=lambda r: r.bids_name):
+        rows.append(_row(r, lab, rank=None, pct=None, flagged=None, thr=site_thr[r.site][0]))
+
+    # ---- sites
+    site_rows = []
+    groups = [(s, [r for r in records if r.site == s]) for s in sites]
+    if len(sites) > 1:
+        groups.append((POOLED_SITE, records))
+    for s, recs in groups:
+        xs = np.array([r.fraction for r in recs if r.ok], dtype=float)
+        if s == POOLED_SITE:
+            thr, rule = (fnr_thr, rule_summary) if not strict else (math.nan, "per site (see rows above)")
+        else:
+            thr, rule = site_thr[s]
+        row = {
+            "site": s, "n_scans": len(recs), "n_failed": sum(not r.ok for r in recs),
+            "median_fraction": float(np.median(xs)) if xs.size else math.nan,
+            "p95_fraction": float(np.percentile(xs, 95)) if xs.size else math.nan,
+            "threshold": thr, "threshold_rule": rule,
+            "n_flagged": sum(1 for r in recs if r.ok and is_flagged(r)),
+        }
+        if labels is not None:
+            ly = [lab[r.bids_name] for r in recs if r.ok and r.bids_name in lab]
+            ls = [r.fraction for r in recs if r.ok and r.bids_name in lab]
+            m = _metrics.detection_metrics(ly, ls)
+            row.update({"n_labelled": m.n, "n_artifact": m.n_pos,
+                        **{k: getattr(m, k) for k in _metrics.METRIC_NAMES},
+                        "metrics_note": m.reason or ""})
+        site_rows.append(row)
+    summary = {"rule": rule_summary, "strict": strict, "site_thresholds": site_thr,
+               "n_scans": len(records), "n_failed": len(failed), "sites": sites,
+               "labels": labels is not None}
+    return rows, site_rows, summary
+
+
+def _row(r: QCRecord, lab: Mapping, *, rank, pct, flagged, thr) -> dict:
+    e = r.entities
+    return {
+        "bids_name": r.bids_name, "subject": e.get("subject", ""), "session": e.get("session", ""),
+        "acquisition": e.get("acquisition", ""), "run": e.get("run", ""),
+        "suffix": e.get("suffix", ""), "site": r.site, "status": r.status,
+        "anomaly_voxels": int(r.voxels) if r.ok and math.isfinite(r.voxels) else None,
+        "anomaly_fraction": r.fraction if r.ok else None,
+        "anomaly_mm3": r.mm3 if r.ok and math.isfinite(r.mm3) else None,
+        "rank": rank, "percentile_in_site": pct, "flagged": flagged, "error": r.error or "",
+        "threshold": thr if r.ok else None,
+        "label": lab.get(r.bids_name), "warnings": "; ".join(r.warnings),
+        "model_id": r.data.get("model_id", ""), "report": f"sub-{r.subject}.html",
+    }
+
+
+def read_group_csv(path) -> dict[str, dict]:
+    """``group_<suffix>.csv`` -> ``{bids_name: row}`` (strings as written)."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        return {row["bids_name"]: row for row in csv.DictReader(fh)}
+
+
+# --------------------------------------------------------------------------- entry
+def run_group(output_dir, *, labels=None, site_column: str = "site",
+              flag_at_fnr: float | None = None, mad_k: float = DEFAULT_MAD_K,
+              suffixes: Iterable[str] | None = None,
+              min_site_size: int = DEFAULT_MIN_SITE_SIZE, questionable: str = "exclude",
+              subject_reports: bool = True) -> list[Path]:
+    """Write ``group_<suffix>.csv``, ``group_<suffix>_sites.csv`` and ``group_<suffix>.html``.
+
+    Parameters
+    ----------
+    output_dir : path
+        The derivatives folder written by the participant level.
+    labels : path or mapping, optional
+        A labels/ratings TSV (see :func:`load_labels`) or ``{bids_name: 0|1}``.
+    site_column : str
+        Metadata column naming the site (``qc.json`` ``site`` field, else
+        ``metadata[site_column]``, else one site ``"all"``).
+    flag_at_fnr : float, optional
+        Calibrate the flag threshold on labelled scans at this FNR (needs ``labels``).
+    mad_k : float
+        ``k`` of the robust rule (median + k x scaled MAD), default 3.
+    suffixes : iterable of str, optional
+        Restrict to these suffixes (default: every suffix found).
+    min_site_size : int
+        Sites with fewer successful scans use the pooled distribution.
+    questionable : {"exclude", "bad", "good"}
+        How a "questionable" rating counts.
+    subject_reports : bool
+        Re-render every subject's ``sub-<label>.html`` with ranks and percentiles.
+
+    Returns
+    -------
+    list of Path
+        The files written (group files first, then subject reports).
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise GroupError(f"output directory {output_dir} does not exist")
+    if flag_at_fnr is not None:
+        if labels is None:
+            raise GroupError("flag_at_fnr needs labels (a ratings TSV with bids_name and a rating column)")
+        if not 0.0 <= float(flag_at_fnr) < 1.0:
+            raise GroupError(f"flag_at_fnr must be in [0, 1), got {flag_at_fnr!r}")
+    if mad_k <= 0 or not math.isfinite(mad_k):
+        raise GroupError(f"mad_k must be a positive number, got {mad_k!r}")
+    if labels is not None and not isinstance(labels, Mapping):
+        label_map = load_labels(labels, questionable=questionable)
+        labels_source = str(labels)
+    elif labels is not None:
+        label_map = {normalise_bids_name(k): int(v) for k, v in labels.items()}
+        labels_source = "labels given in memory"
+    else:
+        label_map, labels_source = None, None
+
+    records = load_qc_records(output_dir, site_column=site_column)
+    if not records:
+        raise GroupError(f"no *_qc.json under {output_dir}/sub-*/[ses-*/]anat: run the participant level first")
+    wanted = None if suffixes is None else {str(s) for s in suffixes}
+    by_suffix: dict[str, list[QCRecord]] = {}
+    for r in records:
+        if wanted is None or r.suffix in wanted:
+            by_suffix.setdefault(r.suffix or "unknown", []).append(r)
+    if not by_suffix:
+        raise GroupError(f"no scans with suffix {sorted(wanted)} under {output_dir} "
+                         f"(found: {sorted({r.suffix for r in records})})")
+    if label_map is not None:
+        known = {normalise_bids_name(r.bids_name) for r in records}
+        unmatched = sorted(set(label_map) - known)
+        if unmatched:
+            LOGGER.warning("%d labelled scans are not in %s (e.g. %s)", len(unmatched),
+                           output_dir, unmatched[0])
+
+    from . import reports  # local import: reports imports this module
+
+    written: list[Path] = []
+    pages = []
+    for suffix, recs in sorted(by_suffix.items()):
+        rows, site_rows, summary = compute_suffix_tables(
+            recs, labels=label_map, flag_at_fnr=flag_at_fnr, mad_k=mad_k,
+            min_site_size=min_site_size)
+        site_cols = SITE_COLUMNS if label_map is not None else SITE_COLUMNS[:8]
+        row_cols = ROW_COLUMNS if label_map is not None else [c for c in ROW_COLUMNS if c != "label"]
+        p_rows = output_dir / f"group_{suffix}.csv"
+        p_sites = output_dir / f"group_{suffix}_sites.csv"
+        _atomic_write_text(p_rows, _csv_text(rows, row_cols))
+        _atomic_write_text(p_sites, _csv_text(site_rows, site_cols))
+        written += [p_rows, p_sites]
+        pages.append((suffix, rows, site_rows, summary, site_cols))
+        LOGGER.info("group %s: %d scans (%d failed), %d flagged", suffix, summary["n_scans"],
+                    summary["n_failed"], sum(1 for r in rows if r["flagged"]))
+    # subject pages read the CSVs just written; the group pages link to them
+    subject_pages = []
+    if subject_reports:
+        for subject in sorted({r.subject for r in records if r.subject}):
+            try:
+                subject_pages.append(reports.write_subject_report(output_dir, subject,
+                                                                  site_column=site_column))
+            except Exception as exc:  # a report must never sink the group level
+                LOGGER.error("subject report for sub-%s failed: %s", subject, exc)
+    for suffix, rows, site_rows, summary, site_cols in pages:
+        p_html = output_dir / f"group_{suffix}.html"
+        html = reports.render_group_report(
+            output_dir, suffix=suffix, rows=rows, site_rows=site_rows, summary=summary,
+            labels_source=labels_source, mad_k=mad_k, flag_at_fnr=flag_at_fnr,
+            site_columns=site_cols)
+        _atomic_write_text(p_html, html)
+        idx = written.index(output_dir / f"group_{suffix}_sites.csv")
+        written.insert(idx + 1, p_html)
+    written += subject_pages
+    return written

@@ -1,0 +1,347 @@
+"""Thin Nipype interfaces over the pure functions of the package.
+
+A scan's failure is *data*: every interface catches the typed input errors
+(:class:`qc_pipeline.errors.InputError`, engine input errors) and any unexpected exception,
+and passes a one-line ``error`` downstream instead of raising. Later stages see a non-empty
+``in_error`` and do nothing; :class:`WriteDerivatives` turns it into a ``_qc.json`` with
+``status: "error"``. The workflow therefore never crashes on bad data and the other scans
+finish.
+
+Arrays travel between nodes as pickles in the node's working directory (``preproc.pkl``,
+``result.pkl``) so that Nipype's hash cache can reuse finished stages on a re-run.
+
+:class:`IterMaskRun` loads a model folder once per process (module-level cache keyed by
+model folder and device): with the Linear plugin that is once per run, with MultiProc once
+per worker process.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+from .derivatives import one_line, output_paths, write_error_qc, write_ok_qc, write_subject_report
+
+LOGGER = logging.getLogger(__name__)
+
+_MODEL_CACHE: dict[tuple, Any] = {}
+_MODEL_LOCK = threading.Lock()
+
+
+# --------------------------------------------------------------------------- helpers
+def describe_error(exc: BaseException, stage: str) -> str:
+    """One line for the ``_qc.json``: typed input errors as they are, others labelled."""
+    from .errors import InputError, MissingDependencyError
+
+    try:
+        from .engine.errors import InvalidInputError, ShapeMismatchError
+        engine_input = (InvalidInputError, ShapeMismatchError)
+    except ImportError:  # pragma: no cover
+        engine_input = ()
+    if isinstance(exc, (InputError, MissingDependencyError)):
+        return one_line(exc)
+    if engine_input and isinstance(exc, engine_input):
+        return one_line(f"{stage}: {exc}")
+    return one_line(f"unexpected error in {stage}: {type(exc).__name__}: {exc}")
+
+
+def _dump(obj: Any, path: Path) -> str:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        pickle.dump(obj, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+    return str(path)
+
+
+def _load(path: str) -> Any:
+    with open(path, "rb") as fh:
+        return pickle.load(fh)
+
+
+def get_model(model_dir: Optional[str], contrast: str, device: str):
+    """The IterMask3D model of ``model_dir`` (``None``: packaged default of ``contrast``),
+    loaded once per process and device."""
+    from .engine import IterMask3D
+
+    key = (str(model_dir) if model_dir else f"<packaged:{contrast}>", str(device))
+    with _MODEL_LOCK:
+        model = _MODEL_CACHE.get(key)
+        if model is None:
+            LOGGER.info("loading IterMask3D model %s on %s (pid %d)", key[0], device, os.getpid())
+            model = IterMask3D.from_folder(model_dir or None, device=device, contrast=contrast)
+            _MODEL_CACHE[key] = model
+    return model
+
+
+def clear_model_cache() -> None:
+    with _MODEL_LOCK:
+        _MODEL_CACHE.clear()
+
+
+def _set_threads(n: int) -> None:
+    if n and n > 0:
+        try:
+            import torch
+
+            if torch.get_num_threads() != n:
+                torch.set_num_threads(int(n))
+        except Exception:  # pragma: no cover
+            pass
+
+
+# --------------------------------------------------------------------------- load + validate
+class _LoadInputSpec(BaseInterfaceInputSpec):
+    in_file = traits.File(exists=True, mandatory=True, desc="the anatomical scan")
+    name = traits.Str("", usedefault=True, desc="label for messages (BIDS relative path)")
+
+
+class _LoadOutputSpec(TraitedSpec):
+    input_sha256 = traits.Str(desc="SHA-256 of the input file")
+    warnings = traits.List(traits.Str, desc="fixable problems found")
+    error = traits.Str(desc="one-line reason when the scan is unusable, else ''")
+    seconds = traits.Float()
+
+
+class LoadValidate(SimpleInterface):
+    """Checksum the scan and validate it (:func:`qc_pipeline.io.load_image`)."""
+
+    input_spec = _LoadInputSpec
+    output_spec = _LoadOutputSpec
+
+    def _run_interface(self, runtime):
+        from .io import load_image, sha256_file
+
+        t0 = time.perf_counter()
+        self._results.update(input_sha256="", warnings=[], error="")
+        try:
+            self._results["input_sha256"] = sha256_file(self.inputs.in_file)
+            img = load_image(self.inputs.in_file, name=self.inputs.name or None)
+            self._results["warnings"] = [str(w) for w in img.extra.get("qc_warnings", [])]
+        except Exception as exc:  # noqa: BLE001 - failure is data
+            self._results["error"] = describe_error(exc, "load")
+        self._results["seconds"] = time.perf_counter() - t0
+        return runtime
+
+
+# --------------------------------------------------------------------------- preprocess
+class _PrepInputSpec(BaseInterfaceInputSpec):
+    in_file = traits.File(exists=True, mandatory=True)
+    name = traits.Str("", usedefault=True)
+    in_error = traits.Str("", usedefault=True, desc="error of an earlier stage")
+    voxel_size = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True)
+    grid = traits.List(traits.Int, minlen=3, maxlen=3, mandatory=True)
+    skull_strip = traits.Enum("auto", "deepbet", "robex", "none", usedefault=True)
+    contrast = traits.Str("T1w", usedefault=True)
+    omp_nthreads = traits.Int(1, usedefault=True)
+
+
+class _PrepOutputSpec(TraitedSpec):
+    out_file = traits.Str(desc="pickled PreprocResult ('' on error)")
+    warnings = traits.List(traits.Str)
+    error = traits.Str()
+    seconds = traits.Float()
+
+
+class Preprocess(SimpleInterface):
+    """Load, reorient, resample, skull-strip, crop/pad and z-score one scan
+    (:func:`qc_pipeline.preprocessing.preprocess`)."""
+
+    input_spec = _PrepInputSpec
+    output_spec = _PrepOutputSpec
+
+    def _run_interface(self, runtime):
+        t0 = time.perf_counter()
+        self._results.update(out_file="", warnings=[], error=self.inputs.in_error)
+        if not self.inputs.in_error:
+            try:
+                from .io import load_image
+                from .preprocessing import preprocess
+
+                _set_threads(self.inputs.omp_nthreads)
+                name = self.inputs.name or None
+                img = load_image(self.inputs.in_file, name=name)
+                prep = preprocess(
+                    img,
+                    voxel_size=tuple(self.inputs.voxel_size),
+                    grid=tuple(self.inputs.grid),
+                    skull_strip=self.inputs.skull_strip,
+                    name=name,
+                    contrast=self.inputs.contrast,
+                )
+                self._results["warnings"] = [str(w) for w in prep.warnings]
+                self._results["out_file"] = _dump(prep, Path(runtime.cwd) / "preproc.pkl")
+            except Exception as exc:  # noqa: BLE001
+                self._results["error"] = describe_error(exc, "preprocessing")
+        self._results["seconds"] = time.perf_counter() - t0
+        return runtime
+
+
+# --------------------------------------------------------------------------- IterMask3D
+class _IMInputSpec(BaseInterfaceInputSpec):
+    in_file = traits.Str("", usedefault=True, desc="pickled PreprocResult")
+    in_error = traits.Str("", usedefault=True)
+    model_dir = traits.Str("", usedefault=True, desc="model folder ('' = packaged default)")
+    contrast = traits.Str("T1w", usedefault=True)
+    device = traits.Str("cpu", usedefault=True)
+    schedule = traits.Enum("fast", "reference", usedefault=True)
+    seed = traits.Int(0, usedefault=True)
+    omp_nthreads = traits.Int(1, usedefault=True)
+
+
+class _IMOutputSpec(TraitedSpec):
+    out_file = traits.Str(desc="pickled engine Result ('' on error)")
+    model_id = traits.Str()
+    error = traits.Str()
+    seconds = traits.Float()
+
+
+class IterMaskRun(SimpleInterface):
+    """Run IterMask3D (:meth:`qc_pipeline.engine.IterMask3D.run`) on a preprocessed scan."""
+
+    input_spec = _IMInputSpec
+    output_spec = _IMOutputSpec
+
+    def _run_interface(self, runtime):
+        t0 = time.perf_counter()
+        self._results.update(out_file="", model_id="", error=self.inputs.in_error)
+        if not self.inputs.in_error:
+            try:
+                _set_threads(self.inputs.omp_nthreads)
+                model = get_model(self.inputs.model_dir or None, self.inputs.contrast,
+                                  self.inputs.device)
+                self._results["model_id"] = model.model_id
+                prep = _load(self.inputs.in_file)
+                res = model.run(
+                    prep.image,
+                    prep.brain_mask,
+                    voxel_size=tuple(prep.info.voxel_size),
+                    schedule=self.inputs.schedule,
+                    seed=self.inputs.seed,
+                )
+                self._results["out_file"] = _dump(res, Path(runtime.cwd) / "result.pkl")
+            except Exception as exc:  # noqa: BLE001
+                self._results["error"] = describe_error(exc, "IterMask3D")
+        self._results["seconds"] = time.perf_counter() - t0
+        return runtime
+
+
+# --------------------------------------------------------------------------- derivatives
+class _WriteInputSpec(BaseInterfaceInputSpec):
+    scan = traits.Dict(mandatory=True, desc="ScanRecord.to_dict()")
+    output_dir = traits.Str(mandatory=True)
+    in_file = traits.File(exists=True, mandatory=True, desc="the native scan (reference grid)")
+    preproc_file = traits.Str("", usedefault=True)
+    result_file = traits.Str("", usedefault=True)
+    in_error = traits.Str("", usedefault=True)
+    input_sha256 = traits.Str("", usedefault=True)
+    load_warnings = traits.List(traits.Str, value=[], usedefault=True)
+    prep_warnings = traits.List(traits.Str, value=[], usedefault=True)
+    model_id = traits.Str("", usedefault=True)
+    default_model_id = traits.Str("", usedefault=True)
+    schedule = traits.Str("fast", usedefault=True)
+    device = traits.Str("cpu", usedefault=True)
+    seconds = traits.List(traits.Float, value=[], usedefault=True)
+
+
+class _WriteOutputSpec(TraitedSpec):
+    qc_json = traits.Str()
+    status = traits.Str()
+
+
+class WriteDerivatives(SimpleInterface):
+    """Write the mask and error map in native space and ``<source>_qc.json`` (atomic).
+
+    Errors of earlier stages (``in_error``) and failures while writing become an error
+    record; nothing is raised.
+    """
+
+    input_spec = _WriteInputSpec
+    output_spec = _WriteOutputSpec
+    # the outputs live outside the work directory: always (re)write them
+    _always_run = True
+
+    def _run_interface(self, runtime):
+        t0 = time.perf_counter()
+        i = self.inputs
+        warnings = list(dict.fromkeys(list(i.load_warnings) + list(i.prep_warnings)))
+        common = dict(
+            model_id=i.model_id or i.default_model_id or None,
+            schedule=i.schedule,
+            device=i.device,
+            input_sha256=i.input_sha256 or None,
+        )
+        error = i.in_error
+        if not error:
+            try:
+                self._results["qc_json"] = str(self._write_ok(i, warnings, common, t0))
+                self._results["status"] = "ok"
+                return runtime
+            except Exception as exc:  # noqa: BLE001
+                error = describe_error(exc, "writing derivatives")
+        runtime_s = sum(i.seconds) + (time.perf_counter() - t0)
+        self._results["qc_json"] = str(write_error_qc(i.output_dir, i.scan, error, warnings=warnings,
+                                                      runtime_s=runtime_s, **common))
+        self._results["status"] = "error"
+        return runtime
+
+    @staticmethod
+    def _write_ok(i, warnings, common, t0):
+        import nibabel as nib
+
+        from .io import atomic_write_nifti
+        from .preprocessing import to_native
+
+        prep = _load(i.preproc_file)
+        res = _load(i.result_file)
+        ref = nib.load(i.in_file)
+        paths = output_paths(i.output_dir, i.scan)
+        paths["dir"].mkdir(parents=True, exist_ok=True)
+        mask = to_native(res.mask.astype(bool), prep.info, ref)
+        err = to_native(res.error_map.astype("float32"), prep.info, ref)
+        atomic_write_nifti(mask, paths["mask"])
+        atomic_write_nifti(err, paths["error_map"])
+        runtime_s = sum(i.seconds) + (time.perf_counter() - t0)
+        return write_ok_qc(i.output_dir, i.scan, res.to_dict(), warnings=warnings,
+                           runtime_s=runtime_s, **common)
+
+
+# --------------------------------------------------------------------------- reports
+class _ReportInputSpec(BaseInterfaceInputSpec):
+    output_dir = traits.Str(mandatory=True)
+    subject = traits.Str(mandatory=True)
+    qc_jsons = traits.List(traits.Str, desc="the subject's records (dependency only)")
+    site_column = traits.Str("site", usedefault=True)
+
+
+class _ReportOutputSpec(TraitedSpec):
+    out_report = traits.Str()
+
+
+class SubjectReport(SimpleInterface):
+    """Write ``sub-<label>.html`` (:func:`qc_pipeline.reports.write_subject_report`, with a
+    minimal fallback page); a report problem is logged, never raised."""
+
+    input_spec = _ReportInputSpec
+    output_spec = _ReportOutputSpec
+    _always_run = True
+
+    def _run_interface(self, runtime):
+        try:
+            out = write_subject_report(self.inputs.output_dir, self.inputs.subject,
+                                       site_column=self.inputs.site_column)
+            self._results["out_report"] = str(out)
+        except Exception as exc:  # noqa: BLE001
+            LOGGER.warning("sub-%s: no report written (%s)", self.inputs.subject, one_line(exc))
+            self._results["out_report"] = ""
+        return runtime

@@ -1,0 +1,703 @@
+"""HTML reports: per-subject pages and the group page (jinja2, self-contained).
+
+Every page embeds its figures as base64 PNG ``data:`` URIs and its CSS/JS inline, uses no
+external font or URL, and opens from a USB stick without network. Templates live in
+``qc_pipeline.templates`` (``templates/`` in the repository) and are rendered with
+autoescaping on, so labels and metadata such as ``<script>`` show as text.
+
+Figures are drawn with matplotlib (Agg) from the derivatives only: the anomaly mask and the
+error map named by ``mask_file`` / ``error_map_file`` in ``<source>_qc.json``; the scan
+itself is used as background only when the qc.json names one that exists (``background_file``
+or ``source_file``); otherwise the error map is the background. Rendered figures are cached
+as ``sub-<label>/figures/<bids_name>_desc-<kind>.png`` and reused while newer than their
+inputs, so that the group level can re-render every subject page cheaply.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import functools
+import io
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from markupsafe import Markup
+
+from . import __version__
+from . import metrics as _metrics
+from .group import (POOLED_SITE, QCRecord, _atomic_write_text, load_qc_records,
+                    normalise_bids_name, read_group_csv)
+
+__all__ = [
+    "write_subject_report",
+    "render_subject_report",
+    "render_group_report",
+    "mosaic_png",
+    "error_map_png",
+    "tau_curve_png",
+    "ARTIFACT_CHOICES",
+]
+
+LOGGER = logging.getLogger(__name__)
+
+#: artifact checklist offered in each scan's rating control
+ARTIFACT_CHOICES = ("motion", "ghosting/wrap-around", "metal/susceptibility", "missing or cut-off brain",
+                    "noise", "intensity inhomogeneity", "spike/zipper", "other")
+
+#: overlay: saturated red fill plus a yellow outline (visible on a thumbnail on grey)
+OVERLAY_RGBA = (1.0, 0.08, 0.08, 0.6)
+OUTLINE_COLOR = "#ffe600"
+
+
+# --------------------------------------------------------------------------- jinja
+@functools.lru_cache(maxsize=1)
+def _env():
+    import jinja2
+
+    folder = resources.files("qc_pipeline.templates")
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(folder)),
+                             autoescape=True,
+                             trim_blocks=True, lstrip_blocks=True)
+    env.filters["num"] = _num
+    env.filters["pct"] = _pct
+    return env
+
+
+def _asset(name: str) -> Markup:
+    text = resources.files("qc_pipeline.templates").joinpath(name).read_text(encoding="utf-8")
+    if "</script" in text.lower() or "</style" in text.lower():
+        raise RuntimeError(f"template asset {name} must not contain a closing script/style tag")
+    return Markup(text)
+
+
+def _num(v, digits: int = 4):
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return "n/a" if v in (None, "", "n/a") else str(v)
+    if math.isnan(f):
+        return "n/a"
+    if f == int(f) and abs(f) < 1e12:
+        return f"{int(f)}"
+    return f"{f:.{digits}g}"
+
+
+def _pct(v, digits: int = 3):
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return "n/a"
+    if math.isnan(f):
+        return "n/a"
+    return f"{100.0 * f:.{digits}g}%"
+
+
+# --------------------------------------------------------------------------- figures
+def _png_uri(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", facecolor=fig.get_facecolor(), pil_kwargs={"compress_level": 4})
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _pyplot():
+    import matplotlib
+
+    if matplotlib.get_backend().lower() != "agg":
+        try:
+            matplotlib.use("Agg", force=True)
+        except Exception:  # pragma: no cover - backend already fixed by the host app
+            pass
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _load_canonical(path: Path):
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    if len(img.shape) > 3:
+        img = img.slicer[..., 0]
+    img = nib.as_closest_canonical(img)
+    return np.asarray(img.dataobj, dtype=np.float32), img
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    lab, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = ndimage.sum(mask, lab, index=np.arange(1, n + 1))
+    return lab == (int(np.argmax(sizes)) + 1)
+
+
+def choose_slices(mask: np.ndarray | None, brain: np.ndarray, n: int = 5) -> tuple[list[list[int]], tuple[int, int, int], bool]:
+    """Slices per axis: the centre slice goes through the anomaly when there is one.
+
+    Returns ``(slices_per_axis, centre, through_anomaly)``; each axis gets ``n`` slices
+    spread over the brain's extent, one of them exactly through ``centre``.
+    """
+    from scipy import ndimage
+
+    shape = brain.shape
+    has_anomaly = mask is not None and bool(mask.any())
+    if has_anomaly:
+        centre = tuple(int(round(c)) for c in ndimage.center_of_mass(_largest_component(mask)))
+        comp = _largest_component(mask)
+        # snap to a voxel of the component so the slice really cuts the anomaly
+        idx = np.argwhere(comp)
+        centre = tuple(idx[np.argmin(((idx - np.array(centre)) ** 2).sum(1))])
+    elif brain.any():
+        centre = tuple(int(round(c)) for c in ndimage.center_of_mass(brain))
+    else:
+        centre = tuple(s // 2 for s in shape)
+    out = []
+    for ax in range(3):
+        nz = np.nonzero(brain.any(axis=tuple(a for a in range(3) if a != ax)))[0]
+        lo, hi = (int(nz[0]), int(nz[-1])) if nz.size else (0, shape[ax] - 1)
+        c = int(np.clip(centre[ax], 0, shape[ax] - 1))
+        half = n // 2
+        below = np.linspace(lo + 0.15 * (c - lo), c, half + 1)[:-1] if c > lo else []
+        above = np.linspace(c, hi - 0.15 * (hi - c), half + 1)[1:] if hi > c else []
+        sl = sorted({int(round(v)) for v in below} | {c} | {int(round(v)) for v in above})
+        out.append(sl)
+    return out, tuple(int(c) for c in centre), has_anomaly
+
+
+def _tile_index(n_vox: int, zoom: float, scale: float) -> np.ndarray:
+    """Nearest-neighbour index map: ``n_vox`` voxels of ``zoom`` mm at ``scale`` px/mm."""
+    n_px = max(1, int(round(n_vox * zoom * scale)))
+    return np.minimum((np.arange(n_px) / (zoom * scale)).astype(int), n_vox - 1)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1: bundled font, no system fonts
+    except TypeError:  # pragma: no cover - older Pillow
+        return ImageFont.load_default()
+
+
+def _outline(m: np.ndarray, width: int = 1) -> np.ndarray:
+    from scipy import ndimage
+
+    grown = ndimage.binary_dilation(m, iterations=width)
+    return grown & ~m
+
+
+def mosaic_png(background: np.ndarray, mask: np.ndarray | None, zooms, *, title: str = "",
+               cmap: str = "gray", overlay: bool = True, window=None, colorbar_label: str | None = None,
+               slices=None, tile_px: int = 150) -> str:
+    """Three-orientation mosaic (rows: sagittal, coronal, axial) as a PNG data URI.
+
+    Drawn with NumPy + Pillow (one image, no matplotlib axes: ~20x faster). The anomaly
+    mask is a saturated red fill (60% opacity) with a 2-px yellow outline drawn at display
+    resolution; anomalies smaller than 150 px (~12x12) on a tile are also ringed, so a few-voxel
+    anomaly stays visible on a thumbnail. The slice through the anomaly is marked ``*``.
+    """
+    import matplotlib
+    from PIL import Image, ImageDraw
+
+    background = np.nan_to_num(np.asarray(background, dtype=np.float32))
+    brain = background != 0
+    if mask is not None:
+        brain |= mask
+    if slices is None:
+        slices, centre, through = choose_slices(mask, brain)
+    else:
+        slices, centre, through = slices
+    vals = background[brain] if brain.any() else background.ravel()
+    if window is None:
+        window = (float(np.percentile(vals, 1)), float(np.percentile(vals, 99.5))) if vals.size else (0.0, 1.0)
+    lo, hi = window
+    if hi <= lo:
+        hi = lo + 1.0
+    zooms = [float(z) if z and np.isfinite(z) and z > 0 else 1.0 for z in zooms[:3]]
+    extent_mm = max(n * z for n, z in zip(background.shape, zooms))
+    scale = tile_px / extent_mm
+    lut = matplotlib.colormaps[cmap]
+    fill = np.array(OVERLAY_RGBA[:3]) * 255
+    alpha = OVERLAY_RGBA[3]
+    outline_rgb = np.array([int(OUTLINE_COLOR[i:i + 2], 16) for i in (1, 3, 5)], float)
+    names = ("sagittal", "coronal", "axial")
+    pad, label_h, title_h = 4, 16, 18 if title else 0
+    bar_w = 60 if colorbar_label is not None else 0
+    ncol = max(len(sl) for sl in slices)
+    tiles, marks = [], []
+    for ax in range(3):
+        other = [a for a in range(3) if a != ax]
+        ci = _tile_index(background.shape[other[0]], zooms[other[0]], scale)
+        ri = _tile_index(background.shape[other[1]], zooms[other[1]], scale)[::-1]
+        row = []
+        for k in slices[ax]:
+            img = np.take(background, k, axis=ax)[np.ix_(ci, ri)].T  # rows: superior first
+            rgb = lut(np.clip((img - lo) / (hi - lo), 0, 1))[..., :3] * 255
+            ring = None
+            if overlay and mask is not None:
+                m = np.take(mask, k, axis=ax)[np.ix_(ci, ri)].T
+                if m.any():
+                    rgb[m] = (1 - alpha) * rgb[m] + alpha * fill
+                    rgb[_outline(m, 2)] = outline_rgb
+                    if m.sum() < 150:  # under ~12x12 px: ring it
+                        ys, xs = np.nonzero(m)
+                        ring = (xs.mean(), ys.mean())
+            row.append((rgb.astype(np.uint8), k, ring))
+        tiles.append(row)
+    tw = max(t[0].shape[1] for row in tiles for t in row)
+    th = [max(t[0].shape[0] for t in row) for row in tiles]
+    W = pad + ncol * (tw + pad) + bar_w
+    H = title_h + sum(h + label_h + pad for h in th) + pad
+    canvas = Image.new("RGB", (W, H), (0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    font = _font(13)
+    if title:
+        draw.text((pad, 3), title, fill=(235, 235, 235), font=_font(12))
+    y = title_h
+    for ax, row in enumerate(tiles):
+        for j, (rgb, k, ring) in enumerate(row):
+            x = pad + j * (tw + pad)
+            h, w = rgb.shape[:2]
+            ox, oy = x + (tw - w) // 2, y + label_h + (th[ax] - h) // 2
+            canvas.paste(Image.fromarray(rgb), (ox, oy))
+            here = through and k == centre[ax]
+            draw.text((x + 2, y + 1), f"{names[ax][:3]} {k}" + (" *" if here else ""),
+                      fill=tuple(int(c) for c in outline_rgb) if here else (190, 190, 190), font=font)
+            if ring is not None:
+                r = 0.14 * tw
+                cx, cy = ox + ring[0], oy + ring[1]
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=tuple(int(c) for c in outline_rgb), width=2)
+        y += th[ax] + label_h + pad
+    if colorbar_label is not None:
+        x0, y0, y1 = W - bar_w + 8, title_h + label_h + 4, H - 30
+        grad = lut(np.linspace(1, 0, max(2, y1 - y0)))[:, :3] * 255
+        bar = np.repeat(grad[:, None, :], 12, axis=1).astype(np.uint8)
+        canvas.paste(Image.fromarray(bar), (x0, y0))
+        draw.text((x0, y0 - 13), f"{hi:.3g}", fill=(235, 235, 235), font=font)
+        draw.text((x0, y1 + 2), f"{lo:.3g}", fill=(235, 235, 235), font=font)
+        draw.text((x0 - 4, y1 + 15), colorbar_label[:12], fill=(190, 190, 190), font=_font(9))
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG", compress_level=4)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def error_map_png(error: np.ndarray, mask: np.ndarray | None, zooms, slices) -> str:
+    """Error map mosaic (inferno colour scale) on the same slices."""
+    err = np.nan_to_num(np.asarray(error, dtype=np.float32))
+    vals = err[err != 0]
+    hi = float(np.percentile(vals, 99.5)) if vals.size else 1.0
+    return mosaic_png(err, mask, zooms, cmap="inferno", overlay=False, window=(0.0, hi or 1.0),
+                      colorbar_label="error", slices=slices, title="reconstruction error map")
+
+
+def tau_curve_png(data: dict) -> str | None:
+    """tau(t) points, the fitted a*tan(b*t) and tau_stop; None when there is no curve."""
+    curve = data.get("tau_curve") or []
+    try:
+        pts = np.array([[float(p[0]), float(p[1])] for p in curve], dtype=float)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if pts.size == 0:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.6, 3.0), dpi=80, facecolor="white")
+    ax.plot(pts[:, 0], pts[:, 1], "o", ms=3.5, color="#6a3d9a", label="tau(t) measured")
+    fit = data.get("fit") or {}
+    tau_stop = data.get("tau_stop")
+    try:
+        a, b = float(fit.get("a")), float(fit.get("b"))
+    except (TypeError, ValueError):
+        a = b = math.nan
+    path = str(fit.get("path", ""))
+    if math.isfinite(a) and math.isfinite(b) and b != 0:
+        t_max = pts[:, 0].max()
+        if b > 0:  # stay left of the pole at pi/(2b)
+            t_max = min(t_max, 0.98 * math.pi / (2 * b))
+        t = np.linspace(max(0.0, pts[:, 0].min()), t_max, 200)
+        r2 = fit.get("r2")
+        lbl = f"fit a*tan(b*t): a={a:.3g}, b={b:.3g}" + (f", R²={float(r2):.3f}" if r2 is not None else "")
+        if path and path != "tan":
+            lbl += f" [{path}]"
+        ax.plot(t, a * np.tan(b * t), "-", color="#e31a1c", lw=1.5, label=lbl)
+    try:
+        ts = float(tau_stop)
+    except (TypeError, ValueError):
+        ts = math.nan
+    if math.isfinite(ts):
+        ax.axhline(ts, color="#1f78b4", ls="--", lw=1.2, label=f"tau_stop = {ts:.3g}")
+        if math.isfinite(a) and math.isfinite(b) and a != 0 and b != 0:
+            t_stop = math.atan(ts / a) / b
+            if math.isfinite(t_stop) and t_stop >= 0:
+                ax.axvline(t_stop, color="#1f78b4", ls=":", lw=1.0)
+                ax.plot([t_stop], [ts], "D", color="#1f78b4", ms=6)
+    top = np.nanmax(pts[:, 1])
+    if math.isfinite(ts):
+        top = max(top, ts)
+    ax.set_ylim(bottom=min(0.0, np.nanmin(pts[:, 1])), top=top * 1.15 if top > 0 else None)
+    ax.set_xlabel("iteration t (mask shrunk 1% of brain per step)", fontsize=8)
+    ax.set_ylabel("threshold tau", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6.5, loc="upper left", frameon=False)
+    ax.grid(alpha=0.3)
+    fig.subplots_adjust(left=0.13, right=0.98, bottom=0.15, top=0.97)
+    return _png_uri(fig)
+
+
+def _fresh(cache: Path, inputs: list[Path]) -> bool:
+    try:
+        return cache.is_file() and all(cache.stat().st_mtime >= p.stat().st_mtime for p in inputs)
+    except OSError:
+        return False
+
+
+def _cached(cache: Path, inputs: list[Path], make) -> str | None:
+    """PNG data URI from ``cache`` when newer than every input, else ``make()`` (and store)."""
+    if _fresh(cache, inputs):
+        try:
+            return "data:image/png;base64," + base64.b64encode(cache.read_bytes()).decode("ascii")
+        except OSError:
+            pass
+    uri = make()
+    if uri is None:
+        return None
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{cache.name}.", suffix=".tmp", dir=cache.parent)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(base64.b64decode(uri.split(",", 1)[1]))
+        os.replace(tmp, cache)
+    except OSError as exc:  # read-only derivatives: fine, just no cache
+        LOGGER.debug("figure cache %s not written: %s", cache, exc)
+    return uri
+
+
+def scan_figures(rec: QCRecord, output_dir: Path) -> dict:
+    """Figures of one scan: ``mosaic``, ``error`` and ``tau`` URIs plus notes."""
+    out = {"mosaic": None, "error": None, "tau": None, "notes": [], "background": None}
+    mask_p, err_p = rec.resolve("mask_file"), rec.resolve("error_map_file")
+    bg_p = rec.resolve("background_file") or rec.resolve("source_file")
+    figdir = output_dir / f"sub-{rec.subject}" / "figures"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", normalise_bids_name(rec.bids_name))
+    out["tau"] = _cached(figdir / f"{name}_desc-tau.png", [rec.path], lambda: tau_curve_png(rec.data)) \
+        if rec.data.get("tau_curve") else None
+    if err_p is None and mask_p is None:
+        if rec.ok:
+            out["notes"].append("no anomaly mask or error map file found: no slice figures")
+        return out
+    inputs = [rec.path] + [p for p in (mask_p, err_p, bg_p) if p is not None]
+    c_mosaic, c_error = figdir / f"{name}_desc-mosaic.png", figdir / f"{name}_desc-errormap.png"
+    meta_p = figdir / f"{name}_desc-figures.json"
+    if all(_fresh(c, inputs) for c in (c_mosaic, c_error, meta_p)):
+        try:
+            meta = json.loads(meta_p.read_text(encoding="utf-8"))
+            out.update({k: meta[k] for k in ("notes", "background", "through_anomaly")})
+            out["mosaic"] = _cached(c_mosaic, inputs, lambda: None)
+            out["error"] = _cached(c_error, inputs, lambda: None)
+            if out["mosaic"] and out["error"]:
+                return out
+        except (OSError, ValueError, KeyError):
+            pass
+    try:
+        mask = err = bg = None
+        zooms = (1.0, 1.0, 1.0)
+        shape = None
+        if mask_p is not None:
+            m, img = _load_canonical(mask_p)
+            mask, zooms, shape = m > 0.5, img.header.get_zooms()[:3], m.shape
+        if err_p is not None:
+            e, img = _load_canonical(err_p)
+            if shape is None or e.shape == shape:
+                err, zooms, shape = e, img.header.get_zooms()[:3], e.shape
+            else:
+                out["notes"].append(f"error map shape {e.shape} differs from mask {shape}: not shown")
+        if bg_p is not None:
+            try:
+                b, _ = _load_canonical(bg_p)
+                if shape is None or b.shape == shape:
+                    bg = b
+                    out["background"] = "scan"
+                else:
+                    out["notes"].append("scan grid differs from the derivatives: error map used as background")
+            except Exception as exc:  # noqa: BLE001 - a bad source must not sink the page
+                out["notes"].append(f"scan not readable ({exc.__class__.__name__}): error map used as background")
+        if bg is None:
+            if err is None:
+                bg = mask.astype(np.float32)
+                out["background"] = "mask"
+            else:
+                bg = err
+                out["background"] = "error map"
+                out["notes"].append("source scan not available: the error map is the background")
+        brain = np.isfinite(bg) & (bg != 0)
+        if err is not None:
+            brain |= np.isfinite(err) & (err != 0)
+        sl = choose_slices(mask, brain)
+        title = {"scan": "scan with anomaly mask", "error map": "error map (grey) with anomaly mask",
+                 "mask": "anomaly mask"}[out["background"]]
+        out["mosaic"] = _cached(c_mosaic, inputs,
+                                lambda: mosaic_png(bg, mask, zooms, title=title, slices=sl))
+        if err is not None:
+            out["error"] = _cached(c_error, inputs,
+                                   lambda: error_map_png(err, mask, zooms, sl))
+        out["through_anomaly"] = sl[2]
+        if out["mosaic"] and out["error"]:
+            try:
+                _atomic_write_text(meta_p, json.dumps({k: out[k] for k in ("notes", "background", "through_anomaly")}))
+            except OSError:
+                pass
+    except Exception as exc:  # noqa: BLE001 - report what failed, keep the page
+        LOGGER.warning("figures for %s failed: %s", rec.bids_name, exc)
+        out["notes"].append(f"figures could not be drawn: {exc.__class__.__name__}: {exc}")
+    return out
+
+
+# --------------------------------------------------------------------------- provenance
+def _provenance(output_dir: Path, records: list[QCRecord]) -> dict:
+    prov: dict = {"report_version": __version__,
+                  "generated": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+    dd = output_dir / "dataset_description.json"
+    try:
+        desc = json.loads(dd.read_text(encoding="utf-8"))
+        gen = desc.get("GeneratedBy") or []
+        if isinstance(gen, list) and gen:
+            g = gen[0]
+            prov["generated_by"] = f"{g.get('Name', '')} {g.get('Version', '')}".strip()
+            for key in ("CommandLine", "command_line"):
+                if g.get(key):
+                    prov["command_line"] = g[key]
+            if g.get("ModelIds") or g.get("models"):
+                prov["model_ids"] = g.get("ModelIds") or g.get("models")
+    except (OSError, ValueError, AttributeError):
+        pass
+    logs = output_dir / "logs"
+    if logs.is_dir():
+        for p in sorted(logs.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+            try:
+                cfg = json.loads(p.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if not isinstance(cfg, dict):
+                continue
+            for key in ("command_line", "argv", "cmdline"):
+                v = cfg.get(key)
+                if v:
+                    prov.setdefault("command_line", " ".join(v) if isinstance(v, list) else str(v))
+            for key in ("started", "start_time", "run_started", "timestamp"):
+                if cfg.get(key):
+                    prov.setdefault("run_time", str(cfg[key]))
+            if "command_line" in prov:
+                prov.setdefault("config_file", f"logs/{p.name}")
+                break
+    for r in records:
+        for key in ("command_line", "started", "created"):
+            if r.data.get(key) and key == "command_line":
+                prov.setdefault("command_line", str(r.data[key]))
+            elif r.data.get(key):
+                prov.setdefault("run_time", str(r.data[key]))
+    # model cards: qc.json "model_card" (dict) or a packaged card with the same id
+    cards = {}
+    for r in records:
+        mid = r.data.get("model_id")
+        if not mid or mid in cards:
+            continue
+        card = r.data.get("model_card") if isinstance(r.data.get("model_card"), dict) else _packaged_card(mid)
+        cards[mid] = _card_summary(card) if card else {"note": "model card not found with the derivatives"}
+    prov["models"] = cards
+    return prov
+
+
+def _packaged_card(model_id: str) -> dict | None:
+    try:
+        root = resources.files("qc_pipeline.models")
+        for sub in root.iterdir():
+            card = sub / "model_card.json" if sub.is_dir() else None
+            if card is not None and card.is_file():
+                d = json.loads(card.read_text(encoding="utf-8"))
+                if str(d.get("model_id") or d.get("id")) == str(model_id):
+                    return d
+    except Exception:  # noqa: BLE001 - provenance is best effort
+        return None
+    return None
+
+
+def _card_summary(card: dict) -> dict:
+    keys = ("model_id", "id", "contrast", "voxel_size", "grid", "training_data", "n_training",
+            "steps", "wall_time", "code_version", "r", "gamma", "schedule", "params")
+    out = {}
+    for k in keys:
+        if k in card and card[k] not in (None, ""):
+            v = card[k]
+            out[k] = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    return out
+
+
+# --------------------------------------------------------------------------- subject page
+def _group_info(output_dir: Path, rec: QCRecord) -> dict | None:
+    """Rank/percentile of ``rec`` from ``group_<suffix>.csv``, None when absent or stale."""
+    p = output_dir / f"group_{rec.suffix}.csv"
+    if not p.is_file() or not rec.ok:
+        return None
+    try:
+        rows = read_group_csv(p)
+    except (OSError, KeyError, ValueError):
+        return None
+    row = rows.get(rec.bids_name)
+    if row is None:
+        return None
+    try:
+        frac = float(row.get("anomaly_fraction", "nan"))
+    except ValueError:
+        return None
+    if not math.isclose(frac, rec.fraction, rel_tol=1e-5, abs_tol=1e-12):
+        return {"stale": True}
+    site = row.get("site", "")
+    site_ok = [r for r in rows.values() if r.get("site") == site and r.get("status") == "ok"]
+    n_site = len(site_ok)
+    rank_site = 1 + sum(1 for r in site_ok if float(r["anomaly_fraction"]) > frac)
+    n_all = sum(1 for r in rows.values() if r.get("status") == "ok")
+    rule = ""
+    sp = output_dir / f"group_{rec.suffix}_sites.csv"
+    if sp.is_file():
+        import csv
+
+        with open(sp, encoding="utf-8", newline="") as fh:
+            for srow in csv.DictReader(fh):
+                if srow.get("site") == site:
+                    rule = srow.get("threshold_rule", "")
+    return {"stale": False, "site": site, "rank_in_site": rank_site, "n_site": n_site,
+            "rank": row.get("rank"), "n_all": n_all,
+            "percentile": row.get("percentile_in_site"), "flagged": row.get("flagged") == "1",
+            "threshold": row.get("threshold"), "rule": rule, "csv": p.name}
+
+
+def render_subject_report(output_dir, subject: str, *, site_column: str = "site") -> str:
+    """HTML text of ``sub-<subject>.html`` (see :func:`write_subject_report`)."""
+    output_dir = Path(output_dir)
+    subject = str(subject).removeprefix("sub-")
+    records = load_qc_records(output_dir, subject=subject, site_column=site_column)
+    if not records:
+        raise FileNotFoundError(f"no *_qc.json for sub-{subject} under {output_dir}")
+    order = lambda r: (str(r.entities.get("session", "")), r.suffix, str(r.entities.get("acquisition", "")),
+                       str(r.entities.get("run", "")), r.bids_name)
+    scans = []
+    for i, rec in enumerate(sorted(records, key=order)):
+        ent = {k: v for k, v in rec.entities.items() if k not in ("subject",) and v not in (None, "")}
+        d = rec.data
+        scans.append({
+            "idx": i, "anchor": f"scan-{i}", "rec": rec, "bids_name": rec.bids_name,
+            "entities": ent, "site": rec.site, "ok": rec.ok, "status": rec.status,
+            "error": rec.error, "warnings": rec.warnings,
+            "voxels": d.get("anomaly_voxels"), "fraction": d.get("anomaly_fraction"),
+            "mm3": d.get("anomaly_mm3"),
+            "group": _group_info(output_dir, rec), "fig": scan_figures(rec, output_dir),
+            "details": [(k, d.get(k)) for k in ("model_id", "schedule", "device", "forward_passes",
+                                                 "tau_stop", "mean_error", "runtime_s",
+                                                 "package_version", "input_sha256", "source_file",
+                                                 "mask_file", "error_map_file") if d.get(k) not in (None, "")],
+            "fit": d.get("fit") or {},
+        })
+    sites = sorted({r.site for r in records})
+    return _env().get_template("subject.html").render(
+        subject=subject, scans=scans, sites=sites, prov=_provenance(output_dir, records),
+        css=_asset("report.css"), js=_asset("report.js"), artifacts=ARTIFACT_CHOICES,
+        n_failed=sum(not s["ok"] for s in scans), version=__version__)
+
+
+def write_subject_report(output_dir, subject: str, *, site_column: str = "site") -> Path:
+    """Write ``OUTPUT_DIR/sub-<subject>.html`` for every scan of the subject (atomic).
+
+    Uses the group tables (``group_<suffix>.csv``) for ranks and percentiles when they
+    exist and still match the scan's qc.json; otherwise the page says to run the group
+    level. Needs only the derivatives folder.
+    """
+    output_dir = Path(output_dir)
+    subject = str(subject).removeprefix("sub-")
+    html = render_subject_report(output_dir, subject, site_column=site_column)
+    path = output_dir / f"sub-{subject}.html"
+    _atomic_write_text(path, html)
+    return path
+
+
+# --------------------------------------------------------------------------- group page
+def distribution_png(rows: list[dict], site_rows: list[dict], summary: dict) -> str | None:
+    """Per-site strip + box plot of anomaly_fraction, flagged scans in red, thresholds dashed."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return None
+    plt = _pyplot()
+    sites = summary["sites"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 * len(sites) + 3.5), 3.8), dpi=90, facecolor="white")
+    rng = np.random.default_rng(0)
+    for i, s in enumerate(sites):
+        rs = [r for r in ok if r["site"] == s]
+        if not rs:
+            continue
+        y = np.array([r["anomaly_fraction"] for r in rs], dtype=float) * 100
+        ax.boxplot([y], positions=[i], widths=0.5, showfliers=False,
+                   medianprops={"color": "#333"}, boxprops={"color": "#999"},
+                   whiskerprops={"color": "#999"}, capprops={"color": "#999"})
+        x = i + rng.uniform(-0.18, 0.18, size=y.size)
+        fl = np.array([bool(r["flagged"]) for r in rs])
+        lab = np.array([r.get("label") == 1 for r in rs])
+        ax.scatter(x[~fl], y[~fl], s=16, c="#1f78b4", alpha=0.8, label="not flagged" if i == 0 else None,
+                   edgecolors="none", zorder=3)
+        ax.scatter(x[fl], y[fl], s=30, c="#e31a1c", label="flagged" if i == 0 else None,
+                   edgecolors="black", linewidths=0.5, zorder=4)
+        if lab.any():
+            ax.scatter(x[lab], y[lab], s=70, facecolors="none", edgecolors="#ff7f00", linewidths=1.2,
+                       label="rated artifact" if i == 0 else None, zorder=5)
+        thr = summary["site_thresholds"].get(s, (math.nan, ""))[0]
+        if math.isfinite(thr):
+            ax.hlines(thr * 100, i - 0.35, i + 0.35, colors="#e31a1c", linestyles="--", lw=1.2,
+                      label="flag threshold" if i == 0 else None, zorder=2)
+    ax.set_xticks(range(len(sites)))
+    ax.set_xticklabels([str(s) for s in sites], fontsize=8)
+    ax.set_xlim(-0.6, len(sites) - 0.4)
+    # symlog: linear below 0.01 % so zero scores show, log above so clean scans are not squashed
+    ax.set_yscale("symlog", linthresh=0.01, linscale=0.5)
+    ymax = max(float(r["anomaly_fraction"]) for r in ok) * 100
+    ax.set_ylim(bottom=0, top=max(0.02, ymax * 2.0))
+    ax.set_ylabel("anomaly fraction of brain (%, symlog)", fontsize=8)
+    ax.set_xlabel("site", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    fig.subplots_adjust(left=0.1, right=0.78, bottom=0.14, top=0.96)
+    return _png_uri(fig)
+
+
+def render_group_report(output_dir, *, suffix: str, rows: list[dict], site_rows: list[dict],
+                        summary: dict, labels_source: str | None, mad_k: float,
+                        flag_at_fnr: float | None, site_columns: list[str]) -> str:
+    """HTML text of ``group_<suffix>.html``."""
+    output_dir = Path(output_dir)
+    failed = [r for r in rows if r["status"] != "ok"]
+    reasons: dict[str, int] = {}
+    for r in failed:
+        reasons[r["error"] or "unknown"] = reasons.get(r["error"] or "unknown", 0) + 1
+    for r in rows:
+        r["report_exists"] = (output_dir / r["report"]).is_file()
+    metric_cols = [c for c in _metrics.METRIC_NAMES if c in site_columns]
+    return _env().get_template("group.html").render(
+        suffix=suffix, rows=rows, site_rows=site_rows, summary=summary, failed=failed,
+        reasons=sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])),
+        figure=distribution_png(rows, site_rows, summary), labels_source=labels_source,
+        mad_k=mad_k, flag_at_fnr=flag_at_fnr, metric_cols=metric_cols,
+        definitions=_metrics.METRIC_DEFINITIONS, pooled=POOLED_SITE,
+        sites=summary["sites"], css=_asset("report.css"), js=_asset("report.js"),
+        version=__version__,
+        generated=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        n_flagged=sum(1 for r in rows if r["flagged"]))

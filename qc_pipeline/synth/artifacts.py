@@ -1,0 +1,567 @@
+"""Acquisition-artifact simulators.
+
+Every simulator has the signature ``f(img, severity, rng, **params) -> img``:
+``img`` is a nibabel image in its native (stored, acquisition) space,
+``severity`` in [0, 1] scales the effect monotonically (0 = no change, except
+where documented), ``rng`` is a :class:`numpy.random.Generator` (or an int
+seed) that fixes every random choice, so the same rng state gives the same
+artifact and, at a fixed rng state, a larger severity a larger effect.
+The result is a new float32 image on the same grid (``wrap_around`` returns
+a smaller field of view) whose ``extra["artifact"]`` holds the parameters
+used (box corners, k-space positions, ...).
+
+Axes: the phase-encode / readout / slice axes are read from the NIfTI
+``dim_info`` field (set by :func:`qc_pipeline.synth.make_subject`); when it is
+empty the phase axis is the second stored axis. "Superior" is +z of the
+image's world (RAS) space.
+
+See ``docs/synth.md`` for every parameter and how severity enters.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage as ndi
+
+from .errors import SynthError, UnknownArtifactError
+
+LOGGER = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- helpers
+def _as_rng(rng):
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if rng is None or isinstance(rng, (int, np.integer)):
+        return np.random.default_rng(rng)
+    raise SynthError(f"rng must be a numpy Generator or an int seed; got {type(rng).__name__}")
+
+
+def _data(img) -> np.ndarray:
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    if data.ndim != 3:
+        raise SynthError(f"artifact simulators need a 3D image; got shape {data.shape}")
+    return np.nan_to_num(data, copy=False)
+
+
+def _like(img, data, affine=None, **info) -> nib.Nifti1Image:
+    hdr = img.header.copy() if isinstance(img.header, nib.Nifti1Header) else nib.Nifti1Header()
+    hdr.set_data_dtype(np.float32)
+    out = nib.Nifti1Image(np.asarray(data, np.float32), img.affine if affine is None else affine,
+                          hdr, extra={"artifact": info})
+    out.header.set_slope_inter(None, None)
+    if affine is not None:
+        out.set_qform(affine, code=1)
+        out.set_sform(affine, code=1)
+    return out
+
+
+def _axes(img):
+    """(freq, phase, slice) stored axes from dim_info, with fallbacks."""
+    try:
+        freq, phase, slc = img.header.get_dim_info()
+    except Exception:  # non-NIfTI header
+        freq = phase = slc = None
+    phase = 1 if phase is None else int(phase)
+    if slc is None or slc == phase:
+        slc = 2 if phase != 2 else 0
+    if freq is None or freq in (phase, slc):
+        freq = ({0, 1, 2} - {phase, slc}).pop()
+    return int(freq), int(phase), int(slc)
+
+
+def _world_axes(shape, affine):
+    """Open grids of world x, y, z (mm) for every voxel (broadcast-friendly)."""
+    idx = [np.arange(n, dtype=np.float32).reshape([-1 if b == a else 1 for b in range(3)])
+           for a, n in enumerate(shape)]
+    return [affine[r, 0] * idx[0] + affine[r, 1] * idx[1] + affine[r, 2] * idx[2] + affine[r, 3]
+            for r in range(3)]
+
+
+@dataclass
+class HeadInfo:
+    foreground: np.ndarray  # bool, head (signal) voxels, subsampled by `step`
+    background: float       # typical background (air) value
+    ref: float              # bright-tissue reference level (p99 of the head)
+    top: float              # world z (mm) of the top of the head
+    centre: np.ndarray      # estimated brain centre, world mm
+    extent: np.ndarray      # head extent along each stored axis (voxels)
+    bbox: tuple             # (lo, hi) stored-index bounds of the head
+    step: int = 1           # subsampling of `foreground`
+
+
+def head_info(img, data=None) -> HeadInfo:
+    """Rough head/brain localisation that works on any head scan.
+
+    Foreground = voxels above 15 % of the 99th percentile, cleaned and reduced
+    to the largest component. The brain centre is estimated 80 mm below the
+    top of the head (world +z), laterally at the centroid of the head between
+    100 and 30 mm below the top.
+    """
+    if data is None:
+        data = _data(img)
+    step = 2 if min(data.shape) >= 64 else 1  # work on a subsampled copy (speed)
+    sub = data[::step, ::step, ::step]
+    p99 = float(np.percentile(sub, 99.5))
+    fg = sub > 0.15 * p99
+    fg = ndi.binary_opening(fg, iterations=1)
+    lab, n = ndi.label(fg)
+    if n > 1:
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        fg = lab == int(np.argmax(sizes))
+    fg = ndi.binary_fill_holes(fg)
+    bg_vals = sub[~ndi.binary_dilation(fg, iterations=2)]
+    background = float(np.median(bg_vals)) if bg_vals.size else 0.0
+    ref = float(np.percentile(sub[fg], 99)) if fg.any() else p99
+    ijk = np.array(np.nonzero(fg), dtype=np.float32) * step
+    if ijk.shape[1] == 0:
+        raise SynthError("no head signal found in the image")
+    xyz = img.affine[:3, :3] @ ijk + img.affine[:3, 3:]
+    top = float(np.percentile(xyz[2], 99.7))
+    band = (xyz[2] < top - 30) & (xyz[2] > top - 100)
+    sel = xyz[:, band] if band.any() else xyz
+    centre = np.array([sel[0].mean(), sel[1].mean(), top - 80.0])
+    lo, hi = ijk.min(1).astype(int), ijk.max(1).astype(int) + step
+    return HeadInfo(fg, background, ref, top, centre, (hi - lo).astype(float),
+                    (lo, np.minimum(hi, np.array(data.shape))), step)
+
+
+def _torchio_apply(img, data, transform, move_axis=None):
+    """Run a deterministic torchio transform (no torch RNG involved)."""
+    import torch
+    import torchio as tio
+
+    aff = img.affine.copy()
+    arr = data
+    if move_axis is not None and move_axis != 2:
+        order = [a for a in range(3) if a != move_axis] + [move_axis]
+        arr = np.transpose(data, order)
+        aff = aff.copy()
+        aff[:, :3] = img.affine[:, order]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tio_img = tio.ScalarImage(tensor=torch.from_numpy(np.ascontiguousarray(arr))[None], affine=aff)
+        out = transform(tio_img).data[0].numpy()
+    if move_axis is not None and move_axis != 2:
+        out = np.transpose(out, np.argsort(order))
+    return np.abs(out).astype(np.float32)
+
+
+def _check_severity(severity):
+    s = float(severity)
+    if not (0.0 <= s <= 1.0) or not np.isfinite(s):
+        raise SynthError(f"severity must be in [0, 1]; got {severity!r}")
+    return s
+
+
+# --------------------------------------------------------------------------- paper's six
+def different_sequence(img, severity, rng, *, meta=None, other=None):
+    """A scan of another sequence labelled as this one (cohort-level).
+
+    Regenerates the subject of ``meta`` (from :func:`make_subject`) with the
+    same seed, geometry and noise, but tissue intensities of ``other``
+    (default: T1w->T2w, T2w->T1w, FLAIR->T2w), blended with the own contrast's
+    by weight ``severity`` (1 = pure other contrast, 0.5 ~ a PD-like mix).
+    """
+    from .subject import SITES, make_subject
+
+    if not meta or "seed" not in meta:
+        raise SynthError("different_sequence needs meta= the dict returned by make_subject")
+    own = meta["contrast"]
+    other = other or {"T1w": "T2w", "T2w": "T1w", "FLAIR": "T2w"}[own]
+    site = meta.get("site")
+    out, _ = make_subject(
+        meta["seed"], own, site=site if site in SITES else None, work_mm=meta.get("work_mm", 1.5),
+        voxel_size=meta["acquisition"]["voxel_size"], tissue_contrast=other,
+        contrast_mix=severity, finalize=False,
+    )
+    if out.shape != img.shape or not np.allclose(out.affine, img.affine, atol=1e-3):
+        raise SynthError("different_sequence: meta does not describe this image (grid differs)")
+    return _like(img, _data(out), other=other, weight=severity)
+
+
+def kspace_noise(img, severity, rng, *, max_fraction=0.3):
+    """Complex white Gaussian noise added to k-space, magnitude image back.
+
+    Noise std = ``max_fraction * severity`` x the head's bright-tissue level.
+    With the orthonormal FFT, white complex noise in k-space is white complex
+    noise of the same std in image space, so it is drawn there directly
+    (identical in distribution, no FFT needed); the magnitude makes it Rician.
+    """
+    data = _data(img)
+    info = head_info(img, data)
+    sigma = max_fraction * severity * info.ref
+    n1 = rng.standard_normal(data.shape, dtype=np.float32)
+    n2 = rng.standard_normal(data.shape, dtype=np.float32)
+    out = np.sqrt((data + sigma * n1) ** 2 + (sigma * n2) ** 2)
+    return _like(img, out, sigma=float(sigma))
+
+
+def _box_mask(img, lo, hi):
+    x, y, z = _world_axes(img.shape, img.affine)
+    return (x >= lo[0]) & (x <= hi[0]) & (y >= lo[1]) & (y <= hi[1]) & (z >= lo[2]) & (z <= hi[2])
+
+
+def chunk_middle(img, severity, rng, *, min_mm=20.0, max_mm=60.0, jitter_mm=10.0):
+    """A box inside the brain set to the background value.
+
+    Box edge = ``min_mm + (max_mm - min_mm) * severity`` mm (x 0.8-1.2 per
+    axis), centred within ``jitter_mm`` of the estimated brain centre,
+    axis-aligned in world space. Severity 0 removes nothing.
+    """
+    data = _data(img)
+    info = head_info(img, data)
+    edge = (min_mm + (max_mm - min_mm) * severity) * rng.uniform(0.8, 1.2, 3)
+    centre = info.centre + rng.uniform(-1, 1, 3) * jitter_mm
+    lo, hi = centre - edge / 2, centre + edge / 2
+    box = _box_mask(img, lo, hi) if severity > 0 else np.zeros(data.shape, bool)
+    out = data.copy()
+    out[box] = info.background
+    return _like(img, out, box_world_lo=lo.tolist(), box_world_hi=hi.tolist(),
+                 fill=info.background, voxels=int(box.sum()))
+
+
+def chunk_top(img, severity, rng, *, min_depth_mm=15.0, max_depth_mm=50.0):
+    """A box at the top of the head (scalp, skull and upper brain) set to background.
+
+    Depth below the top of the head = ``min_depth + (max_depth - min_depth) * s``
+    mm (the brain starts ~12-18 mm below the top), width 60-140 mm (x) and
+    70-160 mm (y) growing with severity, centred on the head. Severity 0
+    removes nothing.
+    """
+    data = _data(img)
+    info = head_info(img, data)
+    depth = min_depth_mm + (max_depth_mm - min_depth_mm) * severity
+    wx, wy = 60 + 80 * severity, 70 + 90 * severity
+    c = info.centre + np.r_[rng.uniform(-1, 1, 2) * 10.0, 0.0]
+    lo = np.array([c[0] - wx / 2, c[1] - wy / 2, info.top - depth])
+    hi = np.array([c[0] + wx / 2, c[1] + wy / 2, info.top + 1000.0])
+    box = _box_mask(img, lo, hi) if severity > 0 else np.zeros(data.shape, bool)
+    out = data.copy()
+    out[box] = info.background
+    return _like(img, out, box_world_lo=lo.tolist(), box_world_hi=hi.tolist(),
+                 fill=info.background, voxels=int(box.sum()))
+
+
+def periodic_line(img, severity, rng, *, max_amplitude=0.6, n_spikes=(3, 5)):
+    """Periodic stripes from a comb of k-space spikes.
+
+    ``M`` spikes (``n_spikes`` range) at k = k0 + m * dk along one in-plane
+    axis (k0 at 15-35 % of that axis's k-range, with a small component on the
+    other in-plane axis; dk = 4-8 % of the k-range). Their sum is a train of
+    thin bright/dark lines repeating every N/dk voxels across the whole field
+    of view (a spike comb, unlike the single spikes of ``spike``). The peak
+    stripe amplitude is ``max_amplitude * severity`` x the bright-tissue
+    level. Computed exactly in image space: a k-space spike of amplitude A at
+    k adds the plane wave A*exp(2 pi i k.x/N) to the (real) complex image,
+    then the magnitude is taken.
+    """
+    data = _data(img)
+    info = head_info(img, data)
+    _, phase, slc = _axes(img)
+    inplane = [a for a in range(3) if a != slc]
+    a = inplane[rng.integers(2)]
+    b = [ax for ax in inplane if ax != a][0]
+    m = int(rng.integers(n_spikes[0], n_spikes[1] + 1))
+    n = data.shape
+    k0 = np.zeros(3)
+    k0[a] = rng.choice([-1, 1]) * rng.uniform(0.15, 0.35) * n[a] / 2
+    k0[b] = rng.uniform(-0.05, 0.05) * n[b] / 2
+    dk = max(1.0, round(rng.uniform(0.04, 0.08) * n[a]))
+    amp = max_amplitude * severity * info.ref / m
+    pattern = np.ones((1, 1, 1), np.complex64) * amp
+    for ax in range(3):
+        x = np.arange(n[ax], dtype=np.float64)
+        v = np.exp(2j * np.pi * k0[ax] * x / n[ax])
+        if ax == a:
+            v = v * sum(np.exp(2j * np.pi * j * dk * x / n[ax]) for j in range(m))
+        pattern = pattern * v.astype(np.complex64).reshape([-1 if c == ax else 1 for c in range(3)])
+    out = np.abs(data + pattern)
+    return _like(img, out, axis=int(a), k0=k0.tolist(), dk=float(dk), n_spikes=m,
+                 amplitude=float(amp * m))
+
+
+def ring(img, severity, rng, *, min_cutoff=0.3, max_boost=3.0):
+    """Gibbs ringing: hard k-space truncation with an emphasised edge.
+
+    k-space is cut to the ellipsoid ``|k/k_nyquist| <= rc`` with
+    ``rc = 1 - (1 - min_cutoff) * severity`` (no apodisation) and the shell
+    ``0.85 rc .. rc`` is multiplied by ``1 + max_boost * severity``. The hard
+    edge rings at every tissue boundary; the boosted shell makes the rings
+    concentric bands around the head and brain. Magnitude image back.
+    """
+    from scipy import fft as sfft
+
+    data = _data(img)
+    rc = 1.0 - (1.0 - min_cutoff) * severity
+    if severity <= 0:
+        return _like(img, data.copy(), cutoff=1.0, boost=1.0)
+    spec = sfft.rfftn(data, workers=1)
+    n = data.shape
+    ks = [np.abs(sfft.fftfreq(n[0])) * 2, np.abs(sfft.fftfreq(n[1])) * 2,
+          np.abs(sfft.rfftfreq(n[2])) * 2]
+    r = np.sqrt(ks[0][:, None, None] ** 2 + ks[1][None, :, None] ** 2
+                + ks[2][None, None, :] ** 2).astype(np.float32)
+    gain = np.where(r <= rc, 1.0, 0.0).astype(np.float32)
+    gain[(r > 0.85 * rc) & (r <= rc)] = 1.0 + max_boost * severity
+    spec *= gain
+    out = np.abs(sfft.irfftn(spec, s=n, workers=1)).astype(np.float32)
+    return _like(img, out, cutoff=float(rc), boost=float(1 + max_boost * severity))
+
+
+# --------------------------------------------------------------------------- extra types
+def motion(img, severity, rng, *, max_degrees=6.0, max_mm=6.0, n_moves=2):
+    """Rigid head motion between k-space segments (torchio ``Motion``).
+
+    ``n_moves`` movements at times drawn in (0.15, 0.85) of the acquisition;
+    each rotates by ``max_degrees * severity`` x a random unit direction and
+    translates by ``max_mm * severity`` x a random unit vector. K-space
+    segments run along the phase-encode axis. Deterministic: parameters come
+    from ``rng``, torchio draws nothing.
+    """
+    import torchio as tio
+
+    data = _data(img)
+    _, phase, _ = _axes(img)
+    dirs = rng.standard_normal((n_moves, 3))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    tdirs = rng.standard_normal((n_moves, 3))
+    tdirs /= np.linalg.norm(tdirs, axis=1, keepdims=True)
+    scale = rng.uniform(0.6, 1.0, (n_moves, 1))
+    degrees = dirs * max_degrees * severity * scale
+    trans = tdirs * max_mm * severity * scale
+    times = np.sort(rng.uniform(0.15, 0.85, n_moves))
+    if severity <= 0:
+        return _like(img, data.copy(), degrees=degrees.tolist(), translation=trans.tolist())
+    tr = tio.transforms.augmentation.intensity.random_motion.Motion(
+        degrees=degrees, translation=trans, times=times, image_interpolation="linear")
+    out = _torchio_apply(img, data, tr, move_axis=phase)
+    return _like(img, out, degrees=degrees.tolist(), translation=trans.tolist(),
+                 times=times.tolist(), phase_axis=phase)
+
+
+def ghosting(img, severity, rng, *, max_intensity=1.0, n_ghosts=(2, 6)):
+    """N/2-style ghosts along the phase-encode axis (torchio ``Ghosting``).
+
+    Number of ghosts drawn in ``n_ghosts``; ghost strength (torchio's
+    intensity: fraction of the k-space maximum) = ``max_intensity * severity``.
+    """
+    import torchio as tio
+
+    data = _data(img)
+    _, phase, _ = _axes(img)
+    k = int(rng.integers(n_ghosts[0], n_ghosts[1] + 1))
+    inten = max_intensity * severity
+    if inten <= 0:
+        return _like(img, data.copy(), num_ghosts=k, intensity=0.0)
+    tr = tio.transforms.augmentation.intensity.random_ghosting.Ghosting(
+        num_ghosts=k, axis=phase, intensity=inten, restore=0.02)
+    out = _torchio_apply(img, data, tr)
+    return _like(img, out, num_ghosts=k, intensity=float(inten), phase_axis=phase)
+
+
+def spike(img, severity, rng, *, max_intensity=1.5, n_spikes=(1, 2)):
+    """Herringbone stripes from one or two random k-space spikes (torchio ``Spike``).
+
+    Spike positions drawn away from the k-space centre (10-40 % of the range
+    on each side); spike size = ``max_intensity * severity`` x the k-space
+    maximum.
+    """
+    import torchio as tio
+
+    data = _data(img)
+    m = int(rng.integers(n_spikes[0], n_spikes[1] + 1))
+    pos = 0.5 + rng.choice([-1, 1], (m, 3)) * rng.uniform(0.1, 0.4, (m, 3)) / 1.0
+    pos = np.clip(pos, 0.0, 0.999)
+    inten = max_intensity * severity
+    if inten <= 0:
+        return _like(img, data.copy(), positions=pos.tolist(), intensity=0.0)
+    tr = tio.transforms.augmentation.intensity.random_spike.Spike(
+        spikes_positions=pos, intensity=inten)
+    out = _torchio_apply(img, data, tr)
+    return _like(img, out, positions=pos.tolist(), intensity=float(inten))
+
+
+def wrap_around(img, severity, rng, *, max_shrink=0.35):
+    """Aliasing (wrap-around): the field of view along phase-encode is too small.
+
+    The new FOV is ``head extent x (1 - max_shrink * severity)`` along the
+    phase axis, centred on the head; the array shrinks to it (affine updated)
+    and the signal outside the window folds back in from the opposite side
+    (added above the background level). Severity 0 keeps the whole head.
+    """
+    data = _data(img)
+    info = head_info(img, data)
+    _, phase, _ = _axes(img)
+    n = data.shape[phase]
+    lo, hi = info.bbox[0][phase], info.bbox[1][phase]
+    ext = hi - lo
+    new_n = int(np.clip(round(ext * (1 - max_shrink * severity)), 8, n))
+    start = int(round((lo + hi) / 2 - new_n / 2))
+    start = int(np.clip(start, -(new_n - 1), n - 1))
+    moved = np.moveaxis(data, phase, 0)
+    window = np.full((new_n,) + moved.shape[1:], info.background, np.float32)
+    fold = np.zeros_like(window)
+    for i in range(n):
+        j = i - start
+        q, r = divmod(j, new_n)
+        if q == 0:
+            window[r] = moved[i]
+        else:
+            fold[r] += np.clip(moved[i] - info.background, 0, None)
+    out = np.moveaxis(window + fold, 0, phase)
+    aff = img.affine.copy()
+    aff[:3, 3] = aff[:3, 3] + aff[:3, phase] * start
+    return _like(img, out, affine=aff, phase_axis=phase, new_n=new_n, old_n=n, start=start)
+
+
+def susceptibility(img, severity, rng, *, min_radius_mm=4.0, max_radius_mm=18.0,
+                   max_shift_mm=10.0):
+    """Metal / susceptibility artifact: signal void, bright rim, local distortion.
+
+    A dipole field around a point near the brain surface (50-85 % of the way
+    from the brain centre) shifts voxels along the readout axis by up to
+    ``max_shift_mm * severity`` (pixel-shift model; intensity x Jacobian gives
+    the bright pile-up / dark stretch), and a sphere of radius
+    ``min_radius + (max_radius - min_radius) * severity`` mm loses its signal.
+    """
+    data = _data(img)
+    info = head_info(img, data)
+    freq, _, _ = _axes(img)
+    direc = rng.standard_normal(3)
+    direc /= np.linalg.norm(direc)
+    semi = np.array([60.0, 75.0, 55.0])
+    centre = info.centre + direc * semi * rng.uniform(0.5, 0.85)
+    radius = min_radius_mm + (max_radius_mm - min_radius_mm) * severity
+    shift_mm = max_shift_mm * severity
+    out = data.copy()
+    if severity <= 0:
+        return _like(img, out, centre_world=centre.tolist(), radius_mm=0.0)
+    vox = np.sqrt((img.affine[:3, :3] ** 2).sum(0))
+    ijk_c = np.linalg.solve(img.affine[:3, :3], centre - img.affine[:3, 3])
+    reach = 4.0 * radius / vox
+    lo = np.clip(np.floor(ijk_c - reach).astype(int), 0, np.array(data.shape))
+    hi = np.clip(np.ceil(ijk_c + reach).astype(int) + 1, 0, np.array(data.shape))
+    if np.any(hi - lo < 2):
+        raise SynthError("susceptibility: the chosen site lies outside the image")
+    sub = tuple(slice(a, b) for a, b in zip(lo, hi))
+    grid = np.meshgrid(*[np.arange(a, b, dtype=np.float32) for a, b in zip(lo, hi)], indexing="ij")
+    d_mm = [(grid[a] - ijk_c[a]) * vox[a] for a in range(3)]
+    r = np.sqrt(sum(g * g for g in d_mm)) + 1e-3
+    cos_t = d_mm[2] / r  # B0 along world-ish z of the array
+    rr = np.maximum(r, radius)
+    dip = (radius / rr) ** 3 * (3 * cos_t**2 - 1) / 2
+    shift_vox = shift_mm * dip / vox[freq]
+    coords = [g.copy() for g in grid]
+    coords[freq] = coords[freq] - shift_vox
+    warped = ndi.map_coordinates(data, coords, order=1, mode="nearest")
+    jac = 1.0 - np.gradient(shift_vox, axis=freq)
+    warped = warped / np.clip(np.abs(jac), 0.3, 3.0)
+    void = 1.0 / (1.0 + np.exp((r - radius) / 1.0))
+    warped = warped * (1 - void) + info.background * void
+    out[sub] = warped
+    return _like(img, out, centre_world=centre.tolist(), radius_mm=float(radius),
+                 max_shift_mm=float(shift_mm), readout_axis=freq)
+
+
+def bias_field(img, severity, rng, *, max_coefficient=0.8, order=3):
+    """Strong smooth intensity inhomogeneity (torchio ``BiasField``).
+
+    Polynomial log-field of ``order`` with coefficients
+    ``max_coefficient * severity * u``, ``u`` uniform in [-1, 1] (drawn from
+    ``rng``), so larger severity means the same pattern, stronger.
+    """
+    import torchio as tio
+
+    data = _data(img)
+    n_coef = sum(1 for x in range(order + 1) for y in range(order + 1 - x)
+                 for _ in range(order + 1 - x - y))
+    coefs = (max_coefficient * severity * rng.uniform(-1, 1, n_coef)).tolist()
+    if severity <= 0:
+        return _like(img, data.copy(), coefficients=coefs)
+    tr = tio.transforms.augmentation.intensity.random_bias_field.BiasField(
+        coefficients=coefs, order=order)
+    out = _torchio_apply(img, data, tr)
+    return _like(img, out, coefficients=coefs, order=order)
+
+
+def blur(img, severity, rng, *, max_thickness=5, max_sigma_vox=1.2):
+    """Blurring / thick slices: slab averaging + slice decimation + in-plane blur.
+
+    Slices are averaged over ``k = 1 + round((max_thickness - 1) * severity)``
+    neighbours along the slice axis, every k-th slice is kept and linearly
+    interpolated back onto the original grid (as a scanner's interpolated
+    reconstruction), and an in-plane Gaussian of ``max_sigma_vox * severity``
+    voxels is applied.
+    """
+    data = _data(img)
+    _, _, slc = _axes(img)
+    k = int(1 + round((max_thickness - 1) * severity))
+    sig = max_sigma_vox * severity
+    out = data
+    if k > 1:
+        thick = ndi.uniform_filter1d(data, k, axis=slc, mode="nearest")
+        n = data.shape[slc]
+        keep = np.arange(k // 2, n, k)
+        dec = np.take(thick, keep, axis=slc)
+        pos = (np.arange(n, dtype=np.float32) - keep[0]) / k
+        pos = np.clip(pos, 0, len(keep) - 1)
+        i0 = np.floor(pos).astype(int)
+        i1 = np.minimum(i0 + 1, len(keep) - 1)
+        w = (pos - i0).reshape([-1 if a == slc else 1 for a in range(3)])
+        out = np.take(dec, i0, axis=slc) * (1 - w) + np.take(dec, i1, axis=slc) * w
+    if sig > 0:
+        sigmas = [sig if a != slc else 0.0 for a in range(3)]
+        out = ndi.gaussian_filter(out, sigmas)
+    return _like(img, out, slice_axis=slc, thickness_factor=k, inplane_sigma_vox=float(sig))
+
+
+# --------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class Artifact:
+    """A registered simulator and its documentation."""
+
+    name: str
+    func: object
+    description: str
+    paper: bool = False       # one of the paper's Table 1 six
+    needs_meta: bool = False  # needs make_subject's meta (cohort-level)
+
+
+ARTIFACTS = {
+    a.name: a
+    for a in [
+        Artifact("different_sequence", different_sequence,
+                 "scan of another contrast stored as this one", paper=True, needs_meta=True),
+        Artifact("kspace_noise", kspace_noise, "Gaussian noise added in k-space", paper=True),
+        Artifact("chunk_middle", chunk_middle, "box in the brain set to background", paper=True),
+        Artifact("chunk_top", chunk_top, "top of the head/brain set to background", paper=True),
+        Artifact("periodic_line", periodic_line, "k-space spike comb: periodic stripes", paper=True),
+        Artifact("ring", ring, "Gibbs ringing from hard k-space truncation", paper=True),
+        Artifact("motion", motion, "rigid motion between k-space segments (torchio)"),
+        Artifact("ghosting", ghosting, "phase-encode ghosts (torchio)"),
+        Artifact("spike", spike, "herringbone from k-space spikes (torchio)"),
+        Artifact("wrap_around", wrap_around, "aliasing from a too-small phase FOV"),
+        Artifact("susceptibility", susceptibility, "metal: void, bright rim, distortion"),
+        Artifact("bias_field", bias_field, "strong intensity inhomogeneity (torchio)"),
+        Artifact("blur", blur, "thick slices and blurring"),
+    ]
+}
+PAPER_ARTIFACTS = tuple(n for n, a in ARTIFACTS.items() if a.paper)
+
+
+def apply_artifact(img, name: str, severity: float, rng=None, **params):
+    """Apply the registered artifact ``name`` at ``severity`` in [0, 1].
+
+    ``rng``: numpy Generator or int seed. ``params`` go to the simulator
+    (``meta=`` for ``different_sequence``).
+    """
+    if name not in ARTIFACTS:
+        raise UnknownArtifactError(
+            f"unknown artifact {name!r}; expected one of: {', '.join(ARTIFACTS)}")
+    s = _check_severity(severity)
+    return ARTIFACTS[name].func(img, s, _as_rng(rng), **params)

@@ -1,0 +1,238 @@
+"""The BIDS-App end to end: the real CLI, in process, on a small realistic BIDS tree.
+
+One participant-level run (module fixture ``run``) over a dataset with sessions, acq-
+variants, runs, sidecars, func/ beside anat/, eight kinds of bad input and the same head
+stored RAS / LPS / oblique; the tests check its outputs. Resume (skip + kill -9), group
+level and MultiProc have their own runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from app_testlib import BAD_KINDS, base_args, make_dataset, qc_of
+
+from qc_pipeline.cli import main
+from qc_pipeline.derivatives import QC_FIELDS
+
+GOOD = [
+    "sub-01/ses-pre/anat/sub-01_ses-pre_run-1_T1w.nii.gz",
+    "sub-01/ses-pre/anat/sub-01_ses-pre_run-2_T1w.nii.gz",
+    "sub-01/ses-post/anat/sub-01_ses-post_acq-mprage_T1w.nii.gz",
+    "sub-02/anat/sub-02_acq-fast_rec-norm_run-01_T1w.nii.gz",
+    "sub-03/anat/sub-03_acq-ras_T1w.nii.gz",
+    "sub-03/anat/sub-03_acq-lps_T1w.nii.gz",
+    "sub-03/anat/sub-03_acq-obl_T1w.nii.gz",
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, model_dir):
+    tmp = tmp_path_factory.mktemp("app")
+    ds = make_dataset(tmp / "bids", bad=BAD_KINDS, orientations=True)
+    out, work = tmp / "out", tmp / "work"
+    rc = main(base_args(ds["root"], out, work, model_dir))
+    return {"rc": rc, "root": ds["root"], "out": out, "work": work, "tmp": tmp, "rels": ds["t1w"]}
+
+
+def test_exit_code_and_summary_name_failed_scans(run, caplog):
+    assert run["rc"] == 1  # bad inputs failed, the rest finished
+    log = next((run["out"] / "logs").glob("itermask-qc-*.log")).read_text()
+    summary = [ln for ln in log.splitlines() if "scans failed:" in ln]
+    assert len(summary) == 1
+    for kind in BAD_KINDS:
+        assert f"sub-02_acq-{kind}_T1w" in summary[0]
+    assert "sub-01_ses-pre_run-1_T1w" not in summary[0]
+    # per-scan progress lines
+    assert sum("] sub-" in ln and (": ok," in ln or ": error:" in ln) for ln in log.splitlines()) \
+        == len(GOOD) + len(BAD_KINDS)
+
+
+def test_good_scans_have_all_outputs_in_native_space(run):
+    out, root = run["out"], run["root"]
+    for rel in GOOD:
+        qc = qc_of(out, rel)
+        assert qc["status"] == "ok", (rel, qc["error"])
+        assert list(qc) == list(QC_FIELDS)
+        stem = Path(rel).name.replace(".nii.gz", "")
+        folder = out / Path(rel).parent
+        mask = nib.load(folder / f"{stem}_desc-anomaly_mask.nii.gz")
+        err = nib.load(folder / f"{stem}_desc-error_map.nii.gz")
+        src = nib.load(root / rel)
+        assert mask.shape == src.shape and err.shape == src.shape
+        np.testing.assert_allclose(mask.affine, src.affine, atol=1e-5)
+        np.testing.assert_allclose(err.affine, src.affine, atol=1e-5)
+        m = np.asarray(mask.dataobj)
+        assert set(np.unique(m)) <= {0, 1}
+        assert int(m.sum()) > 0  # the random model flags something
+        # the mask lies inside the head, not in the background
+        assert np.asarray(src.dataobj)[m > 0].mean() > 0
+        assert qc["mask_file"] == mask.get_filename().split("/")[-1]
+        assert qc["anomaly_voxels"] > 0 and 0 < qc["anomaly_fraction"] <= 1
+        assert qc["anomaly_mm3"] == pytest.approx(qc["anomaly_voxels"] * 4.0 ** 3)
+        assert qc["tau_curve"] and qc["fit"]["path"] in ("tan", "fallback")
+        assert qc["forward_passes"] >= 1 and qc["runtime_s"] > 0
+        assert qc["model_id"] == "t1w-random-seed0" and qc["schedule"] == "fast"
+        assert len(qc["input_sha256"]) == 64 and qc["device"] == "cpu"
+        assert qc["source_file"] == rel and qc["bids_name"] == stem
+
+
+def test_entities_sites_and_metadata(run):
+    qc = qc_of(run["out"], GOOD[3])
+    ents = qc["entities"]
+    assert ents["subject"] == "02" and ents["acquisition"] == "fast"
+    assert ents["reconstruction"] == "norm" and ents["run"] == "01" and ents["suffix"] == "T1w"
+    assert qc["site"] == "siteB" and qc["metadata"]["age"] == "45"
+    # sessions.tsv overrides participants.tsv
+    assert qc_of(run["out"], GOOD[2])["site"] == "siteC"
+    assert qc_of(run["out"], GOOD[0])["site"] == "siteA"
+    assert qc_of(run["out"], GOOD[0])["entities"]["session"] == "pre"
+
+
+def test_only_anat_of_screened_suffix(run):
+    out = run["out"]
+    names = {p.name for p in out.rglob("*_qc.json")}
+    assert len(names) == len(GOOD) + len(BAD_KINDS)
+    assert not any("bold" in n or "FLAIR" in n or "desc-preproc" in n for n in names)
+    assert not (out / "derivatives").exists()
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_bad_input_gets_error_record(run, kind):
+    rel = f"sub-02/anat/sub-02_acq-{kind}_T1w.nii.gz"
+    qc = qc_of(run["out"], rel)
+    assert qc["status"] == "error"
+    assert isinstance(qc["error"], str) and "\n" not in qc["error"] and len(qc["error"]) > 10
+    assert qc["anomaly_fraction"] is None and qc["mask_file"] is None
+    assert list(qc) == list(QC_FIELDS)
+    assert not (run["out"] / f"sub-02/anat/sub-02_acq-{kind}_T1w_desc-anomaly_mask.nii.gz").exists()
+    expected = {"empty": "empty", "truncated": "gzip", "4d": "4D", "2d": "2D", "nan": "NaN",
+                "zero": "zero", "voxel": "voxel size", "nobrain": "no brain"}[kind]
+    assert expected.lower() in qc["error"].lower()
+
+
+def test_orientation_copies_score_alike(run):
+    ras, lps, obl = (qc_of(run["out"], r) for r in GOOD[4:7])
+    # LPS is the same world image: identical scores
+    assert lps["anomaly_voxels"] == ras["anomaly_voxels"]
+    assert lps["anomaly_fraction"] == pytest.approx(ras["anomaly_fraction"], abs=1e-9)
+    # oblique went through one more interpolation: close
+    assert obl["anomaly_fraction"] == pytest.approx(ras["anomaly_fraction"], abs=0.05)
+    # and the native-space LPS mask is the RAS mask, flipped back (up to boundary ties)
+    m_ras = np.asarray(nib.load(run["out"] / "sub-03/anat/sub-03_acq-ras_T1w_desc-anomaly_mask.nii.gz").dataobj)
+    m_lps = np.asarray(nib.load(run["out"] / "sub-03/anat/sub-03_acq-lps_T1w_desc-anomaly_mask.nii.gz").dataobj)
+    flipped = m_lps[::-1, ::-1, :] > 0
+    dice = 2 * np.sum(flipped & (m_ras > 0)) / (np.sum(flipped) + np.sum(m_ras > 0))
+    assert dice > 0.95  # nearest-neighbour ties at half-voxel positions may differ
+
+
+def test_dataset_description_logs_config_and_reports(run):
+    out = run["out"]
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative"
+    gen = desc["GeneratedBy"][0]
+    assert gen["Name"] == "itermask-qc" and gen["Version"] and gen["ModelIds"] == ["t1w-random-seed0"]
+    cfgs = list((out / "logs").glob("config-*.json"))
+    assert len(cfgs) == 1
+    cfg = json.loads(cfgs[0].read_text())
+    assert cfg["skull_strip"] == "none" and cfg["suffixes"] == ["T1w"] and cfg["plugin"] == "Linear"
+    assert cfg["model_specs"]["T1w"]["grid"] == [40, 48, 40]
+    for sub in ("01", "02", "03"):
+        html = (out / f"sub-{sub}.html").read_text()
+        assert f"sub-{sub}" in html
+    assert "sub-02_acq-empty_T1w" in (out / "sub-02.html").read_text()
+
+
+def test_rerun_skips_finished_scans(run, model_dir):
+    out = run["out"]
+    qc_path = out / "sub-01/ses-pre/anat/sub-01_ses-pre_run-1_T1w_qc.json"
+    before = qc_path.stat().st_mtime_ns
+    rc = main(base_args(run["root"], out, run["work"], model_dir, "--participant-label", "sub-01"))
+    assert rc == 0
+    assert qc_path.stat().st_mtime_ns == before
+    logs = sorted((out / "logs").glob("itermask-qc-*.log"))
+    assert "3 of 3 scans already have results" in logs[-1].read_text()
+    # a different schedule is a different result: not skipped (checked without running it)
+    from qc_pipeline.bids import collect_scans
+    from qc_pipeline.derivatives import is_done
+    from qc_pipeline.io import sha256_file
+
+    scan = collect_scans(run["root"], suffixes=["T1w"], participant_label=["01"])[0]
+    sha = sha256_file(scan.path)
+    assert is_done(out, scan, input_sha256=sha, model_id="t1w-random-seed0", schedule="fast")
+    assert not is_done(out, scan, input_sha256=sha, model_id="t1w-random-seed0", schedule="reference")
+    assert not is_done(out, scan, input_sha256="0" * 64, model_id="t1w-random-seed0", schedule="fast")
+
+
+def _scores(out: Path, rels) -> dict:
+    res = {}
+    for rel in rels:
+        qc = qc_of(out, rel)
+        res[rel] = (qc["status"], qc["anomaly_voxels"], qc["anomaly_fraction"], qc["tau_stop"],
+                    qc["input_sha256"])
+    return res
+
+
+def test_kill_9_then_resume_equals_uninterrupted(run, model_dir, tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = base_args(run["root"], out, work, model_dir, "--participant-label", "01", "--nprocs", "2")
+    code = "import sys; from qc_pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = dict(os.environ, NIPYPE_NO_ET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if list(out.glob("sub-01/**/*_qc.json")) or list(work.glob("**/result.pkl")):
+                break
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    # no half-written outputs
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or ".tmp." in p.name]
+    n_before = len(list(out.glob("sub-01/**/*_qc.json")))
+    assert n_before < 3
+    rc = main(base_args(run["root"], out, work, model_dir, "--participant-label", "01"))
+    assert rc == 0
+    rels = GOOD[:3]
+    assert _scores(out, rels) == _scores(run["out"], rels)
+    for rel in rels:
+        stem = Path(rel).name.replace(".nii.gz", "")
+        a = nib.load(out / Path(rel).parent / f"{stem}_desc-error_map.nii.gz").get_fdata()
+        b = nib.load(run["out"] / Path(rel).parent / f"{stem}_desc-error_map.nii.gz").get_fdata()
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_group_level_from_derivatives_alone(run, tmp_path):
+    # copy the derivatives away from the raw tree, point BIDS_DIR at nothing
+    out = tmp_path / "derivs"
+    shutil.copytree(run["out"], out)
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("bids_name\trating\n" + "".join(
+        f"{Path(r).name.replace('.nii.gz', '')}\t{'bad' if i % 2 else 'good'}\n"
+        for i, r in enumerate(GOOD)))
+    rc = main([str(tmp_path / "no-such-bids"), str(out), "group", "--labels", str(labels)])
+    assert rc == 0
+    import csv
+
+    rows = list(csv.DictReader((out / "group_T1w.csv").open()))
+    assert len(rows) == len(GOOD) + len(BAD_KINDS)
+    by_name = {r["bids_name"]: r for r in rows}
+    assert by_name["sub-02_acq-empty_T1w"]["status"] == "error"
+    assert "empty" in by_name["sub-02_acq-empty_T1w"]["error"]
+    assert by_name["sub-01_ses-post_acq-mprage_T1w"]["site"] == "siteC"
+    assert (out / "group_T1w.html").is_file() and (out / "group_T1w_sites.csv").is_file()
+    assert list((out / "logs").glob("config-*.json"))

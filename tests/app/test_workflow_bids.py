@@ -1,0 +1,126 @@
+"""Workflow graph (no model needed) and the BIDS walk."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from app_testlib import make_dataset
+
+from qc_pipeline.bids import (NoScansFound, ScanRecord, UnknownLabel, anat_ignore_patterns,
+                              collect_scans, load_filter_file, InvalidFilter)
+from qc_pipeline.config import Settings
+
+
+def _scan(sub, name, ses=None):
+    rel = f"sub-{sub}/" + (f"ses-{ses}/" if ses else "") + f"anat/{name}.nii.gz"
+    ents = {"subject": sub, "suffix": name.split("_")[-1]}
+    if ses:
+        ents["session"] = ses
+    return ScanRecord(path=f"/data/{rel}", relpath=rel, bids_name=name, entities=ents, site="A")
+
+
+def test_workflow_graph(tmp_path):
+    from qc_pipeline.workflows import init_itermask_qc_wf
+
+    scans = [_scan("01", "sub-01_ses-a_T1w", "a"), _scan("01", "sub-01_ses-b_T1w", "b"),
+             _scan("02", "sub-02_FLAIR")]
+    settings = Settings(bids_dir=Path("/data"), output_dir=tmp_path / "out",
+                        analysis_level="participant", work_dir=tmp_path / "work",
+                        model_specs={"T1w": {"model_dir": "/m/t1", "model_id": "t1-x",
+                                             "grid": [32, 32, 32], "voxel_size": [6, 6, 6]}})
+    wf = init_itermask_qc_wf(scans=scans, settings=settings)
+    assert wf.name == "itermask_qc_wf"
+    names = set(wf.list_node_names())
+    for scan in ("scan_sub_01_ses_a_T1w", "scan_sub_01_ses_b_T1w", "scan_sub_02_FLAIR"):
+        for node in ("inputnode", "load", "preprocess", "itermask", "timings",
+                     "write_derivatives", "outputnode"):
+            assert f"{scan}.{node}" in names
+    assert {"report_sub_01", "report_sub_02", "qc_sub_01", "qc_sub_02"} <= names
+    assert len(names) == 3 * 7 + 4
+
+    flat = wf._create_flat_graph()  # noqa: SLF001
+    edges = {(u.fullname.split(".", 1)[1], v.fullname.split(".", 1)[1]): d["connect"]
+             for u, v, d in flat.edges(data=True)}
+    s = "scan_sub_01_ses_a_T1w"
+    assert ("error", "in_error") in edges[(f"{s}.load", f"{s}.preprocess")]
+    assert ("out_file", "in_file") in edges[(f"{s}.preprocess", f"{s}.itermask")]
+    assert ("error", "in_error") in edges[(f"{s}.itermask", f"{s}.write_derivatives")]
+    assert ("input_sha256", "input_sha256") in edges[(f"{s}.load", f"{s}.write_derivatives")]
+    # both of sub-01's scans feed sub-01's report; sub-02's only sub-02's
+    assert ("qc_json", "qc_json") in edges[(f"{s}.write_derivatives", f"{s}.outputnode")]
+    feeds = {u.split(".")[0] for (u, v) in edges if v == "qc_sub_01"}
+    assert feeds == {s, "scan_sub_01_ses_b_T1w"}
+    assert {u.split(".")[0] for (u, v) in edges if v == "qc_sub_02"} == {"scan_sub_02_FLAIR"}
+    assert ("qc_sub_01", "report_sub_01") in edges
+
+    node = wf.get_node(f"{s}.itermask")
+    assert node.inputs.model_dir == "/m/t1" and node.inputs.contrast == "T1w"
+    prep = wf.get_node(f"{s}.preprocess")
+    assert prep.inputs.grid == [32, 32, 32] and prep.inputs.voxel_size == [6.0, 6.0, 6.0]
+    # FLAIR has no spec here: packaged model and default geometry
+    assert wf.get_node("scan_sub_02_FLAIR.itermask").inputs.model_dir == ""
+    assert wf.get_node("scan_sub_02_FLAIR.preprocess").inputs.grid == [80, 96, 80]
+
+
+def test_ignore_patterns_keep_only_anat_images():
+    pats = anat_ignore_patterns(["T1w", "FLAIR"])
+
+    def ignored(p):
+        return any(r.search(p) for r in pats)
+
+    for keep in ("/sub-01", "/sub-01/anat", "/sub-01/ses-a", "/sub-01/ses-a/anat",
+                 "/sub-01/anat/sub-01_T1w.nii.gz", "/sub-01/ses-a/anat/sub-01_ses-a_acq-x_FLAIR.nii"):
+        assert not ignored(keep), keep
+    for drop in ("/derivatives", "/code", "/sourcedata", "/.git", "/participants.tsv",
+                 "/sub-01/func", "/sub-01/ses-a/dwi", "/sub-01/anat/sub-01_T1w.json",
+                 "/sub-01/anat/sub-01_T2w.nii.gz", "/sub-01/sub-01_sessions.tsv",
+                 "/sub-01/anat/sub-01_T1w.nii.gz.bak"):
+        assert ignored(drop), drop
+
+
+def test_collect_scans_entities_sites_filters(tmp_path):
+    ds = make_dataset(tmp_path / "bids")
+    root = ds["root"]
+    scans = collect_scans(root, suffixes=["T1w", "FLAIR"], database_path=tmp_path / "db")
+    rels = [s.relpath for s in scans]
+    assert rels == sorted(ds["t1w"] + ["sub-02/anat/sub-02_FLAIR.nii.gz"])
+    by = {s.bids_name: s for s in scans}
+    assert by["sub-01_ses-post_acq-mprage_T1w"].site == "siteC"
+    assert by["sub-01_ses-pre_run-1_T1w"].site == "siteA"
+    assert by["sub-02_acq-fast_rec-norm_run-01_T1w"].entities["run"] == "01"
+    # labels with or without prefixes; sessions
+    only = collect_scans(root, suffixes=["T1w"], participant_label=["sub-01"],
+                         session_label=["post"], database_path=tmp_path / "db")
+    assert [s.bids_name for s in only] == ["sub-01_ses-post_acq-mprage_T1w"]
+    with pytest.raises(UnknownLabel, match="found 01, 02"):
+        collect_scans(root, suffixes=["T1w"], participant_label=["07"])
+    # filter file: null = entity absent
+    filt = tmp_path / "f.json"
+    filt.write_text(json.dumps({"T1W": {"acquisition": None}}))
+    got = collect_scans(root, suffixes=["T1w"], bids_filters=load_filter_file(filt),
+                        database_path=tmp_path / "db")
+    assert [s.bids_name for s in got] == ["sub-01_ses-pre_run-1_T1w", "sub-01_ses-pre_run-2_T1w"]
+    with pytest.raises(NoScansFound):
+        collect_scans(root, suffixes=["T2w"], database_path=tmp_path / "db")
+    filt.write_text(json.dumps({"t1w": {"not_an_entity": "x"}}))
+    with pytest.raises(InvalidFilter):
+        collect_scans(root, suffixes=["T1w"], bids_filters=load_filter_file(filt),
+                      database_path=tmp_path / "db")
+
+
+def test_index_database_is_reused_and_refreshed(tmp_path):
+    from qc_pipeline.bids import build_layout
+    from app_testlib import save_scan
+
+    ds = make_dataset(tmp_path / "bids")
+    db = tmp_path / "db"
+    lay = build_layout(ds["root"], ["T1w"], db)
+    n = len(lay.get(suffix="T1w", extension=".nii.gz"))
+    mtime = (db / "layout_index.sqlite").stat().st_mtime_ns
+    build_layout(ds["root"], ["T1w"], db)
+    assert (db / "layout_index.sqlite").stat().st_mtime_ns == mtime  # reused
+    save_scan(ds["root"], "sub-02/anat/sub-02_run-02_T1w.nii.gz", seed=3)
+    lay = build_layout(ds["root"], ["T1w"], db)  # anat folder changed: re-indexed
+    assert len(lay.get(suffix="T1w", extension=".nii.gz")) == n + 1

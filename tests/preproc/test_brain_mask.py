@@ -1,0 +1,86 @@
+"""The brain mask stands for where brain SHOULD be; non-brain input raises NoBrainError.
+
+Measured against the synthetic ground-truth brain (qc_pipeline.synth), on the model grid.
+Numbers for several seeds and for deepbet on full heads are in docs/preprocessing.md.
+"""
+import nibabel as nib
+import numpy as np
+import pytest
+
+from qc_pipeline.errors import NoBrainError
+from qc_pipeline.preprocessing import preprocess
+
+
+def _coverage(r, gt, region_native, geo):
+    g = geo.on_grid(gt, r.info) >= 0.5
+    reg = g & (geo.on_grid(region_native, r.info) >= 0.5)
+    return g, reg, np.count_nonzero(r.brain_mask & reg) / reg.sum(), np.count_nonzero(r.signal_brain_mask & reg) / reg.sum()
+
+
+def test_normal_head_mask_not_much_bigger_than_brain(stripped, geo):
+    img, gt = stripped
+    r = preprocess(img, skull_strip="none")
+    g = geo.on_grid(gt, r.info) >= 0.5
+    assert np.count_nonzero(r.brain_mask & g) / g.sum() >= 0.98
+    excess = np.count_nonzero(r.brain_mask & ~g) / g.sum()
+    assert excess <= 0.12, excess
+
+
+@pytest.mark.parametrize("where", ["lateral", "top"])
+def test_missing_chunk_stays_inside_expected_mask(stripped, geo, where):
+    img, gt = stripped
+    c = geo.brain_centre_world(gt)
+    top = geo.brain_top_world(gt)
+    if where == "lateral":  # a 40 mm block at the right side of the brain, reaching its surface
+        region = lambda x, y, z: (x - c[0] > 35) & (np.abs(y - c[1]) < 20) & (np.abs(z - c[2] - 5) < 20)
+    else:  # the top 20 mm of the brain replaced by background (inside the FOV)
+        region = lambda x, y, z: z > top - 20
+    bad, sel = geo.blank_region(img, region)
+    r = preprocess(bad, skull_strip="none")
+    g, reg, cover, sig_cover = _coverage(r, gt, nib.Nifti1Image(sel.astype(np.float32), img.affine), geo)
+    assert reg.sum() > 2000
+    assert sig_cover < 0.85  # the signal mask loses (much of) the chunk ...
+    assert cover >= 0.90, cover  # ... the expected mask keeps it
+    assert np.count_nonzero(r.brain_mask & ~g) / g.sum() <= 0.12
+
+
+def test_cut_off_fov_top_stays_inside_expected_mask(stripped, geo):
+    img, gt = stripped
+    cut = geo.cut_fov_top(img, geo.brain_top_world(gt) - 20)
+    r = preprocess(cut, skull_strip="none")
+    g = geo.on_grid(gt, r.info) >= 0.5
+    reg = g & ~r.fov_mask  # true brain outside the scan's field of view
+    assert reg.sum() > 2000
+    assert np.count_nonzero(r.brain_mask & reg) / reg.sum() >= 0.90
+    assert np.all(r.image[reg & r.brain_mask] == r.image[reg & r.brain_mask][0])  # no signal there
+    assert any("outside the field of view" in w for w in r.warnings)
+
+
+def _phantom(kind, rng):
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    aff[:3, 3] = [-100, -120, -90]
+    x, y, z = np.indices((100, 120, 100)) * 2.0 - np.array([100, 120, 100])[:, None, None, None]
+    if kind == "cylinder":  # a water phantom, 1.1 L
+        d = ((x**2 + y**2 <= 60**2) & (np.abs(z) < 50)) * 100.0
+    elif kind == "knee":  # an elongated limb-like blob, 1.4 L
+        d = (((x / 45) ** 2 + (y / 55) ** 2 <= 1) & (np.abs(z) < 90)) * 80.0
+    elif kind == "ellipsoid":  # brain-sized ellipsoid, 1.45 L: right volume, wrong shape
+        d = (((x / 68) ** 2 + (y / 85) ** 2 + (z / 60) ** 2) <= 1) * 100.0
+    else:  # noise
+        d = rng.random(x.shape) * 100
+    d = d + rng.normal(0, 1.0, d.shape) * (d > 0)
+    return nib.Nifti1Image(d.astype(np.float32), aff)
+
+
+@pytest.mark.parametrize("kind", ["cylinder", "knee", "ellipsoid", "noise"])
+def test_non_brain_raises_no_brain(kind):
+    img = _phantom(kind, np.random.default_rng(0))
+    with pytest.raises(NoBrainError, match="no brain found") as err:
+        preprocess(img, skull_strip="none", name=f"sub-x_{kind}.nii.gz")
+    assert f"sub-x_{kind}.nii.gz" in str(err.value)
+
+
+def test_unstripped_head_with_none_is_no_brain(head):
+    img, _ = head
+    with pytest.raises(NoBrainError, match="skull-strip"):
+        preprocess(img, skull_strip="none")

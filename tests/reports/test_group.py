@@ -1,0 +1,280 @@
+"""Group level: CSV columns, ranking, flagging, threshold rules, labels, site metrics."""
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from qc_pipeline.group import (DEFAULT_MAD_K, GroupError, LabelsError, load_labels,
+                               load_qc_records, run_group)
+from qc_pipeline.metrics import detection_metrics, threshold_at_fnr
+
+REQUIRED = ["bids_name", "subject", "session", "acquisition", "run", "suffix", "site", "status",
+            "anomaly_voxels", "anomaly_fraction", "anomaly_mm3", "rank", "percentile_in_site",
+            "flagged", "error"]
+SITE_REQUIRED = ["site", "n_scans", "n_failed", "median_fraction", "p95_fraction", "threshold",
+                 "threshold_rule", "n_flagged", "n_labelled", "AUROC", "AUPRC", "FPR80", "FPR90",
+                 "FNR80", "FNR90"]
+
+
+def _read(path):
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _f(v):
+    return math.nan if v in ("", "n/a") else float(v)
+
+
+def test_files_written_per_suffix(group_run):
+    dv, written = group_run
+    names = {p.name for p in written}
+    for suf in ("T1w", "FLAIR"):
+        assert {f"group_{suf}.csv", f"group_{suf}_sites.csv", f"group_{suf}.html"} <= names
+    assert "sub-01.html" in names and "sub-14.html" in names
+    assert not list(dv.root.rglob("*.tmp")), "atomic writes leave no temp files"
+
+
+def test_ranking_csv(group_run):
+    dv, _ = group_run
+    rows = _read(dv.root / "group_T1w.csv")
+    assert list(rows[0])[:len(REQUIRED)] == REQUIRED
+    t1 = [s for s in dv.scans if s.suffix == "T1w"]
+    assert len(rows) == len(t1)
+    ok = [r for r in rows if r["status"] == "ok"]
+    failed = [r for r in rows if r["status"] == "error"]
+    # worst first, failed last with their reason and no rank
+    fr = [float(r["anomaly_fraction"]) for r in ok]
+    assert fr == sorted(fr, reverse=True)
+    assert rows[-len(failed):] == failed and len(failed) == 2
+    assert {r["bids_name"]: r["error"] for r in failed} == {
+        "sub-09_T1w": "CorruptImage: truncated gzip stream",
+        "sub-14_T1w": "Not3D: image has 4 dimensions (32, 36, 30, 5)"}
+    assert all(r["rank"] == "" for r in failed)
+    assert rows[0]["bids_name"] == "sub-05_T1w" and rows[0]["rank"] == "1"
+    # ties share a rank (sub-01 run-2 and sub-10 have 3 voxels each)
+    tied = [r for r in ok if r["anomaly_voxels"] == "3"]
+    assert len(tied) == 2 and tied[0]["rank"] == tied[1]["rank"]
+    # entities and sites carried from qc.json (A from 'site', B from metadata)
+    r = next(r for r in rows if r["bids_name"] == "sub-01_ses-2_run-1_T1w")
+    assert (r["subject"], r["session"], r["run"], r["site"]) == ("01", "2", "1", "A")
+    assert next(r for r in rows if r["bids_name"] == "sub-12_T1w")["site"] == "B"
+    # values match the qc.json files
+    for sc in t1:
+        if sc.kind != "failed":
+            row = next(r for r in rows if r["bids_name"] == sc.bids_name)
+            assert float(row["anomaly_fraction"]) == pytest.approx(sc.fraction, rel=1e-5)
+
+
+def test_percentile_in_site(group_run):
+    dv, _ = group_run
+    rows = [r for r in _read(dv.root / "group_T1w.csv") if r["status"] == "ok"]
+    for site in ("A", "B"):
+        rs = [r for r in rows if r["site"] == site]
+        x = np.array([float(r["anomaly_fraction"]) for r in rs])
+        for r in rs:
+            expect = 100 * np.mean(x <= float(r["anomaly_fraction"]))
+            assert float(r["percentile_in_site"]) == pytest.approx(expect, abs=1e-3)
+        assert max(float(r["percentile_in_site"]) for r in rs) == 100
+
+
+def test_robust_flagging_per_site_and_pooled_fallback(group_run):
+    dv, _ = group_run
+    rows = _read(dv.root / "group_T1w.csv")
+    sites = {r["site"]: r for r in _read(dv.root / "group_T1w_sites.csv")}
+    ok = [r for r in rows if r["status"] == "ok"]
+    a = np.array([float(r["anomaly_fraction"]) for r in ok if r["site"] == "A"])
+    med = np.median(a)
+    thr_a = med + DEFAULT_MAD_K * 1.4826 * np.median(np.abs(a - med))
+    assert float(sites["A"]["threshold"]) == pytest.approx(thr_a, rel=1e-5)
+    assert "robust per site" in sites["A"]["threshold_rule"]
+    # site B has 4 successful scans < 8: pooled distribution
+    pooled = np.array([float(r["anomaly_fraction"]) for r in ok])
+    pm = np.median(pooled)
+    thr_b = pm + DEFAULT_MAD_K * 1.4826 * np.median(np.abs(pooled - pm))
+    assert float(sites["B"]["threshold"]) == pytest.approx(thr_b, rel=1e-5)
+    assert "pooled" in sites["B"]["threshold_rule"]
+    flagged = {r["bids_name"] for r in ok if r["flagged"] == "1"}
+    assert flagged == {s.bids_name for s in dv.scans if s.kind == "artifact" and s.suffix == "T1w"}
+    for r in ok:
+        assert (r["flagged"] == "1") == (float(r["anomaly_fraction"]) > float(sites[r["site"]]["threshold"]))
+    assert sites["A"]["n_flagged"] == "2" and sites["B"]["n_flagged"] == "1"
+    assert (sites["A"]["n_scans"], sites["A"]["n_failed"]) == ("11", "1")
+    x = a
+    assert float(sites["A"]["median_fraction"]) == pytest.approx(np.median(x), rel=1e-5)
+    assert float(sites["A"]["p95_fraction"]) == pytest.approx(np.percentile(x, 95), rel=1e-5)
+
+
+def test_site_metrics_match_metrics_module(group_run):
+    dv, _ = group_run
+    rows = {r["bids_name"]: r for r in _read(dv.root / "group_T1w.csv")}
+    sites = {r["site"]: r for r in _read(dv.root / "group_T1w_sites.csv")}
+    for site in ("A", "B", "ALL_SITES"):
+        names = [n for n in dv.labels if site == "ALL_SITES" or rows[n]["site"] == site]
+        m = detection_metrics([dv.labels[n] for n in names],
+                              [float(rows[n]["anomaly_fraction"]) for n in names])
+        s = sites[site]
+        assert int(s["n_labelled"]) == m.n == len(names)
+        for k in ("AUROC", "AUPRC", "FPR80", "FPR90", "FNR80", "FNR90"):
+            assert _f(s[k]) == pytest.approx(getattr(m, k), abs=1e-6), (site, k)
+    # questionable sub-04 excluded, re-rated sub-03 counts as its latest rating (good)
+    assert rows["sub-04_T1w"]["label"] == "" and rows["sub-03_T1w"]["label"] == "0"
+
+
+def test_metrics_respond_to_labels(derivs):
+    # a clean-looking scan rated bad lowers AUROC below 1
+    labels = {"sub-02_T1w": 1, "sub-05_T1w": 1, "sub-03_T1w": 0, "sub-04_T1w": 0, "sub-07_T1w": 0}
+    run_group(derivs.root, labels=labels, subject_reports=False)
+    a = next(r for r in _read(derivs.root / "group_T1w_sites.csv") if r["site"] == "A")
+    assert float(a["AUROC"]) < 1.0
+    assert float(a["FNR80"]) == pytest.approx(0.5)  # sub-02 scores 0: never caught at FPR<=20%
+
+
+def test_one_class_site_gives_nan_with_reason(derivs):
+    labels = {"sub-10_T1w": 0, "sub-11_T1w": 0, "sub-05_T1w": 1, "sub-02_T1w": 0}
+    run_group(derivs.root, labels=labels, subject_reports=False)
+    b = next(r for r in _read(derivs.root / "group_T1w_sites.csv") if r["site"] == "B")
+    assert b["AUROC"] == "n/a" and "only clean" in b["metrics_note"]
+
+
+def test_flag_at_fnr_calibrated_threshold(derivs):
+    run_group(derivs.root, labels=derivs.labels_tsv, flag_at_fnr=0.2, subject_reports=False)
+    rows = _read(derivs.root / "group_T1w.csv")
+    sites = _read(derivs.root / "group_T1w_sites.csv")
+    lab = load_labels(derivs.labels_tsv)
+    names = [n for n in lab if any(r["bids_name"] == n for r in rows)]
+    sc = {r["bids_name"]: float(r["anomaly_fraction"]) for r in rows if r["status"] == "ok"}
+    thr = threshold_at_fnr([lab[n] for n in names], [sc[n] for n in names], 0.2)
+    for s in sites:
+        assert "calibrated at FNR<=0.2" in s["threshold_rule"]
+    assert float(sites[0]["threshold"]) == pytest.approx(thr, rel=1e-5)
+    for r in rows:
+        if r["status"] == "ok":
+            assert (r["flagged"] == "1") == (float(r["anomaly_fraction"]) >= thr)
+    html = (derivs.root / "group_T1w.html").read_text()
+    assert "calibrated at FNR&lt;=0.2" in html
+
+
+def test_flag_at_fnr_without_artifact_labels_falls_back(derivs):
+    run_group(derivs.root, labels={"sub-02_T1w": 0}, flag_at_fnr=0.2, subject_reports=False)
+    s = _read(derivs.root / "group_T1w_sites.csv")[0]
+    assert s["threshold_rule"].startswith("no labelled artifact scans")
+    assert "robust" in s["threshold_rule"]
+
+
+def test_bad_arguments(derivs, tmp_path):
+    with pytest.raises(GroupError, match="needs labels"):
+        run_group(derivs.root, flag_at_fnr=0.2)
+    with pytest.raises(GroupError, match="does not exist"):
+        run_group(tmp_path / "nope")
+    with pytest.raises(GroupError, match="participant level"):
+        run_group(tmp_path)
+    with pytest.raises(GroupError, match="suffix"):
+        run_group(derivs.root, suffixes=["T2w"])
+
+
+def test_suffix_filter_and_single_site(tmp_path, derivs):
+    for p in derivs.root.rglob("*_qc.json"):
+        d = json.loads(p.read_text())
+        d["site"] = None
+        d["metadata"] = {}
+        p.write_text(json.dumps(d))
+    written = run_group(derivs.root, suffixes=["FLAIR"], subject_reports=False)
+    assert [p.name for p in written] == ["group_FLAIR.csv", "group_FLAIR_sites.csv", "group_FLAIR.html"]
+    sites = _read(derivs.root / "group_FLAIR_sites.csv")
+    assert [s["site"] for s in sites] == ["all"]
+    assert "n_labelled" not in sites[0]  # no labels: no metric columns
+
+
+def test_site_column_from_metadata(derivs):
+    for p in derivs.root.rglob("*_qc.json"):
+        d = json.loads(p.read_text())
+        d.setdefault("metadata", {})["scanner"] = "S1" if d["bids_name"] < "sub-05" else "S2"
+        p.write_text(json.dumps(d))
+    run_group(derivs.root, site_column="scanner", subject_reports=False)
+    assert sorted({r["site"] for r in _read(derivs.root / "group_T1w.csv")}) == ["S1", "S2"]
+
+
+def test_unreadable_qc_json_is_a_failed_row(derivs):
+    p = derivs.root / "sub-15" / "anat"
+    p.mkdir(parents=True)
+    (p / "sub-15_T1w_qc.json").write_text('{"status": "ok", "anomaly_fr')
+    run_group(derivs.root, subject_reports=False)
+    row = next(r for r in _read(derivs.root / "group_T1w.csv") if r["bids_name"] == "sub-15_T1w")
+    assert row["status"] == "error" and "unreadable qc.json" in row["error"]
+
+
+def test_group_needs_no_raw_data(derivs):
+    import shutil
+
+    shutil.rmtree(derivs.bids)
+    written = run_group(derivs.root, labels=derivs.labels_tsv)
+    assert (derivs.root / "group_T1w.csv").is_file() and len(written) == 6 + 14
+    html = (derivs.root / "sub-05.html").read_text()
+    assert "source scan not available" in html and html.count("data:image/png;base64,") == 3
+
+
+# --------------------------------------------------------------------------- labels files
+@pytest.mark.parametrize("header, rows, expect", [
+    ("bids_name\tlabel", ["sub-01_T1w\t1", "sub-02_T1w\t0"], {"sub-01_T1w": 1, "sub-02_T1w": 0}),
+    ("participant\tbids_name\tqc", ["x\tsub-01_T1w.nii.gz\tbad", "y\t/data/sub-02_T1w.nii\tgood"],
+     {"sub-01_T1w": 1, "sub-02_T1w": 0}),
+    ("bids_name,rating", ["sub-01_T1w,Questionable", "sub-02_T1w,PASS", "sub-03_T1w,"],
+     {"sub-02_T1w": 0}),
+    ("bids_name\tartifact", ["sub-01_T1w_qc.json\ttrue", "sub-02_T1w\tfalse"],
+     {"sub-01_T1w": 1, "sub-02_T1w": 0}),
+])
+def test_label_file_variants(tmp_path, header, rows, expect):
+    p = tmp_path / "labels.tsv"
+    p.write_text("\n".join([header] + rows) + "\n")
+    assert load_labels(p) == expect
+
+
+def test_questionable_policy(tmp_path):
+    p = tmp_path / "r.tsv"
+    p.write_text("bids_name\trating\nsub-01_T1w\tquestionable\n")
+    assert load_labels(p) == {}
+    assert load_labels(p, questionable="bad") == {"sub-01_T1w": 1}
+    assert load_labels(p, questionable="good") == {"sub-01_T1w": 0}
+
+
+def test_latest_timestamp_wins(tmp_path):
+    p = tmp_path / "r.tsv"
+    p.write_text("bids_name\trating\ttimestamp\n"
+                 "sub-01_T1w\tgood\t2024-02-01T00:00:00Z\n"
+                 "sub-01_T1w\tbad\t2024-01-01T00:00:00Z\n")
+    assert load_labels(p) == {"sub-01_T1w": 0}
+
+
+@pytest.mark.parametrize("text, match", [
+    ("name\tlabel\nsub-01_T1w\t1\n", "no 'bids_name' column"),
+    ("bids_name\tscore\nsub-01_T1w\t1\n", "no rating column"),
+    ("bids_name\tlabel\nsub-01_T1w\tmaybe-ish\n", "row 2"),
+    ("", "empty"),
+])
+def test_bad_label_files(tmp_path, text, match):
+    p = tmp_path / "bad.tsv"
+    p.write_text(text)
+    with pytest.raises(LabelsError, match=match):
+        load_labels(p)
+
+
+def test_load_records_reads_sessions_and_plain_layout(derivs):
+    recs = load_qc_records(derivs.root)
+    assert len(recs) == len(derivs.scans)
+    assert {r.bids_name for r in recs} == {s.bids_name for s in derivs.scans}
+    assert len(load_qc_records(derivs.root, subject="sub-01")) == 4
+
+
+def test_robust_threshold_when_mad_is_zero():
+    from qc_pipeline.group import _robust_threshold
+
+    x = np.array([0.0] * 9 + [0.05])
+    thr, med, scale = _robust_threshold(x, 3.0)
+    assert med == 0.0
+    assert scale == pytest.approx(1.2533 * 0.005)       # mean |x - median| fallback
+    assert thr == pytest.approx(3 * 1.2533 * 0.005)
+    assert 0.05 > thr > 0.0
+    thr, _, _ = _robust_threshold(np.zeros(10), 3.0)
+    assert thr == 0.0                                     # then: anything above the median
