@@ -97,7 +97,7 @@ def main(argv=None) -> int:
 
     from bids.layout import BIDSLayout, BIDSLayoutIndexer, parse_file_entities
 
-    from qc_pipeline.bids import anat_ignore_patterns, build_layout, collect_scans
+    from qc_pipeline.bids import build_layout, collect_scans
 
     tmp = Path(tempfile.mkdtemp(dir=args.tmp, prefix="bids_index_bench_"))
     suffixes = ("T1w", "T2w", "FLAIR")

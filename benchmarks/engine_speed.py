@@ -108,8 +108,8 @@ def main(argv=None):
                        statistics.median(secs))
     base = rows.get("reference", next(iter(rows.values())))[2]
     print()
-    print(f"| schedule | passes/scan | s/pass | s/scan | speed-up vs reference |")
-    print(f"|---|---:|---:|---:|---:|")
+    print("| schedule | passes/scan | s/pass | s/scan | speed-up vs reference |")
+    print("|---|---:|---:|---:|---:|")
     for sched, (p, spp, sps) in rows.items():
         print(f"| {sched} | {p:.0f} | {spp:.3f} | {sps:.1f} | {base / sps:.1f}x |")
 

@@ -20,7 +20,6 @@ import os
 os.environ["NIPYPE_NO_ET"] = "1"
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -489,6 +488,11 @@ def _run_workflow(settings: Settings, scans) -> None:
                            rec.get("error") or status)
 
     plugin_args = dict(settings.plugin_args)
+    from .sbatch import BATCH_PLUGINS, prepare_batch_workflow
+    if settings.plugin in BATCH_PLUGINS:
+        # per-node memory/CPU requests, merge nodes run locally, sane queue polling
+        plugin_args = prepare_batch_workflow(wf, settings.plugin, plugin_args,
+                                             omp_nthreads=settings.omp_nthreads)
     plugin_args.setdefault("status_callback", progress)
     LOGGER.info("screening %d scans with the %s plugin (work dir %s)", total, settings.plugin,
                 settings.work_dir)

@@ -34,7 +34,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy import optimize
 
-from .errors import InputError, NoBrainError
+from .errors import NoBrainError
 from .io import validate_image, voxel_sizes
 
 __all__ = [
@@ -63,7 +63,7 @@ DEFAULT_VOXEL_SIZE = 2.0
 DEFAULT_GRID = (80, 96, 80)
 
 #: plausible brain volume (L) for the skull-strip (signal) mask
-BRAIN_VOLUME_RANGE_L = (0.7, 2.2)
+BRAIN_VOLUME_RANGE_L = (0.6, 2.8)  # skull-strip masks include CSF and over-segment on T2w
 #: plausible per-axis scale of the MNI152 brain mask fitted to the subject
 TEMPLATE_SCALE_RANGE = (0.72, 1.35)
 #: minimum fraction of template surface points within 4 mm of the signal-mask surface

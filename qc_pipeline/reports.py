@@ -235,7 +235,7 @@ def mosaic_png(background: np.ndarray, mask: np.ndarray | None, zooms, *, title:
     pad, label_h, title_h = 4, 16, 18 if title else 0
     bar_w = 60 if colorbar_label is not None else 0
     ncol = max(len(sl) for sl in slices)
-    tiles, marks = [], []
+    tiles = []
     for ax in range(3):
         other = [a for a in range(3) if a != ax]
         ci = _tile_index(background.shape[other[0]], zooms[other[0]], scale)

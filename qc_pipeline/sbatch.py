@@ -33,7 +33,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -333,7 +333,9 @@ def prepare_batch_workflow(wf, plugin: str, plugin_args: Optional[dict] = None, 
       submitting process (``run_without_submitting``) instead of one job each;
     - sets the workflow's ``poll_sleep_duration`` to ``plugin_args['poll_sleep_duration']``
       (default ``BATCH_POLL_S``): the plugin runs one ``squeue`` per pending job per poll;
-    - sets ``LOGNAME`` when the environment lacks it (Nipype's SLURM plugin needs it).
+    - sets ``LOGNAME`` when the environment lacks it (Nipype's SLURM plugin needs it);
+    - appends ``plugin_args['itermask_sbatch_args']`` (e.g. ``--partition=gpu
+      --gres=gpu:1``) to the IterMask3D nodes' requests, for a GPU partition.
 
     Returns the plugin arguments to pass to ``wf.run`` (without the keys used here).
     """
@@ -347,6 +349,7 @@ def prepare_batch_workflow(wf, plugin: str, plugin_args: Optional[dict] = None, 
                        "finish; itermask-qc's summary and reports need the SLURM plugin",
                        plugin)
     poll = float(plugin_args.pop("poll_sleep_duration", BATCH_POLL_S))
+    gpu_args = str(plugin_args.pop("itermask_sbatch_args", "") or "").strip()
     wf.config.setdefault("execution", {})["poll_sleep_duration"] = poll
     os.environ.setdefault("LOGNAME", _user_name())
     light = (niu.Merge, niu.IdentityInterface, niu.Select)
@@ -355,6 +358,8 @@ def prepare_batch_workflow(wf, plugin: str, plugin_args: Optional[dict] = None, 
             node.run_without_submitting = True
             continue
         args = node_sbatch_args(node.name, omp_nthreads)
+        if node.name == "itermask" and gpu_args:
+            args = f"{args} {gpu_args}" if args else gpu_args
         if args and "sbatch_args" not in (node.plugin_args or {}):
             node.plugin_args = dict(node.plugin_args or {}, sbatch_args=args)
     return plugin_args

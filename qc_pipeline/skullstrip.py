@@ -20,7 +20,6 @@ import warnings
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage as ndi
 
 from .errors import MissingDependencyError, NoBrainError, SkullStripError
 

@@ -10,7 +10,6 @@ are meaningless but the wiring is real.
 from __future__ import annotations
 
 import functools
-import gzip
 import json
 import os
 from pathlib import Path

@@ -4,7 +4,6 @@ Heads come from ``qc_pipeline.synth.make_subject`` (coarse working grid, 2 mm vo
 their ground-truth brain masks, so the tests can measure masks against the truth.
 """
 import os
-import warnings
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 

@@ -1,11 +1,9 @@
 """Preprocessing chain: orientation invariance, z-score, crop/pad, to_native, expected brain mask."""
-import warnings
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from qc_pipeline.errors import InputError, NoBrainError
 from qc_pipeline.preprocessing import (
     PreprocResult,
     apply_crop_pad,

@@ -6,7 +6,6 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from qc_pipeline.reports import choose_slices, mosaic_png, write_subject_report

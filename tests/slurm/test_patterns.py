@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import inspect
 import json
 import os
 import subprocess
@@ -98,7 +97,7 @@ def _mem_mb(text: str) -> float:
 def test_pattern_a_nipype_slurm_plugin(local_slurm, screening, tmp_path):
     """One subject through Nipype's SLURM plugin with workflows/slurm.yml: same scores
     as the local run, every node a SLURM job with the requests slurm.yml/docs give."""
-    from qc_pipeline import cli, sbatch
+    from qc_pipeline import sbatch
 
     shipped = yaml.safe_load((REPO / "workflows" / "slurm.yml").read_text())
     assert shipped["plugin"] == "SLURM"
@@ -108,8 +107,7 @@ def test_pattern_a_nipype_slurm_plugin(local_slurm, screening, tmp_path):
     yml.write_text(yaml.safe_dump(cfg))
     root = screening["root"]
     env = _env()
-    if "prepare_batch_workflow" in inspect.getsource(cli):
-        env.pop("LOGNAME", None)  # the hook sets it; Nipype's plugin needs it
+    env.pop("LOGNAME", None)  # the CLI's batch hook sets it; Nipype's plugin needs it
     r = subprocess.run([str(BIN / "itermask-qc"), str(root / "bids"), str(tmp_path / "out"),
                         "participant", "--participant-label", "02", "-w",
                         str(tmp_path / "work"), "--use-plugin", str(yml),
@@ -125,18 +123,13 @@ def test_pattern_a_nipype_slurm_plugin(local_slurm, screening, tmp_path):
     by_node = {j["JobName"].split(".")[0]: j for j in jobs}
     assert {"load", "preprocess", "itermask", "write_derivatives"} <= set(by_node)
     assert all(j["JobState"] == "COMPLETED" for j in jobs)
-    hooked = "prepare_batch_workflow" in inspect.getsource(cli)
     base_mem = next(a for a in shipped["plugin_args"]["sbatch_args"].split()
                     if a.startswith("--mem="))[len("--mem="):]
     for node, job in by_node.items():
-        want = sbatch.NODE_MEM_MB.get(node) if hooked else None
+        want = sbatch.NODE_MEM_MB.get(node)
         want = want if want is not None else _mem_mb(base_mem)
         assert _mem_mb(job["MinMemoryNode"]) == want, (node, job["MinMemoryNode"])
         assert job["NumCPUs"] == "1" and job["TimeLimit"] == "00:30:00"
-    if not hooked:
-        pytest.xfail("per-node requests need qc_pipeline.cli to call "
-                     "qc_pipeline.sbatch.prepare_batch_workflow (every job got slurm.yml's "
-                     "global request; merge nodes ran as jobs)")
     assert "timings" not in by_node  # bookkeeping ran in the submitting process
 
 

@@ -312,6 +312,14 @@ def test_prepare_batch_workflow_sets_node_requests(bids_tree, tmp_path, monkeypa
     assert seen["write_derivatives"] == {("--mem=1024M --cpus-per-task=1", False)}
     assert seen["report"] == {("--mem=1024M --cpus-per-task=1", False)}
     assert seen["timings"] == {(None, True)}  # Merge: no job of its own
+    # a GPU partition for the IterMask3D nodes only
+    wf_gpu = init_itermask_qc_wf(scans=scans, settings=settings)
+    left = sb.prepare_batch_workflow(
+        wf_gpu, "SLURM", {"itermask_sbatch_args": "--partition=gpu --gres=gpu:1"})
+    assert left == {}
+    for node in wf_gpu._get_all_nodes():
+        args = (node.plugin_args or {}).get("sbatch_args") or ""
+        assert ("--gres=gpu:1" in args) == (node.name == "itermask"), node.fullname
     # MultiProc/Linear runs are left alone
     wf2 = init_itermask_qc_wf(scans=scans, settings=settings)
     assert sb.prepare_batch_workflow(wf2, "MultiProc", {"n_procs": 2}) == {"n_procs": 2}
@@ -323,3 +331,60 @@ def test_node_sbatch_args_table():
     assert sb.node_sbatch_args("report_sub_0042") == "--mem=1024M --cpus-per-task=1"
     assert sb.node_sbatch_args("load", omp_nthreads=4) == "--mem=1024M --cpus-per-task=1"
     assert sb.node_sbatch_args("timings") is None
+
+
+# --------------------------------------------------------------------------- docs
+def _doc_table(header_first_cell: str) -> dict[str, list[str]]:
+    """Rows of the markdown table of docs/cluster.md whose first header cell is given."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "cluster.md").read_text()
+    rows, inside = {}, False
+    for line in doc.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == header_first_cell:
+            inside = True
+            continue
+        if inside:
+            if not line.startswith("|"):
+                break
+            if set(cells[0]) <= {"-"}:
+                continue
+            rows[cells[0]] = cells[1:]
+    assert rows, f"no table starting with {header_first_cell!r} in docs/cluster.md"
+    return rows
+
+
+def test_docs_match_pattern_a_requests():
+    import yaml
+
+    rows = _doc_table("node (pattern A)")
+    for node, mb in sb.NODE_MEM_MB.items():
+        cpus, mem = rows[node][0], rows[node][1]
+        assert mem == f"{mb}M", node
+        assert cpus == ("omp-nthreads" if node in sb.THREADED_NODES else "1"), node
+        assert sb.node_sbatch_args(node) == f"--mem={mem} --cpus-per-task=1"
+    yml = yaml.safe_load((Path(sb.__file__).parent.parent / "workflows" / "slurm.yml")
+                         .read_text())
+    args = dict(a[2:].split("=", 1) for a in yml["plugin_args"]["sbatch_args"].split())
+    cpus, mem = rows["slurm.yml default (any other node)"][:2]
+    assert args["cpus-per-task"] == cpus and args["mem"] == mem
+    assert args["time"] == "00:30:00"
+
+
+def test_docs_match_pattern_b_requests(bids_tree, tmp_path):
+    rows = _doc_table("job (pattern B)")
+    cpus, mem, time_ = rows["participant array task"]
+    assert (int(cpus), mem, time_) == (sb.DEFAULT_CPUS_PER_TASK, sb.DEFAULT_MEM_PER_TASK,
+                                      sb.DEFAULT_TIME)
+    gcpus, gmem, gtime = rows["group job"]
+    assert (gcpus, gmem, gtime) == ("1", sb.DEFAULT_GROUP_MEM, sb.DEFAULT_GROUP_TIME)
+    # the scripts written with the CLI defaults carry exactly these requests
+    out = tmp_path / "out"
+    assert sb.main([str(bids_tree), str(out), "--dry-run", "--", "--suffix", "T1w"]) == 0
+    (job_dir,) = [p for p in (out / "logs" / "slurm").iterdir() if p.name != "bids_db"]
+    arr = (job_dir / "participant.sbatch").read_text()
+    grp = (job_dir / "group.sbatch").read_text()
+    for script, (c, m, t) in ((arr, (cpus, mem, time_)), (grp, (gcpus, gmem, gtime))):
+        assert f"#SBATCH --cpus-per-task={c}\n" in script
+        assert f"#SBATCH --mem={m}\n" in script
+        assert f"#SBATCH --time={t}\n" in script
+        assert "--gres" not in script and "--partition" not in script
