@@ -34,7 +34,7 @@ ERROR_MAP_DESC = "desc-error_map"
 #: every field of ``<source>_qc.json``, in the order written
 QC_FIELDS = (
     "status", "error", "warnings",
-    "bids_name", "source_file", "entities", "site", "metadata",
+    "bids_name", "source_file", "source_path", "entities", "site", "metadata",
     "anomaly_voxels", "anomaly_fraction", "anomaly_mm3",
     "tau_curve", "tau_stop", "fit", "forward_passes", "mean_error",
     "model_id", "schedule", "device", "input_sha256", "package_version", "runtime_s",
@@ -90,6 +90,7 @@ def base_record(scan: ScanRecord | Mapping, *, model_id: Optional[str], schedule
         warnings=[],
         bids_name=scan.bids_name,
         source_file=scan.relpath,
+        source_path=str(scan.path),
         entities=dict(scan.entities),
         site=scan.site,
         metadata=dict(scan.metadata),

@@ -386,7 +386,7 @@ def scan_figures(rec: QCRecord, output_dir: Path) -> dict:
     """Figures of one scan: ``mosaic``, ``error`` and ``tau`` URIs plus notes."""
     out = {"mosaic": None, "error": None, "tau": None, "notes": [], "background": None}
     mask_p, err_p = rec.resolve("mask_file"), rec.resolve("error_map_file")
-    bg_p = rec.resolve("background_file") or rec.resolve("source_file")
+    bg_p = rec.resolve("background_file") or rec.resolve("source_file") or rec.resolve("source_path")
     figdir = output_dir / f"sub-{rec.subject}" / "figures"
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", normalise_bids_name(rec.bids_name))
     out["tau"] = _cached(figdir / f"{name}_desc-tau.png", [rec.path], lambda: tau_curve_png(rec.data)) \
