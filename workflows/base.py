@@ -1,0 +1,180 @@
+"""Nipype workflow factories of the participant level.
+
+``init_itermask_qc_wf`` (the only factory that reads the settings) builds one
+``init_scan_wf`` per scan and one subject-report node per subject::
+
+    itermask_qc_wf
+    ├── scan_<bids_name>  (one per scan)
+    │     inputnode -> load -> preprocess -> itermask -> write_derivatives -> outputnode
+    │                   └──────────┴────────────┴──── errors / warnings / timings ──┘
+    └── report_sub_<label>  (one per subject, after all its scans)
+
+Every stage passes a one-line ``error`` downstream instead of raising (see
+:mod:`qc_pipeline.interfaces`), so a bad scan ends as a ``_qc.json`` with
+``status: "error"`` and the other scans finish.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional, Sequence
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from qc_pipeline.bids import ScanRecord
+from qc_pipeline.interfaces import (IterMaskRun, LoadValidate, Preprocess, SubjectReport,
+                                    WriteDerivatives)
+
+DEFAULT_GRID = (80, 96, 80)
+DEFAULT_VOXEL_SIZE = (2.0, 2.0, 2.0)
+
+
+def node_name(text: str) -> str:
+    """A Nipype-safe node name (letters, digits, underscores)."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", str(text))
+
+
+def init_scan_wf(
+    *,
+    scan: ScanRecord,
+    output_dir: str,
+    model_dir: Optional[str] = None,
+    model_id: str = "",
+    voxel_size: Sequence[float] = DEFAULT_VOXEL_SIZE,
+    grid: Sequence[int] = DEFAULT_GRID,
+    skull_strip: str = "auto",
+    device: str = "cpu",
+    schedule: str = "fast",
+    seed: int = 0,
+    omp_nthreads: int = 1,
+    name: str = "scan_wf",
+):
+    """Screen one anatomical scan.
+
+    Parameters
+    ----------
+    scan : ScanRecord
+        The scan (path, entities, site, metadata).
+    output_dir : str
+        Derivatives folder.
+    model_dir : str, optional
+        Model folder (``None``: the packaged model of the scan's suffix).
+    model_id : str
+        Model id from the card, recorded when the model cannot be loaded.
+    voxel_size, grid
+        Model geometry (from the model card).
+    skull_strip : {"auto", "deepbet", "robex", "none"}
+    device : str
+        Torch device actually used (``"cpu"``, ``"cuda"``).
+    schedule : {"fast", "reference"}
+    seed : int
+        Seeds the engine's noise fill (same input + seed -> same result).
+    omp_nthreads : int
+        Torch threads inside the preprocessing and IterMask3D nodes.
+    name : str
+        Workflow name.
+
+    Inputs
+    ------
+    in_file
+        The scan (set from ``scan.path``).
+
+    Outputs
+    -------
+    qc_json
+        Path of ``<source>_qc.json``.
+    status
+        ``"ok"`` or ``"error"``.
+    """
+    wf = pe.Workflow(name=name)
+    label = scan.relpath
+    contrast = scan.suffix
+
+    inputnode = pe.Node(niu.IdentityInterface(fields=["in_file"]), name="inputnode")
+    inputnode.inputs.in_file = scan.path
+    outputnode = pe.Node(niu.IdentityInterface(fields=["qc_json", "status"]), name="outputnode")
+
+    load = pe.Node(LoadValidate(name=label), name="load")
+    prep = pe.Node(
+        Preprocess(name=label, voxel_size=[float(v) for v in voxel_size],
+                   grid=[int(g) for g in grid], skull_strip=skull_strip, contrast=contrast,
+                   omp_nthreads=omp_nthreads),
+        name="preprocess",
+    )
+    itermask = pe.Node(
+        IterMaskRun(model_dir=str(model_dir or ""), contrast=contrast, device=device,
+                    schedule=schedule, seed=int(seed), omp_nthreads=omp_nthreads),
+        name="itermask",
+    )
+    timings = pe.Node(niu.Merge(3), name="timings")
+    write = pe.Node(
+        WriteDerivatives(scan=scan.to_dict(), output_dir=str(output_dir), schedule=schedule,
+                         device=device, default_model_id=model_id or ""),
+        name="write_derivatives",
+    )
+
+    wf.connect([
+        (inputnode, load, [("in_file", "in_file")]),
+        (inputnode, prep, [("in_file", "in_file")]),
+        (load, prep, [("error", "in_error")]),
+        (prep, itermask, [("out_file", "in_file"), ("error", "in_error")]),
+        (inputnode, write, [("in_file", "in_file")]),
+        (load, write, [("input_sha256", "input_sha256"), ("warnings", "load_warnings")]),
+        (prep, write, [("out_file", "preproc_file"), ("warnings", "prep_warnings")]),
+        (itermask, write, [("out_file", "result_file"), ("error", "in_error"),
+                           ("model_id", "model_id")]),
+        (load, timings, [("seconds", "in1")]),
+        (prep, timings, [("seconds", "in2")]),
+        (itermask, timings, [("seconds", "in3")]),
+        (timings, write, [("out", "seconds")]),
+        (write, outputnode, [("qc_json", "qc_json"), ("status", "status")]),
+    ])
+    return wf
+
+
+def init_itermask_qc_wf(*, scans: Sequence[ScanRecord], settings, name: str = "itermask_qc_wf"):
+    """The participant level: one :func:`init_scan_wf` per scan, one report per subject.
+
+    Parameters
+    ----------
+    scans : list of ScanRecord
+        What to screen (from :func:`qc_pipeline.bids.collect_scans`).
+    settings : qc_pipeline.config.Settings
+        Read here only: output and work folders, model per suffix (``model_specs``),
+        skull stripping, device, schedule, seed, threads, site column.
+    name : str
+        Workflow name.
+    """
+    wf = pe.Workflow(name=name, base_dir=str(settings.work_dir))
+    specs = dict(settings.model_specs or {})
+    by_subject: dict[str, list] = {}
+    for scan in scans:
+        spec = specs.get(scan.suffix) or {}
+        scan_wf = init_scan_wf(
+            scan=scan,
+            output_dir=str(settings.output_dir),
+            model_dir=spec.get("model_dir"),
+            model_id=spec.get("model_id") or "",
+            voxel_size=spec.get("voxel_size") or DEFAULT_VOXEL_SIZE,
+            grid=spec.get("grid") or DEFAULT_GRID,
+            skull_strip=settings.skull_strip,
+            device=settings.device,
+            schedule=settings.schedule,
+            seed=settings.seed,
+            omp_nthreads=settings.omp_nthreads,
+            name=node_name(f"scan_{scan.bids_name}"),
+        )
+        wf.add_nodes([scan_wf])
+        by_subject.setdefault(scan.subject, []).append(scan_wf)
+
+    for subject, scan_wfs in sorted(by_subject.items()):
+        merge = pe.Node(niu.Merge(len(scan_wfs)), name=node_name(f"qc_sub_{subject}"))
+        report = pe.Node(
+            SubjectReport(output_dir=str(settings.output_dir), subject=subject,
+                          site_column=settings.site_column),
+            name=node_name(f"report_sub_{subject}"),
+        )
+        for k, swf in enumerate(scan_wfs, start=1):
+            wf.connect(swf, "outputnode.qc_json", merge, f"in{k}")
+        wf.connect(merge, "out", report, "qc_jsons")
+    return wf
