@@ -56,6 +56,12 @@ def build_scan(kind: str, i: int, *, base_seed: int, contrast: str, severity: tu
     return img, seed, sev
 
 
+def _save_atomic(path: Path, **arrays) -> None:
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
 def preprocess_cached(kind, i, cache: Path, card, args):
     from qc_pipeline.errors import InputError
     from qc_pipeline.preprocessing import preprocess
@@ -72,9 +78,9 @@ def preprocess_cached(kind, i, cache: Path, card, args):
         res = preprocess(img, voxel_size=card["voxel_size"][0], grid=tuple(card["grid"]),
                          skull_strip=args.skull_strip, contrast=card["contrast"], name=f"{kind}_{i}")
     except InputError as exc:
-        np.savez(f, error=str(exc), severity=sev)
+        _save_atomic(f, error=str(exc), severity=sev)
         return None, str(exc), sev
-    np.savez_compressed(f, image=res.image.astype(np.float32), mask=res.brain_mask, severity=sev)
+    _save_atomic(f, image=res.image.astype(np.float32), mask=res.brain_mask, severity=sev)
     return (res.image.astype(np.float32), res.brain_mask), None, sev
 
 
