@@ -94,11 +94,11 @@ def test_output_or_work_inside_bids_refused(ds, tmp_path, model_dir):
 def test_missing_packaged_model_is_a_clear_error(ds, tmp_path, caplog):
     from qc_pipeline.engine import default_model_dir
 
-    if (default_model_dir("T1w") / "weights.pt").is_file():
-        pytest.skip("packaged T1w weights are installed")
+    # only T1w weights ship so far: FLAIR has no packaged model
+    assert not (default_model_dir("FLAIR") / "weights.pt").is_file()
     caplog.set_level("ERROR", logger="qc_pipeline")
     rc = main([str(ds["root"]), str(tmp_path / "o"), "participant", "-w", str(tmp_path / "w"),
-               "--suffix", "T1w", "--skull-strip", "none"])
+               "--suffix", "FLAIR", "--skull-strip", "none"])
     assert rc == 64
     text = "".join(p.read_text() for p in (tmp_path / "o" / "logs").glob("*.log"))
     assert "--model-dir" in text
