@@ -16,7 +16,7 @@ DEMO_MODEL ?=
 install: $(STAMP)
 
 # torch is pinned (a CPU wheel of torch==2.13.0 is on disk); it is installed
-# first so that nothing resolves an unpinned torch to a multi-GB CUDA build.
+# first so that nothing resolves an unpinned PyTorch to a multi-GB CUDA build.
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
