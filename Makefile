@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.install.stamp
 export NIPYPE_NO_ET := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-# Until packaged weights ship, pass a model folder: make demo DEMO_MODEL=path/to/model
+# Optional: screen the demo with another model folder: make demo DEMO_MODEL=path/to/model
 DEMO_MODEL ?=
 
 .PHONY: install demo test test-all clean
@@ -26,7 +26,8 @@ $(STAMP): setup.cfg pyproject.toml
 demo: install
 	rm -rf demo_output
 	$(BIN)/itermask-qc-synth demo demo_data --overwrite
-	$(BIN)/itermask-qc demo_data demo_output participant -w demo_work --nprocs 2 $(if $(DEMO_MODEL),--model-dir $(DEMO_MODEL)) || true
+	$(BIN)/itermask-qc demo_data demo_output participant -w demo_work --nprocs 2 $(if $(DEMO_MODEL),--model-dir $(DEMO_MODEL)) \
+		|| [ $$? -eq 1 ]  # 1 = some scans failed (reported); anything else stops the demo
 	$(BIN)/itermask-qc demo_data demo_output group --labels demo_data/sourcedata/qc_labels.tsv
 	@echo "Open demo_output/group_T1w.html (and demo_output/sub-*.html) in a browser."
 
