@@ -149,16 +149,21 @@ def bids_name_of(path: str | os.PathLike) -> str:
     return Path(name).stem
 
 
-def anat_ignore_patterns(suffixes: Sequence[str]) -> list[re.Pattern]:
+def anat_ignore_patterns(
+    suffixes: Sequence[str], subjects: Optional[Sequence[str]] = None
+) -> list[re.Pattern]:
     """Regular expressions that keep only ``sub-*/[ses-*/]anat/*_<suffix>.nii[.gz]``.
 
     pybids matches them against ``/``-prefixed paths relative to the root, for both
-    directories (an ignored directory is not walked) and files.
+    directories (an ignored directory is not walked) and files. With ``subjects`` (labels
+    without ``sub-``), the folders of all other subjects are not walked either, so a job
+    array task screening one subject does not index the whole study.
     """
     suff = "|".join(re.escape(s) for s in suffixes)
+    sub = ("(?:%s)" % "|".join(re.escape(s) for s in subjects)) if subjects else "[^/]+"
     return [
-        # top level: anything that is not a sub-* folder (code/, derivatives/, files ...)
-        re.compile(r"^/(?!sub-[^/]+$)[^/]+$"),
+        # top level: anything that is not a (selected) sub-* folder (code/, derivatives/ ...)
+        re.compile(r"^/(?!sub-%s$)[^/]+$" % sub),
         # subject level: keep anat/ and ses-*/ only
         re.compile(r"^/sub-[^/]+/(?!anat$|ses-[^/]+$)[^/]+$"),
         # session level: keep anat/ only
@@ -193,10 +198,13 @@ def check_dataset(bids_dir: str | os.PathLike) -> Path:
     return root
 
 
-def _anat_fingerprint(root: Path, suffixes: Sequence[str]) -> str:
+def _anat_fingerprint(
+    root: Path, suffixes: Sequence[str], subjects: Optional[Sequence[str]] = None
+) -> str:
     """Cheap fingerprint of the anat folders (paths + mtimes) to decide DB reuse."""
     h = hashlib.sha256()
     h.update(("|".join(sorted(suffixes)) + "|v1").encode())
+    h.update(("subjects=" + ",".join(sorted(subjects)) if subjects else "all").encode())
     with os.scandir(root) as it:
         subs = sorted(e.path for e in it if e.name.startswith("sub-") and e.is_dir())
     for sub in subs:
@@ -223,24 +231,28 @@ def build_layout(
     bids_dir: str | os.PathLike,
     suffixes: Sequence[str],
     database_path: Optional[str | os.PathLike] = None,
+    subjects: Optional[Sequence[str]] = None,
 ):
-    """Index ``bids_dir`` with pybids, restricted to anatomical images of ``suffixes``.
+    """Index ``bids_dir`` with pybids, restricted to anatomical images of ``suffixes``
+    (and to the folders of ``subjects``, labels without ``sub-``, when given).
 
     The database is stored in ``database_path`` and reused while the fingerprint of the
-    anatomical folders (paths and modification times) is unchanged.
+    anatomical folders (paths and modification times) and the subject selection are
+    unchanged.
     """
     from bids.layout import BIDSLayout, BIDSLayoutIndexer
 
     root = Path(bids_dir)
     indexer = BIDSLayoutIndexer(
-        validate=False, index_metadata=False, ignore=anat_ignore_patterns(suffixes)
+        validate=False, index_metadata=False,
+        ignore=anat_ignore_patterns(suffixes, subjects)
     )
     reset = True
     if database_path is not None:
         database_path = Path(database_path)
         database_path.mkdir(parents=True, exist_ok=True)
         fp_file = database_path / "itermask_fingerprint.json"
-        fingerprint = _anat_fingerprint(root, suffixes)
+        fingerprint = _anat_fingerprint(root, suffixes, subjects)
         try:
             old = json.loads(fp_file.read_text())
         except (OSError, ValueError):
@@ -420,7 +432,7 @@ def collect_scans(
             )
 
     if layout is None:
-        layout = build_layout(root, suffixes, database_path)
+        layout = build_layout(root, suffixes, database_path, subjects)
     bids_filters = bids_filters or {}
     tables = _MetadataTables(root)
     scans: list[ScanRecord] = []

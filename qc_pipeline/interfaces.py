@@ -24,6 +24,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+# nipype phones home (etelemetry) on import in interactive sessions and when an interface is
+# built, unless NIPYPE_NO_ET is set: the tool never does, also when used as a library.
+os.environ.setdefault("NIPYPE_NO_ET", "1")
+
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     SimpleInterface,

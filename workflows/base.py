@@ -15,8 +15,13 @@ Every stage passes a one-line ``error`` downstream instead of raising (see
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Optional, Sequence
+
+# nipype phones home (etelemetry) on import in interactive sessions and when an interface is
+# built, unless NIPYPE_NO_ET is set: the tool never does, also when used as a library.
+os.environ.setdefault("NIPYPE_NO_ET", "1")
 
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe

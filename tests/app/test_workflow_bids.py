@@ -124,3 +124,30 @@ def test_index_database_is_reused_and_refreshed(tmp_path):
     save_scan(ds["root"], "sub-02/anat/sub-02_run-02_T1w.nii.gz", seed=3)
     lay = build_layout(ds["root"], ["T1w"], db)  # anat folder changed: re-indexed
     assert len(lay.get(suffix="T1w", extension=".nii.gz")) == n + 1
+
+
+def test_participant_label_indexes_only_that_subject(tmp_path):
+    """A job-array task for one subject must not walk the other subjects' folders."""
+    from qc_pipeline.bids import build_layout
+
+    ds = make_dataset(tmp_path / "bids")
+    db = tmp_path / "db"
+    everyone = build_layout(ds["root"], ["T1w"], db)
+    assert {f.entities["subject"] for f in everyone.get(suffix="T1w")} == {"01", "02"}
+    one = build_layout(ds["root"], ["T1w"], db, subjects=["02"])  # selection changed: re-indexed
+    files = one.get(suffix="T1w", return_type="filename")
+    assert files and all("/sub-02/" in f for f in files)
+    assert not one.get(subject="01")
+
+
+def test_nipype_layers_switch_telemetry_off_when_imported_as_a_library():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "NIPYPE_NO_ET"}
+    code = ("import os, qc_pipeline; assert 'NIPYPE_NO_ET' not in os.environ; "
+            "import qc_pipeline.workflows.base; print(os.environ.get('NIPYPE_NO_ET'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
