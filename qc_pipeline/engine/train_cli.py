@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache of preprocessed volumes (default <model_dir>/../<name>_work)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--init-from", type=Path, default=None, metavar="MODEL_DIR",
+                   help="start from the weights of this model folder (fine-tuning, e.g. T2w from "
+                        "the packaged T1w model); same --features needed")
     p.add_argument("--no-resume", action="store_true", help="start again even if a checkpoint exists")
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p
@@ -146,7 +149,8 @@ def main(argv=None) -> int:
     res = train_model(pairs, args.model_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       patch=patch, seed=args.seed, resume=not args.no_resume, card_extra=card_extra,
                       device=args.device, features=args.features,
-                      voxel_size=(args.voxel_size,) * 3, contrast=args.suffix)
+                      voxel_size=(args.voxel_size,) * 3, contrast=args.suffix,
+                      init_from=args.init_from)
     print(f"model written to {res['model_dir']} (final loss {res['final_loss']:.4f}, "
           f"{res['wall_time_s'] / 60:.1f} min)")
     return 0

@@ -51,6 +51,23 @@ def _crop_slices(shape, patch, centre, rng):
     return tuple(sl)
 
 
+def _load_init_weights(net: torch.nn.Module, model_dir) -> dict:
+    """Copy the weights of model folder ``model_dir`` into ``net`` (same architecture)."""
+    from .modelio import WEIGHTS_NAME, load_model_card
+
+    card = load_model_card(model_dir)
+    if dict(card.get("network") or {}) != dict(net.config()):
+        raise InvalidInputError(
+            f"init_from {model_dir}: its network {card.get('network')} differs from this run's "
+            f"{net.config()} (same --features and norm needed to fine-tune)")
+    state = torch.load(Path(model_dir) / WEIGHTS_NAME, map_location="cpu", weights_only=True)
+    net.load_state_dict(state)
+    tr = card.get("training") or {}
+    log.info("starting from the weights of %s (%s)", model_dir, card.get("model_id"))
+    return {"model_id": card.get("model_id"), "contrast": card.get("contrast"),
+            "steps": tr.get("steps"), "path": str(model_dir)}
+
+
 def train_model(
     pairs: Sequence[tuple[np.ndarray, np.ndarray]],
     out_dir,
@@ -69,6 +86,7 @@ def train_model(
     voxel_size: Sequence[float] = (2.0, 2.0, 2.0),
     contrast: str = "T1w",
     norm: str = "batch",
+    init_from=None,
 ) -> dict:
     """Train a UNet3D reconstructor and write a model folder.
 
@@ -96,6 +114,10 @@ def train_model(
     device : str
     features : channel widths (default ``UNet3D`` default)
     voxel_size, contrast : written to the model card.
+    init_from : path, optional
+        Model folder whose weights start a fresh run (fine-tuning, e.g. a T2w model from the
+        T1w one); its network must equal this run's (``features``, ``norm``). Ignored when
+        resuming from a checkpoint. Recorded in the card as ``training.init_from``.
 
     Returns
     -------
@@ -136,6 +158,9 @@ def train_model(
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     rng = np.random.default_rng(int(seed))
     start_step, losses, elapsed_before = 0, [], 0.0
+    init_info = None
+    if init_from is not None:
+        init_info = _load_init_weights(net, init_from)
     if resume and ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         net.load_state_dict(ck["model"])
@@ -215,6 +240,7 @@ def train_model(
         "optimizer": "Adam", "patch": list(patch_t) if patch_t else None,
         "loss": "mean L2 over crop + mean L2 over masked voxels",
         "masks": "random_training_mask (Gaussian point cloud, factors 2/4/8 p=1/4,1/2,1/4), fresh every step",
+        "init_from": init_info,
         "seed": seed, "final_loss": float(np.mean(losses[-max(1, log_every):])) if losses else None,
         "wall_time_s": round(wall, 1),
         "machine": f"{platform.platform()}; {platform.processor() or platform.machine()}; "

@@ -47,3 +47,28 @@ def test_resume_continues_from_checkpoint(pairs, tmp_path):
     fresh = train_model(pairs, tmp_path / "r", steps=6, batch_size=1, seed=1, features=(4, 8),
                         device="cpu", patch=16, resume=False)
     assert fresh["start_step"] == 0
+
+
+def test_init_from_starts_at_the_source_weights_and_is_recorded(pairs, tmp_path):
+    import torch
+
+    from qc_pipeline.engine.training import InvalidInputError
+
+    src = train_model(pairs, tmp_path / "src", steps=30, batch_size=2, lr=3e-3, seed=0,
+                      features=(4, 8), device="cpu", patch=16)
+    scratch = train_model(pairs, tmp_path / "scratch", steps=3, batch_size=2, lr=1e-6, seed=5,
+                          features=(4, 8), device="cpu", patch=16)
+    tuned = train_model(pairs, tmp_path / "tuned", steps=3, batch_size=2, lr=1e-6, seed=5,
+                        features=(4, 8), device="cpu", patch=16, init_from=tmp_path / "src")
+    # a near-zero learning rate keeps the source weights: the fine-tuned run starts where the
+    # source ended, far below a fresh network's loss
+    assert np.mean(tuned["losses"]) < 0.8 * np.mean(scratch["losses"])
+    w_src = torch.load(tmp_path / "src" / "weights.pt", weights_only=True)
+    w_tuned = torch.load(tmp_path / "tuned" / "weights.pt", weights_only=True)
+    k = next(k for k in w_src if k.endswith("weight"))
+    torch.testing.assert_close(w_tuned[k], w_src[k], atol=1e-3, rtol=0)
+    info = load_model_card(tmp_path / "tuned")["training"]["init_from"]
+    assert info["model_id"] == load_model_card(src["model_dir"])["model_id"]
+    with pytest.raises(InvalidInputError, match="differs"):
+        train_model(pairs, tmp_path / "bad", steps=1, features=(4, 8, 16), device="cpu",
+                    patch=16, init_from=tmp_path / "src")
