@@ -20,6 +20,11 @@ Usage::
 
     python benchmarks/detection.py --model-dir models/t1w --n-normal 20 --n-per-artifact 20 \
         --artifacts all --schedules fast,reference
+
+Runs can be split (e.g. one process per group of artifact types, sharing ``--cache``) with
+``--json-out`` each, then merged into one table with ``--from-json a.json b.json``.
+``--update-card`` records the table in the model folder's ``model_card.json``
+(``evaluation``: one entry per protocol, replaced when the same protocol is rerun).
 """
 from __future__ import annotations
 
@@ -99,6 +104,10 @@ def main(argv=None) -> int:
     p.add_argument("--json-out", type=Path, default=None, help="write per-scan scores here")
     p.add_argument("--prepare-only", action="store_true",
                    help="only build and preprocess the scans into --cache (no scoring)")
+    p.add_argument("--from-json", type=Path, nargs="+", default=None,
+                   help="no scoring: merge these --json-out files into one table")
+    p.add_argument("--update-card", action="store_true",
+                   help="write the table into the model card's evaluation list")
     args = p.parse_args(argv)
     args.severity = tuple(float(x) for x in args.severity.split(":"))
 
@@ -115,6 +124,15 @@ def main(argv=None) -> int:
 
     rows = []  # per scan
     plan = [("normal", i) for i in range(args.n_normal)] + [(a, i) for a in arts for i in range(args.n_per_artifact)]
+    if args.from_json:
+        plan = []
+        for f in args.from_json:
+            for r in json.loads(f.read_text()):
+                if not any(q["kind"] == r["kind"] and q["i"] == r["i"] for q in rows):
+                    rows.append(r)
+        kinds = {r["kind"] for r in rows}
+        arts = [a for a in ARTIFACTS if a in kinds]
+        schedules = sorted({k.split("/", 1)[1] for r in rows for k in r if k.startswith("itermask3d/")})
     t_start = time.time()
     for n, (kind, i) in enumerate(plan, 1):
         vols, err, sev = preprocess_cached(kind, i, args.cache, card, args)
@@ -144,20 +162,26 @@ def main(argv=None) -> int:
         return math.inf if row["error"] else row[m]
 
     normals = [r for r in rows if r["kind"] == "normal"]
+    per_art = sorted({sum(1 for r in rows if r["kind"] == a) for a in arts})
     print(f"\nModel: {card.get('model_id', args.model_dir)}  normals: {len(normals)}  "
-          f"per artifact: {args.n_per_artifact}  severity: {args.severity}  "
+          f"per artifact: {'/'.join(map(str, per_art))}  severity: {args.severity}  "
           f"wall time: {(time.time() - t_start) / 60:.1f} min")
     print(f"Normal scans failing preprocessing: {sum(1 for r in normals if r['error'])}")
-    header = "| artifact | method | AUROC | AUPRC | FPR80 | FPR90 | FNR80 | FNR90 |"
-    print("\n" + header + "\n|---|---|---|---|---|---|---|---|")
+    header = "| artifact | method | n | AUROC | AUPRC | FPR80 | FPR90 | FNR80 | FNR90 |"
+    print("\n" + header + "\n|---|---|---|---|---|---|---|---|---|")
+    names = ("AUROC", "AUPRC", "FPR80", "FPR90", "FNR80", "FNR90")
+    table = []
     for a in arts:
         pos = [r for r in rows if r["kind"] == a]
         for m in methods:
             sub = normals + pos
             dm = detection_metrics([r["label"] for r in sub], [score(r, m) for r in sub])
-            vals = [dm.AUROC, dm.AUPRC, dm.FPR80, dm.FPR90, dm.FNR80, dm.FNR90]
-            print(f"| {a} | {m} | " + " | ".join("n/a" if v is None or not np.isfinite(v) else f"{100 * v:.1f}"
-                                                for v in vals) + " |")
+            vals = [getattr(dm, k) for k in names]
+            table.append({"artifact": a, "method": m, "n_artifact": len(pos), "n_normal": len(normals),
+                          **{k: (None if v is None or not np.isfinite(v) else round(100 * float(v), 1))
+                             for k, v in zip(names, vals)}})
+            print(f"| {a} | {m} | {len(pos)} | " + " | ".join(
+                "n/a" if v is None or not np.isfinite(v) else f"{100 * v:.1f}" for v in vals) + " |")
     for sch in schedules:
         passes = [r[f"passes/{sch}"] for r in rows if f"passes/{sch}" in r]
         secs = [r[f"seconds/{sch}"] for r in rows if f"seconds/{sch}" in r]
@@ -165,7 +189,32 @@ def main(argv=None) -> int:
             print(f"\n{sch}: median {np.median(passes):.0f} forward passes, median {np.median(secs):.1f} s per scan")
     if args.json_out:
         args.json_out.write_text(json.dumps(rows, indent=1, default=float))
+    if args.update_card:
+        _update_card(card.get("model_dir") or args.model_dir, table,
+                     protocol=(f"benchmarks/detection.py: {len(normals)} held-out normal + "
+                               f"{'/'.join(map(str, per_art))} per artifact type "
+                               f"({', '.join(arts)}), severity {args.severity[0]:g}-"
+                               f"{args.severity[1]:g}, base seed {args.seed}; percent"),
+                     command="python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]))
     return 0
+
+
+def _update_card(model_dir, table, *, protocol: str, command: str) -> None:
+    """Record ``table`` in ``model_dir/model_card.json`` (atomic; same protocol replaced)."""
+    import datetime
+
+    path = Path(model_dir) / "model_card.json"
+    card = json.loads(path.read_text())
+    evals = card.get("evaluation")
+    evals = [evals] if isinstance(evals, dict) else list(evals or [])
+    evals = [e for e in evals if e.get("protocol") != protocol]
+    evals.append({"protocol": protocol, "date": datetime.date.today().isoformat(),
+                  "command": command, "table": table})
+    card["evaluation"] = evals
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(card, indent=1) + "\n")
+    os.replace(tmp, path)
+    print(f"evaluation table written to {path}")
 
 
 if __name__ == "__main__":
