@@ -38,10 +38,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
-#: measured by benchmarks/node_resources.py (1 mm T1w head 225x229x213, deepbet, default
-#: 80x96x80 grid and UNet, fast schedule stopping after 5 passes, 1 thread): CPU seconds
-#: of load + preprocess + itermask + write_derivatives (docs/cluster.md)
-REAL_SCAN_CPU_S = 1.3 + 18.4 + 11.2 + 7.1
+#: CPU seconds of load + preprocess + itermask + write_derivatives for a 1 mm T1w head
+#: (225x229x213, deepbet, 80x96x80 grid, 1 thread): load, preprocess and write measured by
+#: benchmarks/node_resources.py; itermask = median engine time of the packaged T1w model's
+#: fast schedule (14.5 passes) in benchmarks/detection.py (docs/benchmarks.md)
+REAL_SCAN_CPU_S = 1.3 + 18.4 + 13.9 + 7.1
 REAL_PEAK_MB = 1174
 
 
