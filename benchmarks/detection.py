@@ -106,6 +106,9 @@ def main(argv=None) -> int:
                    help="only build and preprocess the scans into --cache (no scoring)")
     p.add_argument("--from-json", type=Path, nargs="+", default=None,
                    help="no scoring: merge these --json-out files into one table")
+    p.add_argument("--reuse-json", type=Path, nargs="+", default=None,
+                   help="take the scores of scans already in these --json-out files (same model, "
+                        "seed and schedules) instead of scoring them again")
     p.add_argument("--update-card", action="store_true",
                    help="write the table into the model card's evaluation list")
     args = p.parse_args(argv)
@@ -133,8 +136,16 @@ def main(argv=None) -> int:
         kinds = {r["kind"] for r in rows}
         arts = [a for a in ARTIFACTS if a in kinds]
         schedules = sorted({k.split("/", 1)[1] for r in rows for k in r if k.startswith("itermask3d/")})
+    known = {}
+    for f in args.reuse_json or []:
+        for r in json.loads(f.read_text()):
+            if all(f"itermask3d/{sch}" in r or r.get("error") for sch in schedules):
+                known[(r["kind"], r["i"])] = r
     t_start = time.time()
     for n, (kind, i) in enumerate(plan, 1):
+        if (kind, i) in known and not args.prepare_only:
+            rows.append(known[(kind, i)])
+            continue
         vols, err, sev = preprocess_cached(kind, i, args.cache, card, args)
         if args.prepare_only:
             print(f"[{n}/{len(plan)}] prepared {kind} {i}" + (f" ERROR {err}" if err else ""), file=sys.stderr, flush=True)
