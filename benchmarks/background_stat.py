@@ -11,7 +11,8 @@ positives: ``clean`` and ``clean_zerofill`` (the same scan with the anterior-inf
 background and face zeroed, as after defacing, plus a zero-filled slab at one FOV edge).
 :func:`qc_pipeline.background.background_stats` runs on the RAS-reoriented native array.
 Prints one table: per condition, how many scans gave a number, the median and range of
-``background_artifact_fraction`` and AUROC (artifact vs clean, ties = 1/2) of the fraction
+``background_artifact_fraction``, how many scans exceed 0 and the group flag's floor
+(``qc_pipeline.group.DEFAULT_BACKGROUND_MIN_FRACTION``), and AUROC (artifact vs clean, ties = 1/2) of the fraction
 and of ``ghost_ratio``. ``--timing`` adds the run time on a 1 mm (about 256^3) scan.
 """
 import argparse
@@ -26,6 +27,7 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
 from qc_pipeline.background import background_stats  # noqa: E402
+from qc_pipeline.group import DEFAULT_BACKGROUND_MIN_FRACTION as FLOOR  # noqa: E402
 from qc_pipeline.synth import apply_artifact, make_subject  # noqa: E402
 
 
@@ -39,9 +41,8 @@ def _seeds(text):
 def _measure(img):
     can = nib.as_closest_canonical(img)
     data = np.asarray(can.dataobj, dtype=np.float32)
-    _, phase, _ = can.header.get_dim_info()
     t = time.perf_counter()
-    st = background_stats(data, can.header.get_zooms()[:3], phase_axis=phase)
+    st = background_stats(data, can.header.get_zooms()[:3])
     return st, time.perf_counter() - t
 
 
@@ -112,7 +113,7 @@ def main(argv=None):
     print(f"\nseverity {a.severity}, contrasts {a.contrasts}, seeds {a.seeds} (sites A/B/C by seed), "
           f"work_mm {a.work_mm}, max_voxels {a.max_voxels:g}")
     print(f"{'condition':16s} {'n':>3s} {'avail':>5s} {'median frac':>11s} {'min':>8s} {'max':>8s} "
-          f"{'>0':>4s} {'AUROC frac':>10s} {'AUROC ghost':>11s}")
+          f"{'>0':>4s} {'>floor':>6s} {'AUROC frac':>10s} {'AUROC ghost':>11s}")
     for c in conds:
         st = res[c]
         ok = [s for s in st if s.available]
@@ -123,7 +124,9 @@ def main(argv=None):
         med = f"{np.median(f):11.4f}" if f.size else f"{'n/a':>11s}"
         mn = f"{f.min():8.4f}" if f.size else f"{'n/a':>8s}"
         mx = f"{f.max():8.4f}" if f.size else f"{'n/a':>8s}"
-        print(f"{c:16s} {len(st):3d} {len(ok):5d} {med} {mn} {mx} {int((f > 0).sum()):4d} {au:>10s} {ag:>11s}")
+        print(f"{c:16s} {len(st):3d} {len(ok):5d} {med} {mn} {mx} {int((f > 0).sum()):4d} {int((f > FLOOR).sum()):6d} {au:>10s} {ag:>11s}")
+    print(f"(>0 / >floor: scans with a fraction above 0 / above the group flag floor {FLOOR:g}; AUROC: "
+          f"artifact vs clean, ties 1/2)")
     print(f"background_stats: median {np.median(times):.2f} s, max {np.max(times):.2f} s per scan "
           f"(these grids); total {time.perf_counter() - t_all:.0f} s")
     if a.timing:

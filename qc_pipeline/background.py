@@ -8,49 +8,68 @@ head. The idea follows MRIQC's QI1, the "fraction of artifactual background voxe
 
 Definition (:func:`background_stats`, all sizes in mm through the voxel zooms)
 -------------------------------------------------------------------------------
-1. **Padding.** Voxels lying in a constant 3x3x3 neighbourhood (exactly equal values:
-   zero-filled, defaced or constant-padded regions) and non-finite voxels are *padding*;
-   they count neither as clean background nor as artifact.
+1. **Padding.** Voxels exactly equal to their 6 face neighbours, and those neighbours
+   (zero-filled, defaced or constant-padded regions; noise never repeats exactly), and
+   non-finite voxels are *padding*: they count neither as clean background nor as
+   artifact.
 2. **Blocks.** The image is reduced to blocks of about ``block_mm`` (3 mm; an integer
    number of voxels per axis, at least 1): each block holds the mean of its non-padding
    voxels and is *valid* when at least half of its voxels are. Everything below works on
    blocks (speed, and the block mean is the smoothing that keeps isolated noise voxels
    from counting).
 3. **Head mask.** Otsu threshold of the log block means (clipped to the 0.5-99.5th
-   percentiles), opening (1 block), largest connected component, closing by
-   ``close_mm`` (6 mm), hole filling; then dilated by ``margin_mm`` (8 mm) so partial
-   volume and Gibbs ringing at the scalp are not counted.
+   percentiles), opening (3x3x3 blocks), largest connected component, closing by
+   ``close_mm`` (6 mm), hole filling (3D, then 2D in the slices along each axis, so a
+   face cavity cut open by the field of view is closed). Otsu misses dim scalp and neck
+   tissue (T2w skin and fat beyond a dark skull), so the blocks within 20 mm of that head
+   that stand above the noise level of a first background estimate by more than
+   ``head_excess`` (0.5) noise sigmas and 2 ``z`` block-noise scales (see 5.) are added
+   (the connected pieces that reach the head's margin; no opening, which would erase a
+   thin scalp), and the union is closed and filled again. The head is then dilated by
+   ``margin_mm`` (8 mm) so partial volume and Gibbs ringing at the scalp are not counted.
 4. **Background** = valid blocks outside the dilated head. The statistic is *unavailable*
-   (``available=False`` with a ``reason``) when the image is too small, constant, more
-   than 1 % non-finite, shows no head/air contrast, when the head fills the field of view
-   (background < ``min_background_ml``), when more than ``max_padding_fraction`` (90 %) of
-   the outside-head volume is padding, or when the background carries no measurable
-   noise.
-5. **Noise model.** ``noise_sigma``: Rayleigh sigma of the background from its lower
-   quartile of raw (non-padding) voxel values, ``sigma = q25 / 0.7585`` (a magnitude
-   image of pure noise is Rayleigh; the lower quartile is barely moved by artifacts,
-   which only add signal). The block-mean noise distribution is located and scaled from
-   its *lower* quantiles (``L = q25 + 0.6745 S``, ``S = (q25 - q05) / 0.9704``, Gaussian
-   quantiles), so that up to about half of the background may be artifact; ``S`` is at
-   least the value expected for uncorrelated Rayleigh noise, ``0.6551 sigma / sqrt(n)``
-   for ``n`` voxels per block.
-6. **Artifact blocks**: background blocks whose mean exceeds ``L + z S`` (``z = 5``) *and*
-   ``L + min_excess x sigma`` (``min_excess = 0.5``), in connected clusters (26-
-   neighbourhood) of at least ``min_cluster_ml`` (0.5 mL).
+   (``available=False`` with a one-line ``reason``) when the image is not 3D, smaller
+   than 16 voxels along an axis, constant or all zero, more than 1 % NaN/inf (fewer
+   non-finite voxels are treated as padding), when it shows no head/air contrast (median
+   tissue block < 1.5 x median background block), when the head fills the field of view
+   (less than ``min_background_ml``, 100 mL, outside the dilated head), when more than
+   ``max_padding_fraction`` (90 %) of the outside-head volume is padding, or when the
+   background carries no measurable noise (lower quartile 0).
+5. **Noise model.** ``noise_sigma``: Rayleigh sigma of the background from the lower
+   quartile of its raw (non-padding) voxel values, ``sigma = q25 / 0.7585`` (pure noise
+   in a magnitude image is Rayleigh; artifacts only add signal, so the lower quartile is
+   barely moved by them). The noise distribution of the block means is located and
+   scaled from its *lower* quantiles, ``S = (q25 - q05) / 0.9704`` and
+   ``L = q25 + 0.6745 S`` (Gaussian quantiles), so up to about half of the background may
+   be artifact; ``S`` is at least ``0.6551 sigma / sqrt(n)``, the value for uncorrelated
+   Rayleigh noise averaged over ``n`` voxels per block.
+6. **Artifact blocks**: the background block means are smoothed with a 3x3x3-block box
+   over background blocks only (weighted by their voxel counts; head signal never leaks
+   in), and the noise distribution of 5. is taken from these smoothed values (``n`` = the
+   voxels averaged per smoothed block). A background block is artifact when its smoothed
+   mean (faint, broad ghosts) or its own mean (thin structures such as spike stripes,
+   which the box averages away; ``L`` and ``S`` then from the unsmoothed blocks) exceeds
+   both ``L + z S`` (``z = 3.5``) and ``L + min_excess x sigma`` (``min_excess = 0.2``);
+   artifact blocks are kept when their connected cluster (26-neighbourhood) is at least
+   ``min_cluster_ml`` (0.25 mL).
 
-``background_artifact_fraction`` = artifact volume / background volume, in [0, 1] (0 on a
-clean scan). Also reported: ``noise_sigma`` (image units), ``snr`` (median head-tissue
-block mean / ``noise_sigma``), ``ghost_ratio`` (MRIQC-style ghost-to-signal ratio of the
-N/2 ghost band: mean background in the head mask shifted by half the field of view along
-the phase axis minus the mean of the rest of the background, divided by the median tissue
-signal; along ``phase_axis`` when known, else the largest of the three axes, named in
-``ghost_axis``), ``background_ml``, ``artifact_ml``, ``padding_fraction`` (share of the
-outside-head volume that is padding) and the parameters used.
+``background_artifact_fraction`` = artifact volume / background volume, in [0, 1] (0 or
+nearly 0 on the clean synthetic heads). Also reported: ``noise_sigma`` (image units),
+``snr`` (median head-tissue block mean / ``noise_sigma``), ``ghost_ratio`` and ``ghost_axis``
+(for each array axis, the mean background in the head's "shadow" along that axis --
+background blocks whose line along the axis crosses the head, where phase-encode ghosts,
+motion ringing and wrap-around land -- minus the mean of the other background blocks,
+divided by the median tissue signal, in the manner of MRIQC's ghost-to-signal ratio; the
+largest of the three and its axis: 0/1/2 = left-right/posterior-anterior/inferior-superior
+for a RAS-reoriented array as :func:`background_stats_for_image` gives),
+``background_ml``, ``artifact_ml``, ``padding_fraction`` (share of the outside-head volume
+that is padding) and the parameters used.
 
-Known limits (measured in ``benchmarks/background_stat.py``): a uniform rise of the
-background level (a single k-space spike, k-space noise) is not "structured" and does not
-raise the fraction; artifacts that stay inside the dilated head (wrap-around folding onto
-the head itself) are invisible here.
+Measured separation and limits: ``benchmarks/background_stat.py`` and ``docs/outputs.md``.
+A uniform rise of the background (a weak single k-space spike, k-space noise) is not
+"structured" and barely counts (k-space noise shows in ``noise_sigma``/``snr``); motion
+ringing is faint outside the 8 mm margin and gives small fractions; artifacts that stay
+inside the dilated head (a ghost overlapping the head) are invisible here.
 """
 from __future__ import annotations
 
@@ -62,7 +81,8 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["BackgroundStats", "BackgroundParameterError", "background_stats", "DEFAULTS"]
+__all__ = ["BackgroundStats", "BackgroundParameterError", "background_stats", "background_stats_for_image",
+           "DEFAULTS"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -71,16 +91,19 @@ DEFAULTS = {
     "block_mm": 3.0,
     "margin_mm": 8.0,
     "close_mm": 6.0,
-    "z": 5.0,
-    "min_excess": 0.5,
-    "min_cluster_ml": 0.5,
+    "head_excess": 0.5,
+    "z": 3.5,
+    "min_excess": 0.2,
+    "min_cluster_ml": 0.25,
     "min_background_ml": 100.0,
     "max_padding_fraction": 0.9,
 }
 
 _MIN_SHAPE = 16          # voxels per axis
 _MAX_NONFINITE = 0.01    # share of voxels
-_MIN_CONTRAST = 3.0      # median head block / median background block
+_MIN_CONTRAST = 1.5      # median head block / median background block
+_MIN_HEAD_ML = 50.0      # smallest head component accepted
+_HEAD_REACH_MM = 20.0    # how far beyond the Otsu head dim tissue is looked for
 _RAYLEIGH_Q25 = math.sqrt(-2.0 * math.log(0.75))   # 0.7585: q25 of Rayleigh(1)
 _RAYLEIGH_SD = math.sqrt((4.0 - math.pi) / 2.0)    # 0.6551: sd of Rayleigh(1)
 _Z25, _Z05 = 0.6745, 1.6449                         # standard normal quantile magnitudes
@@ -162,26 +185,56 @@ def _otsu(values: np.ndarray, bins: int = 256) -> float:
 
 
 def _padding(arr: np.ndarray) -> np.ndarray:
-    """Voxels in a constant 3x3x3 neighbourhood (exactly equal values), dilated back."""
-    const = ndi.maximum_filter(arr, size=3, mode="nearest") == ndi.minimum_filter(arr, size=3, mode="nearest")
+    """Padding voxels: equal to all 6 face neighbours (exactly), plus those neighbours.
+
+    Noise never repeats exactly over 7 voxels; zero-filled, defaced or constant-padded
+    regions do. Shifts and comparisons only (fast on 256^3).
+    """
+    const = np.ones(arr.shape, bool)
+    for ax in range(3):
+        n = arr.shape[ax]
+        lo = [slice(None)] * 3
+        hi = [slice(None)] * 3
+        lo[ax], hi[ax] = slice(0, n - 1), slice(1, n)
+        eq = arr[tuple(lo)] == arr[tuple(hi)]
+        const[tuple(lo)] &= eq  # equal to the next voxel
+        const[tuple(hi)] &= eq  # equal to the previous voxel
     if not const.any():
         return const
-    return ndi.maximum_filter(const.view(np.uint8), size=3, mode="constant").astype(bool)
+    out = const.copy()
+    for ax in range(3):
+        n = arr.shape[ax]
+        lo = [slice(None)] * 3
+        hi = [slice(None)] * 3
+        lo[ax], hi[ax] = slice(0, n - 1), slice(1, n)
+        out[tuple(lo)] |= const[tuple(hi)]
+        out[tuple(hi)] |= const[tuple(lo)]
+    return out
 
 
 def _blocks(arr: np.ndarray, valid: np.ndarray, f: Sequence[int]):
     """Block means of the valid voxels and the valid-voxel count of each block."""
     shape = arr.shape
     nb = [-(-n // k) for n, k in zip(shape, f)]
-    pad = [(0, b * k - n) for n, k, b in zip(shape, f, nb)]
-    a = np.where(valid, arr, 0.0).astype(np.float64)
-    v = valid.astype(np.float32)
-    if any(p[1] for p in pad):
-        a = np.pad(a, pad)
-        v = np.pad(v, pad)
-    rs = (nb[0], f[0], nb[1], f[1], nb[2], f[2])
-    s = a.reshape(rs).sum(axis=(1, 3, 5))
-    c = v.reshape(rs).sum(axis=(1, 3, 5))
+    full = tuple(b * k for b, k in zip(nb, f))
+    a = np.zeros(full, np.float32)
+    v = np.zeros(full, np.float32)
+    core = tuple(slice(0, n) for n in shape)
+    np.multiply(arr, valid, out=a[core])
+    v[core] = valid
+
+    def reduce(x):  # float32 over the first two axes (few terms), float64 for the last
+        if f[2] > 1:
+            x = x.reshape(full[0], full[1], nb[2], f[2]).sum(axis=3)
+        if f[1] > 1:
+            x = x.reshape(full[0], nb[1], f[1], nb[2]).sum(axis=2)
+        return x.reshape(nb[0], f[0], nb[1], nb[2]).sum(axis=1, dtype=np.float64)
+
+    s = reduce(a)
+    if valid.all() and full == tuple(shape):
+        c = np.full(s.shape, float(np.prod(f)))
+    else:
+        c = reduce(v)
     return s / np.maximum(c, 1.0), c
 
 
@@ -207,20 +260,59 @@ def _erode_mm(mask: np.ndarray, mm: float, sampling) -> np.ndarray:
     return (ndi.distance_transform_edt(padded, sampling=sampling) > mm)[1:-1, 1:-1, 1:-1]
 
 
-def background_stats(data, zooms, *, phase_axis: Optional[int] = None, **params) -> BackgroundStats:
+def _fill(mask: np.ndarray) -> np.ndarray:
+    """3D hole filling, then 2D filling of the slices along each axis (cavities open to the
+    edge of the field of view, such as the face cut by the FOV, are closed in a slice)."""
+    out = ndi.binary_fill_holes(mask)
+    for ax in range(3):
+        st = np.zeros((3, 3, 3), bool)
+        idx = [slice(None)] * 3
+        idx[ax] = 1
+        st[tuple(idx)] = ndi.generate_binary_structure(2, 1)
+        out = ndi.binary_fill_holes(out, structure=st)
+    return out
+
+
+def _head_mask(cand: np.ndarray, bz, close_mm: float) -> np.ndarray:
+    """Opening (3x3x3), largest component, closing by ``close_mm``, hole filling."""
+    head = ndi.binary_opening(cand, structure=np.ones((3, 3, 3), bool))
+    if not head.any():
+        return head
+    head = _largest_component(head)
+    closed = _erode_mm(_dilate_mm(head, close_mm, bz), close_mm, bz)
+    return _fill(closed | head)
+
+
+def _rayleigh_sigma(arr, valid, bg_blocks, f) -> float:
+    """Rayleigh sigma from the lower quartile of the raw non-padding voxels of ``bg_blocks``."""
+    vox = np.repeat(np.repeat(np.repeat(bg_blocks, f[0], 0), f[1], 1), f[2], 2)
+    vox = vox[: arr.shape[0], : arr.shape[1], : arr.shape[2]] & valid
+    raw = arr[vox]
+    if raw.size == 0:
+        return 0.0
+    if raw.size > 2_000_000:
+        raw = raw[:: raw.size // 1_000_000]
+    return float(np.percentile(raw, 25)) / _RAYLEIGH_Q25
+
+
+def _block_noise(m: np.ndarray, sigma: float, n_block_vox: float) -> tuple[float, float]:
+    """Location and scale of the noise block means from their lower quantiles."""
+    b05, b25 = np.percentile(m, [5, 25])
+    s_emp = (b25 - b05) / (_Z05 - _Z25)
+    scale = max(float(s_emp), _RAYLEIGH_SD * sigma / math.sqrt(n_block_vox))
+    return float(b25 + _Z25 * scale), scale
+
+
+def background_stats(data, zooms, **params) -> BackgroundStats:
     """Measure structured signal in the background (outside the head) of one scan.
 
     Parameters
     ----------
     data : array-like, 3D
         The native image (float; a trailing singleton 4th axis is accepted), ideally after
-        reorientation to RAS (a pure axis permutation: the statistic does not depend on it
-        except through ``phase_axis``).
+        reorientation to RAS (a pure axis permutation: the statistic does not depend on it).
     zooms : 3 floats
         Voxel sizes in mm (morphology radii and volumes are in mm).
-    phase_axis : int, optional
-        Phase-encode axis of ``data`` (from the NIfTI ``dim_info``); picks the axis of
-        ``ghost_ratio``. None: the largest of the three axes' ratios is reported.
     **params
         Override :data:`DEFAULTS`: ``block_mm``, ``margin_mm``, ``close_mm``, ``z``,
         ``min_excess``, ``min_cluster_ml``, ``min_background_ml``,
@@ -239,7 +331,7 @@ def background_stats(data, zooms, *, phase_axis: Optional[int] = None, **params)
     """
     p = _check_params(params)
     try:
-        return _background_stats(data, zooms, phase_axis, p)
+        return _background_stats(data, zooms, p)
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - odd data must not sink a scan
@@ -247,7 +339,7 @@ def background_stats(data, zooms, *, phase_axis: Optional[int] = None, **params)
         return _unavailable(f"could not be computed ({type(exc).__name__}: {exc})", p)
 
 
-def _background_stats(data, zooms, phase_axis, p) -> BackgroundStats:
+def _background_stats(data, zooms, p, debug: Optional[dict] = None) -> BackgroundStats:
     arr = np.asarray(data)
     if arr.ndim == 4 and arr.shape[3] == 1:
         arr = arr[..., 0]
@@ -286,10 +378,11 @@ def _background_stats(data, zooms, phase_axis, p) -> BackgroundStats:
     bvol = float(np.prod(z))  # mm3 per voxel
     bmean, bcnt = _blocks(arr, valid, f)
     bvalid = bcnt >= 0.5 * np.prod(f)
+    n_block_vox = float(np.prod(f))
     if np.count_nonzero(bvalid) < 64:
         return _unavailable("too few blocks with real (non-padding) signal", p)
 
-    # 3. head mask: Otsu on log block means
+    # 3. head mask: Otsu on log block means, then extended down to the noise floor
     vals = bmean[bvalid]
     lo, hi = np.percentile(vals, [0.5, 99.5])
     if not hi > lo or hi <= 0:
@@ -297,17 +390,34 @@ def _background_stats(data, zooms, phase_axis, p) -> BackgroundStats:
     floor = max(lo, hi * 1e-4, np.finfo(np.float32).tiny)
     logv = np.log(np.clip(vals, floor, hi))
     thr = float(np.exp(_otsu(logv)))
-    head = (bmean > thr) & bvalid
-    head = ndi.binary_opening(head, structure=np.ones((3, 3, 3), bool))
+    head = _head_mask((bmean > thr) & bvalid, bz, p["close_mm"])
     if not head.any():
         return _unavailable("no head found (nothing above the Otsu threshold after opening)", p)
-    head = _largest_component(head)
-    closed = _erode_mm(_dilate_mm(head, p["close_mm"], bz), p["close_mm"], bz)
-    head = ndi.binary_fill_holes(closed | head)
+    head_ml = float(bcnt[head].sum()) * bvol / 1e3
+    if head_ml < _MIN_HEAD_ML:
+        return _unavailable(f"no head found (largest bright component {head_ml:.0f} mL < {_MIN_HEAD_ML:g} mL)", p)
+    # Otsu misses dim scalp/neck tissue (e.g. T2w skin and fat beyond a dark skull): add
+    # everything connected that stands head_excess x sigma above the first noise estimate
+    # within _HEAD_REACH_MM of it and touching its margin
+    near = _dilate_mm(head, p["margin_mm"], bz)
+    bg1 = ~near & bvalid
+    if np.count_nonzero(bg1) >= 32:
+        sigma1 = _rayleigh_sigma(arr, valid, bg1, f)
+        if sigma1 > 0:
+            loc1, s1 = _block_noise(bmean[bg1], sigma1, n_block_vox)
+            low_cut = loc1 + max(p["head_excess"] * sigma1, 2 * p["z"] * s1)
+            low = (bmean > low_cut) & bvalid & _dilate_mm(head, _HEAD_REACH_MM, bz)
+            lab, n = ndi.label(low, structure=np.ones((3, 3, 3), bool))
+            if n:
+                touch = np.zeros(n + 1, bool)
+                touch[np.unique(lab[near & low])] = True
+                touch[0] = False
+                head = head | touch[lab]
+                closed = _erode_mm(_dilate_mm(head, p["close_mm"], bz), p["close_mm"], bz)
+                head = _fill(closed | head)
     outside = ~_dilate_mm(head, p["margin_mm"], bz)
 
     # padding share of the outside-head volume (voxel counts)
-    n_block_vox = float(np.prod(f))
     out_vox = float(np.count_nonzero(outside)) * n_block_vox
     out_valid_vox = float(bcnt[outside].sum())
     padding_fraction = 1.0 - out_valid_vox / out_vox if out_vox > 0 else 0.0
@@ -331,48 +441,44 @@ def _background_stats(data, zooms, phase_axis, p) -> BackgroundStats:
                             p, **known)
 
     # 4. noise model from raw background voxels (lower quartile, Rayleigh)
-    vox_bg = np.repeat(np.repeat(np.repeat(bg, f[0], 0), f[1], 1), f[2], 2)
-    vox_bg = vox_bg[: arr.shape[0], : arr.shape[1], : arr.shape[2]] & valid
-    raw = arr[vox_bg]
-    if raw.size > 2_000_000:
-        raw = raw[:: raw.size // 1_000_000]
-    q25 = float(np.percentile(raw, 25))
-    sigma = q25 / _RAYLEIGH_Q25
+    sigma = _rayleigh_sigma(arr, valid, bg, f)
     if not sigma > 0:
         return _unavailable("the background carries no measurable noise (lower quartile is 0: noise "
                             "suppressed or masked by the scanner)", p, **known)
 
-    # 5. block-mean noise distribution from its lower quantiles
-    m = bmean[bg]
-    b05, b25 = np.percentile(m, [5, 25])
-    s_emp = (b25 - b05) / (_Z05 - _Z25)
-    s_min = _RAYLEIGH_SD * sigma / math.sqrt(n_block_vox)
-    scale = max(s_emp, s_min)
-    loc = b25 + _Z25 * scale
+    # 5. smoothed background (3x3x3-block box over background blocks only) and its noise
+    #    distribution from the lower quantiles
+    w = np.where(bg, bcnt, 0.0)
+    den = ndi.uniform_filter(w, size=3, mode="constant")
+    num = ndi.uniform_filter(bmean * w, size=3, mode="constant")
+    smooth = np.where(bg, num / np.maximum(den, 1e-12), 0.0)
+    n_eff = float(np.median(den[bg])) * 27.0  # voxels averaged per smoothed block
+    loc, scale = _block_noise(smooth[bg], sigma, n_eff)
     cut = max(loc + p["z"] * scale, loc + p["min_excess"] * sigma)
-    art = bg & (bmean > cut)
+    # the same test on the unsmoothed blocks keeps thin structures (spike stripes) that
+    # the box averages away
+    loc_b, scale_b = _block_noise(bmean[bg], sigma, n_block_vox)
+    cut_b = max(loc_b + p["z"] * scale_b, loc_b + p["min_excess"] * sigma)
+    art = bg & ((smooth > cut) | (bmean > cut_b))
     if art.any():
         lab, n = ndi.label(art, structure=np.ones((3, 3, 3), bool))
         vol = ndi.sum(bcnt, lab, index=np.arange(1, n + 1)) * bvol / 1e3
         keep = np.zeros(n + 1, bool)
         keep[1:] = vol >= p["min_cluster_ml"]
         art = keep[lab]
+    if debug is not None:  # internals for diagnostics (block grid)
+        debug.update(bmean=bmean, smooth=smooth, head=head, bg=bg, art=art, cut=cut, loc=loc, scale=scale, f=f)
     art_ml = float(bcnt[art].sum()) * bvol / 1e3
     fraction = art_ml / bg_ml
 
-    # 6. N/2 ghost-to-signal ratio
+    # 6. ghost band: background in the head's shadow along an axis vs the rest
     ratios = {}
     for ax in range(3):
-        band = np.roll(head, bmean.shape[ax] // 2, axis=ax) & bg
+        band = np.broadcast_to(head.any(axis=ax, keepdims=True), head.shape) & bg
         rest = bg & ~band
         if np.count_nonzero(band) >= 8 and np.count_nonzero(rest) >= 8:
             ratios[ax] = (float(bmean[band].mean()) - float(bmean[rest].mean())) / med_tissue
-    if phase_axis is not None and int(phase_axis) in ratios:
-        g_ax = int(phase_axis)
-    elif ratios:
-        g_ax = max(ratios, key=ratios.get)
-    else:
-        g_ax = None
+    g_ax = max(ratios, key=ratios.get) if ratios else None
     return BackgroundStats(
         available=True,
         background_artifact_fraction=float(np.clip(fraction, 0.0, 1.0)),
@@ -385,3 +491,27 @@ def _background_stats(data, zooms, phase_axis, p) -> BackgroundStats:
         padding_fraction=padding_fraction,
         parameters=dict(p),
     )
+
+
+def background_stats_for_image(img, **params) -> BackgroundStats:
+    """:func:`background_stats` of a nibabel image, reoriented to RAS first.
+
+    The reorientation is ``nibabel.as_closest_canonical`` (an exact axis permutation, no
+    interpolation, also for oblique scans); the zooms come from the header. Never raises on
+    odd images (a 4D image with one volume is squeezed; anything unreadable gives
+    ``available=False``); :class:`BackgroundParameterError` for bad ``params``.
+    """
+    import nibabel as nib
+
+    p = _check_params(params)
+    try:
+        if len(img.shape) == 4 and img.shape[3] == 1:
+            img = img.slicer[..., 0]
+        can = nib.as_closest_canonical(img)
+        data = np.asarray(can.dataobj, dtype=np.float32)
+        zooms = can.header.get_zooms()[:3]
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        return _unavailable(f"image could not be read ({type(exc).__name__}: {exc})", p)
+    return background_stats(data, zooms, **params)

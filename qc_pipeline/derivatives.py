@@ -37,6 +37,7 @@ QC_FIELDS = (
     "bids_name", "source_file", "source_path", "entities", "site", "metadata",
     "anomaly_voxels", "anomaly_fraction", "anomaly_mm3",
     "tau_curve", "tau_stop", "fit", "forward_passes", "mean_error",
+    "background_artifact_fraction", "background",
     "model_id", "schedule", "device", "input_sha256", "package_version", "runtime_s",
     "mask_file", "error_map_file",
 )
@@ -125,14 +126,23 @@ def write_error_qc(output_dir, scan, reason: str, *, model_id=None, schedule="fa
 
 
 def write_ok_qc(output_dir, scan, result: Mapping[str, Any], *, model_id, schedule, device,
-                input_sha256, warnings: Iterable[str] = (), runtime_s=None) -> Path:
-    """Write ``<source>_qc.json`` with ``status: "ok"`` (call after the images are written)."""
+                input_sha256, warnings: Iterable[str] = (), runtime_s=None,
+                background: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write ``<source>_qc.json`` with ``status: "ok"`` (call after the images are written).
+
+    ``background``: the out-of-head statistic
+    (:meth:`qc_pipeline.background.BackgroundStats.to_dict`), written as ``background``;
+    its ``background_artifact_fraction`` (None when unavailable) also goes to the top level.
+    """
     paths = output_paths(output_dir, scan)
     rec = base_record(scan, model_id=model_id, schedule=schedule, device=device,
                       input_sha256=input_sha256)
     rec["status"] = "ok"
     for key in RESULT_FIELDS:
         rec[key] = result.get(key)
+    if background:
+        rec["background"] = dict(background)
+        rec["background_artifact_fraction"] = background.get("background_artifact_fraction")
     rec["warnings"] = [one_line(w) for w in warnings]
     rec["runtime_s"] = None if runtime_s is None else round(float(runtime_s), 3)
     rec["mask_file"] = paths["mask"].name

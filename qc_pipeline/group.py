@@ -13,6 +13,16 @@ Flag rules
     sites of the same suffix instead. When the MAD is 0 (e.g. most scans score exactly
     0), ``s`` falls back to ``1.2533 * mean(|x - median|)``; when that is 0 too, any scan
     scoring above the median is flagged.
+``background`` (always robust, a separate flag)
+    The out-of-head ``background_artifact_fraction`` (``qc_pipeline.background``) gets its
+    own per-site flag with the same robust rule (median + ``background_k`` x scaled MAD,
+    ``background_k`` = ``mad_k`` by default, the same MAD fallbacks and pooling of small
+    sites) and a floor: a scan is background-flagged when its fraction exceeds
+    ``max(median + k x s, background_min_fraction)`` (default 0.002 = 0.2 % of the
+    background), because on most clean scans the fraction is exactly 0 and the MAD rule
+    alone would flag any non-zero value. Scans without the statistic (older qc.json,
+    ``available: false``) are never background-flagged and do not enter the thresholds.
+    It never changes the ``anomaly_fraction`` flag; ``flag_reasons`` lists both.
 ``fnr`` (``flag_at_fnr=0.2`` with labels)
     One threshold calibrated on all labelled scans of the suffix (pooled over sites, since
     few artifact scans per site make per-site calibration unstable): the highest
@@ -63,12 +73,16 @@ __all__ = [
     "SITE_COLUMNS",
     "DEFAULT_MAD_K",
     "DEFAULT_MIN_SITE_SIZE",
+    "DEFAULT_BACKGROUND_MIN_FRACTION",
+    "BACKGROUND_SITE_COLUMNS",
 ]
 
 LOGGER = logging.getLogger(__name__)
 
 DEFAULT_MAD_K = 3.0
 DEFAULT_MIN_SITE_SIZE = 8
+#: floor of the background flag threshold (share of the background volume)
+DEFAULT_BACKGROUND_MIN_FRACTION = 0.002
 MAD_SCALE = 1.4826
 MEANAD_SCALE = 1.2533
 SINGLE_SITE = "all"
@@ -79,11 +93,17 @@ ROW_COLUMNS = [
     "anomaly_voxels", "anomaly_fraction", "anomaly_mm3", "rank", "percentile_in_site",
     "flagged", "error", "threshold", "label", "warnings", "model_id",
     "report",
+    "background_artifact_fraction", "background_ghost_ratio", "background_snr",
+    "background_flagged", "background_threshold", "background_note", "flag_reasons",
 ]
 SITE_COLUMNS = [
     "site", "n_scans", "n_failed", "median_fraction", "p95_fraction", "threshold",
     "threshold_rule", "n_flagged", "n_labelled", "n_artifact", "AUROC", "AUPRC",
     "FPR80", "FPR90", "FNR80", "FNR90", "metrics_note",
+]
+#: per-site columns of the background flag (after the anomaly and metric columns)
+BACKGROUND_SITE_COLUMNS = [
+    "median_background_fraction", "background_threshold", "background_rule", "n_background_flagged",
 ]
 
 _ENTITY_KEYS = {"sub": "subject", "ses": "session", "acq": "acquisition", "run": "run",
@@ -135,6 +155,26 @@ class QCRecord:
     @property
     def fraction(self) -> float:
         return self._num("anomaly_fraction")
+
+    @property
+    def background(self) -> dict:
+        bg = self.data.get("background")
+        return bg if isinstance(bg, dict) else {}
+
+    @property
+    def background_fraction(self) -> float:
+        """``background_artifact_fraction``; NaN when missing or unavailable."""
+        return self._num("background_artifact_fraction")
+
+    @property
+    def background_note(self) -> str:
+        """Why the background statistic is missing ('' when it is there)."""
+        if math.isfinite(self.background_fraction):
+            return ""
+        bg = self.background
+        if bg.get("reason"):
+            return f"background statistic unavailable: {bg['reason']}"
+        return "no background statistic in qc.json"
 
     @property
     def voxels(self) -> float:
@@ -346,7 +386,9 @@ def _rank_min(values_desc_sorted: list[float]) -> list[int]:
 
 def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] | None,
                           flag_at_fnr: float | None, mad_k: float,
-                          min_site_size: int) -> tuple[list[dict], list[dict], dict]:
+                          min_site_size: int, background_k: float | None = None,
+                          background_min_fraction: float = DEFAULT_BACKGROUND_MIN_FRACTION,
+                          ) -> tuple[list[dict], list[dict], dict]:
     """Rows (ranked), site rows and a summary for the records of ONE suffix."""
     ok = [r for r in records if r.ok]
     failed = [r for r in records if not r.ok]
@@ -401,6 +443,14 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
             return False
         return r.fraction > thr if strict else r.fraction >= thr
 
+    bg_thr, bg_summary = _background_thresholds(ok, sites, k=mad_k if background_k is None else background_k,
+                                                floor=background_min_fraction, min_site_size=min_site_size)
+
+    def is_bg_flagged(r: QCRecord) -> bool:
+        thr = bg_thr[r.site][0]
+        x = r.background_fraction
+        return bool(r.ok and math.isfinite(thr) and math.isfinite(x) and x > thr)
+
     # ---- rows
     ok_sorted = sorted(ok, key=lambda r: (-r.fraction, r.bids_name))
     ranks = _rank_min([r.fraction for r in ok_sorted])
@@ -410,9 +460,11 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
         xs = site_scores[r.site]
         pct = 100.0 * float(np.mean(xs <= r.fraction))
         rows.append(_row(r, lab, rank=rank, pct=pct, flagged=is_flagged(r),
-                         thr=site_thr[r.site][0]))
+                         thr=site_thr[r.site][0], bg_flagged=is_bg_flagged(r),
+                         bg_thr=bg_thr[r.site][0], strict=strict))
     for r in sorted(failed, key=lambda r: r.bids_name):
-        rows.append(_row(r, lab, rank=None, pct=None, flagged=None, thr=site_thr[r.site][0]))
+        rows.append(_row(r, lab, rank=None, pct=None, flagged=None, thr=site_thr[r.site][0],
+                         bg_flagged=None, bg_thr=bg_thr[r.site][0], strict=strict))
 
     # ---- sites
     site_rows = []
@@ -432,6 +484,14 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
             "threshold": thr, "threshold_rule": rule,
             "n_flagged": sum(1 for r in recs if r.ok and is_flagged(r)),
         }
+        bx = np.array([r.background_fraction for r in recs if r.ok], dtype=float)
+        bx = bx[np.isfinite(bx)]
+        b_thr, b_rule = ((math.nan, "per site (see rows above)") if s == POOLED_SITE else bg_thr[s])
+        row.update({
+            "median_background_fraction": float(np.median(bx)) if bx.size else math.nan,
+            "background_threshold": b_thr, "background_rule": b_rule,
+            "n_background_flagged": sum(1 for r in recs if is_bg_flagged(r)),
+        })
         if labels is not None:
             ly = [lab[r.bids_name] for r in recs if r.ok and r.bids_name in lab]
             ls = [r.fraction for r in recs if r.ok and r.bids_name in lab]
@@ -441,13 +501,52 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
                         "metrics_note": m.reason or ""})
         site_rows.append(row)
     summary = {"rule": rule_summary, "strict": strict, "site_thresholds": site_thr,
+               "background_rule": bg_summary, "background_thresholds": bg_thr,
+               "n_background_flagged": sum(1 for r in ok if is_bg_flagged(r)),
                "n_scans": len(records), "n_failed": len(failed), "sites": sites,
                "labels": labels is not None}
     return rows, site_rows, summary
 
 
-def _row(r: QCRecord, lab: Mapping, *, rank, pct, flagged, thr) -> dict:
+def _background_thresholds(ok: list[QCRecord], sites: list[str], *, k: float, floor: float,
+                           min_site_size: int) -> tuple[dict, str]:
+    """Per-site background flag thresholds ``{site: (threshold, rule)}`` and a summary."""
+    have = [r for r in ok if math.isfinite(r.background_fraction)]
+    pooled = np.array([r.background_fraction for r in have], dtype=float)
+    out: dict[str, tuple[float, str]] = {}
+    for s in sites:
+        xs = np.array([r.background_fraction for r in have if r.site == s], dtype=float)
+        if xs.size >= min_site_size:
+            thr, med, sc = _robust_threshold(xs, k)
+            where = f"robust per site (n={xs.size})"
+        elif pooled.size:
+            thr, med, sc = _robust_threshold(pooled, k)
+            where = (f"robust, pooled over sites (site has {xs.size} < {min_site_size} scans with the "
+                     f"statistic; n={pooled.size})")
+        else:
+            out[s] = (math.nan, "no scans with a background statistic: nothing to flag")
+            continue
+        eff = max(thr, floor)
+        out[s] = (eff, f"{where}: background_artifact_fraction > max(median + {k:g} x scaled MAD, "
+                       f"{floor:g}) = max({med:.4g} + {k:g} x {sc:.4g}, {floor:g}) = {eff:.6g}")
+    summary = (f"background artifact, robust per site: flag when background_artifact_fraction > "
+               f"max(median + {k:g} x scaled MAD of the site's scans, {floor:g}); sites with fewer than "
+               f"{min_site_size} scans with the statistic use the pooled distribution")
+    return out, summary
+
+
+def _row(r: QCRecord, lab: Mapping, *, rank, pct, flagged, thr, bg_flagged=None, bg_thr=math.nan,
+         strict: bool = True) -> dict:
     e = r.entities
+    reasons = []
+    if flagged:
+        reasons.append(f"anomaly_fraction {r.fraction:.4g} {'>' if strict else '>='} threshold {thr:.4g}")
+    if bg_flagged:
+        reasons.append(f"background artifact: background_artifact_fraction {r.background_fraction:.4g} "
+                       f"> threshold {bg_thr:.4g}")
+    bg = r.background
+    ghost = bg.get("ghost_ratio")
+    snr = bg.get("snr")
     return {
         "bids_name": r.bids_name, "subject": e.get("subject", ""), "session": e.get("session", ""),
         "acquisition": e.get("acquisition", ""), "run": e.get("run", ""),
@@ -459,6 +558,14 @@ def _row(r: QCRecord, lab: Mapping, *, rank, pct, flagged, thr) -> dict:
         "threshold": thr if r.ok else None,
         "label": lab.get(r.bids_name), "warnings": "; ".join(r.warnings),
         "model_id": r.data.get("model_id", ""), "report": f"sub-{r.subject}.html",
+        "background_artifact_fraction": r.background_fraction if r.ok and math.isfinite(r.background_fraction)
+        else None,
+        "background_ghost_ratio": float(ghost) if r.ok and isinstance(ghost, (int, float)) else None,
+        "background_snr": float(snr) if r.ok and isinstance(snr, (int, float)) else None,
+        "background_flagged": bg_flagged,
+        "background_threshold": bg_thr if r.ok and math.isfinite(bg_thr) else None,
+        "background_note": r.background_note if r.ok else "",
+        "flag_reasons": "; ".join(reasons),
     }
 
 
@@ -473,7 +580,8 @@ def run_group(output_dir, *, labels=None, site_column: str = "site",
               flag_at_fnr: float | None = None, mad_k: float = DEFAULT_MAD_K,
               suffixes: Iterable[str] | None = None,
               min_site_size: int = DEFAULT_MIN_SITE_SIZE, questionable: str = "exclude",
-              subject_reports: bool = True) -> list[Path]:
+              subject_reports: bool = True, background_k: float | None = None,
+              background_min_fraction: float = DEFAULT_BACKGROUND_MIN_FRACTION) -> list[Path]:
     """Write ``group_<suffix>.csv``, ``group_<suffix>_sites.csv`` and ``group_<suffix>.html``.
 
     Parameters
@@ -497,6 +605,10 @@ def run_group(output_dir, *, labels=None, site_column: str = "site",
         How a "questionable" rating counts.
     subject_reports : bool
         Re-render every subject's ``sub-<label>.html`` with ranks and percentiles.
+    background_k : float, optional
+        ``k`` of the background flag (default: ``mad_k``).
+    background_min_fraction : float
+        Floor of the background flag threshold (default 0.002).
 
     Returns
     -------
@@ -513,6 +625,10 @@ def run_group(output_dir, *, labels=None, site_column: str = "site",
             raise GroupError(f"flag_at_fnr must be in [0, 1), got {flag_at_fnr!r}")
     if mad_k <= 0 or not math.isfinite(mad_k):
         raise GroupError(f"mad_k must be a positive number, got {mad_k!r}")
+    if background_k is not None and (not math.isfinite(background_k) or background_k <= 0):
+        raise GroupError(f"background_k must be a positive number, got {background_k!r}")
+    if not (math.isfinite(background_min_fraction) and 0.0 <= background_min_fraction < 1.0):
+        raise GroupError(f"background_min_fraction must be in [0, 1), got {background_min_fraction!r}")
     if labels is not None and not isinstance(labels, Mapping):
         label_map = load_labels(labels, questionable=questionable)
         labels_source = str(labels)
@@ -547,8 +663,9 @@ def run_group(output_dir, *, labels=None, site_column: str = "site",
     for suffix, recs in sorted(by_suffix.items()):
         rows, site_rows, summary = compute_suffix_tables(
             recs, labels=label_map, flag_at_fnr=flag_at_fnr, mad_k=mad_k,
-            min_site_size=min_site_size)
-        site_cols = SITE_COLUMNS if label_map is not None else SITE_COLUMNS[:8]
+            min_site_size=min_site_size, background_k=background_k,
+            background_min_fraction=background_min_fraction)
+        site_cols = (SITE_COLUMNS if label_map is not None else SITE_COLUMNS[:8]) + BACKGROUND_SITE_COLUMNS
         row_cols = ROW_COLUMNS if label_map is not None else [c for c in ROW_COLUMNS if c != "label"]
         p_rows = output_dir / f"group_{suffix}.csv"
         p_sites = output_dir / f"group_{suffix}_sites.csv"
@@ -556,8 +673,9 @@ def run_group(output_dir, *, labels=None, site_column: str = "site",
         _atomic_write_text(p_sites, _csv_text(site_rows, site_cols))
         written += [p_rows, p_sites]
         pages.append((suffix, rows, site_rows, summary, site_cols))
-        LOGGER.info("group %s: %d scans (%d failed), %d flagged", suffix, summary["n_scans"],
-                    summary["n_failed"], sum(1 for r in rows if r["flagged"]))
+        LOGGER.info("group %s: %d scans (%d failed), %d flagged, %d flagged for background artifact",
+                    suffix, summary["n_scans"], summary["n_failed"], sum(1 for r in rows if r["flagged"]),
+                    summary["n_background_flagged"])
     # subject pages read the CSVs just written; the group pages link to them
     subject_pages = []
     if subject_reports:

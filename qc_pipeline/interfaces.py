@@ -104,6 +104,18 @@ def _set_threads(n: int) -> None:
             pass
 
 
+def _background(img, name) -> dict:
+    """Out-of-head background statistic of the native scan (never raises: a failure is
+    recorded as ``available: false`` with the reason)."""
+    from .background import background_stats_for_image
+
+    try:
+        return background_stats_for_image(img).to_dict()
+    except Exception as exc:  # noqa: BLE001 - the statistic must not fail the scan
+        LOGGER.warning("%s: background statistic failed: %s", name or "scan", one_line(exc))
+        return {"available": False, "reason": one_line(f"{type(exc).__name__}: {exc}")}
+
+
 # --------------------------------------------------------------------------- load + validate
 class _LoadInputSpec(BaseInterfaceInputSpec):
     in_file = traits.File(exists=True, mandatory=True, desc="the anatomical scan")
@@ -183,6 +195,7 @@ class Preprocess(SimpleInterface):
                     name=name,
                     contrast=self.inputs.contrast,
                 )
+                prep.info.background = _background(img, name)
                 self._results["warnings"] = [str(w) for w in prep.warnings]
                 self._results["out_file"] = _dump(prep, Path(runtime.cwd) / "preproc.pkl")
             except Exception as exc:  # noqa: BLE001
@@ -317,7 +330,8 @@ class WriteDerivatives(SimpleInterface):
         atomic_write_nifti(err, paths["error_map"])
         runtime_s = sum(i.seconds) + (time.perf_counter() - t0)
         return write_ok_qc(i.output_dir, i.scan, res.to_dict(), warnings=warnings,
-                           runtime_s=runtime_s, **common)
+                           runtime_s=runtime_s,
+                           background=getattr(prep.info, "background", None) or None, **common)
 
 
 # --------------------------------------------------------------------------- reports

@@ -138,6 +138,9 @@ class PrepInfo:
     brain_ml_outside_fov: float
     brain_outside_grid_fraction: float
     prior: dict = field(default_factory=dict)
+    #: out-of-head background statistic (``qc_pipeline.background.BackgroundStats.to_dict()``),
+    #: filled by the app's Preprocess interface; empty when not computed
+    background: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -566,7 +566,7 @@ def _group_info(output_dir: Path, rec: QCRecord) -> dict | None:
     n_site = len(site_ok)
     rank_site = 1 + sum(1 for r in site_ok if float(r["anomaly_fraction"]) > frac)
     n_all = sum(1 for r in rows.values() if r.get("status") == "ok")
-    rule = ""
+    rule = bg_rule = ""
     sp = output_dir / f"group_{rec.suffix}_sites.csv"
     if sp.is_file():
         import csv
@@ -575,10 +575,14 @@ def _group_info(output_dir: Path, rec: QCRecord) -> dict | None:
             for srow in csv.DictReader(fh):
                 if srow.get("site") == site:
                     rule = srow.get("threshold_rule", "")
+                    bg_rule = srow.get("background_rule", "") or ""
     return {"stale": False, "site": site, "rank_in_site": rank_site, "n_site": n_site,
             "rank": row.get("rank"), "n_all": n_all,
             "percentile": row.get("percentile_in_site"), "flagged": row.get("flagged") == "1",
-            "threshold": row.get("threshold"), "rule": rule, "csv": p.name}
+            "threshold": row.get("threshold"), "rule": rule, "csv": p.name,
+            "background_flagged": row.get("background_flagged") == "1",
+            "background_threshold": row.get("background_threshold"), "background_rule": bg_rule,
+            "flag_reasons": row.get("flag_reasons", "") or ""}
 
 
 def render_subject_report(output_dir, subject: str, *, site_column: str = "site") -> str:
@@ -600,6 +604,7 @@ def render_subject_report(output_dir, subject: str, *, site_column: str = "site"
             "error": rec.error, "warnings": rec.warnings,
             "voxels": d.get("anomaly_voxels"), "fraction": d.get("anomaly_fraction"),
             "mm3": d.get("anomaly_mm3"),
+            "background": rec.background, "bg_fraction": d.get("background_artifact_fraction"),
             "group": _group_info(output_dir, rec), "fig": scan_figures(rec, output_dir),
             "details": [(k, d.get(k)) for k in ("model_id", "schedule", "device", "forward_passes",
                                                  "tau_stop", "mean_error", "runtime_s",

@@ -179,6 +179,7 @@
     var text = document.getElementById("filter-text");
     var site = document.getElementById("filter-site");
     var flagged = document.getElementById("filter-flagged");
+    var bgflagged = document.getElementById("filter-bgflagged");
     var failed = document.getElementById("filter-failed");
     var count = document.getElementById("row-count");
     function apply() {
@@ -189,13 +190,14 @@
         var show = (!q || r.textContent.toLowerCase().indexOf(q) >= 0) &&
                    (!s || r.getAttribute("data-site") === s) &&
                    (!flagged || !flagged.checked || r.getAttribute("data-flagged") === "1") &&
+                   (!bgflagged || !bgflagged.checked || r.getAttribute("data-bgflagged") === "1") &&
                    (!failed || !failed.checked || r.getAttribute("data-failed") === "1");
         r.classList.toggle("hidden", !show);
         if (show) { n += 1; }
       });
       if (count) { count.textContent = n + " of " + tbody.rows.length + " scans shown"; }
     }
-    [text, site, flagged, failed].forEach(function (el) {
+    [text, site, flagged, bgflagged, failed].forEach(function (el) {
       if (el) { el.addEventListener("input", apply); el.addEventListener("change", apply); }
     });
     apply();

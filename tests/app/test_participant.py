@@ -85,6 +85,13 @@ def test_good_scans_have_all_outputs_in_native_space(run):
         assert qc["model_id"] == "t1w-random-seed0" and qc["schedule"] == "fast"
         assert len(qc["input_sha256"]) == 64 and qc["device"] == "cpu"
         assert qc["source_file"] == rel and qc["bids_name"] == stem
+        # the out-of-head background statistic: a number in [0, 1] or a reason
+        bg = qc["background"]
+        assert isinstance(bg, dict) and isinstance(bg["available"], bool)
+        if bg["available"]:
+            assert 0.0 <= qc["background_artifact_fraction"] <= 1.0 and bg["noise_sigma"] > 0
+        else:
+            assert qc["background_artifact_fraction"] is None and bg["reason"]
 
 
 def test_entities_sites_and_metadata(run):
@@ -126,6 +133,8 @@ def test_orientation_copies_score_alike(run):
     # LPS is the same world image: identical scores
     assert lps["anomaly_voxels"] == ras["anomaly_voxels"]
     assert lps["anomaly_fraction"] == pytest.approx(ras["anomaly_fraction"], abs=1e-9)
+    # the background statistic works on the RAS-permuted native array: identical too
+    assert lps["background"] == ras["background"]
     # oblique went through one more interpolation: close
     assert obl["anomaly_fraction"] == pytest.approx(ras["anomaly_fraction"], abs=0.05)
     # and the native-space LPS mask is the RAS mask, flipped back (up to boundary ties)

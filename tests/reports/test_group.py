@@ -278,3 +278,68 @@ def test_robust_threshold_when_mad_is_zero():
     assert 0.05 > thr > 0.0
     thr, _, _ = _robust_threshold(np.zeros(10), 3.0)
     assert thr == 0.0                                     # then: anything above the median
+
+
+def test_background_flag_is_separate_and_robust_per_site(derivs):
+    """background_artifact_fraction gets its own per-site robust flag (with a floor); the
+    anomaly flag is unchanged; unavailable statistics are explained, never flagged."""
+    from qc_pipeline.group import DEFAULT_BACKGROUND_MIN_FRACTION
+
+    run_group(derivs.root, subject_reports=False)
+    before = {r["bids_name"]: r["flagged"] for r in _read(derivs.root / "group_T1w.csv")}
+    rng = np.random.default_rng(0)
+    ok_t1 = [s for s in derivs.scans if s.suffix == "T1w" and s.kind != "failed"]
+    clean_a = [s for s in ok_t1 if s.site == "A" and s.kind == "clean"]
+    ghost, unavailable = clean_a[0].bids_name, clean_a[1].bids_name
+    values = {}
+    for s in ok_t1:
+        d = json.loads(s.qc_path.read_text())
+        if s.bids_name == unavailable:
+            d["background_artifact_fraction"] = None
+            d["background"] = {"available": False, "reason": "the head fills the field of view"}
+        else:
+            v = 0.12 if s.bids_name == ghost else float(rng.uniform(0.002, 0.004))
+            values[s.bids_name] = v
+            d["background_artifact_fraction"] = v
+            d["background"] = {"available": True, "background_artifact_fraction": v, "ghost_ratio": 0.001,
+                               "snr": 20.0}
+        s.qc_path.write_text(json.dumps(d))
+    run_group(derivs.root, subject_reports=False)
+    rows = {r["bids_name"]: r for r in _read(derivs.root / "group_T1w.csv")}
+    sites = {r["site"]: r for r in _read(derivs.root / "group_T1w_sites.csv")}
+    # the anomaly flag did not move
+    assert {n: r["flagged"] for n, r in rows.items()} == before
+    # site A: median + 3 x scaled MAD of its scans with the statistic (floor not binding)
+    a = np.array([v for n, v in values.items() if rows[n]["site"] == "A"])
+    med = np.median(a)
+    thr = max(med + DEFAULT_MAD_K * 1.4826 * np.median(np.abs(a - med)), DEFAULT_BACKGROUND_MIN_FRACTION)
+    assert float(sites["A"]["background_threshold"]) == pytest.approx(thr, rel=1e-5)
+    assert "max(median + 3 x scaled MAD" in sites["A"]["background_rule"]
+    assert "pooled" in sites["B"]["background_rule"]  # 4 scans < 8
+    flagged = {n for n, r in rows.items() if r["background_flagged"] == "1"}
+    assert flagged == {ghost}
+    assert sites["A"]["n_background_flagged"] == "1"
+    assert "background artifact" in rows[ghost]["flag_reasons"]
+    assert float(rows[ghost]["background_artifact_fraction"]) == pytest.approx(0.12)
+    # unavailable: no number, the reason shown, not flagged
+    assert rows[unavailable]["background_artifact_fraction"] == ""
+    assert rows[unavailable]["background_flagged"] == "0"
+    assert "fills the field of view" in rows[unavailable]["background_note"]
+    html = (derivs.root / "group_T1w.html").read_text()
+    assert "Background flag rule" in html and "fills the field of view" in html
+    assert 'data-bgflagged="1"' in html
+
+
+def test_background_floor_keeps_zero_sites_quiet(derivs):
+    """Most clean scans score exactly 0: a tiny non-zero value is not flagged (floor)."""
+    ok_t1 = [s for s in derivs.scans if s.suffix == "T1w" and s.kind != "failed"]
+    for i, s in enumerate(ok_t1):
+        d = json.loads(s.qc_path.read_text())
+        d["background_artifact_fraction"] = 0.0005 if i == 0 else (0.01 if i == 1 else 0.0)
+        s.qc_path.write_text(json.dumps(d))
+    run_group(derivs.root, subject_reports=False)
+    rows = {r["bids_name"]: r for r in _read(derivs.root / "group_T1w.csv")}
+    assert rows[ok_t1[0].bids_name]["background_flagged"] == "0"
+    assert rows[ok_t1[1].bids_name]["background_flagged"] == "1"
+    with pytest.raises(GroupError, match="background_min_fraction"):
+        run_group(derivs.root, background_min_fraction=1.5)

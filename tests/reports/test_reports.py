@@ -201,3 +201,27 @@ def test_small_anomaly_visible_on_thumbnail():
     assert red.sum() + yellow.sum() > 60
     clean = np.asarray(_png(mosaic_png(bg, np.zeros_like(mask), (1.0, 1.0, 1.0))).convert("RGB")).astype(int)
     assert not ((clean[..., 0] > 150) & (clean[..., 1] < 110) & (clean[..., 2] < 110)).any()
+
+
+def test_subject_page_shows_background_statistic_and_flag(derivs):
+    import json
+
+    from qc_pipeline.group import run_group
+
+    t1 = [s for s in derivs.scans if s.suffix == "T1w" and s.kind != "failed"]
+    for i, s in enumerate(t1):
+        d = json.loads(s.qc_path.read_text())
+        v = 0.2 if s.subject == "01" and i == 0 else 0.0
+        d["background_artifact_fraction"] = v
+        d["background"] = {"available": True, "background_artifact_fraction": v, "background_ml": 4000.0,
+                           "artifact_ml": 800.0 if v else 0.0, "noise_sigma": 12.5, "snr": 21.0,
+                           "ghost_ratio": 0.02, "ghost_axis": 1}
+        s.qc_path.write_text(json.dumps(d))
+    run_group(derivs.root)
+    html = (derivs.root / "sub-01.html").read_text()
+    assert "Background (outside the head)" in html and "noise sigma 12.5" in html
+    assert "Flagged for background artifact" in html and "background_artifact_fraction 0.2" in html
+    assert "badge flag\">background artifact" in html
+    # a scan without the statistic says so
+    other = next(s for s in derivs.scans if s.subject == "01" and s.suffix == "FLAIR" and s.kind != "failed")
+    assert other.bids_name in html and "No background statistic recorded" in html
