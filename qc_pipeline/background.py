@@ -81,6 +81,8 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
+from .preprocessing import _largest_component, fill_holes
+
 __all__ = ["BackgroundStats", "BackgroundParameterError", "background_stats", "background_stats_for_image",
            "DEFAULTS"]
 
@@ -238,15 +240,6 @@ def _blocks(arr: np.ndarray, valid: np.ndarray, f: Sequence[int]):
     return s / np.maximum(c, 1.0), c
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    lab, n = ndi.label(mask)
-    if n <= 1:
-        return mask
-    sizes = np.bincount(lab.ravel())
-    sizes[0] = 0
-    return lab == int(np.argmax(sizes))
-
-
 def _dilate_mm(mask: np.ndarray, mm: float, sampling) -> np.ndarray:
     if mm <= 0 or not mask.any():
         return mask.copy()
@@ -260,19 +253,6 @@ def _erode_mm(mask: np.ndarray, mm: float, sampling) -> np.ndarray:
     return (ndi.distance_transform_edt(padded, sampling=sampling) > mm)[1:-1, 1:-1, 1:-1]
 
 
-def _fill(mask: np.ndarray) -> np.ndarray:
-    """3D hole filling, then 2D filling of the slices along each axis (cavities open to the
-    edge of the field of view, such as the face cut by the FOV, are closed in a slice)."""
-    out = ndi.binary_fill_holes(mask)
-    for ax in range(3):
-        st = np.zeros((3, 3, 3), bool)
-        idx = [slice(None)] * 3
-        idx[ax] = 1
-        st[tuple(idx)] = ndi.generate_binary_structure(2, 1)
-        out = ndi.binary_fill_holes(out, structure=st)
-    return out
-
-
 def _head_mask(cand: np.ndarray, bz, close_mm: float) -> np.ndarray:
     """Opening (3x3x3), largest component, closing by ``close_mm``, hole filling."""
     head = ndi.binary_opening(cand, structure=np.ones((3, 3, 3), bool))
@@ -280,7 +260,7 @@ def _head_mask(cand: np.ndarray, bz, close_mm: float) -> np.ndarray:
         return head
     head = _largest_component(head)
     closed = _erode_mm(_dilate_mm(head, close_mm, bz), close_mm, bz)
-    return _fill(closed | head)
+    return fill_holes(closed | head)
 
 
 def _rayleigh_sigma(arr, valid, bg_blocks, f) -> float:
@@ -414,7 +394,7 @@ def _background_stats(data, zooms, p, debug: Optional[dict] = None) -> Backgroun
                 touch[0] = False
                 head = head | touch[lab]
                 closed = _erode_mm(_dilate_mm(head, p["close_mm"], bz), p["close_mm"], bz)
-                head = _fill(closed | head)
+                head = fill_holes(closed | head)
     outside = ~_dilate_mm(head, p["margin_mm"], bz)
 
     # padding share of the outside-head volume (voxel counts)

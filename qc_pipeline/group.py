@@ -419,20 +419,10 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
         prefix = ""
         if flag_at_fnr is not None:
             prefix = f"no labelled artifact scans to calibrate FNR<={flag_at_fnr:g}; fallback: "
-        for s in sites:
-            xs = np.array([r.fraction for r in ok if r.site == s], dtype=float)
-            if xs.size >= min_site_size:
-                thr, med, sc = _robust_threshold(xs, mad_k)
-                rule = (f"{prefix}robust per site: anomaly_fraction > median + {mad_k:g} x "
-                        f"scaled MAD = {med:.4g} + {mad_k:g} x {sc:.4g} = {thr:.6g} (n={xs.size})")
-            elif pooled.size:
-                thr, med, sc = _robust_threshold(pooled, mad_k)
-                rule = (f"{prefix}robust, pooled over sites (site has {xs.size} < {min_site_size} "
-                        f"scans): anomaly_fraction > median + {mad_k:g} x scaled MAD = {med:.4g} + "
-                        f"{mad_k:g} x {sc:.4g} = {thr:.6g} (n={pooled.size})")
-            else:
-                thr, rule = math.nan, f"{prefix}no successful scans: nothing to flag"
-            site_thr[s] = (thr, rule)
+        site_thr = _site_thresholds(
+            {s: np.array([r.fraction for r in ok if r.site == s], dtype=float) for s in sites},
+            pooled, k=mad_k, min_site_size=min_site_size, score="anomaly_fraction",
+            prefix=prefix, none="no successful scans: nothing to flag")
         rule_summary = (f"{prefix}robust per site: flag when anomaly_fraction > median + "
                         f"{mad_k:g} x scaled MAD (1.4826 x MAD) of the site's scores; sites with "
                         f"fewer than {min_site_size} successful scans use the pooled distribution")
@@ -508,27 +498,43 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
     return rows, site_rows, summary
 
 
+def _site_thresholds(by_site: Mapping[str, np.ndarray], pooled: np.ndarray, *, k: float,
+                     min_site_size: int, score: str, prefix: str = "", floor: float | None = None,
+                     none: str) -> dict[str, tuple[float, str]]:
+    """Robust flag threshold per site, ``{site: (threshold, rule)}``.
+
+    ``median + k x scaled MAD`` of the site's scores, or of ``pooled`` when the site has
+    fewer than ``min_site_size`` scores; raised to ``floor`` when given; NaN (rule ``none``)
+    when there is nothing to pool.
+    """
+    out: dict[str, tuple[float, str]] = {}
+    for s, xs in by_site.items():
+        if xs.size >= min_site_size:
+            x, where = xs, "robust per site"
+        elif pooled.size:
+            x, where = pooled, f"robust, pooled over sites (site has {xs.size} < {min_site_size} scans)"
+        else:
+            out[s] = (math.nan, prefix + none)
+            continue
+        thr, med, sc = _robust_threshold(x, k)
+        formula = f"median + {k:g} x scaled MAD"
+        value = f"{med:.4g} + {k:g} x {sc:.4g}"
+        if floor is not None:
+            thr = max(thr, floor)
+            formula, value = f"max({formula}, {floor:g})", f"max({value}, {floor:g})"
+        out[s] = (thr, f"{prefix}{where}: {score} > {formula} = {value} = {thr:.6g} (n={x.size})")
+    return out
+
+
 def _background_thresholds(ok: list[QCRecord], sites: list[str], *, k: float, floor: float,
                            min_site_size: int) -> tuple[dict, str]:
     """Per-site background flag thresholds ``{site: (threshold, rule)}`` and a summary."""
     have = [r for r in ok if math.isfinite(r.background_fraction)]
-    pooled = np.array([r.background_fraction for r in have], dtype=float)
-    out: dict[str, tuple[float, str]] = {}
-    for s in sites:
-        xs = np.array([r.background_fraction for r in have if r.site == s], dtype=float)
-        if xs.size >= min_site_size:
-            thr, med, sc = _robust_threshold(xs, k)
-            where = f"robust per site (n={xs.size})"
-        elif pooled.size:
-            thr, med, sc = _robust_threshold(pooled, k)
-            where = (f"robust, pooled over sites (site has {xs.size} < {min_site_size} scans with the "
-                     f"statistic; n={pooled.size})")
-        else:
-            out[s] = (math.nan, "no scans with a background statistic: nothing to flag")
-            continue
-        eff = max(thr, floor)
-        out[s] = (eff, f"{where}: background_artifact_fraction > max(median + {k:g} x scaled MAD, "
-                       f"{floor:g}) = max({med:.4g} + {k:g} x {sc:.4g}, {floor:g}) = {eff:.6g}")
+    out = _site_thresholds(
+        {s: np.array([r.background_fraction for r in have if r.site == s], dtype=float) for s in sites},
+        np.array([r.background_fraction for r in have], dtype=float), k=k,
+        min_site_size=min_site_size, score="background_artifact_fraction", floor=floor,
+        none="no scans with a background statistic: nothing to flag")
     summary = (f"background artifact, robust per site: flag when background_artifact_fraction > "
                f"max(median + {k:g} x scaled MAD of the site's scans, {floor:g}); sites with fewer than "
                f"{min_site_size} scans with the statistic use the pooled distribution")

@@ -35,6 +35,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from .background import background_stats_for_image
 from .derivatives import one_line, output_paths, write_error_qc, write_ok_qc, write_subject_report
 
 LOGGER = logging.getLogger(__name__)
@@ -102,18 +103,6 @@ def _set_threads(n: int) -> None:
                 torch.set_num_threads(int(n))
         except Exception:  # pragma: no cover
             pass
-
-
-def _background(img, name) -> dict:
-    """Out-of-head background statistic of the native scan (never raises: a failure is
-    recorded as ``available: false`` with the reason)."""
-    from .background import background_stats_for_image
-
-    try:
-        return background_stats_for_image(img).to_dict()
-    except Exception as exc:  # noqa: BLE001 - the statistic must not fail the scan
-        LOGGER.warning("%s: background statistic failed: %s", name or "scan", one_line(exc))
-        return {"available": False, "reason": one_line(f"{type(exc).__name__}: {exc}")}
 
 
 # --------------------------------------------------------------------------- load + validate
@@ -195,7 +184,8 @@ class Preprocess(SimpleInterface):
                     name=name,
                     contrast=self.inputs.contrast,
                 )
-                prep.info.background = _background(img, name)
+                # out-of-head statistic; odd data gives available=False, never an exception
+                prep.info.background = background_stats_for_image(img).to_dict()
                 self._results["warnings"] = [str(w) for w in prep.warnings]
                 self._results["out_file"] = _dump(prep, Path(runtime.cwd) / "preproc.pkl")
             except Exception as exc:  # noqa: BLE001
