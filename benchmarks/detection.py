@@ -11,7 +11,16 @@ AUROC, AUPRC, FPR80, FPR90, FNR80, FNR90 for
 - ``freq-mask-only``: whole brain masked once, mean squared error in the brain
   (the paper's "frequency masking only" ablation, same network),
 - ``final-mean-error``: mean squared error in the brain at the final iteration
-  (the paper's baseline score).
+  (the paper's baseline score),
+- ``qc_score_site``: the group level's score: the same measurements scored against the
+  pool of this type's scans plus the normal scans as if they were one site (median and
+  ``max(MAD, reference scale)`` of the pool, half of it artifact scans: a harsh case),
+- ``qc_score``: the per-scan score (``qc_pipeline.qcscore``): the largest robust z of
+  the anomaly fraction and the image-quality measurements against a clean reference. The
+  reference is the model card's ``qc_score`` section, or one fitted here on the normal
+  scans of ``--calibration-json`` (a ``--json-out`` of normal scans with another
+  ``--seed``; ``--update-card`` then also writes it into the card). A second table gives
+  each measurement's own AUROC.
 
 A scan whose preprocessing fails (e.g. NoBrainError) gets score +inf: the app
 reports it as failed, which a user treats as flagged.
@@ -71,12 +80,14 @@ def preprocess_cached(kind, i, cache: Path, card, args):
     from qc_pipeline.errors import InputError
     from qc_pipeline.preprocessing import preprocess
 
-    f = cache / f"{kind}_{i:03d}.npz"
+    from qc_pipeline.background import background_stats_for_image
+
+    f = cache / f"{kind}_{i:03d}_s{args.seed}.npz"
     if f.is_file():
         z = np.load(f, allow_pickle=False)
         if "error" in z.files:
             return None, str(z["error"]), float(z["severity"])
-        return (z["image"], z["mask"]), None, float(z["severity"])
+        return _prep_from_npz(z), None, float(z["severity"])
     img, seed, sev = build_scan(kind, i, base_seed=args.seed, contrast=card["contrast"],
                                 severity=args.severity)
     try:
@@ -85,8 +96,22 @@ def preprocess_cached(kind, i, cache: Path, card, args):
     except InputError as exc:
         _save_atomic(f, error=str(exc), severity=sev)
         return None, str(exc), sev
-    _save_atomic(f, image=res.image.astype(np.float32), mask=res.brain_mask, severity=sev)
-    return (res.image.astype(np.float32), res.brain_mask), None, sev
+    res.info.background = background_stats_for_image(img).to_dict()
+    _save_atomic(f, image=res.image.astype(np.float32), mask=res.brain_mask, severity=sev,
+                 signal_mask=res.signal_brain_mask, fov_mask=res.fov_mask,
+                 head_image=res.head_image.astype(np.float16),
+                 info=json.dumps(res.info.to_dict(), default=float))
+    return _prep_from_npz(np.load(f, allow_pickle=False)), None, sev
+
+
+def _prep_from_npz(z):
+    """A light stand-in for PreprocResult from a cache file."""
+    from types import SimpleNamespace
+
+    info = json.loads(str(z["info"]))
+    return SimpleNamespace(image=z["image"], brain_mask=z["mask"], signal_brain_mask=z["signal_mask"],
+                           fov_mask=z["fov_mask"], head_image=z["head_image"].astype(np.float32),
+                           info=SimpleNamespace(**info), info_dict=info)
 
 
 def main(argv=None) -> int:
@@ -109,6 +134,16 @@ def main(argv=None) -> int:
     p.add_argument("--reuse-json", type=Path, nargs="+", default=None,
                    help="take the scores of scans already in these --json-out files (same model, "
                         "seed and schedules) instead of scoring them again")
+    p.add_argument("--save-maps", type=Path, default=None,
+                   help="also save each scan's final mask and error maps (first schedule) here")
+    p.add_argument("--calibration-json", type=Path, nargs="+", default=None,
+                   help="fit the qc_score reference on the normal scans of these --json-out files "
+                        "(scored with another --seed) instead of taking the card's")
+    p.add_argument("--calibration-seed", type=int, default=3000,
+                   help="base seed of --calibration-json rows that do not record theirs (default 3000)")
+    p.add_argument("--features-from-maps", action="store_true",
+                   help="rows without quality measurements (older or merged runs) get them from "
+                        "--cache and --save-maps")
     p.add_argument("--update-card", action="store_true",
                    help="write the table into the model card's evaluation list")
     args = p.parse_args(argv)
@@ -116,6 +151,7 @@ def main(argv=None) -> int:
 
     from qc_pipeline.engine import IterMask3D
     from qc_pipeline.metrics import detection_metrics
+    from qc_pipeline.qcscore import FEATURES, combine, fit_reference, relative_scores
     from qc_pipeline.synth import ARTIFACTS, PAPER_ARTIFACTS
 
     arts = (list(PAPER_ARTIFACTS) if args.artifacts == "paper" else list(ARTIFACTS)
@@ -150,11 +186,25 @@ def main(argv=None) -> int:
         if args.prepare_only:
             print(f"[{n}/{len(plan)}] prepared {kind} {i}" + (f" ERROR {err}" if err else ""), file=sys.stderr, flush=True)
             continue
-        row = {"kind": kind, "i": i, "label": int(kind != "normal"), "severity": sev, "error": err}
+        row = {"kind": kind, "i": i, "seed": args.seed, "label": int(kind != "normal"), "severity": sev,
+               "error": err}
         if vols is not None:
-            image, mask = vols
-            for sch in schedules:
+            image, mask = vols.image, vols.brain_mask
+            row["background_artifact_fraction"] = (vols.info_dict.get("background") or {}).get(
+                "background_artifact_fraction")
+            row["background"] = vols.info_dict.get("background")
+            row["prep"] = {k: vols.info_dict.get(k) for k in (
+                "signal_brain_ml", "expected_brain_ml", "brain_ml_outside_fov",
+                "brain_outside_grid_fraction", "zscore_mean", "zscore_sd", "prior")}
+            for k, sch in enumerate(schedules):
                 r = model.run(image, mask, voxel_size=card["voxel_size"], schedule=sch, seed=0)
+                if k == 0:
+                    row["features"] = _features(vols, r.mask, r.anomaly_fraction, r.first_pass_mean_error)
+                if args.save_maps is not None and sch == schedules[0]:
+                    args.save_maps.mkdir(parents=True, exist_ok=True)
+                    _save_atomic(args.save_maps / f"{kind}_{i:03d}_s{args.seed}.npz",
+                                 final_mask=r.mask, error_map=r.error_map.astype(np.float16),
+                                 first_error_map=r.first_pass_error_map.astype(np.float16))
                 row[f"itermask3d/{sch}"] = r.anomaly_fraction
                 row[f"passes/{sch}"] = r.forward_passes
                 row[f"seconds/{sch}"] = r.seconds
@@ -168,6 +218,29 @@ def main(argv=None) -> int:
     if args.prepare_only:
         return 0
     methods = [f"itermask3d/{s}" for s in schedules] + ["freq-mask-only", "final-mean-error"]
+    if args.features_from_maps:
+        for row in rows:
+            if "features" not in row and not row.get("error"):
+                f = _features_from_maps(row, args)
+                if f is not None:
+                    row["features"] = f
+    reference = card.get("qc_score")
+    if args.calibration_json:
+        cal = [r for f in args.calibration_json for r in json.loads(f.read_text())
+               if r["kind"] == "normal" and not r.get("error")]
+        for r in cal:
+            if "features" not in r and args.features_from_maps:
+                r["features"] = _features_from_maps(r, args, seed=r.get("seed", args.calibration_seed))
+        cal = [r for r in cal if r.get("features")]
+        reference = fit_reference([r["features"] for r in cal], source=(
+            f"{len(cal)} held-out synthetic normal {card['contrast']} heads "
+            f"({', '.join(f.name for f in args.calibration_json)}), never used for training or testing"))
+        print(f"qc_score reference fitted on {len(cal)} calibration normals", file=sys.stderr)
+    if reference and all(r.get("features") for r in rows if not r.get("error")):
+        for row in rows:
+            if not row.get("error"):
+                row["qc_score"] = combine(row["features"], reference).qc_score
+        methods += ["qc_score", "qc_score_site"]
 
     def score(row, m):
         return math.inf if row["error"] else row[m]
@@ -182,11 +255,17 @@ def main(argv=None) -> int:
     print("\n" + header + "\n|---|---|---|---|---|---|---|---|---|")
     names = ("AUROC", "AUPRC", "FPR80", "FPR90", "FNR80", "FNR90")
     table = []
-    for a in arts:
+    for a in (arts if normals else []):
         pos = [r for r in rows if r["kind"] == a]
         for m in methods:
             sub = normals + pos
-            dm = detection_metrics([r["label"] for r in sub], [score(r, m) for r in sub])
+            if m == "qc_score_site":  # the group level's score, with this type's pool as the "site"
+                ok = [r for r in sub if not r["error"]]
+                rel = dict(zip((id(r) for r in ok), relative_scores([r["features"] for r in ok], reference)))
+                scores = [math.inf if r["error"] else rel[id(r)][0] for r in sub]
+            else:
+                scores = [score(r, m) for r in sub]
+            dm = detection_metrics([r["label"] for r in sub], scores)
             vals = [getattr(dm, k) for k in names]
             table.append({"artifact": a, "method": m, "n_artifact": len(pos), "n_normal": len(normals),
                           **{k: (None if v is None or not np.isfinite(v) else round(100 * float(v), 1))
@@ -198,8 +277,27 @@ def main(argv=None) -> int:
         secs = [r[f"seconds/{sch}"] for r in rows if f"seconds/{sch}" in r]
         if passes:
             print(f"\n{sch}: median {np.median(passes):.0f} forward passes, median {np.median(secs):.1f} s per scan")
+    feats = [f for f in FEATURES if any(r.get("features", {}).get(f) is not None for r in rows)]
+    if feats and normals and reference:
+        print("\nEach measurement alone (AUROC %, signed as in the QC score; n/a = not measured):\n")
+        print("| artifact | " + " | ".join(feats) + " |\n|---|" + "---|" * len(feats))
+        for a in arts:
+            sub = normals + [r for r in rows if r["kind"] == a]
+            vals = []
+            for f in feats:
+                z = [math.inf if r["error"] else combine({f: r["features"].get(f)},
+                                                          {"features": {f: reference["features"][f]}}).qc_score
+                     for r in sub]
+                keep = [i for i, v in enumerate(z) if v is not None]
+                dm = detection_metrics([sub[i]["label"] for i in keep], [z[i] for i in keep])
+                vals.append("n/a" if dm.AUROC is None or not np.isfinite(dm.AUROC) else f"{100 * dm.AUROC:.1f}")
+            print(f"| {a} | " + " | ".join(vals) + " |")
     if args.json_out:
         args.json_out.write_text(json.dumps(rows, indent=1, default=float))
+    if args.update_card and args.calibration_json and reference:
+        from qc_pipeline.calibrate import write_card_reference
+
+        write_card_reference(card.get("model_dir") or args.model_dir, reference)
     if args.update_card:
         _update_card(card.get("model_dir") or args.model_dir, table,
                      protocol=(f"benchmarks/detection.py: {len(normals)} held-out normal + "
@@ -208,6 +306,27 @@ def main(argv=None) -> int:
                                f"{args.severity[1]:g}, base seed {args.seed}; percent"),
                      command="python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]))
     return 0
+
+
+def _features(vols, final_mask, fraction, recon_error):
+    from qc_pipeline.qcscore import scan_features
+
+    return scan_features(image_head=vols.head_image, brain_mask=vols.brain_mask,
+                         signal_mask=vols.signal_brain_mask, final_mask=final_mask,
+                         anomaly_fraction=fraction, recon_error=recon_error,
+                         background=vols.info_dict.get("background"))
+
+
+def _features_from_maps(row, args, seed=None):
+    """Quality measurements of a scored row from its cached volumes and saved maps."""
+    name = f"{row['kind']}_{row['i']:03d}_s{row.get('seed', args.seed) if seed is None else seed}.npz"
+    if args.save_maps is None or not (args.save_maps / name).is_file() or not (args.cache / name).is_file():
+        return None
+    vols = _prep_from_npz(np.load(args.cache / name, allow_pickle=False))
+    m = np.load(args.save_maps / name)
+    err = m["first_error_map"].astype(np.float32)
+    return _features(vols, m["final_mask"], float(m["final_mask"].sum() / vols.brain_mask.sum()),
+                     float(err[vols.brain_mask].mean()))
 
 
 def _update_card(model_dir, table, *, protocol: str, command: str) -> None:

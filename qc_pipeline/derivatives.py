@@ -35,7 +35,9 @@ ERROR_MAP_DESC = "desc-error_map"
 QC_FIELDS = (
     "status", "error", "warnings",
     "bids_name", "source_file", "source_path", "entities", "site", "metadata",
+    "qc_score", "qc_score_driver",
     "anomaly_voxels", "anomaly_fraction", "anomaly_mm3",
+    "quality_features", "quality_z", "qc_score_reference",
     "tau_curve", "tau_stop", "fit", "forward_passes", "mean_error",
     "background_artifact_fraction", "background",
     "model_id", "schedule", "device", "input_sha256", "package_version", "runtime_s",
@@ -127,17 +129,23 @@ def write_error_qc(output_dir, scan, reason: str, *, model_id=None, schedule="fa
 
 def write_ok_qc(output_dir, scan, result: Mapping[str, Any], *, model_id, schedule, device,
                 input_sha256, warnings: Iterable[str] = (), runtime_s=None,
-                background: Optional[Mapping[str, Any]] = None) -> Path:
+                background: Optional[Mapping[str, Any]] = None,
+                quality: Optional[Mapping[str, Any]] = None) -> Path:
     """Write ``<source>_qc.json`` with ``status: "ok"`` (call after the images are written).
 
     ``background``: the out-of-head statistic
     (:meth:`qc_pipeline.background.BackgroundStats.to_dict`), written as ``background``;
     its ``background_artifact_fraction`` (None when unavailable) also goes to the top level.
+    ``quality``: :meth:`qc_pipeline.qcscore.QCScore.to_dict` (``qc_score``,
+    ``qc_score_driver``, ``quality_z``, ``quality_features``), written at the top level.
     """
     paths = output_paths(output_dir, scan)
     rec = base_record(scan, model_id=model_id, schedule=schedule, device=device,
                       input_sha256=input_sha256)
     rec["status"] = "ok"
+    q = dict(quality or {})
+    for key in ("qc_score", "qc_score_driver", "quality_features", "quality_z", "qc_score_reference"):
+        rec[key] = q.get(key)
     for key in RESULT_FIELDS:
         rec[key] = result.get(key)
     if background:

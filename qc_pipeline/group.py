@@ -3,10 +3,27 @@
 Reads only the derivatives folder (``OUTPUT_DIR/sub-*/[ses-*/]anat/*_qc.json`` and the
 NIfTIs they name); never the raw BIDS tree.
 
+The score
+---------
+Each qc.json carries ``qc_score`` (``qc_pipeline.qcscore``: the largest robust z of
+IterMask3D's anomaly and the image-quality measurements against the model's clean
+reference scans) and the measurements themselves. The group level scores every scan once
+more against *its own site's* scans (``qc_score_site``: per measurement, the site's median
+and ``max(1.4826 MAD, reference scale)``; :func:`qc_pipeline.qcscore.relative_scores`),
+because a site's clean scans can differ from the reference scans (scanner, sequence, real
+instead of synthetic anatomy): the site score follows them, while the reference's scale
+keeps a tight site from flagging trivia. Sites with fewer than ``min_site_size`` scans
+with measurements (of the same model) are scored against the pool of all sites.
+
+Scans are ranked, flagged and measured by ``qc_score_site``; when any successful scan of
+a suffix has none (older derivatives, a model without a ``qc_score`` reference, too few
+scans), by ``qc_score``; when any lacks that too, by ``anomaly_fraction``. The rule text
+says which. Below, "score" is whichever is used.
+
 Flag rules
 ----------
 ``robust`` (default)
-    Per site, a scan is flagged when ``anomaly_fraction > median + k * s`` where ``s`` is
+    Per site, a scan is flagged when ``score > median + k * s`` where ``s`` is
     the scaled MAD (``1.4826 * median(|x - median|)``, the normal-consistent robust SD) of
     that site's successful scans, ``k = 3`` by default (``mad_k``). Sites with fewer than
     ``min_site_size`` (default 8) successful scans use the pooled distribution of all
@@ -26,8 +43,8 @@ Flag rules
 ``fnr`` (``flag_at_fnr=0.2`` with labels)
     One threshold calibrated on all labelled scans of the suffix (pooled over sites, since
     few artifact scans per site make per-site calibration unstable): the highest
-    ``anomaly_fraction`` such that at most ``flag_at_fnr`` of the labelled artifact scans
-    fall below it; a scan is flagged when ``anomaly_fraction >= threshold``. Without
+    score such that at most ``flag_at_fnr`` of the labelled artifact scans
+    fall below it; a scan is flagged when ``score >= threshold``. Without
     labelled artifact scans for a suffix, that suffix falls back to the robust rule and
     the rule text says so.
 
@@ -91,7 +108,7 @@ POOLED_SITE = "ALL_SITES"
 ROW_COLUMNS = [
     "bids_name", "subject", "session", "acquisition", "run", "suffix", "site", "status",
     "anomaly_voxels", "anomaly_fraction", "anomaly_mm3", "rank", "percentile_in_site",
-    "flagged", "error", "threshold", "label", "warnings", "model_id",
+    "flagged", "error", "qc_score", "qc_score_driver", "qc_score_site", "qc_score_site_driver", "threshold", "label", "warnings", "model_id",
     "report",
     "background_artifact_fraction", "background_ghost_ratio", "background_snr",
     "background_flagged", "background_threshold", "background_note", "flag_reasons",
@@ -155,6 +172,17 @@ class QCRecord:
     @property
     def fraction(self) -> float:
         return self._num("anomaly_fraction")
+
+    @property
+    def qc_score(self) -> float:
+        """The combined QC score (NaN when the qc.json has none)."""
+        return self._num("qc_score")
+
+    @property
+    def qc_score_site(self) -> float:
+        """Score against the scan's own site (set by the group level; NaN until then)."""
+        v = self.data.get("_qc_score_site")
+        return math.nan if v is None else float(v)
 
     @property
     def background(self) -> dict:
@@ -393,7 +421,15 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
     ok = [r for r in records if r.ok]
     failed = [r for r in records if not r.ok]
     sites = sorted({r.site for r in records})
-    pooled = np.array([r.fraction for r in ok], dtype=float)
+    _set_site_scores(ok, min_site_size=min_site_size)
+    use_site = bool(ok) and all(math.isfinite(r.qc_score_site) for r in ok)
+    use_qc = bool(ok) and all(math.isfinite(r.qc_score) for r in ok)
+    score_name = "qc_score_site" if use_site else "qc_score" if use_qc else "anomaly_fraction"
+
+    def S(r: QCRecord) -> float:  # noqa: N802 - the score this suffix is ranked by
+        return r.qc_score_site if use_site else r.qc_score if use_qc else r.fraction
+
+    pooled = np.array([S(r) for r in ok], dtype=float)
     lab = {} if labels is None else {r.bids_name: labels[normalise_bids_name(r.bids_name)]
                                      for r in records if normalise_bids_name(r.bids_name) in labels}
 
@@ -404,13 +440,13 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
     fnr_thr = math.nan
     if flag_at_fnr is not None:
         ly = [lab[r.bids_name] for r in ok if r.bids_name in lab]
-        ls = [r.fraction for r in ok if r.bids_name in lab]
+        ls = [S(r) for r in ok if r.bids_name in lab]
         if sum(ly) > 0:
             fnr_thr = _metrics.threshold_at_fnr(ly, ls, flag_at_fnr)
     if math.isfinite(fnr_thr):
         strict = False
         n_lab, n_art = len(ly), int(sum(ly))
-        rule = (f"calibrated at FNR<={flag_at_fnr:g}: anomaly_fraction >= {fnr_thr:.6g} "
+        rule = (f"calibrated at FNR<={flag_at_fnr:g}: {score_name} >= {fnr_thr:.6g} "
                 f"(pooled over sites; {n_lab} labelled scans, {n_art} artifact)")
         rule_summary = rule
         for s in sites:
@@ -420,10 +456,10 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
         if flag_at_fnr is not None:
             prefix = f"no labelled artifact scans to calibrate FNR<={flag_at_fnr:g}; fallback: "
         site_thr = _site_thresholds(
-            {s: np.array([r.fraction for r in ok if r.site == s], dtype=float) for s in sites},
-            pooled, k=mad_k, min_site_size=min_site_size, score="anomaly_fraction",
+            {s: np.array([S(r) for r in ok if r.site == s], dtype=float) for s in sites},
+            pooled, k=mad_k, min_site_size=min_site_size, score=score_name,
             prefix=prefix, none="no successful scans: nothing to flag")
-        rule_summary = (f"{prefix}robust per site: flag when anomaly_fraction > median + "
+        rule_summary = (f"{prefix}robust per site: flag when {score_name} > median + "
                         f"{mad_k:g} x scaled MAD (1.4826 x MAD) of the site's scores; sites with "
                         f"fewer than {min_site_size} successful scans use the pooled distribution")
 
@@ -431,7 +467,7 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
         thr = site_thr[r.site][0]
         if not math.isfinite(thr):
             return False
-        return r.fraction > thr if strict else r.fraction >= thr
+        return S(r) > thr if strict else S(r) >= thr
 
     bg_thr, bg_summary = _background_thresholds(ok, sites, k=mad_k if background_k is None else background_k,
                                                 floor=background_min_fraction, min_site_size=min_site_size)
@@ -442,19 +478,19 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
         return bool(r.ok and math.isfinite(thr) and math.isfinite(x) and x > thr)
 
     # ---- rows
-    ok_sorted = sorted(ok, key=lambda r: (-r.fraction, r.bids_name))
-    ranks = _rank_min([r.fraction for r in ok_sorted])
-    site_scores = {s: np.array([r.fraction for r in ok if r.site == s], dtype=float) for s in sites}
+    ok_sorted = sorted(ok, key=lambda r: (-S(r), r.bids_name))
+    ranks = _rank_min([S(r) for r in ok_sorted])
+    site_scores = {s: np.array([S(r) for r in ok if r.site == s], dtype=float) for s in sites}
     rows = []
     for r, rank in zip(ok_sorted, ranks):
         xs = site_scores[r.site]
-        pct = 100.0 * float(np.mean(xs <= r.fraction))
+        pct = 100.0 * float(np.mean(xs <= S(r)))
         rows.append(_row(r, lab, rank=rank, pct=pct, flagged=is_flagged(r),
                          thr=site_thr[r.site][0], bg_flagged=is_bg_flagged(r),
-                         bg_thr=bg_thr[r.site][0], strict=strict))
+                         bg_thr=bg_thr[r.site][0], strict=strict, score_name=score_name, score=S(r)))
     for r in sorted(failed, key=lambda r: r.bids_name):
         rows.append(_row(r, lab, rank=None, pct=None, flagged=None, thr=site_thr[r.site][0],
-                         bg_flagged=None, bg_thr=bg_thr[r.site][0], strict=strict))
+                         bg_flagged=None, bg_thr=bg_thr[r.site][0], strict=strict, score_name=score_name))
 
     # ---- sites
     site_rows = []
@@ -484,7 +520,7 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
         })
         if labels is not None:
             ly = [lab[r.bids_name] for r in recs if r.ok and r.bids_name in lab]
-            ls = [r.fraction for r in recs if r.ok and r.bids_name in lab]
+            ls = [S(r) for r in recs if r.ok and r.bids_name in lab]
             m = _metrics.detection_metrics(ly, ls)
             row.update({"n_labelled": m.n, "n_artifact": m.n_pos,
                         **{k: getattr(m, k) for k in _metrics.METRIC_NAMES},
@@ -494,8 +530,48 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
                "background_rule": bg_summary, "background_thresholds": bg_thr,
                "n_background_flagged": sum(1 for r in ok if is_bg_flagged(r)),
                "n_scans": len(records), "n_failed": len(failed), "sites": sites,
+               "score": score_name,
                "labels": labels is not None}
     return rows, site_rows, summary
+
+
+def _set_site_scores(ok: list[QCRecord], *, min_site_size: int) -> None:
+    """Store each record's score against its own site (``_qc_score_site`` in ``data``).
+
+    Records are grouped by model (their ``qc_score_reference`` must match) and site; a
+    site with fewer than ``min_site_size`` records with measurements is scored against the
+    pool of its model's records of every site; a pool that small gets no site score.
+    """
+    from .qcscore import relative_scores
+
+    by_model: dict[str, list[QCRecord]] = {}
+    for r in ok:
+        r.data.pop("_qc_score_site", None)
+        ref = r.data.get("qc_score_reference")
+        if isinstance(ref, dict) and ref and isinstance(r.data.get("quality_features"), dict):
+            by_model.setdefault(json.dumps(ref, sort_keys=True), []).append(r)
+    for key, recs in by_model.items():
+        reference = {"features": json.loads(key)}
+        pooled = None
+        for site in sorted({r.site for r in recs}):
+            group = [r for r in recs if r.site == site]
+            where = f"site {site}"
+            if len(group) < min_site_size:
+                if len(recs) < min_site_size:
+                    continue
+                if pooled is None:
+                    pooled = dict(zip((id(r) for r in recs), relative_scores(
+                        [r.data["quality_features"] for r in recs], reference, min_scans=min_site_size)))
+                scores = [pooled[id(r)] for r in group]
+                where = "all sites (site too small)"
+            else:
+                scores = relative_scores([r.data["quality_features"] for r in group], reference,
+                                         min_scans=min_site_size)
+            for r, (sc, drv) in zip(group, scores):
+                if sc is not None:
+                    r.data["_qc_score_site"] = sc
+                    r.data["_qc_score_site_driver"] = drv
+                    r.data["_qc_score_site_against"] = where
 
 
 def _site_thresholds(by_site: Mapping[str, np.ndarray], pooled: np.ndarray, *, k: float,
@@ -542,11 +618,15 @@ def _background_thresholds(ok: list[QCRecord], sites: list[str], *, k: float, fl
 
 
 def _row(r: QCRecord, lab: Mapping, *, rank, pct, flagged, thr, bg_flagged=None, bg_thr=math.nan,
-         strict: bool = True) -> dict:
+         strict: bool = True, score_name: str = "anomaly_fraction", score: float = math.nan) -> dict:
     e = r.entities
     reasons = []
+    driver = r.data.get("qc_score_driver") if r.ok else None
+    site_driver = r.data.get("_qc_score_site_driver") if r.ok else None
     if flagged:
-        reasons.append(f"anomaly_fraction {r.fraction:.4g} {'>' if strict else '>='} threshold {thr:.4g}")
+        d = site_driver if score_name == "qc_score_site" else driver if score_name == "qc_score" else None
+        why = f" (driven by {d})" if d else ""
+        reasons.append(f"{score_name} {score:.4g} {'>' if strict else '>='} threshold {thr:.4g}{why}")
     if bg_flagged:
         reasons.append(f"background artifact: background_artifact_fraction {r.background_fraction:.4g} "
                        f"> threshold {bg_thr:.4g}")
@@ -557,6 +637,10 @@ def _row(r: QCRecord, lab: Mapping, *, rank, pct, flagged, thr, bg_flagged=None,
         "bids_name": r.bids_name, "subject": e.get("subject", ""), "session": e.get("session", ""),
         "acquisition": e.get("acquisition", ""), "run": e.get("run", ""),
         "suffix": e.get("suffix", ""), "site": r.site, "status": r.status,
+        "qc_score": r.qc_score if r.ok and math.isfinite(r.qc_score) else None,
+        "qc_score_driver": driver or "",
+        "qc_score_site": r.qc_score_site if r.ok and math.isfinite(r.qc_score_site) else None,
+        "qc_score_site_driver": site_driver or "",
         "anomaly_voxels": int(r.voxels) if r.ok and math.isfinite(r.voxels) else None,
         "anomaly_fraction": r.fraction if r.ok else None,
         "anomaly_mm3": r.mm3 if r.ok and math.isfinite(r.mm3) else None,

@@ -208,20 +208,23 @@ class _IMInputSpec(BaseInterfaceInputSpec):
 
 class _IMOutputSpec(TraitedSpec):
     out_file = traits.Str(desc="pickled engine Result ('' on error)")
+    quality = traits.Dict(desc="QCScore.to_dict(): qc_score, driver, measurements and their z")
     model_id = traits.Str()
     error = traits.Str()
     seconds = traits.Float()
 
 
 class IterMaskRun(SimpleInterface):
-    """Run IterMask3D (:meth:`qc_pipeline.engine.IterMask3D.run`) on a preprocessed scan."""
+    """Run IterMask3D (:meth:`qc_pipeline.engine.IterMask3D.run`) on a preprocessed scan and
+    combine its result with the image-quality measurements into the QC score
+    (:func:`qc_pipeline.qcscore.scan_quality`, reference from the model card)."""
 
     input_spec = _IMInputSpec
     output_spec = _IMOutputSpec
 
     def _run_interface(self, runtime):
         t0 = time.perf_counter()
-        self._results.update(out_file="", model_id="", error=self.inputs.in_error)
+        self._results.update(out_file="", model_id="", error=self.inputs.in_error, quality={})
         if not self.inputs.in_error:
             try:
                 _set_threads(self.inputs.omp_nthreads)
@@ -236,6 +239,10 @@ class IterMaskRun(SimpleInterface):
                     schedule=self.inputs.schedule,
                     seed=self.inputs.seed,
                 )
+                from .qcscore import scan_quality
+
+                self._results["quality"] = scan_quality(prep, res, model.card).to_dict()
+                res.first_pass_error_map = None  # only the measurements need it: keep the pickle small
                 self._results["out_file"] = _dump(res, Path(runtime.cwd) / "result.pkl")
             except Exception as exc:  # noqa: BLE001
                 self._results["error"] = describe_error(exc, "IterMask3D")
@@ -250,6 +257,7 @@ class _WriteInputSpec(BaseInterfaceInputSpec):
     in_file = traits.File(exists=True, mandatory=True, desc="the native scan (reference grid)")
     preproc_file = traits.Str("", usedefault=True)
     result_file = traits.Str("", usedefault=True)
+    quality = traits.Dict(value={}, usedefault=True, desc="QCScore.to_dict()")
     in_error = traits.Str("", usedefault=True)
     input_sha256 = traits.Str("", usedefault=True)
     load_warnings = traits.List(traits.Str, value=[], usedefault=True)
@@ -321,7 +329,8 @@ class WriteDerivatives(SimpleInterface):
         runtime_s = sum(i.seconds) + (time.perf_counter() - t0)
         return write_ok_qc(i.output_dir, i.scan, res.to_dict(), warnings=warnings,
                            runtime_s=runtime_s,
-                           background=getattr(prep.info, "background", None) or None, **common)
+                           background=getattr(prep.info, "background", None) or None,
+                           quality=dict(i.quality) or None, **common)
 
 
 # --------------------------------------------------------------------------- reports

@@ -169,6 +169,10 @@ class PreprocResult:
     warnings : list of str
     fov_mask : np.ndarray, bool
         Grid voxels that lie inside the scan's field of view.
+    head_image : np.ndarray, float32
+        The whole grid (skull, scalp, background) with the same z-score scaling as
+        ``image`` but no brain masking; 0 outside the field of view. Used by the
+        image-quality features of :mod:`qc_pipeline.qcscore`.
     """
 
     image: np.ndarray
@@ -178,6 +182,7 @@ class PreprocResult:
     info: PrepInfo
     warnings: list
     fov_mask: np.ndarray = None
+    head_image: np.ndarray = None
 
     @property
     def affine(self) -> np.ndarray:
@@ -851,4 +856,5 @@ def preprocess(img: nib.spatialimages.SpatialImage, *, voxel_size=DEFAULT_VOXEL_
     )
     warns.extend(mask_img.extra.get("qc_warnings", []))
     return PreprocResult(image=image.astype(np.float32), brain_mask=expected_g, expected_brain_mask=expected_g,
-                         signal_brain_mask=sig_g, info=info, warnings=warns, fov_mask=fov_g)
+                         signal_brain_mask=sig_g, info=info, warnings=warns, fov_mask=fov_g,
+                         head_image=(np.where(fov_g, (image_g - mean) / sd, 0.0)).astype(np.float32))

@@ -564,7 +564,10 @@ def _group_info(output_dir: Path, rec: QCRecord) -> dict | None:
     site = row.get("site", "")
     site_ok = [r for r in rows.values() if r.get("site") == site and r.get("status") == "ok"]
     n_site = len(site_ok)
-    rank_site = 1 + sum(1 for r in site_ok if float(r["anomaly_fraction"]) > frac)
+    key = next((k for k in ("qc_score_site", "qc_score") if all(r.get(k) not in (None, "") for r in site_ok)),
+               "anomaly_fraction")
+    mine = float(row.get(key) or "nan")
+    rank_site = 1 + sum(1 for r in site_ok if float(r[key]) > mine)
     n_all = sum(1 for r in rows.values() if r.get("status") == "ok")
     rule = bg_rule = ""
     sp = output_dir / f"group_{rec.suffix}_sites.csv"
@@ -603,6 +606,8 @@ def render_subject_report(output_dir, subject: str, *, site_column: str = "site"
             "entities": ent, "site": rec.site, "ok": rec.ok, "status": rec.status,
             "error": rec.error, "warnings": rec.warnings,
             "voxels": d.get("anomaly_voxels"), "fraction": d.get("anomaly_fraction"),
+            "qc_score": d.get("qc_score"), "driver": d.get("qc_score_driver"),
+            "quality_z": d.get("quality_z") or {}, "quality_features": d.get("quality_features") or {},
             "mm3": d.get("anomaly_mm3"),
             "background": rec.background, "bg_fraction": d.get("background_artifact_fraction"),
             "group": _group_info(output_dir, rec), "fig": scan_figures(rec, output_dir),
@@ -636,10 +641,14 @@ def write_subject_report(output_dir, subject: str, *, site_column: str = "site")
 
 # --------------------------------------------------------------------------- group page
 def distribution_png(rows: list[dict], site_rows: list[dict], summary: dict) -> str | None:
-    """Per-site strip + box plot of anomaly_fraction, flagged scans in red, thresholds dashed."""
+    """Per-site strip + box plot of the ranking score (``summary["score"]``: qc_score, else
+    anomaly_fraction), flagged scans in red, thresholds dashed."""
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
         return None
+    key = summary.get("score", "anomaly_fraction")
+    # fractions in %, symlog so zero scores show; qc_score (robust z) on a linear axis
+    unit = 100.0 if key == "anomaly_fraction" else 1.0
     plt = _pyplot()
     sites = summary["sites"]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.5 * len(sites) + 3.5), 3.8), dpi=90, facecolor="white")
@@ -648,7 +657,7 @@ def distribution_png(rows: list[dict], site_rows: list[dict], summary: dict) -> 
         rs = [r for r in ok if r["site"] == s]
         if not rs:
             continue
-        y = np.array([r["anomaly_fraction"] for r in rs], dtype=float) * 100
+        y = np.array([r[key] for r in rs], dtype=float) * unit
         ax.boxplot([y], positions=[i], widths=0.5, showfliers=False,
                    medianprops={"color": "#333"}, boxprops={"color": "#999"},
                    whiskerprops={"color": "#999"}, capprops={"color": "#999"})
@@ -664,16 +673,21 @@ def distribution_png(rows: list[dict], site_rows: list[dict], summary: dict) -> 
                        label="rated artifact" if i == 0 else None, zorder=5)
         thr = summary["site_thresholds"].get(s, (math.nan, ""))[0]
         if math.isfinite(thr):
-            ax.hlines(thr * 100, i - 0.35, i + 0.35, colors="#e31a1c", linestyles="--", lw=1.2,
+            ax.hlines(thr * unit, i - 0.35, i + 0.35, colors="#e31a1c", linestyles="--", lw=1.2,
                       label="flag threshold" if i == 0 else None, zorder=2)
     ax.set_xticks(range(len(sites)))
     ax.set_xticklabels([str(s) for s in sites], fontsize=8)
     ax.set_xlim(-0.6, len(sites) - 0.4)
-    # symlog: linear below 0.01 % so zero scores show, log above so clean scans are not squashed
-    ax.set_yscale("symlog", linthresh=0.01, linscale=0.5)
-    ymax = max(float(r["anomaly_fraction"]) for r in ok) * 100
-    ax.set_ylim(bottom=0, top=max(0.02, ymax * 2.0))
-    ax.set_ylabel("anomaly fraction of brain (%, symlog)", fontsize=8)
+    if key == "anomaly_fraction":
+        # symlog: linear below 0.01 % so zero scores show, log above so clean scans are not squashed
+        ax.set_yscale("symlog", linthresh=0.01, linscale=0.5)
+        ymax = max(float(r[key]) for r in ok) * unit
+        ax.set_ylim(bottom=0, top=max(0.02, ymax * 2.0))
+        ax.set_ylabel("anomaly fraction of brain (%, symlog)", fontsize=8)
+    else:
+        # robust z: linear near clean scans, log-like far out so a few huge scores do not squash them
+        ax.set_yscale("symlog", linthresh=10.0, linscale=1.0)
+        ax.set_ylabel(f"{key} (robust z)", fontsize=8)
     ax.set_xlabel("site", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(axis="y", alpha=0.3)

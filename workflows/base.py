@@ -126,7 +126,7 @@ def init_scan_wf(
         (inputnode, write, [("in_file", "in_file")]),
         (load, write, [("input_sha256", "input_sha256"), ("warnings", "load_warnings")]),
         (prep, write, [("out_file", "preproc_file"), ("warnings", "prep_warnings")]),
-        (itermask, write, [("out_file", "result_file"), ("error", "in_error"),
+        (itermask, write, [("out_file", "result_file"), ("quality", "quality"), ("error", "in_error"),
                            ("model_id", "model_id")]),
         (load, timings, [("seconds", "in1")]),
         (prep, timings, [("seconds", "in2")]),

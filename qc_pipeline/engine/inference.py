@@ -73,6 +73,8 @@ class Result:
     first_pass_mean_error : float
         Mean error inside the brain after the first, whole-brain-masked pass
         ("frequency masking only" ablation score).
+    first_pass_error_map : (X, Y, Z) float32 array or None
+        Squared error of that first pass, 0 outside the brain.
     converged : bool
         False when the refinement hit the schedule's pass cap.
     device, seed, gamma : run settings.
@@ -91,6 +93,7 @@ class Result:
     schedule: str
     mean_error: float
     first_pass_mean_error: float = float("nan")
+    first_pass_error_map: np.ndarray | None = None
     converged: bool = True
     refine_passes: int = 0
     brain_voxels: int = 0
@@ -162,6 +165,7 @@ class _ScanLoop:
         self.prev: np.ndarray | None = None
         self.refine_passes = 0
         self.first_pass_mean_error = float("nan")
+        self.first_pass_error_map: np.ndarray | None = None
         self.fit: TauFit | None = None
         self.final: dict | None = None
 
@@ -191,6 +195,7 @@ class _ScanLoop:
         err = ((recon.astype(np.float32) - self.x) ** 2) * self.brain  # eq. 5, inside the brain
         if self.passes == 1:
             self.first_pass_mean_error = float(err[self.brain].mean())
+            self.first_pass_error_map = err.astype(np.float32)
         if self.phase == "sweep":
             t = self.sched.sweep_t[self.sweep_i]
             s = np.sort(err[self.brain])
@@ -405,7 +410,8 @@ class IterMask3D:
                 mask=f["mask"], error_map=f["error_map"], tau_curve=list(zip(lp.ts, lp.taus)),
                 fit=lp.fit, tau_stop=lp.tau_stop, forward_passes=lp.passes, seconds=seconds,
                 schedule=sched.name, mean_error=f["mean_error"],
-                first_pass_mean_error=lp.first_pass_mean_error, converged=f["converged"],
+                first_pass_mean_error=lp.first_pass_mean_error,
+                first_pass_error_map=lp.first_pass_error_map, converged=f["converged"],
                 refine_passes=lp.refine_passes, brain_voxels=lp.n_brain, device=str(self.device),
                 seed=lp.seed, gamma=self.gamma))
             log.debug("itermask3d: %s passes=%d tau_stop=%.4g path=%s voxels=%d", sched.name, lp.passes,

@@ -24,6 +24,7 @@ from app_testlib import BAD_KINDS, base_args, make_dataset, qc_of
 
 from qc_pipeline.cli import main
 from qc_pipeline.derivatives import QC_FIELDS
+from qc_pipeline.qcscore import FEATURES
 
 GOOD = [
     "sub-01/ses-pre/anat/sub-01_ses-pre_run-1_T1w.nii.gz",
@@ -80,6 +81,15 @@ def test_good_scans_have_all_outputs_in_native_space(run):
         assert qc["mask_file"] == mask.get_filename().split("/")[-1]
         assert qc["anomaly_voxels"] > 0 and 0 < qc["anomaly_fraction"] <= 1
         assert qc["anomaly_mm3"] == pytest.approx(qc["anomaly_voxels"] * 4.0 ** 3)
+        # the combined QC score: every measurement taken on a real-looking head, the score
+        # is the largest z against the card's reference and names its driver
+        assert set(qc["quality_features"]) == set(FEATURES) == set(qc["quality_z"])
+        assert all(qc["quality_features"][k] is not None for k in
+                   ("anomaly_fraction", "recon_error", "signal_deficit", "sharpness", "noise"))
+        assert qc["quality_features"]["anomaly_fraction"] == pytest.approx(qc["anomaly_fraction"], rel=1e-5)
+        zs = {k: v for k, v in qc["quality_z"].items() if v is not None}
+        assert qc["qc_score"] == pytest.approx(max(zs.values()), abs=1e-5)
+        assert qc["qc_score_driver"] == max(zs, key=zs.get)
         assert qc["tau_curve"] and qc["fit"]["path"] in ("tan", "fallback")
         assert qc["forward_passes"] >= 1 and qc["runtime_s"] > 0
         assert qc["model_id"] == "t1w-random-seed0" and qc["schedule"] == "fast"
@@ -160,6 +170,10 @@ def test_dataset_description_logs_config_and_reports(run):
         html = (out / f"sub-{sub}.html").read_text()
         assert f"sub-{sub}" in html
     assert "sub-02_acq-empty_T1w" in (out / "sub-02.html").read_text()
+    # the subject page shows the QC score, its driver and every measurement
+    qc = qc_of(out, GOOD[0])
+    html = (out / "sub-01.html").read_text()
+    assert f"driven by {qc['qc_score_driver']}" in html and "signal_deficit" in html
 
 
 def test_rerun_skips_finished_scans(run, model_dir):
@@ -245,3 +259,25 @@ def test_group_level_from_derivatives_alone(run, tmp_path):
     assert by_name["sub-01_ses-post_acq-mprage_T1w"]["site"] == "siteC"
     assert (out / "group_T1w.html").is_file() and (out / "group_T1w_sites.csv").is_file()
     assert list((out / "logs").glob("config-*.json"))
+
+
+def test_calibrate_fits_the_qc_reference_from_clean_outputs(run, model_dir, tmp_path, capsys):
+    from qc_pipeline.calibrate import main as calibrate
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    n_ok = sum(qc_of(run["out"], rel)["status"] == "ok" for rel in GOOD)
+    # too few clean scans for the default minimum: a clear refusal, the card untouched
+    before = (model / "model_card.json").read_text()
+    assert calibrate([str(run["out"]), str(model)]) == 2
+    assert "need >= 8" in capsys.readouterr().err
+    assert (model / "model_card.json").read_text() == before
+    assert calibrate([str(run["out"]), str(model), "--min-scans", "5"]) == 0
+    card = json.loads((model / "model_card.json").read_text())
+    ref = card["qc_score"]
+    assert ref["n_scans"] == n_ok and set(ref["features"]) <= set(FEATURES)
+    assert {"anomaly_fraction", "recon_error", "sharpness", "noise"} <= set(ref["features"])
+    assert card["model_id"] == "t1w-random-seed0"  # the rest of the card is kept
+    # a folder that is not a model folder is named in the error
+    assert calibrate([str(run["out"]), str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err

@@ -1,0 +1,104 @@
+"""``itermask-qc-calibrate``: fit a model's QC-score reference on clean scans.
+
+The QC score (:mod:`qc_pipeline.qcscore`) compares each measurement of a scan with the
+same measurement on clean scans. The packaged models carry a reference fitted on held-out
+synthetic normal heads. A site whose scans differ from those (scanner, sequence, anatomy)
+gets a better-calibrated score by fitting the reference on its own clean scans:
+
+    itermask-qc /bids /out participant --model-dir my_t1w_model   # clean scans
+    itermask-qc-calibrate /out my_t1w_model --suffix T1w [--labels ratings.tsv]
+    itermask-qc /bids /out2 participant --model-dir my_t1w_model   # now calibrated
+
+Only successful scans of the suffix that were screened with that model enter the fit;
+with ``--labels``, scans rated as artifacts are left out (unrated ones are kept). The
+card's ``qc_score`` section is replaced atomically; the rest of the card is untouched.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Mapping
+
+from .qcscore import FEATURES, QCScoreError, fit_reference
+
+log = logging.getLogger(__name__)
+
+__all__ = ["write_card_reference", "reference_from_outputs", "main"]
+
+
+class CalibrationError(ValueError):
+    """Nothing usable to calibrate on; the message names the folder and what was found."""
+
+
+def write_card_reference(model_dir, reference: Mapping) -> Path:
+    """Replace the ``qc_score`` section of ``model_dir/model_card.json`` (atomic)."""
+    path = Path(model_dir) / "model_card.json"
+    if not path.is_file():
+        raise CalibrationError(f"{model_dir}: no model_card.json (expected a model folder)")
+    card = json.loads(path.read_text())
+    card["qc_score"] = dict(reference)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(card, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def reference_from_outputs(output_dir, *, model_id: str | None, suffix: str,
+                           labels=None, min_scans: int = 8) -> dict:
+    """Fit the reference from the ``quality_features`` of the qc.json files in ``output_dir``."""
+    from .group import load_labels, load_qc_records, normalise_bids_name
+
+    records = [r for r in load_qc_records(output_dir) if r.suffix == suffix and r.ok]
+    if model_id:
+        records = [r for r in records if r.data.get("model_id") == model_id]
+    bad = set()
+    if labels is not None:
+        bad = {k for k, v in load_labels(labels).items() if v == 1}
+    rows = [r.data.get("quality_features") for r in records
+            if normalise_bids_name(r.bids_name) not in bad]
+    rows = [q for q in rows if isinstance(q, dict)]
+    if not rows:
+        raise CalibrationError(
+            f"{output_dir}: no successful {suffix} scans with quality measurements"
+            + (f" screened with model {model_id}" if model_id else "")
+            + " (run the participant level with this model first)")
+    try:
+        return fit_reference(rows, features=[f for f in FEATURES], min_scans=min_scans,
+                             source=f"{len(rows)} clean {suffix} scans in {Path(output_dir).resolve()}")
+    except QCScoreError as exc:
+        raise CalibrationError(f"{output_dir}: {exc}") from exc
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="itermask-qc-calibrate", description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("output_dir", type=Path, help="derivatives folder of a participant run on clean scans")
+    p.add_argument("model_dir", type=Path, help="the model folder those scans were screened with")
+    p.add_argument("--suffix", default="T1w", choices=["T1w", "T2w", "FLAIR"])
+    p.add_argument("--labels", type=Path, default=None, help="ratings TSV; scans rated 1/bad are left out")
+    p.add_argument("--min-scans", type=int, default=8, help="fewest clean scans to fit on (default 8)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    card_path = args.model_dir / "model_card.json"
+    if not card_path.is_file():
+        print(f"itermask-qc-calibrate: {args.model_dir}: no model_card.json (expected a model folder)",
+              file=sys.stderr)
+        return 2
+    model_id = json.loads(card_path.read_text()).get("model_id")
+    try:
+        ref = reference_from_outputs(args.output_dir, model_id=model_id, suffix=args.suffix,
+                                     labels=args.labels, min_scans=args.min_scans)
+        write_card_reference(args.model_dir, ref)
+    except (CalibrationError, OSError, ValueError) as exc:
+        print(f"itermask-qc-calibrate: {exc}", file=sys.stderr)
+        return 2
+    log.info("QC-score reference of %s written from %d scans", card_path, ref["n_scans"])
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""The scan-level QC score: IterMask3D's anomaly plus image-quality features, calibrated.
+
+IterMask3D's voxel count answers "which part of the brain does not look like a normal
+brain?". Alone it misses artifacts that change the whole image in a way the network
+reconstructs well (blur, motion smear, Gibbs ringing, mild noise) and artifacts that live
+outside the brain (ghosts, wrap-around). The QC score therefore looks at a few
+complementary measurements of the same scan, each compared with the distribution of the
+same measurement on clean scans (the model card's ``qc_score.reference``, fitted by
+:func:`fit_reference` on held-out normal scans):
+
+``anomaly_fraction``
+    IterMask3D's final mask / brain voxels (the paper's score).
+``recon_error``
+    Mean squared reconstruction error in the brain with the whole brain masked (one
+    forward pass; the paper's "frequency masking only" score). Global changes that the
+    per-scan tau threshold normalises away (noise, ringing, contrast) raise it.
+``anomaly_cluster_fraction``
+    Largest connected component of the final mask / brain voxels: one coherent region
+    (missing chunk, signal void) rather than scattered speckle.
+``signal_deficit``
+    Share of the expected brain (where brain should be) that the skull-strip did not find
+    as brain-like signal: missing chunks, cut-off field of view, metal voids.
+``background_artifact_fraction``
+    Structured signal in the air outside the head (:mod:`qc_pipeline.background`):
+    ghosts, wrap-around, spikes.
+``sharpness``
+    Ratio of fine-scale to coarse-scale gradient energy inside the brain, on the model
+    grid: blur, thick slices and motion smear lower it. Only low values count: real scans
+    are sharper than the template-based synthetic heads the reference comes from, and
+    "too sharp" is not an artifact (noise has its own measurement).
+``noise``
+    Robust in-brain noise estimate (median absolute Laplacian of the z-scored image):
+    k-space noise, spikes, ringing.
+``snr``
+    Median head tissue over the background noise sigma (:mod:`qc_pipeline.background`):
+    noise, spikes and motion ghosts that raise the background's noise floor lower it.
+
+Each measurement ``x`` is transformed (``log`` for positive ratios), turned into a robust z
+against the reference (``(t(x) - median) / max(1.4826 MAD, min_scale)``), signed by its
+direction (``up``: only high values are bad, ``down``: only low, ``both``), and the QC score
+is the largest of these z-values. So ``qc_score = 4`` means "at least one measurement is
+4 robust SDs beyond clean scans", and ``qc_score_driver`` names which one. A measurement
+that cannot be taken (e.g. no background in a skull-stripped input) is left out, never
+guessed.
+
+Pure functions only: no I/O, no Nipype.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+from scipy import ndimage as ndi
+
+__all__ = [
+    "FEATURES", "FeatureSpec", "QCScore", "QCScoreError", "combine", "fit_reference",
+    "scan_features", "scan_quality", "sharpness_and_noise", "relative_scores",
+]
+
+LOG = logging.getLogger(__name__)
+
+MAD_SCALE = 1.4826
+
+
+class QCScoreError(ValueError):
+    """A reference that cannot be used (missing fields, too few scans, bad direction)."""
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """How one measurement enters the QC score.
+
+    direction : "up" | "down" | "both"
+    transform : "log" (of ``x + offset``) or "identity"
+    offset : added before the log (keeps zeros finite)
+    min_scale : floor of the robust SD, in transformed units (a measurement that is
+        nearly constant on clean scans must not turn tiny changes into huge z-values)
+    """
+
+    direction: str
+    transform: str = "identity"
+    offset: float = 0.0
+    min_scale: float = 0.0
+
+    def apply(self, x: float) -> float:
+        if self.transform == "log":
+            return math.log(max(float(x), 0.0) + self.offset)
+        return float(x)
+
+
+#: The measurements and how they are scored. Directions are fixed by physics, not fitted.
+FEATURES: dict[str, FeatureSpec] = {
+    "anomaly_fraction": FeatureSpec("up", "log", offset=0.01, min_scale=0.05),
+    "recon_error": FeatureSpec("up", "log", offset=0.0, min_scale=0.03),
+    "anomaly_cluster_fraction": FeatureSpec("up", "log", offset=0.01, min_scale=0.1),
+    "signal_deficit": FeatureSpec("up", "log", offset=0.01, min_scale=0.1),
+    "background_artifact_fraction": FeatureSpec("up", "log", offset=0.002, min_scale=0.5),
+    "sharpness": FeatureSpec("down", "log", offset=0.0, min_scale=0.02),
+    "noise": FeatureSpec("up", "log", offset=0.0, min_scale=0.03),
+    "snr": FeatureSpec("down", "log", offset=0.0, min_scale=0.1),
+}
+
+
+# --------------------------------------------------------------------------- measurements
+def _erode(mask: np.ndarray, n: int) -> np.ndarray:
+    if n <= 0:
+        return mask
+    out = ndi.binary_erosion(mask, iterations=n)
+    return out if out.any() else mask
+
+
+def sharpness_and_noise(head_image: np.ndarray, brain_mask: np.ndarray) -> tuple[float, float]:
+    """Fine/coarse gradient-energy ratio and a robust noise level inside the brain.
+
+    ``head_image`` is the z-scored grid image *without* brain masking (so the brain edge
+    is real anatomy, not a cut to zero); both numbers are taken in the brain eroded by two
+    voxels. ``sharpness`` = mean |grad x|^2 / mean |grad G_1(x)|^2, where ``G_1`` is a
+    Gaussian of one voxel: 1 for an image with no detail finer than a voxel, larger for a
+    sharp image. ``noise`` = median |Laplacian x| / 0.6745 (robust, dominated by noise and
+    fine ringing rather than edges).
+    """
+    x = np.asarray(head_image, dtype=np.float32)
+    m = _erode(np.asarray(brain_mask, dtype=bool), 2)
+    g_fine = sum(np.square(ndi.sobel(x, axis=a, mode="nearest")) for a in range(3))
+    xs = ndi.gaussian_filter(x, 1.0, mode="nearest")
+    g_coarse = sum(np.square(ndi.sobel(xs, axis=a, mode="nearest")) for a in range(3))
+    num, den = float(g_fine[m].mean()), float(g_coarse[m].mean())
+    sharp = num / den if den > 0 else math.nan
+    lap = ndi.laplace(x, mode="nearest")
+    noise = float(np.median(np.abs(lap[m]))) / 0.6745
+    return sharp, noise
+
+
+def largest_component_fraction(mask: np.ndarray, n_brain: int) -> float:
+    """Largest 26-connected component of ``mask`` / ``n_brain``."""
+    mask = np.asarray(mask, dtype=bool)
+    if n_brain <= 0 or not mask.any():
+        return 0.0
+    lab, n = ndi.label(mask, structure=np.ones((3, 3, 3), bool))
+    sizes = np.bincount(lab.ravel())[1:]
+    return float(sizes.max()) / float(n_brain)
+
+
+def scan_features(*, image_head: np.ndarray | None, brain_mask: np.ndarray,
+                  signal_mask: np.ndarray | None, final_mask: np.ndarray | None,
+                  anomaly_fraction: float | None, recon_error: float | None,
+                  background: Mapping[str, Any] | None) -> dict[str, float | None]:
+    """Every measurement of :data:`FEATURES` for one scan (None where it cannot be taken).
+
+    Parameters
+    ----------
+    image_head : z-scored grid image without brain masking (``PreprocResult.head_image``)
+    brain_mask : expected brain on the grid (the engine's mask)
+    signal_mask : skull-strip mask on the grid (``PreprocResult.signal_brain_mask``)
+    final_mask : IterMask3D's final anomaly mask
+    anomaly_fraction, recon_error : ``Result.anomaly_fraction``, ``Result.first_pass_mean_error``
+    background : :meth:`qc_pipeline.background.BackgroundStats.to_dict` (or None)
+    """
+    brain = np.asarray(brain_mask, dtype=bool)
+    n_brain = int(brain.sum())
+    out: dict[str, float | None] = {k: None for k in FEATURES}
+
+    def finite(v):
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            return None
+        return v if math.isfinite(v) else None
+
+    out["anomaly_fraction"] = finite(anomaly_fraction)
+    out["recon_error"] = finite(recon_error)
+    if final_mask is not None and n_brain:
+        out["anomaly_cluster_fraction"] = largest_component_fraction(final_mask, n_brain)
+    if signal_mask is not None and n_brain:
+        sig = np.asarray(signal_mask, dtype=bool)
+        out["signal_deficit"] = float(np.count_nonzero(brain & ~sig)) / n_brain
+    if background and background.get("available"):
+        out["background_artifact_fraction"] = finite(background.get("background_artifact_fraction"))
+        snr = finite(background.get("snr"))
+        out["snr"] = snr if snr is not None and snr > 0 else None
+    if image_head is not None and n_brain:
+        sharp, noise = sharpness_and_noise(image_head, brain)
+        out["sharpness"] = finite(sharp)
+        out["noise"] = finite(noise)
+    return out
+
+
+# --------------------------------------------------------------------------- reference + score
+@dataclass
+class QCScore:
+    """The combined score of one scan.
+
+    qc_score : largest signed robust z over the available measurements (None when no
+        measurement or no reference is available)
+    driver : the measurement that gave ``qc_score``
+    z : per-measurement signed robust z (None where not measured)
+    features : the raw measurements
+    """
+
+    qc_score: float | None
+    driver: str | None
+    z: dict = field(default_factory=dict)
+    features: dict = field(default_factory=dict)
+    reference: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON fields of the qc.json; ``qc_score_reference`` carries the reference's
+        per-measurement entries so that the group level needs nothing but the derivatives."""
+        r = lambda v: None if v is None else round(float(v), 6)  # noqa: E731
+        return {"qc_score": r(self.qc_score), "qc_score_driver": self.driver,
+                "quality_z": {k: r(v) for k, v in self.z.items()},
+                "quality_features": {k: r(v) for k, v in self.features.items()},
+                "qc_score_reference": self.reference or None}
+
+
+def fit_reference(rows: Iterable[Mapping[str, float | None]], *,
+                  features: Iterable[str] | None = None, min_scans: int = 8,
+                  source: str = "") -> dict:
+    """Robust location and scale of each measurement on clean scans.
+
+    ``rows``: one :func:`scan_features` dict per clean scan. Returns the model card's
+    ``qc_score`` section: ``{"features": {name: {median, scale, direction, transform,
+    offset, n}}, "n_scans", "source"}``.
+
+    A measurement taken on fewer than ``min_scans`` of the scans (e.g. the background
+    statistic on skull-stripped inputs) is left out of the reference and listed under
+    ``skipped``; the QC score then never uses it.
+
+    Raises
+    ------
+    QCScoreError
+        an unknown measurement name, or no measurement with ``min_scans`` clean scans.
+    """
+    rows = list(rows)
+    names = list(features) if features is not None else list(FEATURES)
+    ref: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    for name in names:
+        spec = FEATURES.get(name)
+        if spec is None:
+            raise QCScoreError(f"unknown measurement {name!r}; expected one of {', '.join(FEATURES)}")
+        vals = np.array([spec.apply(r[name]) for r in rows if r.get(name) is not None], dtype=float)
+        vals = vals[np.isfinite(vals)]
+        if vals.size < min_scans:
+            skipped[name] = f"{vals.size} clean scans with this measurement; need >= {min_scans}"
+            continue
+        med = float(np.median(vals))
+        scale = max(MAD_SCALE * float(np.median(np.abs(vals - med))), spec.min_scale)
+        ref[name] = {"median": med, "scale": scale, "direction": spec.direction,
+                     "transform": spec.transform, "offset": spec.offset, "n": int(vals.size)}
+    if not ref:
+        raise QCScoreError("no measurement to fit: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    return {"features": ref, "skipped": skipped, "n_scans": len(rows), "source": source,
+            "rule": "qc_score = max over measurements of the signed robust z "
+                    "(t(x) - median) / scale; see qc_pipeline.qcscore"}
+
+
+def combine(features: Mapping[str, float | None], reference: Mapping[str, Any] | None) -> QCScore:
+    """Signed robust z of each measurement against ``reference`` and their maximum."""
+    feats = {k: (None if v is None else float(v)) for k, v in features.items()}
+    if not reference or not reference.get("features"):
+        return QCScore(None, None, {}, feats)
+    ref_feats = {k: dict(v) for k, v in reference["features"].items()}
+    z: dict[str, float | None] = {}
+    for name, ref in reference["features"].items():
+        x = feats.get(name)
+        if x is None or not math.isfinite(x):
+            z[name] = None
+            continue
+        spec = FeatureSpec(ref.get("direction", "up"), ref.get("transform", "identity"),
+                           float(ref.get("offset", 0.0)))
+        try:
+            z[name] = _signed(spec, (spec.apply(x) - float(ref["median"])) / float(ref["scale"]))
+        except QCScoreError as exc:
+            raise QCScoreError(f"{name}: {exc}") from None
+    have = {k: v for k, v in z.items() if v is not None}
+    if not have:
+        return QCScore(None, None, z, feats, ref_feats)
+    driver = max(have, key=have.get)
+    return QCScore(have[driver], driver, z, feats, ref_feats)
+
+
+def _signed(spec: FeatureSpec, d: float) -> float:
+    if spec.direction not in ("up", "down", "both"):
+        raise QCScoreError(f"direction {spec.direction!r}; expected up, down or both")
+    return d if spec.direction == "up" else -d if spec.direction == "down" else abs(d)
+
+
+def relative_scores(features: list[Mapping[str, float | None]], reference: Mapping[str, Any],
+                    *, min_scans: int = 8) -> list[tuple[float | None, str | None]]:
+    """QC score of each scan against the *given scans themselves* (a site's, a batch's).
+
+    For every measurement of ``reference["features"]``: transform as the reference says,
+    take the median of these scans and ``scale = max(1.4826 x MAD of these scans,
+    reference scale)``, and score each scan by the signed robust z; a scan's score is its
+    largest z. This is the group level's per-site score: it follows the site's own clean
+    scans when they differ from the reference scans (another scanner, real instead of
+    synthetic anatomy) and stays robust while fewer than about half of the scans carry an
+    artifact that moves a given measurement. A measurement with fewer than ``min_scans``
+    values is left out. Returns ``(score, driver)`` per scan (``(None, None)`` when no
+    measurement is left).
+    """
+    refs = (reference or {}).get("features") or {}
+    cols: dict[str, list[float | None]] = {}
+    for name, ref in refs.items():
+        spec = FeatureSpec(ref.get("direction", "up"), ref.get("transform", "identity"),
+                           float(ref.get("offset", 0.0)))
+        raw = [f.get(name) if isinstance(f, Mapping) else None for f in features]
+        t = np.array([np.nan if v is None or not math.isfinite(float(v)) else spec.apply(v) for v in raw])
+        ok = np.isfinite(t)
+        if ok.sum() < min_scans:
+            continue
+        med = float(np.median(t[ok]))
+        scale = max(MAD_SCALE * float(np.median(np.abs(t[ok] - med))), float(ref["scale"]))
+        cols[name] = [None if not np.isfinite(v) else _signed(spec, (v - med) / scale) for v in t]
+    out: list[tuple[float | None, str | None]] = []
+    for i in range(len(features)):
+        have = {k: c[i] for k, c in cols.items() if c[i] is not None}
+        if not have:
+            out.append((None, None))
+        else:
+            k = max(have, key=have.get)
+            out.append((float(have[k]), k))
+    return out
+
+
+def scan_quality(prep, result, card: Mapping[str, Any] | None) -> QCScore:
+    """Measurements of one screened scan and its QC score.
+
+    ``prep``: :class:`qc_pipeline.preprocessing.PreprocResult` (with ``info.background``
+    when the background statistic was taken); ``result``: the engine's
+    :class:`~qc_pipeline.engine.Result`; ``card``: the model card, whose ``qc_score``
+    section is the clean-scan reference (``qc_score`` is None without it).
+    """
+    feats = scan_features(
+        image_head=getattr(prep, "head_image", None), brain_mask=prep.brain_mask,
+        signal_mask=getattr(prep, "signal_brain_mask", None), final_mask=result.mask,
+        anomaly_fraction=result.anomaly_fraction, recon_error=result.first_pass_mean_error,
+        background=getattr(prep.info, "background", None))
+    return combine(feats, (card or {}).get("qc_score"))

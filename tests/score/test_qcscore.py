@@ -1,0 +1,260 @@
+"""The combined QC score: measurements move the right way, the combination is a calibrated max."""
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from qc_pipeline.qcscore import (FEATURES, QCScoreError, combine, fit_reference,
+                                 largest_component_fraction, scan_features, sharpness_and_noise)
+
+SHAPE = (48, 48, 48)
+
+
+def _head(seed=0, noise=0.05):
+    """A smooth 'brain' with fine texture (the grid image of a sharp scan) and its mask."""
+    rng = np.random.default_rng(seed)
+    g = np.indices(SHAPE).astype(float)
+    r = np.sqrt(((g - 23.5) ** 2).sum(0))
+    brain = r < 18
+    tex = ndi.gaussian_filter(rng.normal(size=SHAPE), 1.0)
+    img = np.where(r < 21, 1.0 + 3.0 * tex / tex.std(), -2.0) + noise * rng.normal(size=SHAPE)
+    return img.astype(np.float32), brain
+
+
+def test_sharpness_drops_with_blur_and_noise_rises_with_noise():
+    img, brain = _head()
+    s0, n0 = sharpness_and_noise(img, brain)
+    s_blur, n_blur = sharpness_and_noise(ndi.gaussian_filter(img, 1.2), brain)
+    noisy = img + np.random.default_rng(1).normal(0, 1.0, SHAPE).astype(np.float32)
+    s_noise, n_noise = sharpness_and_noise(noisy, brain)
+    assert s_blur < 0.8 * s0 and n_blur < n0
+    assert n_noise > 1.5 * n0 and s_noise > s0
+
+
+def test_largest_component_sees_one_block_not_speckle():
+    _, brain = _head()
+    rng = np.random.default_rng(2)
+    speckle = brain & (rng.random(SHAPE) < 0.08)
+    block = brain.copy()
+    block[:, :, :20] = False
+    block[:, :18, :] = False
+    n = int(brain.sum())
+    # the same number of voxels scattered vs in one piece
+    assert largest_component_fraction(speckle, n) < 0.02
+    assert largest_component_fraction(block, n) > 0.2
+    assert largest_component_fraction(np.zeros(SHAPE, bool), n) == 0.0
+
+
+def _features(img, brain, *, signal=None, final=None, bg=None, frac=0.1, err=0.2):
+    return scan_features(image_head=img, brain_mask=brain, signal_mask=brain if signal is None else signal,
+                         final_mask=np.zeros(SHAPE, bool) if final is None else final,
+                         anomaly_fraction=frac, recon_error=err,
+                         background=bg or {"available": True, "background_artifact_fraction": 0.0})
+
+
+def test_scan_features_names_and_missing_values():
+    img, brain = _head()
+    f = _features(img, brain)
+    assert set(f) == set(FEATURES)
+    assert f["signal_deficit"] == 0.0 and f["anomaly_cluster_fraction"] == 0.0
+    # a chunk without signal inside the expected brain
+    sig = brain.copy()
+    sig[:, :, 30:] = False
+    f2 = _features(img, brain, signal=sig)
+    assert f2["signal_deficit"] == pytest.approx(np.count_nonzero(brain & ~sig) / brain.sum())
+    # unavailable background and no head image: measured as None, never guessed
+    f3 = scan_features(image_head=None, brain_mask=brain, signal_mask=None, final_mask=None,
+                       anomaly_fraction=float("nan"), recon_error=0.3,
+                       background={"available": False, "reason": "skull-stripped"})
+    assert f3["background_artifact_fraction"] is None and f3["sharpness"] is None
+    assert f3["anomaly_fraction"] is None and f3["recon_error"] == 0.3
+
+
+def _reference(n=20, seed=0):
+    rows = []
+    for i in range(n):
+        img, brain = _head(seed=seed + i)
+        rng = np.random.default_rng(100 + i)
+        rows.append(_features(img, brain, frac=0.1 * rng.uniform(0.8, 1.25), err=0.2 * rng.uniform(0.9, 1.1)))
+    return fit_reference(rows, source="test heads")
+
+
+def test_clean_scans_score_low_and_each_artifact_raises_its_own_measurement():
+    ref = _reference()
+    img, brain = _head(seed=99)
+    clean = combine(_features(img, brain, frac=0.1, err=0.2), ref)
+    assert clean.qc_score < 3.0
+
+    blurred = combine(_features(ndi.gaussian_filter(img, 1.5), brain), ref)
+    assert blurred.driver in ("sharpness", "noise") and blurred.qc_score > 5
+    assert blurred.z["sharpness"] > 5  # too smooth is bad (only low sharpness counts)
+
+    noisy = img + np.random.default_rng(5).normal(0, 1.5, SHAPE).astype(np.float32)
+    q = combine(_features(noisy, brain), ref)
+    assert q.qc_score > 5 and q.driver == "noise"
+    assert q.z["sharpness"] < 0  # a noisy image is not "blurred"
+
+    # a sharper image than the reference (e.g. a real scan vs template-based heads) is fine
+    sharper = img + 0.5 * (img - ndi.gaussian_filter(img, 1.0))
+    assert combine(_features(sharper, brain), ref).z["sharpness"] < 0
+
+    # a lower SNR (noise floor of the background up) counts; a higher one does not
+    bg = {"available": True, "background_artifact_fraction": 0.0}
+    ref_snr = fit_reference([{**_features(img, brain), "snr": s} for s in np.linspace(14, 16, 10)])
+    assert combine({**_features(img, brain, bg=bg), "snr": 4.0}, ref_snr).driver == "snr"
+    assert combine({**_features(img, brain, bg=bg), "snr": 40.0}, ref_snr).z["snr"] < 0
+
+    ghost = combine(_features(img, brain, bg={"available": True, "background_artifact_fraction": 0.05}), ref)
+    assert ghost.driver == "background_artifact_fraction" and ghost.qc_score > 5
+
+    sig = brain.copy()
+    sig[:, :, 28:] = False
+    chunk = combine(_features(img, brain, signal=sig), ref)
+    assert chunk.driver == "signal_deficit" and chunk.qc_score > 5
+
+    more_anomaly = combine(_features(img, brain, frac=0.4), ref)
+    assert more_anomaly.driver == "anomaly_fraction"
+    assert more_anomaly.qc_score > clean.qc_score + 3
+
+
+def test_combine_is_max_of_signed_z_and_skips_missing():
+    ref = {"features": {
+        "up": {"median": 0.0, "scale": 1.0, "direction": "up", "transform": "identity"},
+        "down": {"median": 0.0, "scale": 2.0, "direction": "down", "transform": "identity"},
+        "both": {"median": 1.0, "scale": 0.5, "direction": "both", "transform": "identity"},
+    }}
+    q = combine({"up": -4.0, "down": -6.0, "both": 0.0}, ref)
+    assert q.z == {"up": -4.0, "down": 3.0, "both": 2.0}
+    assert q.qc_score == 3.0 and q.driver == "down"
+    q2 = combine({"up": 1.0, "down": None, "both": None}, ref)
+    assert q2.qc_score == 1.0 and q2.z["down"] is None
+    assert combine({"up": None}, ref).qc_score is None
+    assert combine({"up": 1.0}, None).qc_score is None  # no reference: no score, no guess
+    d = q.to_dict()
+    assert d["qc_score"] == 3.0 and d["qc_score_driver"] == "down" and d["quality_z"]["both"] == 2.0
+    with pytest.raises(QCScoreError, match="direction"):
+        combine({"x": 1.0}, {"features": {"x": {"median": 0, "scale": 1, "direction": "sideways"}}})
+
+
+def test_fit_reference_is_robust_and_refuses_too_few_scans():
+    rows = [{"recon_error": v} for v in [0.2, 0.21, 0.19, 0.2, 0.22, 0.18, 0.2, 0.21, 50.0]]
+    ref = fit_reference(rows, features=["recon_error"])
+    r = ref["features"]["recon_error"]
+    assert r["median"] == pytest.approx(math.log(0.2), abs=1e-9)  # the outlier does not move it
+    assert r["scale"] < 0.2 and r["n"] == 9
+    with pytest.raises(QCScoreError, match="need >= 8"):
+        fit_reference(rows[:5], features=["recon_error"])
+    with pytest.raises(QCScoreError, match="unknown measurement"):
+        fit_reference(rows, features=["nope"])
+
+
+# --------------------------------------------------------------------------- group level
+def _qc(root, sub, *, fraction, qc_score=None, driver=None, site="A"):
+    import json
+
+    d = root / f"sub-{sub}" / "anat"
+    d.mkdir(parents=True, exist_ok=True)
+    rec = {"status": "ok", "bids_name": f"sub-{sub}_T1w", "site": site,
+           "entities": {"subject": sub, "suffix": "T1w"}, "anomaly_voxels": int(fraction * 1e4),
+           "anomaly_fraction": fraction, "anomaly_mm3": fraction * 8e4}
+    if qc_score is not None:
+        rec.update(qc_score=qc_score, qc_score_driver=driver)
+    (d / f"sub-{sub}_T1w_qc.json").write_text(json.dumps(rec))
+
+
+def test_group_ranks_flags_and_measures_by_qc_score(tmp_path):
+    import csv
+
+    from qc_pipeline.group import run_group
+
+    # anomaly_fraction says sub-01 is worst; the QC score (e.g. a ghost in the background)
+    # says sub-12: the group level must follow the QC score
+    rng = np.random.default_rng(0)
+    for k in range(1, 13):
+        _qc(tmp_path, f"{k:02d}", fraction=0.30 if k == 1 else 0.1 + 0.01 * rng.random(),
+            qc_score=9.0 if k == 12 else float(rng.normal(0, 1)) if k != 1 else 1.5,
+            driver="background_artifact_fraction" if k == 12 else "anomaly_fraction")
+    labels = {f"sub-{k:02d}_T1w": int(k == 12) for k in range(1, 13)}
+    run_group(tmp_path, labels=labels, subject_reports=False)
+    rows = list(csv.DictReader(open(tmp_path / "group_T1w.csv", newline="")))
+    assert rows[0]["bids_name"] == "sub-12_T1w" and rows[0]["rank"] == "1"
+    assert [float(r["qc_score"]) for r in rows] == sorted((float(r["qc_score"]) for r in rows), reverse=True)
+    flagged = {r["bids_name"] for r in rows if r["flagged"] == "1"}
+    assert flagged == {"sub-12_T1w"}
+    assert "qc_score" in rows[0]["flag_reasons"] and "background_artifact_fraction" in rows[0]["flag_reasons"]
+    site = next(csv.DictReader(open(tmp_path / "group_T1w_sites.csv", newline="")))
+    assert float(site["AUROC"]) == 1.0 and "qc_score" in site["threshold_rule"]
+
+
+def test_group_falls_back_to_anomaly_fraction_when_a_scan_lacks_qc_score(tmp_path):
+    import csv
+
+    from qc_pipeline.group import run_group
+
+    for k in range(1, 10):
+        _qc(tmp_path, f"{k:02d}", fraction=0.05 * k, qc_score=None if k == 3 else 10.0 - k)
+    run_group(tmp_path, subject_reports=False)
+    rows = list(csv.DictReader(open(tmp_path / "group_T1w.csv", newline="")))
+    assert rows[0]["bids_name"] == "sub-09_T1w"  # highest anomaly_fraction, lowest qc_score
+    site = next(csv.DictReader(open(tmp_path / "group_T1w_sites.csv", newline="")))
+    assert "anomaly_fraction" in site["threshold_rule"]
+
+
+def test_relative_scores_follow_the_scans_own_distribution():
+    from qc_pipeline.qcscore import relative_scores
+
+    ref = {"features": {
+        "noise": {"median": 0.0, "scale": 0.05, "direction": "up", "transform": "log", "offset": 0.0},
+        "sharpness": {"median": 0.5, "scale": 0.05, "direction": "down", "transform": "log", "offset": 0.0}}}
+    rng = np.random.default_rng(0)
+    # a site whose clean scans are all noisier and sharper than the reference scans
+    feats = [{"noise": float(np.exp(1.0 + 0.03 * rng.normal())), "sharpness": float(np.exp(0.9 + 0.03 * rng.normal()))}
+             for _ in range(12)]
+    feats[3]["noise"] *= 1.8  # an artifact: much noisier than the site's others
+    feats[7]["sharpness"] /= 1.5  # blurred relative to the site
+    absolute = [combine(f, ref) for f in feats]
+    assert min(q.qc_score for q in absolute) > 10  # the reference flags the whole site
+    rel = relative_scores(feats, ref)
+    order = np.argsort([-s for s, _ in rel])
+    assert set(order[:2]) == {3, 7}
+    assert rel[3][1] == "noise" and rel[7][1] == "sharpness"
+    clean = [s for i, (s, _) in enumerate(rel) if i not in (3, 7)]
+    assert max(clean) < 3.0 < min(rel[3][0], rel[7][0])
+    # too few scans with a measurement: it is left out, not guessed
+    assert relative_scores(feats[:5], ref, min_scans=8) == [(None, None)] * 5
+
+
+def test_group_scores_each_site_against_itself(tmp_path):
+    import csv
+    import json
+
+    from qc_pipeline.group import run_group
+
+    ref = {"noise": {"median": 0.0, "scale": 0.05, "direction": "up", "transform": "log", "offset": 0.0}}
+    rng = np.random.default_rng(1)
+    bad = {"A": "03", "B": "14"}
+    for k in range(1, 21):
+        site = "A" if k <= 10 else "B"
+        shift = 0.0 if site == "A" else 1.0  # site B: another scanner, all scans noisier
+        noise = float(np.exp(shift + 0.03 * rng.normal() + (0.6 if f"{k:02d}" in bad.values() else 0)))
+        q = combine({"noise": noise}, {"features": ref}).to_dict()
+        d = tmp_path / f"sub-{k:02d}" / "anat"
+        d.mkdir(parents=True)
+        (d / f"sub-{k:02d}_T1w_qc.json").write_text(json.dumps({
+            "status": "ok", "bids_name": f"sub-{k:02d}_T1w", "site": site,
+            "entities": {"subject": f"{k:02d}", "suffix": "T1w"}, "anomaly_voxels": 10,
+            "anomaly_fraction": 0.1, "anomaly_mm3": 80.0, **q}))
+    run_group(tmp_path, labels={f"sub-{k:02d}_T1w": int(f"{k:02d}" in bad.values()) for k in range(1, 21)},
+              subject_reports=False)
+    rows = list(csv.DictReader(open(tmp_path / "group_T1w.csv", newline="")))
+    # against the reference every site-B scan outscores site A's artifact ...
+    by = {r["bids_name"]: r for r in rows}
+    assert all(float(by[f"sub-{k:02d}_T1w"]["qc_score"]) > float(by["sub-03_T1w"]["qc_score"])
+               for k in range(11, 21))
+    # ... against its own site each artifact scan tops its site and only they are flagged
+    assert {r["bids_name"] for r in rows[:2]} == {"sub-03_T1w", "sub-14_T1w"}
+    assert {r["bids_name"] for r in rows if r["flagged"] == "1"} == {"sub-03_T1w", "sub-14_T1w"}
+    assert rows[0]["qc_score_site_driver"] == "noise"
+    sites = {r["site"]: r for r in csv.DictReader(open(tmp_path / "group_T1w_sites.csv", newline=""))}
+    assert float(sites["ALL_SITES"]["AUROC"]) == 1.0 and "qc_score_site" in sites["A"]["threshold_rule"]
