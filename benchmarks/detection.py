@@ -12,9 +12,12 @@ AUROC, AUPRC, FPR80, FPR90, FNR80, FNR90 for
   (the paper's "frequency masking only" ablation, same network),
 - ``final-mean-error``: mean squared error in the brain at the final iteration
   (the paper's baseline score),
-- ``qc_score_site``: the group level's score: the same measurements scored against the
-  pool of this type's scans plus the normal scans as if they were one site (median and
-  ``max(MAD, reference scale)`` of the pool, half of it artifact scans: a harsh case),
+- ``qc_score_site/one`` and ``qc_score_site/half``: the group level's score, i.e. the same
+  measurements scored against the scans of one site (median and ``max(MAD, reference
+  scale)`` of the site): ``one``: a site of the normal scans plus this one artifact scan
+  (each artifact scan in turn; the usual case of a mostly clean site); ``half``: a site
+  of the normal scans plus all of this type's scans (half the site carries the same
+  artifact: the worst case for a site-relative score),
 - ``qc_score``: the per-scan score (``qc_pipeline.qcscore``): the largest robust z of
   the anomaly fraction and the image-quality measurements against a clean reference. The
   reference is the model card's ``qc_score`` section, or one fitted here on the normal
@@ -22,7 +25,7 @@ AUROC, AUPRC, FPR80, FPR90, FNR80, FNR90 for
   ``--seed``; ``--update-card`` then also writes it into the card). A second table gives
   each measurement's own AUROC.
 
-A scan whose preprocessing fails (e.g. NoBrainError) gets score +inf: the app
+A scan whose preprocessing fails (e.g. NoBrainError) gets a score above every other: the app
 reports it as failed, which a user treats as flagged.
 
 Usage::
@@ -39,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -48,6 +50,11 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
+
+#: score of a scan whose preprocessing failed: the app reports it as failed, which a user
+#: treats as flagged, so it ranks above every score (a finite number: the metrics drop
+#: non-finite scores)
+FAILED = 1e12
 
 
 def _scan_seed(base: int, group: str, i: int) -> int:
@@ -135,7 +142,9 @@ def main(argv=None) -> int:
                    help="take the scores of scans already in these --json-out files (same model, "
                         "seed and schedules) instead of scoring them again")
     p.add_argument("--save-maps", type=Path, default=None,
-                   help="also save each scan's final mask and error maps (first schedule) here")
+                   help="also save each scan's final mask and error maps (first schedule) here; "
+                        "with one schedule, scans whose maps are already there are not scored "
+                        "again (resume)")
     p.add_argument("--calibration-json", type=Path, nargs="+", default=None,
                    help="fit the qc_score reference on the normal scans of these --json-out files "
                         "(scored with another --seed) instead of taking the card's")
@@ -196,7 +205,19 @@ def main(argv=None) -> int:
             row["prep"] = {k: vols.info_dict.get(k) for k in (
                 "signal_brain_ml", "expected_brain_ml", "brain_ml_outside_fov",
                 "brain_outside_grid_fraction", "zscore_mean", "zscore_sd", "prior")}
-            for k, sch in enumerate(schedules):
+            saved = (args.save_maps / f"{kind}_{i:03d}_s{args.seed}.npz") if args.save_maps else None
+            if saved is not None and saved.is_file() and len(schedules) == 1:
+                # resume: this scan was scored before (e.g. by a run that was stopped) and
+                # its maps were saved; the scores are read back from them
+                m = np.load(saved)
+                fm, fe = m["final_mask"], m["first_error_map"].astype(np.float32)
+                n_b = int(mask.sum())
+                row[f"itermask3d/{schedules[0]}"] = float(fm.sum() / n_b)
+                row["freq-mask-only"] = float(fe[mask].mean())
+                row["final-mean-error"] = float(m["error_map"].astype(np.float32)[mask].mean())
+                row["features"] = _features(vols, fm, float(fm.sum() / n_b), float(fe[mask].mean()))
+                row["from_saved_maps"] = True
+            for k, sch in enumerate(schedules if "features" not in row else []):
                 r = model.run(image, mask, voxel_size=card["voxel_size"], schedule=sch, seed=0)
                 if k == 0:
                     row["features"] = _features(vols, r.mask, r.anomaly_fraction, r.first_pass_mean_error)
@@ -232,18 +253,19 @@ def main(argv=None) -> int:
             if "features" not in r and args.features_from_maps:
                 r["features"] = _features_from_maps(r, args, seed=r.get("seed", args.calibration_seed))
         cal = [r for r in cal if r.get("features")]
+        seeds = sorted({int(r.get("seed", args.calibration_seed)) for r in cal})
         reference = fit_reference([r["features"] for r in cal], source=(
-            f"{len(cal)} held-out synthetic normal {card['contrast']} heads "
-            f"({', '.join(f.name for f in args.calibration_json)}), never used for training or testing"))
+            f"{len(cal)} held-out synthetic normal {card['contrast']} heads (benchmarks/detection.py "
+            f"--seed {'/'.join(map(str, seeds))} --n-normal {len(cal)}), never used for training or testing"))
         print(f"qc_score reference fitted on {len(cal)} calibration normals", file=sys.stderr)
     if reference and all(r.get("features") for r in rows if not r.get("error")):
         for row in rows:
             if not row.get("error"):
                 row["qc_score"] = combine(row["features"], reference).qc_score
-        methods += ["qc_score", "qc_score_site"]
+        methods += ["qc_score", "qc_score_site/one", "qc_score_site/half"]
 
     def score(row, m):
-        return math.inf if row["error"] else row[m]
+        return FAILED if row["error"] else row[m]
 
     normals = [r for r in rows if r["kind"] == "normal"]
     per_art = sorted({sum(1 for r in rows if r["kind"] == a) for a in arts})
@@ -259,10 +281,17 @@ def main(argv=None) -> int:
         pos = [r for r in rows if r["kind"] == a]
         for m in methods:
             sub = normals + pos
-            if m == "qc_score_site":  # the group level's score, with this type's pool as the "site"
+            if m == "qc_score_site/half":  # the group level's score; site = normals + this type
                 ok = [r for r in sub if not r["error"]]
                 rel = dict(zip((id(r) for r in ok), relative_scores([r["features"] for r in ok], reference)))
-                scores = [math.inf if r["error"] else rel[id(r)][0] for r in sub]
+                scores = [FAILED if r["error"] else rel[id(r)][0] for r in sub]
+            elif m == "qc_score_site/one":  # site = the normals + this one artifact scan
+                base = [r for r in normals if not r["error"]]
+                rel = dict(zip((id(r) for r in base), relative_scores([r["features"] for r in base], reference)))
+                for r in pos:
+                    if not r["error"]:
+                        rel[id(r)] = relative_scores([q["features"] for q in base + [r]], reference)[-1]
+                scores = [FAILED if r["error"] else rel[id(r)][0] for r in sub]
             else:
                 scores = [score(r, m) for r in sub]
             dm = detection_metrics([r["label"] for r in sub], scores)
@@ -285,7 +314,7 @@ def main(argv=None) -> int:
             sub = normals + [r for r in rows if r["kind"] == a]
             vals = []
             for f in feats:
-                z = [math.inf if r["error"] else combine({f: r["features"].get(f)},
+                z = [FAILED if r["error"] else combine({f: r["features"].get(f)},
                                                           {"features": {f: reference["features"][f]}}).qc_score
                      for r in sub]
                 keep = [i for i, v in enumerate(z) if v is not None]
@@ -298,7 +327,7 @@ def main(argv=None) -> int:
         from qc_pipeline.calibrate import write_card_reference
 
         write_card_reference(card.get("model_dir") or args.model_dir, reference)
-    if args.update_card:
+    if args.update_card and table:
         _update_card(card.get("model_dir") or args.model_dir, table,
                      protocol=(f"benchmarks/detection.py: {len(normals)} held-out normal + "
                                f"{'/'.join(map(str, per_art))} per artifact type "

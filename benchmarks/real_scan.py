@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -37,6 +36,11 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
+
+#: score of a scan whose preprocessing failed: the app reports it as failed, which a user
+#: treats as flagged, so it ranks above every score (a finite number: the metrics drop
+#: non-finite scores)
+FAILED = 1e12
 
 VOXELS = [(1.0, 1.0, 1.0), (1.2, 1.2, 1.2), (1.5, 1.5, 1.5), (0.9, 0.9, 1.2), (1.0, 1.0, 1.4),
           (1.3, 1.3, 1.0), (1.1, 1.1, 1.1), (0.95, 0.95, 1.5)]
@@ -230,7 +234,7 @@ def main(argv=None) -> int:
     def site_scores(sub):
         ok = [r for r in sub if not r["error"]]
         rel = dict(zip((id(r) for r in ok), relative_scores([r["features"] for r in ok], ref)))
-        return [math.inf if r["error"] else rel[id(r)][0] for r in sub]
+        return [FAILED if r["error"] else rel[id(r)][0] for r in sub]
 
     everything = dict(zip((id(r) for r in rows), site_scores(rows)))
     print("\nqc_score: against the model card's reference; qc_score_site: against the pool of these "
@@ -249,7 +253,7 @@ def main(argv=None) -> int:
             elif key == "all":
                 sc = [everything[id(r)] for r in sub]
             else:
-                sc = [math.inf if r["error"] else r[key] for r in sub]
+                sc = [FAILED if r["error"] else r[key] for r in sub]
             dm = detection_metrics([r["label"] for r in sub], sc)
             vals += [dm.AUROC, dm.FPR80]
         print(f"| {a} | {len(pos)} | " + " | ".join(

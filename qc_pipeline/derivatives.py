@@ -137,7 +137,8 @@ def write_ok_qc(output_dir, scan, result: Mapping[str, Any], *, model_id, schedu
     (:meth:`qc_pipeline.background.BackgroundStats.to_dict`), written as ``background``;
     its ``background_artifact_fraction`` (None when unavailable) also goes to the top level.
     ``quality``: :meth:`qc_pipeline.qcscore.QCScore.to_dict` (``qc_score``,
-    ``qc_score_driver``, ``quality_z``, ``quality_features``), written at the top level.
+    ``qc_score_driver``, ``quality_z``, ``quality_features``, ``qc_score_reference``),
+    written at the top level.
     """
     paths = output_paths(output_dir, scan)
     rec = base_record(scan, model_id=model_id, schedule=schedule, device=device,

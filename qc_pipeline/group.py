@@ -108,7 +108,8 @@ POOLED_SITE = "ALL_SITES"
 ROW_COLUMNS = [
     "bids_name", "subject", "session", "acquisition", "run", "suffix", "site", "status",
     "anomaly_voxels", "anomaly_fraction", "anomaly_mm3", "rank", "percentile_in_site",
-    "flagged", "error", "qc_score", "qc_score_driver", "qc_score_site", "qc_score_site_driver", "threshold", "label", "warnings", "model_id",
+    "flagged", "error", "qc_score", "qc_score_driver", "qc_score_site", "qc_score_site_driver",
+    "threshold", "label", "warnings", "model_id",
     "report",
     "background_artifact_fraction", "background_ghost_ratio", "background_snr",
     "background_flagged", "background_threshold", "background_note", "flag_reasons",
@@ -149,6 +150,9 @@ class QCRecord:
     status: str
     error: str | None = None
     warnings: list = field(default_factory=list)
+    #: score against the scan's own site and its driving measurement (set by the group level)
+    site_score: float = math.nan
+    site_driver: str | None = None
 
     @property
     def subject(self) -> str:
@@ -177,12 +181,6 @@ class QCRecord:
     def qc_score(self) -> float:
         """The combined QC score (NaN when the qc.json has none)."""
         return self._num("qc_score")
-
-    @property
-    def qc_score_site(self) -> float:
-        """Score against the scan's own site (set by the group level; NaN until then)."""
-        v = self.data.get("_qc_score_site")
-        return math.nan if v is None else float(v)
 
     @property
     def background(self) -> dict:
@@ -422,12 +420,12 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
     failed = [r for r in records if not r.ok]
     sites = sorted({r.site for r in records})
     _set_site_scores(ok, min_site_size=min_site_size)
-    use_site = bool(ok) and all(math.isfinite(r.qc_score_site) for r in ok)
+    use_site = bool(ok) and all(math.isfinite(r.site_score) for r in ok)
     use_qc = bool(ok) and all(math.isfinite(r.qc_score) for r in ok)
     score_name = "qc_score_site" if use_site else "qc_score" if use_qc else "anomaly_fraction"
 
     def S(r: QCRecord) -> float:  # noqa: N802 - the score this suffix is ranked by
-        return r.qc_score_site if use_site else r.qc_score if use_qc else r.fraction
+        return r.site_score if use_site else r.qc_score if use_qc else r.fraction
 
     pooled = np.array([S(r) for r in ok], dtype=float)
     lab = {} if labels is None else {r.bids_name: labels[normalise_bids_name(r.bids_name)]
@@ -536,7 +534,7 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
 
 
 def _set_site_scores(ok: list[QCRecord], *, min_site_size: int) -> None:
-    """Store each record's score against its own site (``_qc_score_site`` in ``data``).
+    """Set each record's score against its own site (``site_score``, ``site_driver``).
 
     Records are grouped by model (their ``qc_score_reference`` must match) and site; a
     site with fewer than ``min_site_size`` records with measurements is scored against the
@@ -546,7 +544,7 @@ def _set_site_scores(ok: list[QCRecord], *, min_site_size: int) -> None:
 
     by_model: dict[str, list[QCRecord]] = {}
     for r in ok:
-        r.data.pop("_qc_score_site", None)
+        r.site_score, r.site_driver = math.nan, None
         ref = r.data.get("qc_score_reference")
         if isinstance(ref, dict) and ref and isinstance(r.data.get("quality_features"), dict):
             by_model.setdefault(json.dumps(ref, sort_keys=True), []).append(r)
@@ -555,7 +553,6 @@ def _set_site_scores(ok: list[QCRecord], *, min_site_size: int) -> None:
         pooled = None
         for site in sorted({r.site for r in recs}):
             group = [r for r in recs if r.site == site]
-            where = f"site {site}"
             if len(group) < min_site_size:
                 if len(recs) < min_site_size:
                     continue
@@ -563,15 +560,12 @@ def _set_site_scores(ok: list[QCRecord], *, min_site_size: int) -> None:
                     pooled = dict(zip((id(r) for r in recs), relative_scores(
                         [r.data["quality_features"] for r in recs], reference, min_scans=min_site_size)))
                 scores = [pooled[id(r)] for r in group]
-                where = "all sites (site too small)"
             else:
                 scores = relative_scores([r.data["quality_features"] for r in group], reference,
                                          min_scans=min_site_size)
             for r, (sc, drv) in zip(group, scores):
                 if sc is not None:
-                    r.data["_qc_score_site"] = sc
-                    r.data["_qc_score_site_driver"] = drv
-                    r.data["_qc_score_site_against"] = where
+                    r.site_score, r.site_driver = sc, drv
 
 
 def _site_thresholds(by_site: Mapping[str, np.ndarray], pooled: np.ndarray, *, k: float,
@@ -622,7 +616,7 @@ def _row(r: QCRecord, lab: Mapping, *, rank, pct, flagged, thr, bg_flagged=None,
     e = r.entities
     reasons = []
     driver = r.data.get("qc_score_driver") if r.ok else None
-    site_driver = r.data.get("_qc_score_site_driver") if r.ok else None
+    site_driver = r.site_driver if r.ok else None
     if flagged:
         d = site_driver if score_name == "qc_score_site" else driver if score_name == "qc_score" else None
         why = f" (driven by {d})" if d else ""
@@ -639,7 +633,7 @@ def _row(r: QCRecord, lab: Mapping, *, rank, pct, flagged, thr, bg_flagged=None,
         "suffix": e.get("suffix", ""), "site": r.site, "status": r.status,
         "qc_score": r.qc_score if r.ok and math.isfinite(r.qc_score) else None,
         "qc_score_driver": driver or "",
-        "qc_score_site": r.qc_score_site if r.ok and math.isfinite(r.qc_score_site) else None,
+        "qc_score_site": r.site_score if r.ok and math.isfinite(r.site_score) else None,
         "qc_score_site_driver": site_driver or "",
         "anomaly_voxels": int(r.voxels) if r.ok and math.isfinite(r.voxels) else None,
         "anomaly_fraction": r.fraction if r.ok else None,
