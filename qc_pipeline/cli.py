@@ -481,8 +481,11 @@ def _run_workflow(settings: Settings, scans) -> None:
         if rec.get("status") == "ok":
             frac = rec.get("anomaly_fraction")
             frac_s = "n/a" if frac is None else f"{100 * frac:.2f}%"
-            LOGGER.info("[%d/%d] %s: ok, anomaly %s of brain (%s voxels, %.1f s)", state["n"],
-                        total, name, frac_s, rec.get("anomaly_voxels"), rec.get("runtime_s") or 0)
+            q = rec.get("qc_score")
+            q_s = "n/a" if q is None else f"{q:.2f} ({rec.get('qc_score_driver')})"
+            LOGGER.info("[%d/%d] %s: ok, QC score %s, anomaly %s of brain (%s voxels, %.1f s)",
+                        state["n"], total, name, q_s, frac_s, rec.get("anomaly_voxels"),
+                        rec.get("runtime_s") or 0)
         else:
             LOGGER.warning("[%d/%d] %s: error: %s", state["n"], total, name,
                            rec.get("error") or status)
