@@ -241,7 +241,11 @@ class IterMaskRun(SimpleInterface):
                 )
                 from .qcscore import scan_quality
 
-                self._results["quality"] = scan_quality(prep, res, model.card).to_dict()
+                try:
+                    self._results["quality"] = scan_quality(prep, res, model.card).to_dict()
+                except Exception as exc:  # noqa: BLE001 - a measurement never fails the scan
+                    LOGGER.warning("%s: QC-score measurements failed (%s); the scan keeps its "
+                                   "anomaly score", self.inputs.in_file, one_line(exc))
                 res.first_pass_error_map = None  # only the measurements need it: keep the pickle small
                 self._results["out_file"] = _dump(res, Path(runtime.cwd) / "result.pkl")
             except Exception as exc:  # noqa: BLE001

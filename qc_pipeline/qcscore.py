@@ -86,8 +86,10 @@ class FeatureSpec:
     min_scale: float = 0.0
 
     def apply(self, x: float) -> float:
+        """The transformed value; NaN where it is undefined (log of a value <= 0)."""
         if self.transform == "log":
-            return math.log(max(float(x), 0.0) + self.offset)
+            v = max(float(x), 0.0) + self.offset
+            return math.log(v) if v > 0 else math.nan
         return float(x)
 
 
@@ -272,8 +274,12 @@ def combine(features: Mapping[str, float | None], reference: Mapping[str, Any] |
             continue
         spec = FeatureSpec(ref.get("direction", "up"), ref.get("transform", "identity"),
                            float(ref.get("offset", 0.0)))
+        t = spec.apply(x)
+        if not math.isfinite(t):
+            z[name] = None
+            continue
         try:
-            z[name] = _signed(spec, (spec.apply(x) - float(ref["median"])) / float(ref["scale"]))
+            z[name] = _signed(spec, (t - float(ref["median"])) / float(ref["scale"]))
         except QCScoreError as exc:
             raise QCScoreError(f"{name}: {exc}") from None
     have = {k: v for k, v in z.items() if v is not None}

@@ -130,6 +130,11 @@ def test_combine_is_max_of_signed_z_and_skips_missing():
     q2 = combine({"up": 1.0, "down": None, "both": None}, ref)
     assert q2.qc_score == 1.0 and q2.z["down"] is None
     assert combine({"up": None}, ref).qc_score is None
+    # a log-transformed measurement of 0 (e.g. a constant image's noise) is not measurable
+    logref = {"features": {"noise": {"median": 0.0, "scale": 1.0, "direction": "up", "transform": "log"},
+                           "up": ref["features"]["up"]}}
+    q0 = combine({"noise": 0.0, "up": 2.0}, logref)
+    assert q0.z["noise"] is None and q0.qc_score == 2.0
     assert combine({"up": 1.0}, None).qc_score is None  # no reference: no score, no guess
     d = q.to_dict()
     assert d["qc_score"] == 3.0 and d["qc_score_driver"] == "down" and d["quality_z"]["both"] == 2.0
