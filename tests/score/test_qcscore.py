@@ -263,3 +263,44 @@ def test_group_scores_each_site_against_itself(tmp_path):
     assert rows[0]["qc_score_site_driver"] == "noise"
     sites = {r["site"]: r for r in csv.DictReader(open(tmp_path / "group_T1w_sites.csv", newline=""))}
     assert float(sites["ALL_SITES"]["AUROC"]) == 1.0 and "qc_score_site" in sites["A"]["threshold_rule"]
+
+
+def test_itermask_interface_writes_quality_and_survives_a_failing_measurement(tmp_path, monkeypatch):
+    import pickle
+    from types import SimpleNamespace
+
+    import qc_pipeline.qcscore as qcscore
+    from qc_pipeline.calibrate import write_card_reference
+    from qc_pipeline.engine import make_random_model_folder
+    from qc_pipeline.interfaces import IterMaskRun, clear_model_cache
+
+    model = make_random_model_folder(tmp_path / "m", grid=(32, 32, 32), voxel_size=(2, 2, 2), seed=0)
+    img, brain = _head()
+    img, brain = img[8:40, 8:40, 8:40], brain[8:40, 8:40, 8:40]
+    prep = SimpleNamespace(image=np.where(brain, img, 0).astype(np.float32), brain_mask=brain,
+                           signal_brain_mask=brain, head_image=img,
+                           info=SimpleNamespace(voxel_size=(2.0, 2.0, 2.0),
+                                                background={"available": True, "snr": 12.0,
+                                                            "background_artifact_fraction": 0.0}))
+    pkl = tmp_path / "prep.pkl"
+    pkl.write_bytes(pickle.dumps(prep))
+    write_card_reference(model, _reference())
+
+    def run(cwd):
+        cwd.mkdir()
+        clear_model_cache()
+        res = IterMaskRun(in_file=str(pkl), model_dir=str(model)).run(cwd=str(cwd))
+        return res.outputs
+
+    out = run(tmp_path / "a")
+    assert out.error == "" and out.out_file
+    q = out.quality
+    assert q["qc_score"] is not None and q["qc_score_driver"] in FEATURES
+    assert q["quality_features"]["snr"] == 12.0 and set(q["qc_score_reference"]) <= set(FEATURES)
+
+    def boom(*a, **k):
+        raise RuntimeError("measurement exploded")
+
+    monkeypatch.setattr(qcscore, "scan_quality", boom)
+    out = run(tmp_path / "b")
+    assert out.error == "" and out.out_file and out.quality == {}  # the scan still has its score
