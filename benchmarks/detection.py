@@ -209,13 +209,11 @@ def main(argv=None) -> int:
             if saved is not None and saved.is_file() and len(schedules) == 1:
                 # resume: this scan was scored before (e.g. by a run that was stopped) and
                 # its maps were saved; the scores are read back from them
-                m = np.load(saved)
-                fm, fe = m["final_mask"], m["first_error_map"].astype(np.float32)
-                n_b = int(mask.sum())
-                row[f"itermask3d/{schedules[0]}"] = float(fm.sum() / n_b)
-                row["freq-mask-only"] = float(fe[mask].mean())
-                row["final-mean-error"] = float(m["error_map"].astype(np.float32)[mask].mean())
-                row["features"] = _features(vols, fm, float(fm.sum() / n_b), float(fe[mask].mean()))
+                sc = _scores_from_maps(vols, saved)
+                row[f"itermask3d/{schedules[0]}"] = sc["fraction"]
+                row["freq-mask-only"] = sc["first_mean_error"]
+                row["final-mean-error"] = sc["final_mean_error"]
+                row["features"] = sc["features"]
                 row["from_saved_maps"] = True
             for k, sch in enumerate(schedules if "features" not in row else []):
                 r = model.run(image, mask, voxel_size=card["voxel_size"], schedule=sch, seed=0)
@@ -338,12 +336,25 @@ def main(argv=None) -> int:
 
 
 def _features(vols, final_mask, fraction, recon_error):
-    from qc_pipeline.qcscore import scan_features
+    """The QC-score measurements, exactly as the app takes them (``scan_quality``)."""
+    from types import SimpleNamespace
 
-    return scan_features(image_head=vols.head_image, brain_mask=vols.brain_mask,
-                         signal_mask=vols.signal_brain_mask, final_mask=final_mask,
-                         anomaly_fraction=fraction, recon_error=recon_error,
-                         background=vols.info_dict.get("background"))
+    from qc_pipeline.qcscore import scan_quality
+
+    result = SimpleNamespace(mask=final_mask, anomaly_fraction=fraction, first_pass_mean_error=recon_error)
+    return scan_quality(vols, result, None).features
+
+
+def _scores_from_maps(vols, path: Path) -> dict:
+    """Scores and measurements of a scan from its saved maps (``--save-maps``)."""
+    m = np.load(path)
+    brain = vols.brain_mask
+    fm = m["final_mask"]
+    fraction = float(fm.sum() / brain.sum())
+    first = float(m["first_error_map"].astype(np.float32)[brain].mean())
+    return {"fraction": fraction, "first_mean_error": first,
+            "final_mean_error": float(m["error_map"].astype(np.float32)[brain].mean()),
+            "features": _features(vols, fm, fraction, first)}
 
 
 def _features_from_maps(row, args, seed=None):
@@ -352,10 +363,7 @@ def _features_from_maps(row, args, seed=None):
     if args.save_maps is None or not (args.save_maps / name).is_file() or not (args.cache / name).is_file():
         return None
     vols = _prep_from_npz(np.load(args.cache / name, allow_pickle=False))
-    m = np.load(args.save_maps / name)
-    err = m["first_error_map"].astype(np.float32)
-    return _features(vols, m["final_mask"], float(m["final_mask"].sum() / vols.brain_mask.sum()),
-                     float(err[vols.brain_mask].mean()))
+    return _scores_from_maps(vols, args.save_maps / name)["features"]
 
 
 def _update_card(model_dir, table, *, protocol: str, command: str) -> None:

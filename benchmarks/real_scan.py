@@ -66,19 +66,15 @@ def variant(src, v: int, seed: int):
     from scipy import ndimage as ndi
 
     from qc_pipeline.synth import finalize_dtype
-    from qc_pipeline.synth.subject import axcodes_matrix
+    from qc_pipeline.synth.subject import _rotation, axcodes_matrix
 
     rng = np.random.default_rng([seed, v])
     data = np.asarray(src.dataobj, dtype=np.float32)
     data = data.reshape(data.shape[:3])
     vox = np.array(VOXELS[v % len(VOXELS)])
     codes = ORIENTATIONS[(v // len(VOXELS) + v) % len(ORIENTATIONS)]
-    tilt = np.radians(rng.uniform(-8, 8, 3)) * (v % 3 != 0)  # two in three oblique
-    cx, sx, cy, sy, cz, sz = (np.cos(tilt[0]), np.sin(tilt[0]), np.cos(tilt[1]), np.sin(tilt[1]),
-                              np.cos(tilt[2]), np.sin(tilt[2]))
-    rot = (np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]]) @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-           @ np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]]))
-    direc = rot @ axcodes_matrix(codes)
+    tilt_deg = rng.uniform(-8, 8, 3) * (v % 3 != 0)  # two in three oblique
+    direc = _rotation(tilt_deg) @ axcodes_matrix(codes)
     # field of view: the source's extent in the new axes (+ a little margin)
     corners = np.array([[i, j, k, 1] for i in (0, data.shape[0] - 1) for j in (0, data.shape[1] - 1)
                         for k in (0, data.shape[2] - 1)], float)
@@ -92,17 +88,16 @@ def variant(src, v: int, seed: int):
     m = np.linalg.inv(src.affine) @ aff
     out = ndi.affine_transform(data, m[:3, :3], m[:3, 3], output_shape=tuple(shape), order=3, cval=0.0)
     out = np.clip(out, 0, None)
-    # beyond the source's field of view a scanner records air, not zeros: Rayleigh noise
-    # at the source's background level (its lowest-quartile voxels, as in the background
-    # statistic), so that tilted copies do not get an artificial two-level background
+    # beyond the source's field of view a scanner records air, not zeros: Rayleigh noise at
+    # the source's background level, so that tilted copies do not get a two-level background
     inside = ndi.affine_transform(np.ones(data.shape, np.float32), m[:3, :3], m[:3, 3],
                                   output_shape=tuple(shape), order=0, cval=0.0) > 0.5
     c = 10  # the eight corner cubes of the source are air: Rayleigh sigma = median / 1.1774
-    corners = np.concatenate([data[i:i + c, j:j + c, k:k + c].ravel()
-                              for i in (0, data.shape[0] - c) for j in (0, data.shape[1] - c)
-                              for k in (0, data.shape[2] - c)])
-    corners = corners[corners > 0]
-    sigma_bg = float(np.median(corners)) / 1.1774 if corners.size else 0.0
+    air = np.concatenate([data[i:i + c, j:j + c, k:k + c].ravel()
+                          for i in (0, data.shape[0] - c) for j in (0, data.shape[1] - c)
+                          for k in (0, data.shape[2] - c)])
+    air = air[air > 0]
+    sigma_bg = float(np.median(air)) / 1.1774 if air.size else 0.0
     if sigma_bg > 0 and (~inside).any():
         n = int((~inside).sum())
         out[~inside] = sigma_bg * np.sqrt(rng.standard_normal(n) ** 2 + rng.standard_normal(n) ** 2)
@@ -122,7 +117,7 @@ def variant(src, v: int, seed: int):
     if dtype != "float32" and out.max() < 1000:
         img = nib.Nifti1Image(out * 100.0, aff, img.header)
     img = finalize_dtype(img, dtype)
-    return img, {"voxel_size": vox.tolist(), "orientation": codes, "tilt_deg": np.degrees(tilt).round(2).tolist(),
+    return img, {"voxel_size": vox.tolist(), "orientation": codes, "tilt_deg": tilt_deg.round(2).tolist(),
                  "dtype": dtype, "extra_noise_sigma": sigma / ref}
 
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Mapping
 
-from .qcscore import FEATURES, QCScoreError, fit_reference
+from .engine.modelio import CARD_NAME, _atomic_write_bytes
+from .qcscore import QCScoreError, fit_reference
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +36,13 @@ class CalibrationError(ValueError):
 
 def write_card_reference(model_dir, reference: Mapping) -> Path:
     """Replace the ``qc_score`` section of ``model_dir/model_card.json`` (atomic)."""
-    path = Path(model_dir) / "model_card.json"
+    path = Path(model_dir) / CARD_NAME
     if not path.is_file():
-        raise CalibrationError(f"{model_dir}: no model_card.json (expected a model folder)")
+        raise CalibrationError(f"{model_dir}: no {CARD_NAME} (expected a model folder)")
     card = json.loads(path.read_text())
     card["qc_score"] = dict(reference)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(card, indent=1) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(card, indent=1) + "\n"
+    _atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
     return path
 
 
@@ -67,7 +66,7 @@ def reference_from_outputs(output_dir, *, model_id: str | None, suffix: str,
             + (f" screened with model {model_id}" if model_id else "")
             + " (run the participant level with this model first)")
     try:
-        return fit_reference(rows, features=[f for f in FEATURES], min_scans=min_scans,
+        return fit_reference(rows, min_scans=min_scans,
                              source=f"{len(rows)} clean {suffix} scans in {Path(output_dir).resolve()}")
     except QCScoreError as exc:
         raise CalibrationError(f"{output_dir}: {exc}") from exc

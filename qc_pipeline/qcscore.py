@@ -5,8 +5,8 @@ brain?". Alone it misses artifacts that change the whole image in a way the netw
 reconstructs well (blur, motion smear, Gibbs ringing, mild noise) and artifacts that live
 outside the brain (ghosts, wrap-around). The QC score therefore looks at a few
 complementary measurements of the same scan, each compared with the distribution of the
-same measurement on clean scans (the model card's ``qc_score.reference``, fitted by
-:func:`fit_reference` on held-out normal scans):
+same measurement on clean scans (the reference: the model card's ``qc_score`` section,
+fitted by :func:`fit_reference` on held-out normal scans):
 
 ``anomaly_fraction``
     IterMask3D's final mask / brain voxels (the paper's score).
@@ -47,7 +47,6 @@ Pure functions only: no I/O, no Nipype.
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
@@ -59,8 +58,6 @@ __all__ = [
     "FEATURES", "FeatureSpec", "QCScore", "QCScoreError", "combine", "fit_reference",
     "scan_features", "scan_quality", "sharpness_and_noise", "relative_scores",
 ]
-
-LOG = logging.getLogger(__name__)
 
 MAD_SCALE = 1.4826
 
@@ -84,6 +81,11 @@ class FeatureSpec:
     transform: str = "identity"
     offset: float = 0.0
     min_scale: float = 0.0
+
+    @classmethod
+    def from_reference(cls, ref: Mapping[str, Any]) -> "FeatureSpec":
+        """The spec stored with one measurement of a reference (its scale floor is not needed)."""
+        return cls(ref.get("direction", "up"), ref.get("transform", "identity"), float(ref.get("offset", 0.0)))
 
     def apply(self, x: float) -> float:
         """The transformed value; NaN where it is undefined (log of a value <= 0)."""
@@ -218,6 +220,21 @@ class QCScore:
                 "qc_score_reference": self.reference or None}
 
 
+def _median_scale(values: np.ndarray, floor: float) -> tuple[float, float]:
+    """Median and ``max(1.4826 x MAD, floor)`` of finite ``values``."""
+    med = float(np.median(values))
+    return med, max(MAD_SCALE * float(np.median(np.abs(values - med))), float(floor))
+
+
+def _worst(z: Mapping[str, float | None]) -> tuple[float | None, str | None]:
+    """The largest z and its measurement (``(None, None)`` when none was measured)."""
+    have = {k: v for k, v in z.items() if v is not None}
+    if not have:
+        return None, None
+    k = max(have, key=have.get)
+    return float(have[k]), k
+
+
 def fit_reference(rows: Iterable[Mapping[str, float | None]], *,
                   features: Iterable[str] | None = None, min_scans: int = 8,
                   source: str = "") -> dict:
@@ -249,8 +266,7 @@ def fit_reference(rows: Iterable[Mapping[str, float | None]], *,
         if vals.size < min_scans:
             skipped[name] = f"{vals.size} clean scans with this measurement; need >= {min_scans}"
             continue
-        med = float(np.median(vals))
-        scale = max(MAD_SCALE * float(np.median(np.abs(vals - med))), spec.min_scale)
+        med, scale = _median_scale(vals, spec.min_scale)
         ref[name] = {"median": med, "scale": scale, "direction": spec.direction,
                      "transform": spec.transform, "offset": spec.offset, "n": int(vals.size)}
     if not ref:
@@ -272,8 +288,7 @@ def combine(features: Mapping[str, float | None], reference: Mapping[str, Any] |
         if x is None or not math.isfinite(x):
             z[name] = None
             continue
-        spec = FeatureSpec(ref.get("direction", "up"), ref.get("transform", "identity"),
-                           float(ref.get("offset", 0.0)))
+        spec = FeatureSpec.from_reference(ref)
         t = spec.apply(x)
         if not math.isfinite(t):
             z[name] = None
@@ -282,11 +297,7 @@ def combine(features: Mapping[str, float | None], reference: Mapping[str, Any] |
             z[name] = _signed(spec, (t - float(ref["median"])) / float(ref["scale"]))
         except QCScoreError as exc:
             raise QCScoreError(f"{name}: {exc}") from None
-    have = {k: v for k, v in z.items() if v is not None}
-    if not have:
-        return QCScore(None, None, z, feats, ref_feats)
-    driver = max(have, key=have.get)
-    return QCScore(have[driver], driver, z, feats, ref_feats)
+    return QCScore(*_worst(z), z, feats, ref_feats)
 
 
 def _signed(spec: FeatureSpec, d: float) -> float:
@@ -312,25 +323,15 @@ def relative_scores(features: list[Mapping[str, float | None]], reference: Mappi
     refs = (reference or {}).get("features") or {}
     cols: dict[str, list[float | None]] = {}
     for name, ref in refs.items():
-        spec = FeatureSpec(ref.get("direction", "up"), ref.get("transform", "identity"),
-                           float(ref.get("offset", 0.0)))
+        spec = FeatureSpec.from_reference(ref)
         raw = [f.get(name) if isinstance(f, Mapping) else None for f in features]
         t = np.array([np.nan if v is None or not math.isfinite(float(v)) else spec.apply(v) for v in raw])
         ok = np.isfinite(t)
         if ok.sum() < min_scans:
             continue
-        med = float(np.median(t[ok]))
-        scale = max(MAD_SCALE * float(np.median(np.abs(t[ok] - med))), float(ref["scale"]))
+        med, scale = _median_scale(t[ok], ref["scale"])
         cols[name] = [None if not np.isfinite(v) else _signed(spec, (v - med) / scale) for v in t]
-    out: list[tuple[float | None, str | None]] = []
-    for i in range(len(features)):
-        have = {k: c[i] for k, c in cols.items() if c[i] is not None}
-        if not have:
-            out.append((None, None))
-        else:
-            k = max(have, key=have.get)
-            out.append((float(have[k]), k))
-    return out
+    return [_worst({k: c[i] for k, c in cols.items()}) for i in range(len(features))]
 
 
 def scan_quality(prep, result, card: Mapping[str, Any] | None) -> QCScore:

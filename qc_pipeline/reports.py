@@ -583,6 +583,7 @@ def _group_info(output_dir: Path, rec: QCRecord) -> dict | None:
             "rank": row.get("rank"), "n_all": n_all,
             "percentile": row.get("percentile_in_site"), "flagged": row.get("flagged") == "1",
             "threshold": row.get("threshold"), "rule": rule, "csv": p.name,
+            "score": key, "score_value": row.get(key),
             "background_flagged": row.get("background_flagged") == "1",
             "background_threshold": row.get("background_threshold"), "background_rule": bg_rule,
             "flag_reasons": row.get("flag_reasons", "") or ""}
@@ -641,13 +642,12 @@ def write_subject_report(output_dir, subject: str, *, site_column: str = "site")
 
 # --------------------------------------------------------------------------- group page
 def distribution_png(rows: list[dict], site_rows: list[dict], summary: dict) -> str | None:
-    """Per-site strip + box plot of the ranking score (``summary["score"]``: qc_score, else
-    anomaly_fraction), flagged scans in red, thresholds dashed."""
+    """Per-site strip + box plot of the ranking score (``summary["score"]``: qc_score_site,
+    qc_score or anomaly_fraction), flagged scans in red, thresholds dashed."""
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
         return None
     key = summary.get("score", "anomaly_fraction")
-    # fractions in %, symlog so zero scores show; qc_score (robust z) on a linear axis
     unit = 100.0 if key == "anomaly_fraction" else 1.0
     plt = _pyplot()
     sites = summary["sites"]
@@ -685,7 +685,7 @@ def distribution_png(rows: list[dict], site_rows: list[dict], summary: dict) -> 
         ax.set_ylim(bottom=0, top=max(0.02, ymax * 2.0))
         ax.set_ylabel("anomaly fraction of brain (%, symlog)", fontsize=8)
     else:
-        # robust z: linear near clean scans, log-like far out so a few huge scores do not squash them
+        # robust z: linear up to 10, log-like beyond so a few huge scores do not squash the rest
         ax.set_yscale("symlog", linthresh=10.0, linscale=1.0)
         ax.set_ylabel(f"{key} (robust z)", fontsize=8)
     ax.set_xlabel("site", fontsize=8)

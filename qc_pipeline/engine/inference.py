@@ -195,7 +195,7 @@ class _ScanLoop:
         err = ((recon.astype(np.float32) - self.x) ** 2) * self.brain  # eq. 5, inside the brain
         if self.passes == 1:
             self.first_pass_mean_error = float(err[self.brain].mean())
-            self.first_pass_error_map = err.astype(np.float32)
+            self.first_pass_error_map = err  # float32 already; never modified below
         if self.phase == "sweep":
             t = self.sched.sweep_t[self.sweep_i]
             s = np.sort(err[self.brain])

@@ -250,8 +250,7 @@ def test_group_scores_each_site_against_itself(tmp_path):
             "status": "ok", "bids_name": f"sub-{k:02d}_T1w", "site": site,
             "entities": {"subject": f"{k:02d}", "suffix": "T1w"}, "anomaly_voxels": 10,
             "anomaly_fraction": 0.1, "anomaly_mm3": 80.0, **q}))
-    run_group(tmp_path, labels={f"sub-{k:02d}_T1w": int(f"{k:02d}" in bad.values()) for k in range(1, 21)},
-              subject_reports=False)
+    run_group(tmp_path, labels={f"sub-{k:02d}_T1w": int(f"{k:02d}" in bad.values()) for k in range(1, 21)})
     rows = list(csv.DictReader(open(tmp_path / "group_T1w.csv", newline="")))
     # against the reference every site-B scan outscores site A's artifact ...
     by = {r["bids_name"]: r for r in rows}
@@ -263,6 +262,10 @@ def test_group_scores_each_site_against_itself(tmp_path):
     assert rows[0]["qc_score_site_driver"] == "noise"
     sites = {r["site"]: r for r in csv.DictReader(open(tmp_path / "group_T1w_sites.csv", newline=""))}
     assert float(sites["ALL_SITES"]["AUROC"]) == 1.0 and "qc_score_site" in sites["A"]["threshold_rule"]
+    # the subject page shows both scores: against the reference and against the site
+    page = (tmp_path / "sub-03.html").read_text()
+    assert f"vs site A: {float(by['sub-03_T1w']['qc_score_site']):.3g}" in page
+    assert "driven by noise" in page
 
 
 def test_itermask_interface_writes_quality_and_survives_a_failing_measurement(tmp_path, monkeypatch):
