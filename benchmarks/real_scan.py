@@ -121,7 +121,7 @@ def variant(src, v: int, seed: int):
                  "dtype": dtype, "extra_noise_sigma": sigma / ref}
 
 
-def score(img, model, name):
+def score(img, model, name, maps: Path | None = None):
     from qc_pipeline.background import background_stats_for_image
     from qc_pipeline.errors import InputError
     from qc_pipeline.preprocessing import preprocess
@@ -137,10 +137,37 @@ def score(img, model, name):
     r = model.run(prep.image, prep.brain_mask, voxel_size=card["voxel_size"], seed=0)
     q = scan_quality(prep, r, card)
     bg = prep.info.background
+    if maps is not None:  # what the measurements are taken from (--from-json --save-maps)
+        maps.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(maps, image=prep.image.astype(np.float16), head_image=prep.head_image.astype(np.float16),
+                            brain_mask=prep.brain_mask, signal_mask=prep.signal_brain_mask, final_mask=r.mask,
+                            info=json.dumps(prep.info.to_dict(), default=float),
+                            result=json.dumps({"anomaly_fraction": r.anomaly_fraction,
+                                               "recon_error": r.first_pass_mean_error}, default=float))
     return {"error": None, "qc_score": q.qc_score, "driver": q.driver, "anomaly_fraction": r.anomaly_fraction,
             "features": q.features, "z": q.z, "seconds": r.seconds,
             "background": {k: bg.get(k) for k in ("available", "background_artifact_fraction", "snr",
                                                  "ghost_ratio", "noise_sigma", "reason")}}
+
+
+def _maps_name(row) -> str:
+    return f"{Path(row['scan']).name.split('.')[0]}_{row['kind']}_{row['v']}.npz"
+
+
+def _features_from_maps(row, folder: Path):
+    """The measurements of a scored row, taken again from its saved maps (None without them)."""
+    from qc_pipeline.qcscore import scan_features
+
+    path = folder / _maps_name(row)
+    if not path.is_file():
+        return None
+    m = np.load(path)
+    info, res = json.loads(str(m["info"])), json.loads(str(m["result"]))
+    return scan_features(image_head=m["head_image"].astype(np.float32), brain_mask=m["brain_mask"],
+                         signal_mask=m["signal_mask"], final_mask=m["final_mask"],
+                         anomaly_fraction=res["anomaly_fraction"], recon_error=res["recon_error"],
+                         background=info.get("background"), voxel_mm=float(min(info["voxel_size"])),
+                         intensity=(info["zscore_mean"], info["zscore_sd"]))
 
 
 def main(argv=None) -> int:
@@ -153,6 +180,9 @@ def main(argv=None) -> int:
     p.add_argument("--severity", default="0.5:1.0")
     p.add_argument("--seed", type=int, default=7000)
     p.add_argument("--json-out", type=Path, default=None)
+    p.add_argument("--save-maps", type=Path, default=None,
+                   help="folder: keep each scan's grid image, masks and background statistic; with "
+                        "--from-json, take the measurements again from there")
     p.add_argument("--reuse-json", type=Path, nargs="+", default=None, help="rows already scored")
     p.add_argument("--from-json", type=Path, nargs="+", default=None,
                    help="no scoring: recompute the tables from these --json-out files with the "
@@ -186,6 +216,8 @@ def main(argv=None) -> int:
         ref = model.card.get("qc_score")
         for r in rows:
             if not r["error"]:
+                if args.save_maps:  # measurements again from the saved maps, with this code
+                    r["features"] = _features_from_maps(r, args.save_maps) or r["features"]
                 q = combine(r["features"], ref)
                 r.update(qc_score=q.qc_score, driver=q.driver, z=q.z)
     for s_i, path in enumerate(scans if not args.from_json else []):
@@ -204,7 +236,9 @@ def main(argv=None) -> int:
                 sev = float(rng.uniform(lo, hi))
                 img = apply_artifact(img, kind, sev, rng)
             row = {"scan": str(path), "kind": kind, "v": v, "label": int(kind != "clean"), "severity": sev,
-                   "variant": meta, **score(img, model, f"{kind}_{v}")}
+                   "variant": meta,
+                   **score(img, model, f"{kind}_{v}", args.save_maps / _maps_name(
+                       {"scan": path, "kind": kind, "v": v}) if args.save_maps else None)}
             rows.append(row)
             print(f"[{n}/{len(plan)}] {Path(path).name} {kind} v{v} {meta['voxel_size']} {meta['orientation']}: "
                   + (f"ERROR {row['error']}" if row["error"] else
@@ -238,8 +272,8 @@ def main(argv=None) -> int:
     print("| artifact | n | AUROC qc_score | FPR80 qc_score | AUROC qc_score_site | FPR80 qc_score_site "
           "| AUROC qc_score_site (all) | FPR80 qc_score_site (all) | AUROC anomaly_fraction | FPR80 anomaly_fraction |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for a in arts:
-        pos = [r for r in rows if r["kind"] == a]
+    for a in arts + ["all types"]:
+        pos = [r for r in rows if r["kind"] == a or (a == "all types" and r["kind"] != "clean")]
         sub = clean + pos
         vals = []
         for key in ("qc_score", "site", "all", "anomaly_fraction"):

@@ -6,7 +6,8 @@ import pytest
 from scipy import ndimage as ndi
 
 from qc_pipeline.qcscore import (FEATURES, QCScoreError, combine, fit_reference,
-                                 largest_component_fraction, scan_features, sharpness_and_noise)
+                                 largest_component_fraction, nonuniformity, scan_features,
+                                 sharpness_and_noise, signal_void)
 
 SHAPE = (48, 48, 48)
 
@@ -46,6 +47,36 @@ def test_largest_component_sees_one_block_not_speckle():
     assert largest_component_fraction(np.zeros(SHAPE, bool), n) == 0.0
 
 
+def test_signal_void_sees_a_dark_hole_not_dark_tissue_or_a_thin_cleft():
+    rng = np.random.default_rng(4)
+    _, brain = _head()
+    mean, sd = 400.0, 100.0
+    x = np.where(brain, 450.0, 20.0) + 30.0 * rng.normal(size=SHAPE)  # tissue and air
+    x[brain & (np.indices(SHAPE)[0] == 24)] = 25.0  # a one-voxel dark cleft (a sulcus)
+    g = np.indices(SHAPE)
+    ventricle = (np.abs(g - 23.5) < 4).all(0)
+    x[ventricle] = 140.0  # CSF: dark, but well above air
+    z = lambda a: ((a - mean) / sd).astype(np.float32)  # noqa: E731
+    assert signal_void(z(x), brain, mean, sd) == 0.0
+    hole = x.copy()
+    box = (g[0] >= 26) & (g[0] < 34) & (g[1] >= 14) & (g[1] < 22) & (g[2] >= 20) & (g[2] < 28)
+    hole[box] = 15.0  # filled with background, as a missing chunk or a metal void
+    v = signal_void(z(hole), brain, mean, sd)
+    assert 0.5 * box.sum() / brain.sum() < v <= box.sum() / brain.sum()
+    assert signal_void(z(x), brain, -1000.0, sd) is None  # no positive median: not a magnitude image
+
+
+def test_nonuniformity_rises_with_a_bias_field():
+    img, brain = _head(noise=0.2)
+    ramp = np.linspace(-1.5, 1.5, SHAPE[2])[None, None, :]
+    # the same image under a smooth multiplicative field, z-scored again
+    biased = (img + 4.0) * np.exp(0.6 * ramp)
+    biased = (biased - biased[brain].mean()) / biased[brain].std()
+    flat = (img - img[brain].mean()) / img[brain].std()
+    assert nonuniformity(biased, brain, voxel_mm=4.0) > 1.5 * nonuniformity(flat, brain, voxel_mm=4.0)
+    assert nonuniformity(flat, np.zeros(SHAPE, bool)) is None  # no brain: not measured
+
+
 def _features(img, brain, *, signal=None, final=None, bg=None, frac=0.1, err=0.2):
     return scan_features(image_head=img, brain_mask=brain, signal_mask=brain if signal is None else signal,
                          final_mask=np.zeros(SHAPE, bool) if final is None else final,
@@ -62,7 +93,11 @@ def test_scan_features_names_and_missing_values():
     sig = brain.copy()
     sig[:, :, 30:] = False
     f2 = _features(img, brain, signal=sig)
-    assert f2["signal_deficit"] == pytest.approx(np.count_nonzero(brain & ~sig) / brain.sum())
+    raw = np.count_nonzero(brain & ~sig) / brain.sum()
+    assert 0.8 * raw < f2["signal_deficit"] <= raw
+    # a thin outline mismatch (a real brain vs the registered template) is not missing signal
+    rim = _features(img, brain, signal=ndi.binary_erosion(brain, iterations=1))
+    assert rim["signal_deficit"] == 0.0
     # unavailable background and no head image: measured as None, never guessed
     f3 = scan_features(image_head=None, brain_mask=brain, signal_mask=None, final_mask=None,
                        anomaly_fraction=float("nan"), recon_error=0.3,
@@ -147,7 +182,8 @@ def test_fit_reference_is_robust_and_refuses_too_few_scans():
     ref = fit_reference(rows, features=["recon_error"])
     r = ref["features"]["recon_error"]
     assert r["median"] == pytest.approx(math.log(0.2), abs=1e-9)  # the outlier does not move it
-    assert r["scale"] < 0.2 and r["n"] == 9
+    # nor the scale: the MAD of the nine is tiny, so the measurement's floor applies
+    assert r["scale"] == pytest.approx(FEATURES["recon_error"].min_scale) and r["n"] == 9
     with pytest.raises(QCScoreError, match="need >= 8"):
         fit_reference(rows[:5], features=["recon_error"])
     with pytest.raises(QCScoreError, match="unknown measurement"):
@@ -228,6 +264,38 @@ def test_relative_scores_follow_the_scans_own_distribution():
     assert max(clean) < 3.0 < min(rel[3][0], rel[7][0])
     # too few scans with a measurement: it is left out, not guessed
     assert relative_scores(feats[:5], ref, min_scans=8) == [(None, None)] * 5
+
+
+def test_site_score_stays_on_the_clean_scans_when_most_of_a_site_is_bad(tmp_path):
+    """10 clean + 14 scans with the same artifact in one site: a median would sit among the
+    bad scans; the clean-side location keeps them high, the clean ones low, and the group
+    level flags exactly the bad ones (a median + 3 MAD cut of the scores flags none)."""
+    import csv
+    import json
+
+    from qc_pipeline.group import run_group
+    from qc_pipeline.qcscore import relative_scores
+
+    ref = {"features": {
+        "noise": {"median": 0.0, "scale": 0.05, "direction": "up", "transform": "log", "offset": 0.0}}}
+    rng = np.random.default_rng(3)
+    noise = [float(np.exp(0.5 + 0.04 * rng.normal() + (0.8 * rng.uniform(0.7, 1.0) if k >= 10 else 0.0)))
+             for k in range(24)]
+    rel = [s for s, _ in relative_scores([{"noise": v} for v in noise], ref)]
+    assert max(rel[:10]) < 3.0 and min(rel[10:]) > 8.0
+    for k, v in enumerate(noise, start=1):
+        d = tmp_path / f"sub-{k:02d}" / "anat"
+        d.mkdir(parents=True)
+        (d / f"sub-{k:02d}_T1w_qc.json").write_text(json.dumps({
+            "status": "ok", "bids_name": f"sub-{k:02d}_T1w", "site": "A",
+            "entities": {"subject": f"{k:02d}", "suffix": "T1w"}, "anomaly_voxels": 10,
+            "anomaly_fraction": 0.1, "anomaly_mm3": 80.0,
+            **combine({"noise": v}, ref).to_dict()}))
+    run_group(tmp_path, subject_reports=False)
+    rows = list(csv.DictReader(open(tmp_path / "group_T1w.csv", newline="")))
+    assert {r["bids_name"] for r in rows if r["flagged"] == "1"} == {f"sub-{k:02d}_T1w" for k in range(11, 25)}
+    site = next(csv.DictReader(open(tmp_path / "group_T1w_sites.csv", newline="")))
+    assert "qc_score_site > 5" in site["threshold_rule"]
 
 
 def test_group_scores_each_site_against_itself(tmp_path):
