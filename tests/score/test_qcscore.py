@@ -298,6 +298,17 @@ def test_site_score_stays_on_the_clean_scans_when_most_of_a_site_is_bad(tmp_path
     assert "qc_score_site > 5" in site["threshold_rule"]
 
 
+def test_relative_scores_both_directions_and_missing_values():
+    from qc_pipeline.qcscore import relative_scores
+
+    ref = {"features": {"x": {"median": 0.0, "scale": 0.1, "direction": "both", "transform": "identity"}}}
+    vals = [0.0, 0.05, -0.05, 0.02, -0.02, 0.01, -0.01, 0.03, 1.0, -1.0, None]
+    rel = relative_scores([{"x": v} for v in vals], ref)
+    assert rel[8][0] > 5 and rel[9][0] > 5  # too high and too low both count
+    assert max(s for s, _ in rel[:8]) < 1.0
+    assert rel[10] == (None, None)  # not measured: no score, no guess
+
+
 def test_group_scores_each_site_against_itself(tmp_path):
     import csv
     import json
