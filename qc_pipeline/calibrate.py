@@ -82,9 +82,9 @@ def main(argv=None) -> int:
     p.add_argument("--min-scans", type=int, default=8, help="fewest clean scans to fit on (default 8)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    card_path = args.model_dir / "model_card.json"
+    card_path = args.model_dir / CARD_NAME
     if not card_path.is_file():
-        print(f"itermask-qc-calibrate: {args.model_dir}: no model_card.json (expected a model folder)",
+        print(f"itermask-qc-calibrate: {args.model_dir}: no {CARD_NAME} (expected a model folder)",
               file=sys.stderr)
         return 2
     model_id = json.loads(card_path.read_text()).get("model_id")

@@ -246,7 +246,7 @@ class IterMaskRun(SimpleInterface):
                 except Exception as exc:  # noqa: BLE001 - a measurement never fails the scan
                     LOGGER.warning("%s: QC-score measurements failed (%s); the scan keeps its "
                                    "anomaly score", self.inputs.in_file, one_line(exc))
-                res.first_pass_error_map = None  # only the measurements need it: keep the pickle small
+                res.first_pass_error_map = None  # only benchmarks/detection.py saves it: keep the pickle small
                 self._results["out_file"] = _dump(res, Path(runtime.cwd) / "result.pkl")
             except Exception as exc:  # noqa: BLE001
                 self._results["error"] = describe_error(exc, "IterMask3D")

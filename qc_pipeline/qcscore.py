@@ -71,6 +71,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from scipy import ndimage as ndi
 
+from .preprocessing import _ball
+
 __all__ = [
     "FEATURES", "FeatureSpec", "QCScore", "QCScoreError", "combine", "compact_deficit", "fit_reference",
     "nonuniformity", "signal_void",
@@ -174,18 +176,11 @@ def sharpness_and_noise(head_image: np.ndarray, brain_mask: np.ndarray) -> tuple
     return sharp, noise
 
 
-def _ball(radius_mm: float, voxel_mm: float) -> np.ndarray | None:
-    r = max(int(round(radius_mm / float(voxel_mm))), 0)
-    if r == 0:
-        return None
-    g = np.mgrid[-r:r + 1, -r:r + 1, -r:r + 1]
-    return np.square(g).sum(0) <= r * r
-
-
 def _open(mask: np.ndarray, voxel_mm: float) -> np.ndarray:
-    """``mask`` opened by the :data:`DEFICIT_OPEN_MM` ball (unchanged when it is empty)."""
-    ball = _ball(DEFICIT_OPEN_MM, voxel_mm)
-    return ndi.binary_opening(mask, structure=ball) if ball is not None and mask.any() else mask
+    """``mask`` opened by the :data:`DEFICIT_OPEN_MM` ball (unchanged when it is empty or the
+    ball is smaller than a voxel)."""
+    r = int(round(DEFICIT_OPEN_MM / float(voxel_mm)))
+    return ndi.binary_opening(mask, structure=_ball(r)) if r >= 1 and mask.any() else mask
 
 
 def signal_void(head_image: np.ndarray, brain_mask: np.ndarray, zscore_mean: float, zscore_sd: float,
