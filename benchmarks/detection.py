@@ -236,6 +236,8 @@ def main(argv=None) -> int:
 
     if args.prepare_only:
         return 0
+    if args.json_out:  # written again below with the qc_score fields
+        args.json_out.write_text(json.dumps(rows, indent=1, default=float))
     methods = [f"itermask3d/{s}" for s in schedules] + ["freq-mask-only", "final-mean-error"]
     if args.features_from_maps:
         for row in rows:
@@ -312,7 +314,7 @@ def main(argv=None) -> int:
             sub = normals + [r for r in rows if r["kind"] == a]
             vals = []
             for f in feats:
-                z = [FAILED if r["error"] else combine({f: r["features"].get(f)},
+                z = [FAILED if r["error"] else combine({f: (r.get("features") or {}).get(f)},
                                                           {"features": {f: reference["features"][f]}}).qc_score
                      for r in sub]
                 keep = [i for i, v in enumerate(z) if v is not None]

@@ -18,9 +18,13 @@ Definition (:func:`background_stats`, all sizes in mm through the voxel zooms)
    blocks (speed, and the block mean is the smoothing that keeps isolated noise voxels
    from counting).
 3. **Head mask.** Otsu threshold of the log block means (clipped to the 0.5-99.5th
-   percentiles), opening (3x3x3 blocks), largest connected component, closing by
-   ``close_mm`` (6 mm), hole filling (3D, then 2D in the slices along each axis, so a
-   face cavity cut open by the field of view is closed). Otsu misses dim scalp and neck
+   percentiles), opening (3x3x3 blocks), largest connected component plus the opened
+   pieces within two blocks of it that are as bright as tissue (median at least half the
+   head's) and lie within 40 mm of it (90th percentile of their distance): jaw, neck and
+   shoulders that the opening cut off at a thin bridge, often running out of the field of
+   view, are body, not background (ghosts stay darker, spike stripes cross the field of
+   view); closing by ``close_mm`` (6 mm), hole filling (3D, then 2D in the slices along
+   each axis, so a face cavity cut open by the field of view is closed). Otsu misses dim scalp and neck
    tissue (T2w skin and fat beyond a dark skull), so the blocks within 20 mm of that head
    that stand above the noise level of a first background estimate by more than
    ``head_excess`` (0.5) noise sigmas and 2 ``z`` block-noise scales (see 5.) are added
@@ -106,6 +110,8 @@ _MAX_NONFINITE = 0.01    # share of voxels
 _MIN_CONTRAST = 1.5      # median head block / median background block
 _MIN_HEAD_ML = 50.0      # smallest head component accepted
 _HEAD_REACH_MM = 20.0    # how far beyond the Otsu head dim tissue is looked for
+_BODY_LEVEL = 0.5        # a piece next to the head this bright (x the head's median) is body
+_BODY_REACH_MM = 40.0    # ... when 90 % of it lies this close to the head (spike stripes cross the FOV)
 _RAYLEIGH_Q25 = math.sqrt(-2.0 * math.log(0.75))   # 0.7585: q25 of Rayleigh(1)
 _RAYLEIGH_SD = math.sqrt((4.0 - math.pi) / 2.0)    # 0.6551: sd of Rayleigh(1)
 _Z25, _Z05 = 0.6745, 1.6449                         # standard normal quantile magnitudes
@@ -253,12 +259,28 @@ def _erode_mm(mask: np.ndarray, mm: float, sampling) -> np.ndarray:
     return (ndi.distance_transform_edt(padded, sampling=sampling) > mm)[1:-1, 1:-1, 1:-1]
 
 
-def _head_mask(cand: np.ndarray, bz, close_mm: float) -> np.ndarray:
-    """Opening (3x3x3), largest component, closing by ``close_mm``, hole filling."""
-    head = ndi.binary_opening(cand, structure=np.ones((3, 3, 3), bool))
-    if not head.any():
-        return head
-    head = _largest_component(head)
+def _head_mask(cand: np.ndarray, bz, close_mm: float, bmean: Optional[np.ndarray] = None) -> np.ndarray:
+    """Opening (3x3x3), largest component + the body parts the opening cut off from it,
+    closing by ``close_mm``, hole filling."""
+    opened = ndi.binary_opening(cand, structure=np.ones((3, 3, 3), bool))
+    if not opened.any():
+        return opened
+    head = _largest_component(opened)
+    if bmean is not None:
+        # jaw, neck and shoulders joined to the head by thin bridges (cut by the opening)
+        # are tissue, not background: opened pieces next to the head as bright as its
+        # tissue (median >= _BODY_LEVEL of the head's) that stay near it. Ghosts are darker
+        # (<= 0.4 of the head's median on the validation scans); spike stripes that survive
+        # the opening run across the field of view, beyond _BODY_REACH_MM.
+        lab, n = ndi.label(opened & ~head, structure=np.ones((3, 3, 3), bool))
+        if n:
+            dist = ndi.distance_transform_edt(~head, sampling=bz)
+            level = _BODY_LEVEL * float(np.median(bmean[head]))
+            for i in np.unique(lab[(dist <= 2 * max(bz)) & (lab > 0)]):
+                piece = lab == i
+                bright = float(np.median(bmean[piece])) >= level
+                if bright and float(np.percentile(dist[piece], 90)) <= _BODY_REACH_MM:
+                    head |= piece
     closed = _erode_mm(_dilate_mm(head, close_mm, bz), close_mm, bz)
     return fill_holes(closed | head)
 
@@ -370,7 +392,7 @@ def _background_stats(data, zooms, p, debug: Optional[dict] = None) -> Backgroun
     floor = max(lo, hi * 1e-4, np.finfo(np.float32).tiny)
     logv = np.log(np.clip(vals, floor, hi))
     thr = float(np.exp(_otsu(logv)))
-    head = _head_mask((bmean > thr) & bvalid, bz, p["close_mm"])
+    head = _head_mask((bmean > thr) & bvalid, bz, p["close_mm"], bmean)
     if not head.any():
         return _unavailable("no head found (nothing above the Otsu threshold after opening)", p)
     head_ml = float(bcnt[head].sum()) * bvol / 1e3
@@ -447,7 +469,8 @@ def _background_stats(data, zooms, p, debug: Optional[dict] = None) -> Backgroun
         keep[1:] = vol >= p["min_cluster_ml"]
         art = keep[lab]
     if debug is not None:  # internals for diagnostics (block grid)
-        debug.update(bmean=bmean, smooth=smooth, head=head, bg=bg, art=art, cut=cut, loc=loc, scale=scale, f=f)
+        debug.update(bmean=bmean, smooth=smooth, head=head, bg=bg, art=art, cut=cut, loc=loc, scale=scale, f=f,
+                     sigma=sigma, bz=bz, bvalid=bvalid, bcnt=bcnt, med_tissue=med_tissue)
     art_ml = float(bcnt[art].sum()) * bvol / 1e3
     fraction = art_ml / bg_ml
 

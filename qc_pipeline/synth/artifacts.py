@@ -314,14 +314,26 @@ def ring(img, severity, rng, *, min_cutoff=0.3, max_boost=3.0):
 
 
 # --------------------------------------------------------------------------- extra types
-def motion(img, severity, rng, *, max_degrees=6.0, max_mm=6.0, n_moves=2):
+def motion(img, severity, rng, *, max_degrees=6.0, max_mm=6.0, n_moves=2, max_gap=0.15, min_gap=0.02):
     """Rigid head motion between k-space segments (torchio ``Motion``).
 
-    ``n_moves`` movements at times drawn in (0.15, 0.85) of the acquisition;
-    each rotates by ``max_degrees * severity`` x a random unit direction and
-    translates by ``max_mm * severity`` x a random unit vector. K-space
-    segments run along the phase-encode axis. Deterministic: parameters come
-    from ``rng``, torchio draws nothing.
+    The head moves ``n_moves`` times during the acquisition and stays where it moved to;
+    k-space lines (segments along the phase-encode axis) acquired after a move carry the
+    moved head. Each move rotates by ``max_degrees * severity`` x (0.6-1) about a random
+    axis and translates by ``max_mm * severity`` x (0.6-1) in a random direction.
+
+    How visible motion is depends as much on *when* it happens as on how far the head
+    moves: lines near the k-space centre (acquired mid-scan with sequential ordering) carry
+    the image's contrast and shape, the periphery only its edges. torchio keeps the
+    segment that holds the k-space centre in the original pose, so moves at 0.2 and 0.8
+    only touch the outer 20 % on each side and change the image by a fraction of the
+    noise (measured: under 0.1 noise SD after a 1-voxel smoothing for 8 of 20 such scans
+    with the first version of this simulator, which drew the times in 0.15-0.85 whatever
+    the severity). The severity therefore also sets how close to the centre the moved
+    lines reach: the first move comes ``gap = min_gap + (max_gap - min_gap) * (1 - severity)``
+    of the phase-encode lines after the centre (or the last move that far before it, side
+    drawn at random), the others further out. Deterministic: parameters come from ``rng``,
+    torchio draws nothing.
     """
     import torchio as tio
 
@@ -334,14 +346,18 @@ def motion(img, severity, rng, *, max_degrees=6.0, max_mm=6.0, n_moves=2):
     scale = rng.uniform(0.6, 1.0, (n_moves, 1))
     degrees = dirs * max_degrees * severity * scale
     trans = tdirs * max_mm * severity * scale
-    times = np.sort(rng.uniform(0.15, 0.85, n_moves))
+    gap = min_gap + (max_gap - min_gap) * (1.0 - severity)
+    near = 0.5 + gap
+    times = np.sort(np.concatenate([[near], rng.uniform(near, 0.95, n_moves - 1)]))
+    if rng.random() < 0.5:  # the head moved before the centre was acquired: mirror the times
+        times = np.sort(1.0 - times)
     if severity <= 0:
         return _like(img, data.copy(), degrees=degrees.tolist(), translation=trans.tolist())
     tr = tio.transforms.augmentation.intensity.random_motion.Motion(
         degrees=degrees, translation=trans, times=times, image_interpolation="linear")
     out = _torchio_apply(img, data, tr, move_axis=phase)
     return _like(img, out, degrees=degrees.tolist(), translation=trans.tolist(),
-                 times=times.tolist(), phase_axis=phase)
+                 times=times.tolist(), centre_gap=float(gap), phase_axis=phase)
 
 
 def ghosting(img, severity, rng, *, max_intensity=1.0, n_ghosts=(2, 6)):

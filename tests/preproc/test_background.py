@@ -129,6 +129,25 @@ def test_hand_built_phantom_ghost_copy():
     assert st.artifact_ml > 10
 
 
+def test_body_cut_off_by_the_opening_is_not_background():
+    """A jaw/neck piece as bright as the head, joined to it by a bridge thinner than the
+    head mask's opening and running out of the field of view, is tissue: not counted as
+    background artifact (it was, before, beyond 20 mm of the head). A copy of the same
+    piece far from the head still is."""
+    sig, noisy = _phantom()
+    zooms = (3.0, 3.0, 3.0)
+    body = sig.copy()
+    body[22:42, 22:42, 0:11] = 400.0  # head bottom at z = 12: a 1-voxel gap ...
+    body[31:33, 31:33, 10:14] = 400.0  # ... crossed by a thin bridge
+    st = background_stats(noisy(body), zooms)
+    assert st.available, st.reason
+    assert st.background_artifact_fraction == 0.0
+    far = sig.copy()
+    far[0:12, 0:12, 0:10] = 400.0  # same brightness, in a corner 40+ mm from the head
+    st_far = background_stats(noisy(far), zooms)
+    assert st_far.background_artifact_fraction > 0.005
+
+
 def test_anisotropic_zooms_are_used_in_mm():
     """Same object, stored at 1.5 x 3 x 3 mm with twice the voxels along axis 0: the
     background volume in mL matches the isotropic version."""

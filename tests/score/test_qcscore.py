@@ -33,6 +33,22 @@ def test_sharpness_drops_with_blur_and_noise_rises_with_noise():
     assert n_noise > 1.5 * n0 and s_noise > s0
 
 
+def test_noise_ignores_anatomical_detail_in_part_of_the_brain():
+    """Fine anatomy in an outer shell (a real brain's cortical folding) leaves ``noise``
+    nearly unchanged; the same noise added everywhere raises it."""
+    rng = np.random.default_rng(3)
+    g = np.indices(SHAPE).astype(float)
+    r = np.sqrt(((g - 23.5) ** 2).sum(0))
+    brain = r < 18
+    flat = np.where(r < 21, 1.0, -2.0) + 0.1 * rng.normal(size=SHAPE)
+    detail = rng.normal(size=SHAPE) * ((r > 13) & (r < 21))  # voxel-scale folds, outer shell
+    _, n_flat = sharpness_and_noise(flat.astype(np.float32), brain)
+    _, n_detail = sharpness_and_noise((flat + 0.6 * detail).astype(np.float32), brain)
+    _, n_noisy = sharpness_and_noise((flat + 0.1 * rng.normal(size=SHAPE)).astype(np.float32), brain)
+    assert n_detail < 1.15 * n_flat
+    assert n_noisy > 1.3 * n_flat
+
+
 def test_largest_component_sees_one_block_not_speckle():
     _, brain = _head()
     rng = np.random.default_rng(2)
