@@ -155,19 +155,22 @@ def _maps_name(row) -> str:
 
 
 def _features_from_maps(row, folder: Path):
-    """The measurements of a scored row, taken again from its saved maps (None without them)."""
-    from qc_pipeline.qcscore import scan_features
+    """The measurements of a scored row, taken again from its saved maps (None without them),
+    exactly as the app takes them (``scan_quality``)."""
+    from types import SimpleNamespace
+
+    from qc_pipeline.qcscore import scan_quality
 
     path = folder / _maps_name(row)
     if not path.is_file():
         return None
     m = np.load(path)
     info, res = json.loads(str(m["info"])), json.loads(str(m["result"]))
-    return scan_features(image_head=m["head_image"].astype(np.float32), brain_mask=m["brain_mask"],
-                         signal_mask=m["signal_mask"], final_mask=m["final_mask"],
-                         anomaly_fraction=res["anomaly_fraction"], recon_error=res["recon_error"],
-                         background=info.get("background"), voxel_mm=float(min(info["voxel_size"])),
-                         intensity=(info["zscore_mean"], info["zscore_sd"]))
+    prep = SimpleNamespace(head_image=m["head_image"].astype(np.float32), brain_mask=m["brain_mask"],
+                           signal_brain_mask=m["signal_mask"], info=SimpleNamespace(**info))
+    result = SimpleNamespace(mask=m["final_mask"], anomaly_fraction=res["anomaly_fraction"],
+                             first_pass_mean_error=res["recon_error"])
+    return scan_quality(prep, result, None).features
 
 
 def main(argv=None) -> int:

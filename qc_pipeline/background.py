@@ -88,6 +88,7 @@ from scipy import ndimage as ndi
 from .preprocessing import _largest_component, fill_holes
 
 __all__ = ["BackgroundStats", "BackgroundParameterError", "background_stats", "background_stats_for_image",
+           "lower_side_location_scale",
            "DEFAULTS"]
 
 LOGGER = logging.getLogger(__name__)
@@ -297,12 +298,20 @@ def _rayleigh_sigma(arr, valid, bg_blocks, f) -> float:
     return float(np.percentile(raw, 25)) / _RAYLEIGH_Q25
 
 
+def lower_side_location_scale(values, floor: float = 0.0) -> tuple[float, float]:
+    """Location and scale of the clean part of ``values`` when artifacts only push values
+    up: from the lower quantiles, ``scale = max((q25 - q05) / (z05 - z25), floor)`` and
+    ``location = q25 + z25 * scale`` (Gaussian quantiles), so up to about three quarters of
+    the values may be raised without moving either. Also the site score's estimator
+    (:func:`qc_pipeline.qcscore.relative_scores`)."""
+    q05, q25 = np.percentile(values, [5, 25])
+    scale = max(float(q25 - q05) / (_Z05 - _Z25), float(floor))
+    return float(q25 + _Z25 * scale), scale
+
+
 def _block_noise(m: np.ndarray, sigma: float, n_block_vox: float) -> tuple[float, float]:
     """Location and scale of the noise block means from their lower quantiles."""
-    b05, b25 = np.percentile(m, [5, 25])
-    s_emp = (b25 - b05) / (_Z05 - _Z25)
-    scale = max(float(s_emp), _RAYLEIGH_SD * sigma / math.sqrt(n_block_vox))
-    return float(b25 + _Z25 * scale), scale
+    return lower_side_location_scale(m, _RAYLEIGH_SD * sigma / math.sqrt(n_block_vox))
 
 
 def background_stats(data, zooms, **params) -> BackgroundStats:
@@ -469,8 +478,7 @@ def _background_stats(data, zooms, p, debug: Optional[dict] = None) -> Backgroun
         keep[1:] = vol >= p["min_cluster_ml"]
         art = keep[lab]
     if debug is not None:  # internals for diagnostics (block grid)
-        debug.update(bmean=bmean, smooth=smooth, head=head, bg=bg, art=art, cut=cut, loc=loc, scale=scale, f=f,
-                     sigma=sigma, bz=bz, bvalid=bvalid, bcnt=bcnt, med_tissue=med_tissue)
+        debug.update(bmean=bmean, smooth=smooth, head=head, bg=bg, art=art, cut=cut, loc=loc, scale=scale, f=f)
     art_ml = float(bcnt[art].sum()) * bvol / 1e3
     fraction = art_ml / bg_ml
 

@@ -72,6 +72,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from scipy import ndimage as ndi
 
+from .background import lower_side_location_scale
 from .preprocessing import _ball
 
 __all__ = [
@@ -415,13 +416,12 @@ def _signed(spec: FeatureSpec, d: float) -> float:
 def _clean_side(y: np.ndarray, floor: float) -> tuple[float, float]:
     """Location and scale of the clean scans among oriented values ``y`` (bad = high),
     from the good side of the distribution, so that up to about three quarters of the scans
-    may carry artifacts that raise ``y``: ``S = (q25 - q05) / 0.9704`` (Gaussian
-    quantiles), ``scale = max(S, floor)``, ``location = min(median, q25 + 0.6745 scale)``.
-    The same construction as the background statistic's noise model
-    (:mod:`qc_pipeline.background`)."""
-    q05, q25, q50 = np.percentile(y, [5, 25, 50])
-    scale = max(float(q25 - q05) / 0.9704, float(floor))
-    return min(float(q50), float(q25) + 0.6745 * scale), scale
+    may carry artifacts that raise ``y``: the background statistic's noise model
+    (:func:`qc_pipeline.background.lower_side_location_scale`: ``S = (q25 - q05) / 0.9704``,
+    ``scale = max(S, floor)``, location ``q25 + 0.6745 scale``), the location at most the
+    median."""
+    loc, scale = lower_side_location_scale(y, floor)
+    return min(float(np.median(y)), loc), scale
 
 
 def relative_scores(features: list[Mapping[str, float | None]], reference: Mapping[str, Any],
