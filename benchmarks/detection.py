@@ -62,12 +62,13 @@ def _scan_seed(base: int, group: str, i: int) -> int:
     return int(np.random.default_rng([base, h, i]).integers(2**31 - 1))
 
 
-def build_scan(kind: str, i: int, *, base_seed: int, contrast: str, severity: tuple[float, float]):
+def build_scan(kind: str, i: int, *, base_seed: int, contrast: str, severity: tuple[float, float],
+               cortex_detail: bool = True):
     from qc_pipeline.synth import SITES, apply_artifact, make_subject
 
     seed = _scan_seed(base_seed, kind, i)
     site = sorted(SITES)[i % len(SITES)]
-    img, meta = make_subject(seed, contrast, site=site)
+    img, meta = make_subject(seed, contrast, site=site, cortex_detail=cortex_detail)
     sev = 0.0
     if kind != "normal":
         rng = np.random.default_rng([seed, 17])
@@ -96,7 +97,7 @@ def preprocess_cached(kind, i, cache: Path, card, args):
             return None, str(z["error"]), float(z["severity"])
         return _prep_from_npz(z), None, float(z["severity"])
     img, seed, sev = build_scan(kind, i, base_seed=args.seed, contrast=card["contrast"],
-                                severity=args.severity)
+                                severity=args.severity, cortex_detail=not args.plain_anatomy)
     try:
         res = preprocess(img, voxel_size=card["voxel_size"][0], grid=tuple(card["grid"]),
                          skull_strip=args.skull_strip, contrast=card["contrast"], name=f"{kind}_{i}")
@@ -132,6 +133,9 @@ def main(argv=None) -> int:
     p.add_argument("--severity", default="0.5:1.0", help="LO:HI severity range")
     p.add_argument("--seed", type=int, default=5000, help="base seed of the held-out scans")
     p.add_argument("--skull-strip", default="auto")
+    p.add_argument("--plain-anatomy", action="store_true",
+                   help="heads from the plain averaged template (itermask-qc-synth --plain-anatomy; "
+                        "the tables of itermask-qc 0.1.0); use its own --cache folder")
     p.add_argument("--cache", type=Path, default=Path("benchmark_cache"))
     p.add_argument("--json-out", type=Path, default=None, help="write per-scan scores here")
     p.add_argument("--prepare-only", action="store_true",

@@ -173,6 +173,26 @@ def _features_from_maps(row, folder: Path):
     return scan_quality(prep, result, None).features
 
 
+def _rerun_from_maps(row, folder: Path, model) -> bool:
+    """Run ``model`` again on a scored row's saved grid image (same preprocessing) and store its
+    final mask and scores in the maps file (so later ``--from-json`` runs read this model's);
+    False without saved maps."""
+    path = folder / _maps_name(row)
+    if not path.is_file():
+        return False
+    m = dict(np.load(path))
+    r = model.run(m["image"].astype(np.float32), m["brain_mask"], voxel_size=model.card["voxel_size"], seed=0)
+    m["final_mask"] = r.mask
+    m["result"] = np.array(json.dumps({"anomaly_fraction": r.anomaly_fraction,
+                                       "recon_error": r.first_pass_mean_error}, default=float))
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, **m)
+    os.replace(tmp, path)
+    row["anomaly_fraction"] = r.anomaly_fraction
+    row["seconds"] = r.seconds
+    return True
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scan", type=Path, nargs="+", default=None, help="real T1w head scans (default: ROBEX's)")
@@ -190,7 +210,12 @@ def main(argv=None) -> int:
     p.add_argument("--from-json", type=Path, nargs="+", default=None,
                    help="no scoring: recompute the tables from these --json-out files with the "
                         "model card's current qc_score reference")
+    p.add_argument("--rerun-model", action="store_true",
+                   help="with --from-json and --save-maps: run --model-dir again on every copy's "
+                        "saved grid image (the same preprocessing) and update the saved maps")
     args = p.parse_args(argv)
+    if args.rerun_model and not (args.from_json and args.save_maps):
+        p.error("--rerun-model needs --from-json and --save-maps")
     lo, hi = (float(x) for x in args.severity.split(":"))
 
     import nibabel as nib
@@ -217,8 +242,11 @@ def main(argv=None) -> int:
         scans = sorted({r["scan"] for r in rows})
         arts = [a for a in ARTIFACTS if any(r["kind"] == a for r in rows)]
         ref = model.card.get("qc_score")
-        for r in rows:
+        for n, r in enumerate(rows, 1):
             if not r["error"]:
+                if args.rerun_model and _rerun_from_maps(r, args.save_maps, model):
+                    print(f"[{n}/{len(rows)}] {Path(r['scan']).name} {r['kind']} v{r['v']}: "
+                          f"fraction={r['anomaly_fraction']:.4g}", file=sys.stderr, flush=True)
                 if args.save_maps:  # measurements again from the saved maps, with this code
                     r["features"] = _features_from_maps(r, args.save_maps) or r["features"]
                 q = combine(r["features"], ref)
@@ -249,6 +277,10 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
     if args.json_out:
         args.json_out.write_text(json.dumps(rows, indent=1, default=float))
+    if not model.card.get("qc_score"):
+        print("the model card has no qc_score reference (benchmarks/detection.py --update-card fits "
+              "one): no tables", file=sys.stderr)
+        return 0
     clean = [r for r in rows if r["kind"] == "clean"]
     print(f"\nReal scans: {len(scans)}; clean variants: {len(clean)} "
           f"({sum(1 for r in clean if r['error'])} failed preprocessing); wall {(time.time() - t0) / 60:.1f} min")

@@ -178,6 +178,7 @@ def different_sequence(img, severity, rng, *, meta=None, other=None):
         meta["seed"], own, site=site if site in SITES else None, work_mm=meta.get("work_mm", 1.5),
         voxel_size=meta["acquisition"]["voxel_size"], tissue_contrast=other,
         contrast_mix=severity, finalize=False,
+        cortex_detail=meta.get("cortex_detail", {}).get("sulci", 0.0) > 0,
     )
     if out.shape != img.shape or not np.allclose(out.affine, img.affine, atol=1e-3):
         raise SynthError("different_sequence: meta does not describe this image (grid differs)")

@@ -52,6 +52,7 @@ class ScanSpec:
     artifact: str | None = None
     severity: float = 0.0
     voxel_size: object = None
+    cortex_detail: bool = True
 
     @property
     def bids_name(self) -> str:
@@ -112,7 +113,8 @@ def _sidecar(meta: dict, suffix: str) -> dict:
 def generate_scan(spec: ScanSpec, work_mm: float = 1.5, max_voxels: float = 1.2e7):
     """Make one scan (with its artifact, if any) -> (image, meta)."""
     img, meta = make_subject(spec.seed, spec.suffix, site=spec.site, work_mm=work_mm,
-                             voxel_size=spec.voxel_size, max_voxels=max_voxels, finalize=False)
+                             voxel_size=spec.voxel_size, max_voxels=max_voxels, finalize=False,
+                             cortex_detail=spec.cortex_detail)
     if spec.artifact:
         rng = np.random.default_rng([spec.seed & 0xFFFFFFFF, 99, CONTRASTS.index(spec.suffix)])
         kw = {"meta": meta} if ARTIFACTS[spec.artifact].needs_meta else {}
@@ -231,8 +233,13 @@ def write_cohort(
     max_voxels: float = 1.2e7,
     voxel_size=None,
     nprocs: int = 1,
+    cortex_detail: bool = True,
 ) -> Path:
     """Write a synthetic BIDS cohort and its labels; returns the root.
+
+    ``cortex_detail=False`` makes the heads from the plain averaged template (no
+    sulci, smooth GM/WM boundary; see :func:`qc_pipeline.synth.subject.cortical_detail`),
+    as cohorts of itermask-qc 0.1.0 were.
 
     Each subject gets a seed derived from ``seed`` and its index and a site
     (cycling through ``sites``). Each scan carries an artifact with
@@ -271,7 +278,7 @@ def write_cohort(
                 art = str(cycle.pop())
                 sev = float(rng.uniform(lo, hi))
             specs.append(ScanSpec(sub, c, sub_seed, site, artifact=art, severity=sev,
-                                  voxel_size=voxel_size))
+                                  voxel_size=voxel_size, cortex_detail=cortex_detail))
     return _write_tree(out, specs, participants, name="itermask-qc synthetic cohort",
                        overwrite=overwrite, work_mm=work_mm, max_voxels=max_voxels,
                        nprocs=nprocs)

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--voxel-size", type=float, default=None,
                    help="force an isotropic stored voxel size, mm")
     c.add_argument("--nprocs", type=int, default=1)
+    c.add_argument("--plain-anatomy", action="store_true",
+                   help="heads from the plain averaged template, without a single brain's sulci and "
+                        "sharp GM/WM boundary (cohorts of itermask-qc 0.1.0)")
     c.add_argument("--overwrite", action="store_true")
 
     d = sub.add_parser("demo", help="write the small demo dataset")
@@ -70,7 +73,7 @@ def main(argv=None) -> int:
                 artifacts=args.artifacts, artifact_fraction=args.artifact_fraction,
                 severity=args.severity, sites=[s.strip() for s in args.sites.split(",") if s.strip()],
                 overwrite=args.overwrite, work_mm=args.work_mm, voxel_size=args.voxel_size,
-                nprocs=args.nprocs)
+                nprocs=args.nprocs, cortex_detail=not args.plain_anatomy)
         else:
             out = write_demo(args.out, overwrite=args.overwrite, nprocs=args.nprocs)
     except SynthError as exc:

@@ -4,7 +4,9 @@ One subject is produced by :func:`make_subject` in four steps:
 
 1. **Tissue image** on the working grid (MNI space, ``work_mm``): per-subject
    tissue intensities drawn from contrast-specific ranges, mixed by the tissue
-   fractions (partial volume), times a mild multiplicative texture.
+   fractions (partial volume), times a mild multiplicative texture. The
+   template's fractions first get a single brain's detail (sharper GM/WM
+   boundary, sulci; :func:`cortical_detail`).
 2. **Anatomy**: a smooth random displacement field (a few mm) warps the tissue
    image, so brains differ between subjects; a per-subject head size (scaling
    of +-8 % per axis) is part of the pose.
@@ -215,13 +217,58 @@ def _smooth_field(rng, shape, spacing_vox, amp):
     return out
 
 
-def _tissue_image(model, labels, values, texture_rng, texture):
+def cortical_detail(model, rng, *, sulci: float, steepness: float,
+                    wavelength_mm: float = 6.0, sheet_width: float = 0.25):
+    """Per-subject GM/WM/CSF fractions with the detail an averaged template lacks.
+
+    ICBM152 is an average of 152 brains: its GM/WM boundary is a wide partial-volume
+    ramp and most sulci are filled in. A single real brain has a sharp GM/WM boundary
+    and CSF-filled sulci cutting through the cortex, so at the model's 2 mm grid it
+    has markedly more fine-scale gradient energy (the QC score's ``sharpness``: clean
+    real heads 0.78-0.98 in log units, the plain template 0.57-0.60).
+
+    Two changes, both inside the brain (the brain fraction is unchanged):
+
+    * steeper tissue classes: the per-voxel fractions are raised to ``steepness``
+      and renormalised (1 = template; larger = closer to a hard segmentation);
+    * sulci: thin sheets where a band-passed random field (``wavelength_mm``)
+      crosses zero (the zero level set of such a field is a labyrinth of sheets,
+      which a slice shows as lines); there a share ``sulci`` of the grey matter
+      becomes CSF, weighted by how cortical the voxel is (GM / (GM + WM)).
+
+    Returns
+    -------
+    (gm, wm, csf) : float32 arrays on the model grid, summing to ``model.brain``.
+    """
+    if sulci < 0 or sulci > 1:
+        raise SynthError(f"sulci must be in [0, 1]; got {sulci}")
+    if steepness < 1:
+        raise SynthError(f"steepness must be >= 1; got {steepness}")
+    gm, wm, csf, brain = model.gm, model.wm, model.csf, model.brain
+    if steepness > 1:
+        tot = np.maximum(gm + wm + csf, 1e-6)
+        p = [np.power(t / tot, steepness) for t in (gm, wm, csf)]
+        scale = brain / np.maximum(p[0] + p[1] + p[2], 1e-12)
+        gm, wm, csf = (t * scale for t in p)
+    if sulci > 0:
+        v = model.voxel_mm
+        f = ndi.gaussian_filter(rng.standard_normal(model.shape, dtype=np.float32), 0.4 * wavelength_mm / v)
+        f -= ndi.gaussian_filter(f, wavelength_mm / v)
+        f /= f.std() + 1e-9
+        moved = gm * (sulci * np.exp(-np.square(f / sheet_width)) * gm / np.maximum(gm + wm, 1e-6))
+        gm = gm - moved
+        csf = csf + moved
+    return tuple(np.asarray(t, dtype=np.float32) for t in (gm, wm, csf))
+
+
+def _tissue_image(model, labels, values, texture_rng, texture, tissue=None):
     lut = np.zeros(8, np.float32)
     for lab, name in _LABEL_TISSUE.items():
         lut[lab] = 0.0 if name is None else values[name]
     outside = ndi.gaussian_filter(lut[labels], 0.45)  # partial volume at label edges
+    gm, wm, csf = tissue if tissue is not None else (model.gm, model.wm, model.csf)
     img = (
-        model.gm * values["gm"] + model.wm * values["wm"] + model.csf * values["csf"]
+        gm * values["gm"] + wm * values["wm"] + csf * values["csf"]
         + (1.0 - model.brain) * outside
     )
     if texture > 0:
@@ -283,6 +330,7 @@ def make_subject(
     pose: bool = True,
     finalize: bool = True,
     return_brain_mask: bool = False,
+    cortex_detail: bool = True,
 ):
     """Generate one synthetic head scan.
 
@@ -314,6 +362,10 @@ def make_subject(
         Convert to the drawn on-disk dtype (see :func:`finalize_dtype`).
     return_brain_mask : bool
         Add ``meta["brain_mask"]``: a uint8 image (same grid) of where brain is.
+    cortex_detail : bool
+        Give the brain a single subject's detail (sharp tissue classes, sulci; see
+        :func:`cortical_detail`, strength drawn per subject). False gives the
+        averaged template's smooth anatomy (cohorts of itermask-qc <= 0.1.0).
 
     Returns
     -------
@@ -360,8 +412,16 @@ def make_subject(
     if tissue_contrast is not None and tissue_contrast != contrast:
         other = draw(tissue_contrast)
         values = {k: (1 - contrast_mix) * values[k] + contrast_mix * other[k] for k in values}
+    r_detail = _rng(seed, 5)  # anatomy: same sulci in every contrast
+    detail = {"sulci": float(r_detail.uniform(0.6, 1.0)), "steepness": float(r_detail.uniform(3.0, 6.0))}
+    if cortex_detail:
+        fractions = cortical_detail(model, r_detail, **detail)
+    else:
+        fractions, detail = None, {"sulci": 0.0, "steepness": 1.0}
     r_tex = _rng(seed, 4, cid)
-    tissue = _tissue_image(model, labels, values, r_tex, texture=r_tex.uniform(0.02, 0.04))
+    tissue = _tissue_image(model, labels, values, r_tex, texture=r_tex.uniform(0.02, 0.04),
+                           tissue=fractions)
+    del fractions
 
     # ---- warp on the working grid (one pass, linear)
     grid = np.indices(model.shape, dtype=np.float32)
@@ -446,7 +506,7 @@ def make_subject(
         "acquisition": acq, "dtype": dtype, "snr": snr, "noise_sigma": float(sigma * scale),
         "intensity_scale": scale, "bias_amplitude": float(bias_amp),
         "tissue_values": values, "thickness_mm": thickness,
-        "deform_mm": float(amp), "head_scale": [float(s) for s in head_scale],
+        "deform_mm": float(amp), "cortex_detail": detail, "head_scale": [float(s) for s in head_scale],
         "pose_rotation_deg": [float(r) for r in pose_rot],
         "pose_translation_mm": [float(t) for t in pose_shift],
     }

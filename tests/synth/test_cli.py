@@ -68,3 +68,22 @@ def test_cli_cohort_and_errors(tmp_path, capsys):
     assert main(["cohort", str(tmp_path / "x"), "--n-subjects", "1", "--artifacts", "bogus"]) == 2
     assert "bogus" in capsys.readouterr().err
     assert main(["cohort", str(tmp_path / "y"), "--n-subjects", "1", "--severity", "2:3"]) == 2
+
+
+def test_cli_plain_anatomy_gives_the_template_heads(tmp_path):
+    """--plain-anatomy reproduces cohorts made before the cortical detail (same seed, same
+    scan as make_subject(cortex_detail=False)); without it the brain differs."""
+    import numpy as np
+
+    from qc_pipeline.synth import make_subject
+
+    args = ["--n-subjects", "1", "--contrasts", "T1w", "--seed", "4", "--work-mm", "4", "--voxel-size", "3"]
+    assert main(["cohort", str(tmp_path / "plain"), *args, "--plain-anatomy"]) == 0
+    assert main(["cohort", str(tmp_path / "detail"), *args]) == 0
+    plain = nib.load(str(tmp_path / "plain" / "sub-01" / "anat" / "sub-01_T1w.nii.gz")).get_fdata()
+    detail = nib.load(str(tmp_path / "detail" / "sub-01" / "anat" / "sub-01_T1w.nii.gz")).get_fdata()
+    assert not np.allclose(plain, detail)
+    seed = int(np.random.default_rng([4, 0]).integers(2**31 - 1))  # write_cohort's subject seed
+    ref, meta = make_subject(seed, "T1w", site="A", work_mm=4.0, voxel_size=3.0, cortex_detail=False)
+    assert meta["cortex_detail"]["sulci"] == 0.0
+    assert np.allclose(plain, ref.get_fdata())

@@ -99,3 +99,51 @@ def test_bad_arguments():
         make_subject(1, "T3w")
     with pytest.raises(SynthError, match="site"):
         make_subject(1, "T1w", site="Z")
+
+
+def test_cortical_detail_keeps_brain_fraction_and_adds_fine_structure():
+    """A single brain's detail: same brain fraction, GM turned to CSF only in cortex,
+    and more fine-scale gradient energy than the averaged template (on real heads the
+    QC score's ``sharpness`` is far above the template's)."""
+    from scipy import ndimage as ndi
+
+    from qc_pipeline.synth import template
+    from qc_pipeline.synth.subject import cortical_detail
+
+    model = template.load_head_model(2.0)
+    gm, wm, csf = cortical_detail(model, np.random.default_rng(0), sulci=0.9, steepness=5.0)
+    assert min(gm.min(), wm.min(), csf.min()) >= 0
+    assert np.allclose(gm + wm + csf, model.brain, atol=1e-4)
+    # sulci: CSF gained in the cortex, not in deep white matter
+    gained = csf - model.csf
+    deep_wm = model.wm > 0.95
+    cortex = (model.gm > 0.6) & (model.wm < 0.2)
+    assert gained[deep_wm].max() < 0.05
+    assert np.percentile(gained[cortex], 90) > 0.2
+
+    def fine_energy(g, w, c):
+        img = 1.0 * w + 0.65 * g + 0.2 * c
+        inside = ndi.binary_erosion(model.brain > 0.5, iterations=3)
+        fine = sum(np.square(ndi.sobel(img, axis=a)) for a in range(3))[inside].mean()
+        coarse = sum(np.square(ndi.sobel(ndi.gaussian_filter(img, 1.0), axis=a)) for a in range(3))[inside].mean()
+        return fine / coarse
+
+    assert fine_energy(gm, wm, csf) > 1.1 * fine_energy(model.gm, model.wm, model.csf)
+    # the strength is per subject (different sulci for another random stream) and validated
+    gm2, _, _ = cortical_detail(model, np.random.default_rng(1), sulci=0.9, steepness=5.0)
+    assert not np.allclose(gm, gm2)
+    with pytest.raises(SynthError, match="sulci"):
+        cortical_detail(model, np.random.default_rng(0), sulci=1.5, steepness=5.0)
+    with pytest.raises(SynthError, match="steepness"):
+        cortical_detail(model, np.random.default_rng(0), sulci=0.5, steepness=0.5)
+
+
+def test_cortex_detail_is_anatomy_and_can_be_turned_off():
+    _, m1 = _mk(7, "T1w", finalize=False)
+    _, m2 = _mk(7, "T2w", finalize=False)
+    assert m1["cortex_detail"] == m2["cortex_detail"]  # same brain in every contrast
+    assert 0.6 <= m1["cortex_detail"]["sulci"] <= 1.0
+    a, m3 = _mk(7, "T1w", finalize=False, cortex_detail=False)
+    b, _ = _mk(7, "T1w", finalize=False)
+    assert m3["cortex_detail"] == {"sulci": 0.0, "steepness": 1.0}
+    assert not np.allclose(np.asarray(a.dataobj), np.asarray(b.dataobj))
