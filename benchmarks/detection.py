@@ -135,7 +135,8 @@ def main(argv=None) -> int:
     p.add_argument("--skull-strip", default="auto")
     p.add_argument("--plain-anatomy", action="store_true",
                    help="heads from the plain averaged template (itermask-qc-synth --plain-anatomy; "
-                        "the tables of itermask-qc 0.1.0); use its own --cache folder")
+                        "the T2w/FLAIR tables and the T1w tables before 2026-11-30); use its own "
+                        "--cache folder")
     p.add_argument("--cache", type=Path, default=Path("benchmark_cache"))
     p.add_argument("--json-out", type=Path, default=None, help="write per-scan scores here")
     p.add_argument("--prepare-only", action="store_true",

@@ -239,7 +239,7 @@ def write_cohort(
 
     ``cortex_detail=False`` makes the heads from the plain averaged template (no
     sulci, smooth GM/WM boundary; see :func:`qc_pipeline.synth.subject.cortical_detail`),
-    as cohorts of itermask-qc 0.1.0 were.
+    as cohorts made before 2026-11-30 were.
 
     Each subject gets a seed derived from ``seed`` and its index and a site
     (cycling through ``sites``). Each scan carries an artifact with
