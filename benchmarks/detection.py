@@ -89,12 +89,14 @@ def preprocess_cached(kind, i, cache: Path, card, args):
     from qc_pipeline.preprocessing import preprocess
 
     from qc_pipeline.background import background_stats_for_image
+    from qc_pipeline.spectrum import spectral_peak_for_image
 
     f = cache / f"{kind}_{i:03d}_s{args.seed}.npz"
     if f.is_file():
         z = np.load(f, allow_pickle=False)
         if "error" in z.files:
             return None, str(z["error"]), float(z["severity"])
+        z = _with_spectrum(f, z, kind, i, args.seed, card, args)
         return _prep_from_npz(z), None, float(z["severity"])
     img, seed, sev = build_scan(kind, i, base_seed=args.seed, contrast=card["contrast"],
                                 severity=args.severity, cortex_detail=not args.plain_anatomy)
@@ -105,11 +107,29 @@ def preprocess_cached(kind, i, cache: Path, card, args):
         _save_atomic(f, error=str(exc), severity=sev)
         return None, str(exc), sev
     res.info.background = background_stats_for_image(img).to_dict()
+    res.info.spectrum = spectral_peak_for_image(img).to_dict()
     _save_atomic(f, image=res.image.astype(np.float32), mask=res.brain_mask, severity=sev,
                  signal_mask=res.signal_brain_mask, fov_mask=res.fov_mask,
                  head_image=res.head_image.astype(np.float16),
                  info=json.dumps(res.info.to_dict(), default=float))
     return _prep_from_npz(np.load(f, allow_pickle=False)), None, sev
+
+
+def _with_spectrum(path: Path, z, kind, i, seed, card, args):
+    """Cache files written before the spectral peak existed: build the scan again (same seed,
+    so the same image), measure its spectral peak and store it in the cache file's info."""
+    info = json.loads(str(z["info"]))
+    if "spectrum" in info:
+        return z
+    from qc_pipeline.spectrum import spectral_peak_for_image
+
+    img, _, _ = build_scan(kind, i, base_seed=seed, contrast=card["contrast"], severity=args.severity,
+                           cortex_detail=not args.plain_anatomy)
+    info["spectrum"] = spectral_peak_for_image(img).to_dict()
+    arrays = {k: z[k] for k in z.files}
+    arrays["info"] = np.array(json.dumps(info, default=float))
+    _save_atomic(path, **arrays)
+    return np.load(path, allow_pickle=False)
 
 
 def _prep_from_npz(z):
@@ -369,7 +389,10 @@ def _features_from_maps(row, args, seed=None):
     name = f"{row['kind']}_{row['i']:03d}_s{row.get('seed', args.seed) if seed is None else seed}.npz"
     if args.save_maps is None or not (args.save_maps / name).is_file() or not (args.cache / name).is_file():
         return None
-    vols = _prep_from_npz(np.load(args.cache / name, allow_pickle=False))
+    z = np.load(args.cache / name, allow_pickle=False)
+    vols = _prep_from_npz(_with_spectrum(args.cache / name, z, row["kind"], row["i"],
+                                         row.get("seed", args.seed) if seed is None else seed,
+                                         {"contrast": args.contrast}, args))
     return _scores_from_maps(vols, args.save_maps / name)["features"]
 
 

@@ -124,6 +124,7 @@ def variant(src, v: int, seed: int):
 def score(img, model, name, maps: Path | None = None):
     from qc_pipeline.background import background_stats_for_image
     from qc_pipeline.errors import InputError
+    from qc_pipeline.spectrum import spectral_peak_for_image
     from qc_pipeline.preprocessing import preprocess
     from qc_pipeline.qcscore import scan_quality
 
@@ -134,6 +135,7 @@ def score(img, model, name, maps: Path | None = None):
     except InputError as exc:
         return {"error": str(exc)}
     prep.info.background = background_stats_for_image(img).to_dict()
+    prep.info.spectrum = spectral_peak_for_image(img).to_dict()
     r = model.run(prep.image, prep.brain_mask, voxel_size=card["voxel_size"], seed=0)
     q = scan_quality(prep, r, card)
     bg = prep.info.background
@@ -173,6 +175,39 @@ def _features_from_maps(row, folder: Path):
     return scan_quality(prep, result, None).features
 
 
+def _spectrum_into_maps(row, folder: Path, lo: float, hi: float) -> bool:
+    """Maps saved before the spectral peak existed: make the copy again (the row's ``seed``,
+    so the same image), measure its spectral peak and store it in the maps' info. False
+    without saved maps or without a seed in the row (such rows keep no spectral peak)."""
+    import nibabel as nib
+
+    from qc_pipeline.spectrum import spectral_peak_for_image
+    from qc_pipeline.synth import apply_artifact
+
+    path = folder / _maps_name(row)
+    if not path.is_file() or row.get("seed") is None:
+        return False
+    m = dict(np.load(path))
+    info = json.loads(str(m["info"]))
+    if "spectrum" in info:
+        return True
+    img, _ = variant(nib.load(row["scan"]), row["v"], row["seed"])
+    if row["kind"] != "clean":
+        rng = np.random.default_rng([row["seed"], row["v"], 17])
+        sev = float(rng.uniform(lo, hi))
+        if abs(sev - float(row["severity"])) > 1e-9:  # not the copy that was scored
+            print(f"{_maps_name(row)}: seed {row['seed']} gives severity {sev:.4g}, the row has "
+                  f"{row['severity']:.4g}: no spectral peak", file=sys.stderr)
+            return False
+        img = apply_artifact(img, row["kind"], sev, rng)
+    info["spectrum"] = spectral_peak_for_image(img).to_dict()
+    m["info"] = np.array(json.dumps(info, default=float))
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, **m)
+    os.replace(tmp, path)
+    return True
+
+
 def _rerun_from_maps(row, folder: Path, model) -> bool:
     """Run ``model`` again on a scored row's saved grid image (same preprocessing) and store its
     final mask and scores in the maps file (so later ``--from-json`` runs read this model's);
@@ -208,8 +243,8 @@ def main(argv=None) -> int:
                         "--from-json, take the measurements again from there")
     p.add_argument("--reuse-json", type=Path, nargs="+", default=None, help="rows already scored")
     p.add_argument("--from-json", type=Path, nargs="+", default=None,
-                   help="no scoring: recompute the tables from these --json-out files with the "
-                        "model card's current qc_score reference")
+                   help="recompute the tables from these --json-out files with the model card's "
+                        "current qc_score reference (no model run unless --rerun-model)")
     p.add_argument("--rerun-model", action="store_true",
                    help="with --from-json and --save-maps: run --model-dir again on every copy's "
                         "saved grid image (the same preprocessing) and update the saved maps")
@@ -248,6 +283,7 @@ def main(argv=None) -> int:
                     print(f"[{n}/{len(rows)}] {Path(r['scan']).name} {r['kind']} v{r['v']}: "
                           f"fraction={r['anomaly_fraction']:.4g}", file=sys.stderr, flush=True)
                 if args.save_maps:  # measurements again from the saved maps, with this code
+                    _spectrum_into_maps(r, args.save_maps, lo, hi)
                     r["features"] = _features_from_maps(r, args.save_maps) or r["features"]
                 q = combine(r["features"], ref)
                 r.update(qc_score=q.qc_score, driver=q.driver, z=q.z)
@@ -266,8 +302,8 @@ def main(argv=None) -> int:
                 rng = np.random.default_rng([args.seed + s_i, v, 17])
                 sev = float(rng.uniform(lo, hi))
                 img = apply_artifact(img, kind, sev, rng)
-            row = {"scan": str(path), "kind": kind, "v": v, "label": int(kind != "clean"), "severity": sev,
-                   "variant": meta,
+            row = {"scan": str(path), "kind": kind, "v": v, "seed": args.seed + s_i,
+                   "label": int(kind != "clean"), "severity": sev, "variant": meta,
                    **score(img, model, f"{kind}_{v}", args.save_maps / _maps_name(
                        {"scan": path, "kind": kind, "v": v}) if args.save_maps else None)}
             rows.append(row)

@@ -512,15 +512,11 @@ def background_stats_for_image(img, **params) -> BackgroundStats:
     odd images (a 4D image with one volume is squeezed; anything unreadable gives
     ``available=False``); :class:`BackgroundParameterError` for bad ``params``.
     """
-    import nibabel as nib
+    from .io import canonical_data
 
     p = _check_params(params)
     try:
-        if len(img.shape) == 4 and img.shape[3] == 1:
-            img = img.slicer[..., 0]
-        can = nib.as_closest_canonical(img)
-        data = np.asarray(can.dataobj, dtype=np.float32)
-        zooms = can.header.get_zooms()[:3]
+        data, zooms = canonical_data(img)
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001

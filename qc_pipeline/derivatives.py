@@ -39,7 +39,7 @@ QC_FIELDS = (
     "anomaly_voxels", "anomaly_fraction", "anomaly_mm3",
     "quality_features", "quality_z", "qc_score_reference",
     "tau_curve", "tau_stop", "fit", "forward_passes", "mean_error",
-    "background_artifact_fraction", "background",
+    "background_artifact_fraction", "background", "spectrum",
     "model_id", "schedule", "device", "input_sha256", "package_version", "runtime_s",
     "mask_file", "error_map_file",
 )
@@ -130,12 +130,15 @@ def write_error_qc(output_dir, scan, reason: str, *, model_id=None, schedule="fa
 def write_ok_qc(output_dir, scan, result: Mapping[str, Any], *, model_id, schedule, device,
                 input_sha256, warnings: Iterable[str] = (), runtime_s=None,
                 background: Optional[Mapping[str, Any]] = None,
-                quality: Optional[Mapping[str, Any]] = None) -> Path:
+                quality: Optional[Mapping[str, Any]] = None,
+                spectrum: Optional[Mapping[str, Any]] = None) -> Path:
     """Write ``<source>_qc.json`` with ``status: "ok"`` (call after the images are written).
 
     ``background``: the out-of-head statistic
     (:meth:`qc_pipeline.background.BackgroundStats.to_dict`), written as ``background``;
     its ``background_artifact_fraction`` (None when unavailable) also goes to the top level.
+    ``spectrum``: the native image's spectral peak
+    (:meth:`qc_pipeline.spectrum.SpectralPeak.to_dict`), written as ``spectrum``.
     ``quality``: :meth:`qc_pipeline.qcscore.QCScore.to_dict` (``qc_score``,
     ``qc_score_driver``, ``quality_z``, ``quality_features``, ``qc_score_reference``),
     written at the top level.
@@ -152,6 +155,8 @@ def write_ok_qc(output_dir, scan, result: Mapping[str, Any], *, model_id, schedu
     if background:
         rec["background"] = dict(background)
         rec["background_artifact_fraction"] = background.get("background_artifact_fraction")
+    if spectrum:
+        rec["spectrum"] = dict(spectrum)
     rec["warnings"] = [one_line(w) for w in warnings]
     rec["runtime_s"] = None if runtime_s is None else round(float(runtime_s), 3)
     rec["mask_file"] = paths["mask"].name

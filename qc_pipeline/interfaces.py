@@ -36,6 +36,7 @@ from nipype.interfaces.base import (
 )
 
 from .background import background_stats_for_image
+from .spectrum import spectral_peak_for_image
 from .derivatives import one_line, output_paths, write_error_qc, write_ok_qc, write_subject_report
 
 LOGGER = logging.getLogger(__name__)
@@ -186,6 +187,7 @@ class Preprocess(SimpleInterface):
                 )
                 # out-of-head statistic; odd data gives available=False, never an exception
                 prep.info.background = background_stats_for_image(img).to_dict()
+                prep.info.spectrum = spectral_peak_for_image(img).to_dict()
                 self._results["warnings"] = [str(w) for w in prep.warnings]
                 self._results["out_file"] = _dump(prep, Path(runtime.cwd) / "preproc.pkl")
             except Exception as exc:  # noqa: BLE001
@@ -334,6 +336,7 @@ class WriteDerivatives(SimpleInterface):
         return write_ok_qc(i.output_dir, i.scan, res.to_dict(), warnings=warnings,
                            runtime_s=runtime_s,
                            background=getattr(prep.info, "background", None) or None,
+                           spectrum=getattr(prep.info, "spectrum", None) or None,
                            quality=dict(i.quality) or None, **common)
 
 

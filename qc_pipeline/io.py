@@ -42,6 +42,7 @@ __all__ = [
     "load_image",
     "validate_image",
     "voxel_sizes",
+    "canonical_data",
     "atomic_write_nifti",
     "atomic_write_json",
     "atomic_write_text",
@@ -80,6 +81,17 @@ def voxel_sizes(affine: np.ndarray) -> np.ndarray:
     """Voxel sizes (mm) implied by an affine: the column norms of its 3x3 part."""
     a = np.asarray(affine, dtype=float)[:3, :3]
     return np.sqrt((a**2).sum(axis=0))
+
+
+def canonical_data(img) -> tuple[np.ndarray, tuple]:
+    """``(float32 array, zooms)`` of a nibabel image reoriented to RAS
+    (``nibabel.as_closest_canonical``: an exact axis permutation, no interpolation, also for
+    oblique scans); a 4D image with one volume is squeezed to 3D. Raises what nibabel raises
+    on an unreadable image."""
+    if len(img.shape) == 4 and img.shape[3] == 1:
+        img = img.slicer[..., 0]
+    can = nib.as_closest_canonical(img)
+    return np.asarray(can.dataobj, dtype=np.float32), tuple(can.header.get_zooms()[:3])
 
 
 def load_image(path, *, name: str | None = None) -> nib.Nifti1Image:

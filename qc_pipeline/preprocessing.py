@@ -141,6 +141,9 @@ class PrepInfo:
     #: out-of-head background statistic (``qc_pipeline.background.BackgroundStats.to_dict()``),
     #: filled by the app's Preprocess interface; empty when not computed
     background: dict = field(default_factory=dict)
+    #: spectral peak of the native image (``qc_pipeline.spectrum.SpectralPeak.to_dict()``),
+    #: filled by the app's Preprocess interface; empty when not computed
+    spectrum: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -54,6 +54,11 @@ fitted by :func:`fit_reference` on held-out normal scans):
 ``snr``
     Median head tissue over the background noise sigma (:mod:`qc_pipeline.background`):
     noise, spikes and motion ghosts that raise the background's noise floor lower it.
+``spectral_peak``
+    The strongest isolated point of the native image's Fourier spectrum, as the log of
+    its excess over the largest that noise alone gives (:mod:`qc_pipeline.spectrum`):
+    k-space spikes (herringbone stripes) and spike combs, which the 2 mm grid mostly
+    smooths away. About 0 on clean real and synthetic heads whatever their voxel size.
 
 Each measurement ``x`` is transformed (``log`` for positive ratios), turned into a robust z
 against the reference (``(t(x) - median) / max(1.4826 MAD, min_scale)``), signed by its
@@ -147,6 +152,10 @@ FEATURES: dict[str, FeatureSpec] = {
     "sharpness": FeatureSpec("down", "log", offset=0.0, min_scale=0.02),
     "noise": FeatureSpec("up", "log", offset=0.0, min_scale=0.15),
     "snr": FeatureSpec("down", "log", offset=0.0, min_scale=0.2),
+    # already a log ratio, about 0 for noise; clean real copies -0.08 to +0.25, synthetic
+    # normals -0.05 to +0.20 (1.4826 MAD 0.095 on the 20 reference heads), torchio spikes
+    # 1.65-3.24: the floor keeps a clean real scan's z below 1.5
+    "spectral_peak": FeatureSpec("up", "identity", offset=0.0, min_scale=0.15),
 }
 
 
@@ -255,7 +264,8 @@ def scan_features(*, image_head: np.ndarray | None, brain_mask: np.ndarray,
                   signal_mask: np.ndarray | None, final_mask: np.ndarray | None,
                   anomaly_fraction: float | None, recon_error: float | None,
                   background: Mapping[str, Any] | None, voxel_mm: float = 2.0,
-                  intensity: tuple[float, float] | None = None) -> dict[str, float | None]:
+                  intensity: tuple[float, float] | None = None,
+                  spectrum: Mapping[str, Any] | None = None) -> dict[str, float | None]:
     """Every measurement of :data:`FEATURES` for one scan (None where it cannot be taken).
 
     Parameters
@@ -269,6 +279,7 @@ def scan_features(*, image_head: np.ndarray | None, brain_mask: np.ndarray,
     voxel_mm : voxel size of the grid (mm; sizes the openings and the cubes)
     intensity : ``(mean, sd)`` that z-scored ``image_head`` (``PreprocInfo.zscore_mean``,
         ``zscore_sd``); without it ``signal_void`` is not measured
+    spectrum : :meth:`qc_pipeline.spectrum.SpectralPeak.to_dict` of the native image (or None)
     """
     brain = np.asarray(brain_mask, dtype=bool)
     n_brain = int(brain.sum())
@@ -291,6 +302,8 @@ def scan_features(*, image_head: np.ndarray | None, brain_mask: np.ndarray,
         out["background_artifact_fraction"] = finite(background.get("background_artifact_fraction"))
         snr = finite(background.get("snr"))
         out["snr"] = snr if snr is not None and snr > 0 else None
+    if spectrum and spectrum.get("available"):
+        out["spectral_peak"] = finite(spectrum.get("spectral_peak"))
     if image_head is not None and n_brain:
         sharp, noise = sharpness_and_noise(image_head, brain)
         out["sharpness"] = finite(sharp)
@@ -481,14 +494,15 @@ def scan_quality(prep, result, card: Mapping[str, Any] | None) -> QCScore:
     """Measurements of one screened scan and its QC score.
 
     ``prep``: :class:`qc_pipeline.preprocessing.PreprocResult` (with ``info.background``
-    when the background statistic was taken); ``result``: the engine's
-    :class:`~qc_pipeline.engine.Result`; ``card``: the model card, whose ``qc_score``
-    section is the clean-scan reference (``qc_score`` is None without it).
+    and ``info.spectrum`` when the background statistic and the spectral peak were taken);
+    ``result``: the engine's :class:`~qc_pipeline.engine.Result`; ``card``: the model
+    card, whose ``qc_score`` section is the clean-scan reference (``qc_score`` is None
+    without it).
     """
     feats = scan_features(
         image_head=getattr(prep, "head_image", None), brain_mask=prep.brain_mask,
         signal_mask=getattr(prep, "signal_brain_mask", None), final_mask=result.mask,
         anomaly_fraction=result.anomaly_fraction, recon_error=result.first_pass_mean_error,
         background=getattr(prep.info, "background", None), voxel_mm=_grid_mm(prep),
-        intensity=_zscore(prep))
+        intensity=_zscore(prep), spectrum=getattr(prep.info, "spectrum", None))
     return combine(feats, (card or {}).get("qc_score"))

@@ -102,6 +102,10 @@ def test_good_scans_have_all_outputs_in_native_space(run):
             assert 0.0 <= qc["background_artifact_fraction"] <= 1.0 and bg["noise_sigma"] > 0
         else:
             assert qc["background_artifact_fraction"] is None and bg["reason"]
+        # the native image's spectral peak: measured on every readable 3D scan
+        sp = qc["spectrum"]
+        assert sp["available"] and len(sp["peak_cycles_per_mm"]) == 3
+        assert qc["quality_features"]["spectral_peak"] == pytest.approx(sp["spectral_peak"], abs=1e-4)
 
 
 def test_entities_sites_and_metadata(run):
