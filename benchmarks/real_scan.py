@@ -124,9 +124,9 @@ def variant(src, v: int, seed: int):
 def score(img, model, name, maps: Path | None = None):
     from qc_pipeline.background import background_stats_for_image
     from qc_pipeline.errors import InputError
-    from qc_pipeline.spectrum import spectral_peak_for_image
     from qc_pipeline.preprocessing import preprocess
     from qc_pipeline.qcscore import scan_quality
+    from qc_pipeline.spectrum import spectral_peak_for_image
 
     card = model.card
     try:

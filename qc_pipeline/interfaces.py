@@ -36,8 +36,8 @@ from nipype.interfaces.base import (
 )
 
 from .background import background_stats_for_image
-from .spectrum import spectral_peak_for_image
 from .derivatives import one_line, output_paths, write_error_qc, write_ok_qc, write_subject_report
+from .spectrum import spectral_peak_for_image
 
 LOGGER = logging.getLogger(__name__)
 
