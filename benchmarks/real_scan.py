@@ -175,6 +175,13 @@ def _features_from_maps(row, folder: Path):
     return scan_quality(prep, result, None).features
 
 
+def _rewrite_maps(path: Path, arrays: dict) -> None:
+    """Replace a saved maps file atomically (a stopped run never leaves half a file)."""
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
 def _spectrum_into_maps(row, folder: Path, lo: float, hi: float) -> bool:
     """Maps saved before the spectral peak existed: make the copy again (the row's ``seed``,
     so the same image), measure its spectral peak and store it in the maps' info. False
@@ -202,9 +209,7 @@ def _spectrum_into_maps(row, folder: Path, lo: float, hi: float) -> bool:
         img = apply_artifact(img, row["kind"], sev, rng)
     info["spectrum"] = spectral_peak_for_image(img).to_dict()
     m["info"] = np.array(json.dumps(info, default=float))
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez_compressed(tmp, **m)
-    os.replace(tmp, path)
+    _rewrite_maps(path, m)
     return True
 
 
@@ -220,9 +225,7 @@ def _rerun_from_maps(row, folder: Path, model) -> bool:
     m["final_mask"] = r.mask
     m["result"] = np.array(json.dumps({"anomaly_fraction": r.anomaly_fraction,
                                        "recon_error": r.first_pass_mean_error}, default=float))
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez_compressed(tmp, **m)
-    os.replace(tmp, path)
+    _rewrite_maps(path, m)
     row["anomaly_fraction"] = r.anomaly_fraction
     row["seconds"] = r.seconds
     return True

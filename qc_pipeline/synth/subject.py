@@ -225,7 +225,7 @@ def cortical_detail(model, rng, *, sulci: float, steepness: float,
     ramp and most sulci are filled in. A single real brain has a sharp GM/WM boundary
     and CSF-filled sulci cutting through the cortex, so at the model's 2 mm grid it
     has markedly more fine-scale gradient energy (the QC score's ``sharpness``: clean
-    real heads 0.78-0.98 in log units, the plain template 0.57-0.60).
+    real heads 0.77-0.98 in log units, the plain template 0.56-0.60).
 
     Two changes, both inside the brain (the brain fraction is unchanged):
 

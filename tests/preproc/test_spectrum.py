@@ -77,10 +77,19 @@ def test_torchio_spike_on_a_synthetic_head_and_reorientation():
     spiked = spectral_peak_for_image(apply_artifact(img, "spike", 0.8, rng=3))
     assert clean.available and spiked.available
     assert spiked.spectral_peak > clean.spectral_peak + 1.0
-    # the measurement is taken on the RAS-reoriented image: a flipped copy reads the same
-    flipped = nib.Nifti1Image(np.asarray(img.dataobj)[::-1], img.affine @ np.array(
-        [[-1, 0, 0, img.shape[0] - 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]))
-    assert spectral_peak_for_image(flipped).spectral_peak == pytest.approx(clean.spectral_peak, abs=1e-4)
+    # the measurement is taken on the RAS-reoriented image: a copy stored flipped along x
+    # reports the same spike frequency (a stored-array reading would flip its x component
+    # against the other two)
+    def stored_flipped(im):
+        return nib.Nifti1Image(np.asarray(im.dataobj)[::-1], im.affine @ np.array(
+            [[-1, 0, 0, im.shape[0] - 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]))
+
+    spike_img = apply_artifact(img, "spike", 0.8, rng=3)
+    again = spectral_peak_for_image(stored_flipped(spike_img))
+    assert again.spectral_peak == pytest.approx(spiked.spectral_peak, abs=1e-3)
+    f0, f1 = np.array(spiked.peak_cycles_per_mm), np.array(again.peak_cycles_per_mm)
+    assert abs(f0[0]) > 0 and np.linalg.norm(f0[1:]) > 0
+    assert np.allclose(f1, f0, atol=1e-3) or np.allclose(f1, -f0, atol=1e-3)
 
 
 @pytest.mark.parametrize("data, zooms, reason", [
