@@ -6,8 +6,8 @@ import pytest
 from scipy import ndimage as ndi
 
 from qc_pipeline.qcscore import (FEATURES, QCScoreError, combine, fit_reference,
-                                 largest_component_fraction, nonuniformity, scan_features,
-                                 sharpness_and_noise, signal_void)
+                                 axis_sharpness, largest_component_fraction, nonuniformity,
+                                 scan_features, sharpness_and_noise, signal_void)
 
 SHAPE = (48, 48, 48)
 
@@ -31,6 +31,25 @@ def test_sharpness_drops_with_blur_and_noise_rises_with_noise():
     s_noise, n_noise = sharpness_and_noise(noisy, brain)
     assert s_blur < 0.8 * s0 and n_blur < n0
     assert n_noise > 1.5 * n0 and s_noise > s0
+
+
+def test_axis_sharpness_sees_blur_along_one_axis():
+    """Thick slices (slab average along one axis) lower the least sharp axis much more than
+    the three-axis ratio; the measurement does not care which axis or which way round."""
+    img, brain = _head()
+    a0, (s0, _) = axis_sharpness(img, brain), sharpness_and_noise(img, brain)
+    thick = ndi.uniform_filter1d(img, 4, axis=2, mode="nearest")
+    a1, (s1, _) = axis_sharpness(thick, brain), sharpness_and_noise(thick, brain)
+    assert a1 < 0.75 * a0
+    assert math.log(a0 / a1) > 2 * math.log(s0 / s1)  # the one-axis loss is not diluted
+    # the same slab along another axis, or the image flipped, reads the same
+    other = ndi.uniform_filter1d(img, 4, axis=0, mode="nearest")
+    assert axis_sharpness(other, brain) == pytest.approx(a1, rel=0.1)
+    assert axis_sharpness(img[::-1, :, ::-1], brain[::-1, :, ::-1]) == pytest.approx(a0, rel=1e-3)
+    # isotropic detail: no axis stands out, so the lowest axis is close to the three-axis ratio
+    assert a0 == pytest.approx(s0, rel=0.15)
+    assert math.isnan(axis_sharpness(img, np.zeros(SHAPE, bool)))
+    assert math.isnan(axis_sharpness(np.zeros(SHAPE, np.float32), brain))
 
 
 def test_noise_ignores_anatomical_detail_in_part_of_the_brain():
@@ -138,7 +157,7 @@ def test_clean_scans_score_low_and_each_artifact_raises_its_own_measurement():
     assert clean.qc_score < 3.0
 
     blurred = combine(_features(ndi.gaussian_filter(img, 1.5), brain), ref)
-    assert blurred.driver in ("sharpness", "noise") and blurred.qc_score > 5
+    assert blurred.driver in ("sharpness", "axis_sharpness", "noise") and blurred.qc_score > 5
     assert blurred.z["sharpness"] > 5  # too smooth is bad (only low sharpness counts)
 
     noisy = img + np.random.default_rng(5).normal(0, 1.5, SHAPE).astype(np.float32)
