@@ -49,6 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qc_pipeline.io import atomic_write_npz, atomic_write_text
+
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 
 #: score of a scan whose preprocessing failed: the app reports it as failed, which a user
@@ -78,12 +80,6 @@ def build_scan(kind: str, i: int, *, base_seed: int, contrast: str, severity: tu
     return img, seed, sev
 
 
-def _save_atomic(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
-
-
 def preprocess_cached(kind, i, cache: Path, card, args):
     from qc_pipeline.errors import InputError
     from qc_pipeline.preprocessing import preprocess
@@ -104,11 +100,11 @@ def preprocess_cached(kind, i, cache: Path, card, args):
         res = preprocess(img, voxel_size=card["voxel_size"][0], grid=tuple(card["grid"]),
                          skull_strip=args.skull_strip, contrast=card["contrast"], name=f"{kind}_{i}")
     except InputError as exc:
-        _save_atomic(f, error=str(exc), severity=sev)
+        atomic_write_npz(f, error=str(exc), severity=sev)
         return None, str(exc), sev
     res.info.background = background_stats_for_image(img).to_dict()
     res.info.spectrum = spectral_peak_for_image(img).to_dict()
-    _save_atomic(f, image=res.image.astype(np.float32), mask=res.brain_mask, severity=sev,
+    atomic_write_npz(f, image=res.image.astype(np.float32), mask=res.brain_mask, severity=sev,
                  signal_mask=res.signal_brain_mask, fov_mask=res.fov_mask,
                  head_image=res.head_image.astype(np.float16),
                  info=json.dumps(res.info.to_dict(), default=float))
@@ -128,7 +124,7 @@ def _with_spectrum(path: Path, z, kind, i, seed, card, args):
     info["spectrum"] = spectral_peak_for_image(img).to_dict()
     arrays = {k: z[k] for k in z.files}
     arrays["info"] = np.array(json.dumps(info, default=float))
-    _save_atomic(path, **arrays)
+    atomic_write_npz(path, **arrays)
     return np.load(path, allow_pickle=False)
 
 
@@ -246,7 +242,7 @@ def main(argv=None) -> int:
                     row["features"] = _features(vols, r.mask, r.anomaly_fraction, r.first_pass_mean_error)
                 if args.save_maps is not None and sch == schedules[0]:
                     args.save_maps.mkdir(parents=True, exist_ok=True)
-                    _save_atomic(args.save_maps / f"{kind}_{i:03d}_s{args.seed}.npz",
+                    atomic_write_npz(args.save_maps / f"{kind}_{i:03d}_s{args.seed}.npz",
                                  final_mask=r.mask, error_map=r.error_map.astype(np.float16),
                                  first_error_map=r.first_pass_error_map.astype(np.float16))
                 row[f"itermask3d/{sch}"] = r.anomaly_fraction
@@ -408,9 +404,7 @@ def _update_card(model_dir, table, *, protocol: str, command: str) -> None:
     evals.append({"protocol": protocol, "date": datetime.date.today().isoformat(),
                   "command": command, "table": table})
     card["evaluation"] = evals
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(card, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(json.dumps(card, indent=1) + "\n", path)
     print(f"evaluation table written to {path}")
 
 

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qc_pipeline.io import atomic_write_npz
+
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 
 #: score of a scan whose preprocessing failed: the app reports it as failed, which a user
@@ -140,12 +142,11 @@ def score(img, model, name, maps: Path | None = None):
     q = scan_quality(prep, r, card)
     bg = prep.info.background
     if maps is not None:  # what the measurements are taken from (--from-json --save-maps)
-        maps.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(maps, image=prep.image.astype(np.float16), head_image=prep.head_image.astype(np.float16),
-                            brain_mask=prep.brain_mask, signal_mask=prep.signal_brain_mask, final_mask=r.mask,
-                            info=json.dumps(prep.info.to_dict(), default=float),
-                            result=json.dumps({"anomaly_fraction": r.anomaly_fraction,
-                                               "recon_error": r.first_pass_mean_error}, default=float))
+        atomic_write_npz(maps, image=prep.image.astype(np.float16), head_image=prep.head_image.astype(np.float16),
+                         brain_mask=prep.brain_mask, signal_mask=prep.signal_brain_mask, final_mask=r.mask,
+                         info=json.dumps(prep.info.to_dict(), default=float),
+                         result=json.dumps({"anomaly_fraction": r.anomaly_fraction,
+                                            "recon_error": r.first_pass_mean_error}, default=float))
     return {"error": None, "qc_score": q.qc_score, "driver": q.driver, "anomaly_fraction": r.anomaly_fraction,
             "features": q.features, "z": q.z, "seconds": r.seconds,
             "background": {k: bg.get(k) for k in ("available", "background_artifact_fraction", "snr",
@@ -175,13 +176,6 @@ def _features_from_maps(row, folder: Path):
     return scan_quality(prep, result, None).features
 
 
-def _rewrite_maps(path: Path, arrays: dict) -> None:
-    """Replace a saved maps file atomically (a stopped run never leaves half a file)."""
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
-
-
 def _spectrum_into_maps(row, folder: Path, lo: float, hi: float) -> bool:
     """Maps saved before the spectral peak existed: make the copy again (the row's ``seed``,
     so the same image), measure its spectral peak and store it in the maps' info. False
@@ -209,7 +203,7 @@ def _spectrum_into_maps(row, folder: Path, lo: float, hi: float) -> bool:
         img = apply_artifact(img, row["kind"], sev, rng)
     info["spectrum"] = spectral_peak_for_image(img).to_dict()
     m["info"] = np.array(json.dumps(info, default=float))
-    _rewrite_maps(path, m)
+    atomic_write_npz(path, **m)
     return True
 
 
@@ -225,7 +219,7 @@ def _rerun_from_maps(row, folder: Path, model) -> bool:
     m["final_mask"] = r.mask
     m["result"] = np.array(json.dumps({"anomaly_fraction": r.anomaly_fraction,
                                        "recon_error": r.first_pass_mean_error}, default=float))
-    _rewrite_maps(path, m)
+    atomic_write_npz(path, **m)
     row["anomaly_fraction"] = r.anomaly_fraction
     row["seconds"] = r.seconds
     return True

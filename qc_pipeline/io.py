@@ -44,6 +44,7 @@ __all__ = [
     "voxel_sizes",
     "canonical_data",
     "atomic_write_nifti",
+    "atomic_write_npz",
     "atomic_write_json",
     "atomic_write_text",
     "atomic_write_bytes",
@@ -263,6 +264,12 @@ def atomic_write_nifti(img: nib.spatialimages.SpatialImage, path) -> Path:
     """Save ``img`` to ``path`` (``.nii`` / ``.nii.gz``) atomically; returns the path."""
     path = Path(path)
     return _atomic(path, lambda tmp: nib.save(img, tmp), suffix=_nifti_suffix(path))
+
+
+def atomic_write_npz(path, **arrays) -> Path:
+    """``numpy.savez_compressed(path, **arrays)`` atomically (``path`` should end in ``.npz``,
+    which NumPy would otherwise append); returns the path."""
+    return _atomic(path, lambda tmp: np.savez_compressed(tmp, **arrays), suffix=".npz")
 
 
 def atomic_write_bytes(data: bytes, path) -> Path:

@@ -179,11 +179,11 @@ def _erode(mask: np.ndarray, n: int) -> np.ndarray:
 def _axis_gradient_energy(x: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean squared Sobel derivative along each axis in ``m``, of ``x`` and of ``x`` after a
     one-voxel Gaussian (NaN where ``m`` is empty)."""
+    if not m.any():
+        return np.full(3, math.nan), np.full(3, math.nan)
     xs = ndi.gaussian_filter(x, 1.0, mode="nearest")
-    num = np.array([np.square(ndi.sobel(x, axis=a, mode="nearest"))[m].mean() if m.any() else math.nan
-                    for a in range(3)], dtype=float)
-    den = np.array([np.square(ndi.sobel(xs, axis=a, mode="nearest"))[m].mean() if m.any() else math.nan
-                    for a in range(3)], dtype=float)
+    num = np.array([np.square(ndi.sobel(x, axis=a, mode="nearest"))[m].mean() for a in range(3)], dtype=float)
+    den = np.array([np.square(ndi.sobel(xs, axis=a, mode="nearest"))[m].mean() for a in range(3)], dtype=float)
     return num, den
 
 

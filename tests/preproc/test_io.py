@@ -13,6 +13,7 @@ from qc_pipeline import errors as E
 from qc_pipeline.io import (
     InputWarning,
     atomic_write_json,
+    atomic_write_npz,
     atomic_write_nifti,
     atomic_write_text,
     load_image,
@@ -197,7 +198,10 @@ def test_atomic_writes_roundtrip_leave_no_temp(tmp_path):
     assert json.loads((tmp_path / "q.json").read_text()) == {"a": 1.5, "b": [0, 1, 2], "c": [2]}
     atomic_write_text("hello", tmp_path / "t.txt")
     assert (tmp_path / "t.txt").read_text() == "hello"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "q.json", "t.txt"]
+    atomic_write_npz(tmp_path / "m.npz", mask=_vol() > 0.5, info=np.array("{}"))
+    with np.load(tmp_path / "m.npz") as z:  # the name NumPy would not have changed
+        assert sorted(z.files) == ["info", "mask"] and np.array_equal(z["mask"], _vol() > 0.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "m.npz", "q.json", "t.txt"]
 
 
 def test_atomic_nifti_failure_mid_write_keeps_old_target(tmp_path, monkeypatch):
