@@ -84,15 +84,14 @@ def preprocess_cached(kind, i, cache: Path, card, args):
     from qc_pipeline.errors import InputError
     from qc_pipeline.preprocessing import preprocess
 
-    from qc_pipeline.background import background_stats_for_image
-    from qc_pipeline.spectrum import spectral_peak_for_image
+    from qc_pipeline.qcscore import native_measurements
 
     f = cache / f"{kind}_{i:03d}_s{args.seed}.npz"
     if f.is_file():
         z = np.load(f, allow_pickle=False)
         if "error" in z.files:
             return None, str(z["error"]), float(z["severity"])
-        z = _with_spectrum(f, z, kind, i, args.seed, card, args)
+        z = _with_native_measurements(f, z, kind, i, args.seed, card, args)
         return _prep_from_npz(z), None, float(z["severity"])
     img, seed, sev = build_scan(kind, i, base_seed=args.seed, contrast=card["contrast"],
                                 severity=args.severity, cortex_detail=not args.plain_anatomy)
@@ -102,8 +101,8 @@ def preprocess_cached(kind, i, cache: Path, card, args):
     except InputError as exc:
         atomic_write_npz(f, error=str(exc), severity=sev)
         return None, str(exc), sev
-    res.info.background = background_stats_for_image(img).to_dict()
-    res.info.spectrum = spectral_peak_for_image(img).to_dict()
+    native = native_measurements(img)
+    res.info.background, res.info.spectrum = native["background"], native["spectrum"]
     atomic_write_npz(f, image=res.image.astype(np.float32), mask=res.brain_mask, severity=sev,
                  signal_mask=res.signal_brain_mask, fov_mask=res.fov_mask,
                  head_image=res.head_image.astype(np.float16),
@@ -111,17 +110,19 @@ def preprocess_cached(kind, i, cache: Path, card, args):
     return _prep_from_npz(np.load(f, allow_pickle=False)), None, sev
 
 
-def _with_spectrum(path: Path, z, kind, i, seed, card, args):
-    """Cache files written before the spectral peak existed: build the scan again (same seed,
-    so the same image), measure its spectral peak and store it in the cache file's info."""
-    info = json.loads(str(z["info"]))
-    if "spectrum" in info:
-        return z
-    from qc_pipeline.spectrum import spectral_peak_for_image
+def _with_native_measurements(path: Path, z, kind, i, seed, card, args):
+    """Cache files whose native-image measurements (background statistic, spectral peak and
+    line comb) came from an older version of the code (``native_measurements_stale``):
+    build the scan again (same seed, so the same image), measure again and store them in
+    the cache file's info."""
+    from qc_pipeline.qcscore import native_measurements, native_measurements_stale
 
+    info = json.loads(str(z["info"]))
+    if not native_measurements_stale(info):
+        return z
     img, _, _ = build_scan(kind, i, base_seed=seed, contrast=card["contrast"], severity=args.severity,
                            cortex_detail=not args.plain_anatomy)
-    info["spectrum"] = spectral_peak_for_image(img).to_dict()
+    info.update(native_measurements(img))
     arrays = {k: z[k] for k in z.files}
     arrays["info"] = np.array(json.dumps(info, default=float))
     atomic_write_npz(path, **arrays)
@@ -327,9 +328,11 @@ def main(argv=None) -> int:
         secs = [r[f"seconds/{sch}"] for r in rows if f"seconds/{sch}" in r]
         if passes:
             print(f"\n{sch}: median {np.median(passes):.0f} forward passes, median {np.median(secs):.1f} s per scan")
-    feats = [f for f in FEATURES if any(r.get("features", {}).get(f) is not None for r in rows)]
+    feats = [f for f in FEATURES if any(r.get("features", {}).get(f) is not None for r in rows)
+             and f in ((reference or {}).get("features") or {})]
     if feats and normals and reference:
-        print("\nEach measurement alone (AUROC %, signed as in the QC score; n/a = not measured):\n")
+        print("\nEach measurement alone (AUROC %, signed as in the QC score; n/a = not measured; "
+              "measurements the reference lacks are left out):\n")
         print("| artifact | " + " | ".join(feats) + " |\n|---|" + "---|" * len(feats))
         for a in arts:
             sub = normals + [r for r in rows if r["kind"] == a]
@@ -386,9 +389,9 @@ def _features_from_maps(row, args, seed=None):
     if args.save_maps is None or not (args.save_maps / name).is_file() or not (args.cache / name).is_file():
         return None
     z = np.load(args.cache / name, allow_pickle=False)
-    vols = _prep_from_npz(_with_spectrum(args.cache / name, z, row["kind"], row["i"],
-                                         row.get("seed", args.seed) if seed is None else seed,
-                                         {"contrast": args.contrast}, args))
+    vols = _prep_from_npz(_with_native_measurements(args.cache / name, z, row["kind"], row["i"],
+                                                    row.get("seed", args.seed) if seed is None else seed,
+                                                    {"contrast": args.contrast}, args))
     return _scores_from_maps(vols, args.save_maps / name)["features"]
 
 

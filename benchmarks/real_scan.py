@@ -124,11 +124,9 @@ def variant(src, v: int, seed: int):
 
 
 def score(img, model, name, maps: Path | None = None):
-    from qc_pipeline.background import background_stats_for_image
     from qc_pipeline.errors import InputError
     from qc_pipeline.preprocessing import preprocess
-    from qc_pipeline.qcscore import scan_quality
-    from qc_pipeline.spectrum import spectral_peak_for_image
+    from qc_pipeline.qcscore import native_measurements, scan_quality
 
     card = model.card
     try:
@@ -136,8 +134,8 @@ def score(img, model, name, maps: Path | None = None):
                           skull_strip="auto", contrast=card["contrast"], name=name)
     except InputError as exc:
         return {"error": str(exc)}
-    prep.info.background = background_stats_for_image(img).to_dict()
-    prep.info.spectrum = spectral_peak_for_image(img).to_dict()
+    native = native_measurements(img)
+    prep.info.background, prep.info.spectrum = native["background"], native["spectrum"]
     r = model.run(prep.image, prep.brain_mask, voxel_size=card["voxel_size"], seed=0)
     q = scan_quality(prep, r, card)
     bg = prep.info.background
@@ -176,13 +174,15 @@ def _features_from_maps(row, folder: Path):
     return scan_quality(prep, result, None).features
 
 
-def _spectrum_into_maps(row, folder: Path, lo: float, hi: float) -> bool:
-    """Maps saved before the spectral peak existed: make the copy again (the row's ``seed``,
-    so the same image), measure its spectral peak and store it in the maps' info. False
-    without saved maps or without a seed in the row (such rows keep no spectral peak)."""
+def _native_into_maps(row, folder: Path, lo: float, hi: float) -> bool:
+    """Maps whose native-image measurements (background statistic, spectral peak and line
+    comb) came from an older version of the code (``native_measurements_stale``): make the
+    copy again (the row's ``seed``, so the same image), measure again and store them in the
+    maps' info. False without saved maps or without a seed in the row (such rows keep their
+    old measurements)."""
     import nibabel as nib
 
-    from qc_pipeline.spectrum import spectral_peak_for_image
+    from qc_pipeline.qcscore import native_measurements, native_measurements_stale
     from qc_pipeline.synth import apply_artifact
 
     path = folder / _maps_name(row)
@@ -190,7 +190,7 @@ def _spectrum_into_maps(row, folder: Path, lo: float, hi: float) -> bool:
         return False
     m = dict(np.load(path))
     info = json.loads(str(m["info"]))
-    if "spectrum" in info:
+    if not native_measurements_stale(info):
         return True
     img, _ = variant(nib.load(row["scan"]), row["v"], row["seed"])
     if row["kind"] != "clean":
@@ -198,10 +198,10 @@ def _spectrum_into_maps(row, folder: Path, lo: float, hi: float) -> bool:
         sev = float(rng.uniform(lo, hi))
         if abs(sev - float(row["severity"])) > 1e-9:  # not the copy that was scored
             print(f"{_maps_name(row)}: seed {row['seed']} gives severity {sev:.4g}, the row has "
-                  f"{row['severity']:.4g}: no spectral peak", file=sys.stderr)
+                  f"{row['severity']:.4g}: native measurements left as they were", file=sys.stderr)
             return False
         img = apply_artifact(img, row["kind"], sev, rng)
-    info["spectrum"] = spectral_peak_for_image(img).to_dict()
+    info.update(native_measurements(img))
     m["info"] = np.array(json.dumps(info, default=float))
     atomic_write_npz(path, **m)
     return True
@@ -280,7 +280,7 @@ def main(argv=None) -> int:
                     print(f"[{n}/{len(rows)}] {Path(r['scan']).name} {r['kind']} v{r['v']}: "
                           f"fraction={r['anomaly_fraction']:.4g}", file=sys.stderr, flush=True)
                 if args.save_maps:  # measurements again from the saved maps, with this code
-                    _spectrum_into_maps(r, args.save_maps, lo, hi)
+                    _native_into_maps(r, args.save_maps, lo, hi)
                     r["features"] = _features_from_maps(r, args.save_maps) or r["features"]
                 q = combine(r["features"], ref)
                 r.update(qc_score=q.qc_score, driver=q.driver, z=q.z)

@@ -137,7 +137,7 @@ def write_ok_qc(output_dir, scan, result: Mapping[str, Any], *, model_id, schedu
     ``background``: the out-of-head statistic
     (:meth:`qc_pipeline.background.BackgroundStats.to_dict`), written as ``background``;
     its ``background_artifact_fraction`` (None when unavailable) also goes to the top level.
-    ``spectrum``: the native image's spectral peak
+    ``spectrum``: the native image's spectral peak and line comb
     (:meth:`qc_pipeline.spectrum.SpectralPeak.to_dict`), written as ``spectrum``.
     ``quality``: :meth:`qc_pipeline.qcscore.QCScore.to_dict` (``qc_score``,
     ``qc_score_driver``, ``quality_z``, ``quality_features``, ``qc_score_reference``),

@@ -35,9 +35,8 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from .background import background_stats_for_image
 from .derivatives import one_line, output_paths, write_error_qc, write_ok_qc, write_subject_report
-from .spectrum import spectral_peak_for_image
+from .qcscore import native_measurements
 
 LOGGER = logging.getLogger(__name__)
 
@@ -186,8 +185,8 @@ class Preprocess(SimpleInterface):
                     contrast=self.inputs.contrast,
                 )
                 # out-of-head statistic; odd data gives available=False, never an exception
-                prep.info.background = background_stats_for_image(img).to_dict()
-                prep.info.spectrum = spectral_peak_for_image(img).to_dict()
+                native = native_measurements(img)
+                prep.info.background, prep.info.spectrum = native["background"], native["spectrum"]
                 self._results["warnings"] = [str(w) for w in prep.warnings]
                 self._results["out_file"] = _dump(prep, Path(runtime.cwd) / "preproc.pkl")
             except Exception as exc:  # noqa: BLE001

@@ -1,4 +1,5 @@
-"""Spectral peak of the native image (qc_pipeline.spectrum): k-space spikes.
+"""Spectral peak of the native image (qc_pipeline.spectrum): k-space spikes; and the line
+comb (every p-th k-space line scaled: phase-encode ghosting).
 
 Hand-built heads (a smooth ellipsoid with texture and Rayleigh background noise), the same
 head with one k-space spike (a plane wave across the field of view), with a sharp k-space
@@ -13,7 +14,8 @@ import pytest
 from scipy import ndimage as ndi
 
 from qc_pipeline.qcscore import FEATURES, combine, fit_reference, scan_features
-from qc_pipeline.spectrum import SpectralPeak, spectral_peak, spectral_peak_for_image
+from qc_pipeline.spectrum import (SpectralPeak, line_comb, line_energy_profiles, spectral_peak,
+                                   spectral_peak_for_image)
 
 
 def _head(n=48, seed=0, zooms=(1.0, 1.0, 1.0)):
@@ -139,3 +141,91 @@ def test_qc_score_uses_the_spectral_peak_and_old_references_ignore_it():
     # a model card fitted before the measurement existed: the score leaves it out
     old = {**ref, "features": {k: v for k, v in ref["features"].items() if k != "spectral_peak"}}
     assert "spectral_peak" not in combine(feats(2.0), old).z
+
+
+def _with_line_comb(img, axis=1, period=3, scale=0.5):
+    """Every ``period``-th k-space line along ``axis`` scaled by ``scale`` (torchio's ghosting
+    model; the magnitude image is kept)."""
+    k = np.fft.fftshift(np.fft.fftn(img))
+    sl = [slice(None)] * 3
+    sl[axis] = slice(None, None, period)
+    centre = [slice(None)] * 3
+    n = img.shape[axis]
+    centre[axis] = slice(n // 2 - 1, n // 2 + 2)  # the centre restored, as torchio does
+    keep = k[tuple(centre)].copy()
+    k[tuple(sl)] *= scale
+    k[tuple(centre)] = keep
+    return np.abs(np.fft.ifftn(np.fft.ifftshift(k))).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", [(40, 36, 30), (41, 37, 31)])
+def test_line_energy_profiles_are_the_plane_sums_of_the_full_spectrum(shape):
+    a = np.random.default_rng(1).random(shape).astype(np.float32)
+    power = np.abs(np.fft.fftn(a - a.mean())) ** 2
+    for ax, e in enumerate(line_energy_profiles(a)):
+        want = power.sum(axis=tuple(b for b in range(3) if b != ax))[: shape[ax] // 2 + 1]
+        assert e.shape == want.shape and np.allclose(e, want, rtol=1e-4)
+
+
+@pytest.mark.parametrize("axis, period", [(0, 2), (1, 3), (2, 5)])
+def test_a_line_comb_stands_out_on_its_axis_and_period(axis, period):
+    img = _head(64, seed=5)  # 28 lines out to Nyquist: periods up to 5 have 5 lines a class
+    clean = spectral_peak(img, (1, 1, 1))
+    assert clean.line_comb < 0.15
+    sp = spectral_peak(_with_line_comb(img, axis, period, scale=0.5), (1, 1, 1))
+    # (the magnitude image mirrors k-space: a comb whose lines are not symmetric about the
+    # centre is halved over twice the lines)
+    assert sp.line_comb > 0.25 and sp.line_comb > 5 * clean.line_comb
+    assert (sp.line_comb_axis, sp.line_comb_period) == (axis, period)
+    # a milder comb counts less, but still
+    mild = spectral_peak(_with_line_comb(img, axis, period, scale=0.8), (1, 1, 1)).line_comb
+    assert 2 * clean.line_comb < mild < sp.line_comb
+    # the same image stored flipped: the plane energies are mirror images, the comb the same
+    flipped = spectral_peak(_with_line_comb(img, axis, period, scale=0.5)[::-1, :, ::-1], (1, 1, 1))
+    assert flipped.line_comb == pytest.approx(sp.line_comb, rel=0.2)
+
+
+def test_a_sharp_kspace_cutoff_and_a_spike_are_not_a_comb():
+    img = _head(48, seed=2)
+    k = np.fft.fftshift(np.fft.fftn(img))
+    keep = np.zeros(k.shape, bool)
+    keep[10:38, 10:38, 10:38] = True
+    zf = np.abs(np.fft.ifftn(np.fft.ifftshift(np.where(keep, k, 0)))).astype(np.float32)
+    assert spectral_peak(zf, (1, 1, 1)).line_comb < 0.3
+    comb = spectral_peak(_with_line_comb(img, 1, 2), (1, 1, 1)).line_comb
+    assert comb > 0.5
+    assert line_comb([np.zeros(10), np.ones(3), np.ones(25)]) == (0.0, 0, 2)  # flat or empty: nothing
+
+
+def test_torchio_ghosting_on_a_synthetic_head_raises_the_comb_and_the_qc_score_reads_it():
+    from qc_pipeline.synth import apply_artifact, make_subject
+
+    img, _ = make_subject(4, "T1w", work_mm=4.0, voxel_size=2.0)
+    clean = spectral_peak_for_image(img)
+    ghost = spectral_peak_for_image(apply_artifact(img, "ghosting", 0.6, rng=4))
+    assert clean.line_comb < 0.15 and ghost.line_comb > 0.3
+    d = ghost.to_dict()
+    assert d["line_comb"] == pytest.approx(ghost.line_comb, abs=1e-4) and d["line_comb_period"] >= 2
+    brain = np.zeros((24, 24, 24), bool)
+    brain[6:18, 6:18, 6:18] = True
+    feats = scan_features(image_head=None, brain_mask=brain, signal_mask=None, final_mask=None,
+                          anomaly_fraction=0.1, recon_error=0.2, background=None, spectrum=d)
+    assert "line_comb" in FEATURES and feats["line_comb"] == d["line_comb"]
+
+
+def test_native_measurements_and_when_stored_ones_are_stale():
+    from qc_pipeline.background import DEFAULTS
+    from qc_pipeline.qcscore import native_measurements, native_measurements_stale
+
+    img = nib.Nifti1Image(_head(32, seed=6), np.eye(4))
+    info = native_measurements(img)
+    assert set(info) == {"background", "spectrum"} and not native_measurements_stale(info)
+    assert info["spectrum"]["line_comb"] is not None
+    old_spectrum = {**info, "spectrum": {k: v for k, v in info["spectrum"].items() if not k.startswith("line_comb")}}
+    assert native_measurements_stale(old_spectrum)
+    old_params = {k: v for k, v in DEFAULTS.items() if k != "trend_order"}
+    assert native_measurements_stale({**info, "background": {**info["background"], "parameters": old_params}})
+    assert native_measurements_stale({})
+    # odd input: measured as unavailable, not raised
+    bad = native_measurements(object())
+    assert bad["background"]["available"] is False and bad["spectrum"]["available"] is False
