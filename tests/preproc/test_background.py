@@ -66,7 +66,7 @@ def test_wrap_around_raises_the_statistic(stats):
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
-def test_a_smooth_noise_floor_gradient_is_not_structure(head_scans, stats, axis):
+def test_a_smooth_noise_floor_gradient_is_not_structure(head_scans, axis):
     """A receive-coil sensitivity gradient (the whole image, noise included, 20 % brighter on
     one side than in the middle and 20 % darker on the other) raised the old statistic to
     16-29 % of the background on these heads; the fitted noise floor takes it out, and a
