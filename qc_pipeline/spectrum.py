@@ -240,11 +240,12 @@ def line_energy_profiles(data) -> list[np.ndarray]:
     interior[0] = False
     if n2 % 2 == 0:
         interior[-1] = False
+    edge = power[:, :, ~interior]  # the k2 = 0 (and Nyquist) planes: a small copy
     out = []
     for ax in (0, 1):
         other = 1 - ax
         full = power.sum(axis=(other, 2), dtype=np.float64)
-        inner = power[:, :, interior].sum(axis=(other, 2), dtype=np.float64)
+        inner = full - edge.sum(axis=(other, 2), dtype=np.float64)
         n = power.shape[ax]
         mirror = inner[(-np.arange(n)) % n]
         out.append((full + mirror)[: n // 2 + 1])

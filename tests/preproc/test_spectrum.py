@@ -6,6 +6,7 @@ head with one k-space spike (a plane wave across the field of view), with a shar
 cut-off (zero-filled reconstruction), a synthetic head with torchio's spike, and degenerate
 inputs.
 """
+import json
 import math
 
 import nibabel as nib
@@ -192,6 +193,8 @@ def test_a_sharp_kspace_cutoff_and_a_spike_are_not_a_comb():
     keep[10:38, 10:38, 10:38] = True
     zf = np.abs(np.fft.ifftn(np.fft.ifftshift(np.where(keep, k, 0)))).astype(np.float32)
     assert spectral_peak(zf, (1, 1, 1)).line_comb < 0.3
+    spiked = spectral_peak(_with_spike(img), (1, 1, 1))
+    assert spiked.spectral_peak > 1.5 and spiked.line_comb < 0.3
     comb = spectral_peak(_with_line_comb(img, 1, 2), (1, 1, 1)).line_comb
     assert comb > 0.5
     assert line_comb([np.zeros(10), np.ones(3), np.ones(25)]) == (0.0, 0, 2)  # flat or empty: nothing
@@ -220,6 +223,7 @@ def test_native_measurements_and_when_stored_ones_are_stale():
     img = nib.Nifti1Image(_head(32, seed=6), np.eye(4))
     info = native_measurements(img)
     assert set(info) == {"background", "spectrum"} and not native_measurements_stale(info)
+    assert not native_measurements_stale(json.loads(json.dumps(info)))  # as a cache stores it
     assert info["spectrum"]["line_comb"] is not None
     old_spectrum = {**info, "spectrum": {k: v for k, v in info["spectrum"].items() if not k.startswith("line_comb")}}
     assert native_measurements_stale(old_spectrum)
