@@ -21,7 +21,8 @@ from .errors import (EngineError, InvalidInputError, ModelCardError, ModelNotFou
 from .hf import high_frequency, hf_radius
 from .modelio import CARD_NAME, WEIGHTS_NAME, build_network, default_model_dir, load_model_card
 from .schedules import Schedule, get_schedule
-from .taufit import DEFAULT_GAMMA, DEFAULT_Y_LIMIT, R2_MIN, TauFit, fit_tau_curve
+from .taufit import (DEFAULT_GAMMA, DEFAULT_GAMMA_REFERENCE_T, DEFAULT_Y_LIMIT, GAMMA_MODES, R2_MIN, TauFit,
+                     fit_tau_curve, relative_gamma)
 
 __all__ = ["IterMask3D", "Result", "resolve_device", "threshold_at"]
 
@@ -77,7 +78,11 @@ class Result:
         Squared error of that first pass, 0 outside the brain.
     converged : bool
         False when the refinement hit the schedule's pass cap.
-    device, seed, gamma : run settings.
+    device, seed : run settings.
+    gamma : float
+        The stopping slope the tau fit used (squared z-units per percent); in "relative" mode
+        the card's relative gamma times this scan's typical error.
+    gamma_mode : {"absolute", "relative"}
     """
 
     anomaly_voxels: int
@@ -100,6 +105,7 @@ class Result:
     device: str = "cpu"
     seed: int = 0
     gamma: float = DEFAULT_GAMMA
+    gamma_mode: str = "absolute"
 
     @property
     def fallback(self) -> bool:
@@ -128,6 +134,7 @@ class Result:
             "device": self.device,
             "seed": int(self.seed),
             "gamma": _jf(self.gamma),
+            "gamma_mode": self.gamma_mode,
         }
 
 
@@ -150,9 +157,12 @@ class _ScanLoop:
     """State machine of the loop for one scan: asks for forward passes, consumes error maps."""
 
     def __init__(self, x: np.ndarray, brain: np.ndarray, hf: np.ndarray, sched: Schedule, *,
-                 gamma: float, seed: int, y_limit: float, r2_min: float):
+                 gamma: float, seed: int, y_limit: float, r2_min: float,
+                 gamma_mode: str = "absolute", gamma_reference_t: float = DEFAULT_GAMMA_REFERENCE_T):
         self.x, self.brain, self.hf = x, brain, hf
         self.sched, self.gamma, self.y_limit, self.r2_min = sched, gamma, y_limit, r2_min
+        self.gamma_mode, self.gamma_reference_t = gamma_mode, float(gamma_reference_t)
+        self.gamma_used = float(gamma)
         self.seed = int(seed)
         self.gen = torch.Generator().manual_seed(self.seed)
         self.n_brain = int(brain.sum())
@@ -188,7 +198,13 @@ class _ScanLoop:
         t = np.asarray([0.0] + self.ts)
         y = np.asarray([0.0] + self.taus)
         slopes = np.diff(y) / np.diff(t)
-        return bool(np.all(slopes[-c:] > self.gamma))
+        return bool(np.all(slopes[-c:] > self.gamma_now()))
+
+    def gamma_now(self) -> float:
+        """The stopping slope for the sweep observed so far (see ``gamma_mode``)."""
+        if self.gamma_mode == "relative":
+            return relative_gamma(self.ts, self.taus, self.gamma, self.gamma_reference_t)
+        return self.gamma
 
     def consume(self, recon: np.ndarray) -> None:
         self.passes += 1
@@ -223,7 +239,8 @@ class _ScanLoop:
             self.prev = new
 
     def _end_sweep(self, err: np.ndarray) -> None:
-        self.fit = fit_tau_curve(self.ts, self.taus, gamma=self.gamma, y_limit=self.y_limit,
+        self.gamma_used = self.gamma_now()
+        self.fit = fit_tau_curve(self.ts, self.taus, gamma=self.gamma_used, y_limit=self.y_limit,
                                  r2_min=self.r2_min)
         self.tau_stop = float(self.fit.tau_stop)
         self.phase = "refine"
@@ -269,7 +286,13 @@ class IterMask3D:
         if isinstance(net, torch.nn.Module):
             self.net = net.to(self.device).eval()
         self.batch_size = int(batch_size) if batch_size else (4 if self.device.type == "cuda" else 1)
-        self.gamma = float(self.card.get("gamma", DEFAULT_GAMMA))
+        self.gamma_mode = str(self.card.get("gamma_mode", "absolute"))
+        if self.gamma_mode not in GAMMA_MODES:
+            raise ModelCardError(f"model card gamma_mode {self.gamma_mode!r} is not one of {GAMMA_MODES}")
+        # relative mode: the card's gamma_relative times each scan's own typical error
+        self.gamma = float(self.card.get("gamma_relative" if self.gamma_mode == "relative" else "gamma",
+                                         DEFAULT_GAMMA))
+        self.gamma_reference_t = float(self.card.get("gamma_reference_t", DEFAULT_GAMMA_REFERENCE_T))
         self.r2_min = float(self.card.get("r2_min", R2_MIN))
         self.default_schedule = str(self.card.get("schedule", "fast"))
         self.grid = tuple(int(g) for g in self.card["grid"]) if self.card.get("grid") else None
@@ -389,7 +412,8 @@ class IterMask3D:
                 if h.shape != x.shape:
                     raise ShapeMismatchError(f"hf image shape {h.shape} differs from image shape {x.shape}")
             loops.append(_ScanLoop(x, b, h, sched, gamma=self.gamma, seed=seeds[i],
-                                   y_limit=DEFAULT_Y_LIMIT, r2_min=self.r2_min))
+                                   y_limit=DEFAULT_Y_LIMIT, r2_min=self.r2_min, gamma_mode=self.gamma_mode,
+                                   gamma_reference_t=self.gamma_reference_t))
         while True:
             active = [lp for lp in loops if not lp.done]
             if not active:
@@ -413,7 +437,7 @@ class IterMask3D:
                 first_pass_mean_error=lp.first_pass_mean_error,
                 first_pass_error_map=lp.first_pass_error_map, converged=f["converged"],
                 refine_passes=lp.refine_passes, brain_voxels=lp.n_brain, device=str(self.device),
-                seed=lp.seed, gamma=self.gamma))
+                seed=lp.seed, gamma=lp.gamma_used, gamma_mode=self.gamma_mode))
             log.debug("itermask3d: %s passes=%d tau_stop=%.4g path=%s voxels=%d", sched.name, lp.passes,
                       lp.tau_stop, lp.fit.path, nvox)
         return results

@@ -41,14 +41,42 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["TauFit", "fit_tau_curve", "R2_MIN", "DEFAULT_GAMMA", "tan_model", "tan_derivative"]
+__all__ = ["TauFit", "fit_tau_curve", "R2_MIN", "DEFAULT_GAMMA", "tan_model", "tan_derivative",
+           "relative_gamma", "GAMMA_MODES", "DEFAULT_GAMMA_REFERENCE_T"]
 
 #: minimum coefficient of determination for the tan fit (reference code: 0.85)
 R2_MIN = 0.85
 #: paper value of gamma for detection
 DEFAULT_GAMMA = 0.01
+#: how the stopping slope is set: "absolute" (the paper: gamma in squared z-units per percent)
+#: or "relative" (gamma times the scan's own typical error, see :func:`relative_gamma`)
+GAMMA_MODES = ("absolute", "relative")
+#: sweep position whose threshold is a scan's typical error in "relative" mode (the median)
+DEFAULT_GAMMA_REFERENCE_T = 50.0
 #: points with tau above this are not fitted (reference code default)
 DEFAULT_Y_LIMIT = 10.0
+
+
+def relative_gamma(t: Sequence[float], tau: Sequence[float], gamma_relative: float,
+                   t_ref: float = DEFAULT_GAMMA_REFERENCE_T) -> float:
+    """Stopping slope scaled by the scan's own typical error: ``gamma_relative * tau(t_ref)``.
+
+    ``tau(t_ref)`` is interpolated on the observed sweep (at the default ``t_ref = 50`` it is
+    the median error of the brain with half of it unmasked). The paper's absolute ``gamma``
+    moves the cut along the curve when a scan's errors are all larger (a scanner or anatomy the
+    network was not trained on scales the whole curve); a slope relative to the scan's own error
+    level does not move, while the abrupt rise of an anomaly's errors still crosses it. Returns
+    ``inf`` (no crossing possible yet) until the sweep has reached ``t_ref``.
+    """
+    tt = np.asarray(t, dtype=float)
+    yy = np.asarray(tau, dtype=float)
+    ok = np.isfinite(tt) & np.isfinite(yy)
+    tt, yy = tt[ok], yy[ok]
+    if tt.size == 0 or tt.max() < t_ref:
+        return float("inf")
+    order = np.argsort(tt)
+    ref = float(np.interp(t_ref, np.concatenate([[0.0], tt[order]]), np.concatenate([[0.0], yy[order]])))
+    return float(gamma_relative) * max(ref, 1e-12)
 
 
 def tan_model(t, a, b):

@@ -5,6 +5,7 @@ Examples::
     itermask-qc-synth cohort out/ --n-subjects 40 --contrasts T1w,T2w --seed 1 \\
         --artifacts all --artifact-fraction 0.5 --severity 0.3:1.0
     itermask-qc-synth demo demo_data --overwrite
+    itermask-qc-synth bank bank1mm.npz          # anatomy bank for itermask-qc-train-synth
 """
 from __future__ import annotations
 
@@ -52,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("out")
     d.add_argument("--nprocs", type=int, default=1)
     d.add_argument("--overwrite", action="store_true")
+
+    b = sub.add_parser("bank", help="write the anatomy bank that domain-randomised training draws from")
+    b.add_argument("out", help="output .npz")
+    b.add_argument("--voxel-mm", type=float, default=1.0, help="bank voxel (must divide the model voxel)")
     return p
 
 
@@ -67,6 +72,12 @@ def main(argv=None) -> int:
     try:
         if args.nprocs < 1:
             raise SynthError(f"--nprocs must be >= 1; got {args.nprocs}")
+        if args.command == "bank":
+            from .bank import build_anatomy_bank, save_bank
+
+            out = save_bank(build_anatomy_bank(voxel_mm=args.voxel_mm), args.out)
+            print(f"wrote {out} in {time.time() - t0:.1f} s")
+            return 0
         if args.command == "cohort":
             out = write_cohort(
                 args.out, args.n_subjects, contrasts=args.contrasts, seed=args.seed,

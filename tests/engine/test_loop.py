@@ -171,3 +171,49 @@ def test_threshold_leaves_requested_fraction():
         tau = threshold_at(s, t)
         assert (s > tau).sum() == round(1000 * (100 - t) / 100)
     assert (s > threshold_at(s, 100)).sum() == 0
+
+
+def test_relative_gamma_is_blind_to_a_global_error_scale(brain_volume):
+    """A network that reconstructs every voxel of a scan worse (an unseen scanner: the oracle's
+    sigma) scales the whole tau curve. The paper's absolute gamma then cuts early and leaves much
+    of a clean brain masked; the relative gamma cuts at the same place, and still finds a blob."""
+    clean, brain = brain_volume
+    blob = sphere(SHAPE, (22, 17, 20), 5) & brain
+    x = clean + 6.0 * blob
+    relative = {**default_card(SHAPE), "gamma_mode": "relative", "gamma_relative": 0.5}
+    # a systematic error everywhere (masked or not), as a network has on a scanner it never saw
+    bias = textured_volume(SHAPE, brain, seed=7)[0] * 0.5
+
+    class Unseen(Oracle):
+        def __call__(self, inp):
+            return super().__call__(inp) + self.sigma * torch.from_numpy(bias)
+
+    fractions = {}
+    for sigma in (0.3, 1.0):
+        for name, card in (("absolute", default_card(SHAPE)), ("relative", relative)):
+            model = IterMask3D(Unseen(clean, clean, sigma=sigma), card, device="cpu")
+            res = model.run(clean, brain, seed=0)
+            fractions[name, sigma] = res.anomaly_fraction
+            assert res.gamma_mode == name and res.to_dict()["gamma_mode"] == name
+            if name == "relative":
+                found = IterMask3D(Unseen(clean, x, sigma=sigma), card, device="cpu").run(x, brain, seed=0)
+                assert dice(found.mask, blob) >= 0.6
+    assert fractions["relative", 0.3] == pytest.approx(fractions["relative", 1.0], abs=1e-3)
+    assert fractions["relative", 1.0] < 0.04
+    assert fractions["absolute", 1.0] > 3 * fractions["relative", 1.0]
+
+
+def test_relative_gamma_waits_for_the_reference_point_and_scales_with_tau():
+    from qc_pipeline.engine.taufit import relative_gamma
+
+    assert relative_gamma([10.0, 25.0, 40.0], [0.1, 0.2, 0.3], 0.5) == float("inf")
+    g = relative_gamma([10.0, 40.0, 60.0], [0.1, 0.3, 0.5], 0.5)
+    assert g == pytest.approx(0.5 * 0.4)
+    assert relative_gamma([10.0, 40.0, 60.0], [1.0, 3.0, 5.0], 0.5) == pytest.approx(10 * g)
+
+
+def test_unknown_gamma_mode_is_a_card_error():
+    from qc_pipeline.engine import ModelCardError
+
+    with pytest.raises(ModelCardError, match="gamma_mode"):
+        IterMask3D(lambda x: x[:, :1], {**default_card(SHAPE), "gamma_mode": "knee"}, device="cpu")
