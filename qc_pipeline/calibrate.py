@@ -12,6 +12,13 @@ gets a better-calibrated score by fitting the reference on its own clean scans:
 Only successful scans of the suffix that were screened with that model enter the fit;
 with ``--labels``, scans rated as artifacts are left out (unrated ones are kept). The
 card's ``qc_score`` section is replaced atomically; the rest of the card is untouched.
+
+With ``--gamma`` the engine's stopping slope is fitted on the same scans too: ``gamma`` =
+``--gamma-factor`` (0.5) x the median over the scans of ``tau(50)``, the median error of a
+brain half unmasked, read from each qc.json's sweep (no forward pass is run). The paper's
+``gamma = 0.01`` belongs to its network and data; scaled to what the network's error is on a
+site's own clean scans, the mask of a clean scan stays near empty while errors above the
+site's level still stop the sweep early (global artifacts) and local ones stay masked.
 """
 from __future__ import annotations
 
@@ -27,7 +34,11 @@ from .qcscore import QCScoreError, fit_reference
 
 log = logging.getLogger(__name__)
 
-__all__ = ["write_card_reference", "reference_from_outputs", "main"]
+__all__ = ["write_card_reference", "reference_from_outputs", "gamma_from_tau50", "gamma_from_outputs",
+           "write_card_gamma", "DEFAULT_GAMMA_FACTOR", "main"]
+
+#: stopping slope = this x the median tau(50) of clean scans (see the module docstring)
+DEFAULT_GAMMA_FACTOR = 0.5
 
 
 class CalibrationError(ValueError):
@@ -41,6 +52,56 @@ def write_card_reference(model_dir, reference: Mapping) -> Path:
         raise CalibrationError(f"{model_dir}: no {CARD_NAME} (expected a model folder)")
     card = json.loads(path.read_text())
     card["qc_score"] = dict(reference)
+    text = json.dumps(card, indent=1) + "\n"
+    _atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+def gamma_from_tau50(tau50, *, factor: float = DEFAULT_GAMMA_FACTOR, source: str, min_scans: int = 8) -> dict:
+    """The card's ``gamma`` and its ``gamma_calibration`` record from clean scans' ``tau(50)``."""
+    import numpy as np
+
+    vals = np.asarray([v for v in tau50 if v is not None and np.isfinite(v) and v > 0], float)
+    if vals.size < min_scans:
+        raise CalibrationError(f"{source}: {vals.size} clean scans with a sweep reaching t = 50, "
+                               f"need at least {min_scans}")
+    med = float(np.median(vals))
+    return {"gamma": round(factor * med, 5),
+            "gamma_calibration": {"rule": f"gamma = {factor} x the median tau(t=50) of clean scans",
+                                  "median_tau50": round(med, 5), "factor": factor, "n": int(vals.size),
+                                  "source": source}}
+
+
+def gamma_from_outputs(output_dir, *, model_id: str | None, suffix: str, labels=None,
+                       factor: float = DEFAULT_GAMMA_FACTOR, min_scans: int = 8) -> dict:
+    """:func:`gamma_from_tau50` on the sweeps stored in the qc.json files of ``output_dir``."""
+    from .engine.taufit import relative_gamma
+    from .group import load_labels, load_qc_records, normalise_bids_name
+
+    records = [r for r in load_qc_records(output_dir) if r.suffix == suffix and r.ok]
+    if model_id:
+        records = [r for r in records if r.data.get("model_id") == model_id]
+    bad = {k for k, v in load_labels(labels).items() if v == 1} if labels is not None else set()
+    tau50 = []
+    for r in records:
+        curve = r.data.get("tau_curve") or []
+        if normalise_bids_name(r.bids_name) in bad or not curve:
+            continue
+        pts = [(t, v) for t, v in curve if t is not None and v is not None]
+        tau50.append(relative_gamma([t for t, _ in pts], [v for _, v in pts], 1.0))
+    return gamma_from_tau50(tau50, factor=factor, min_scans=min_scans,
+                            source=f"{len(tau50)} clean {suffix} scans in {Path(output_dir).resolve()}")
+
+
+def write_card_gamma(model_dir, gamma: Mapping) -> Path:
+    """Set ``gamma`` (absolute mode) and ``gamma_calibration`` in the model card (atomic)."""
+    path = Path(model_dir) / CARD_NAME
+    if not path.is_file():
+        raise CalibrationError(f"{model_dir}: no {CARD_NAME} (expected a model folder)")
+    card = json.loads(path.read_text())
+    card["gamma_mode"] = "absolute"
+    card["gamma"] = float(gamma["gamma"])
+    card["gamma_calibration"] = dict(gamma["gamma_calibration"])
     text = json.dumps(card, indent=1) + "\n"
     _atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
     return path
@@ -80,6 +141,10 @@ def main(argv=None) -> int:
     p.add_argument("--suffix", default="T1w", choices=["T1w", "T2w", "FLAIR"])
     p.add_argument("--labels", type=Path, default=None, help="ratings TSV; scans rated 1/bad are left out")
     p.add_argument("--min-scans", type=int, default=8, help="fewest clean scans to fit on (default 8)")
+    p.add_argument("--gamma", action="store_true",
+                   help="also fit the engine's stopping slope on these scans (gamma = factor x median tau(50))")
+    p.add_argument("--gamma-factor", type=float, default=DEFAULT_GAMMA_FACTOR,
+                   help=f"the factor of --gamma (default {DEFAULT_GAMMA_FACTOR})")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     card_path = args.model_dir / CARD_NAME
@@ -92,6 +157,12 @@ def main(argv=None) -> int:
         ref = reference_from_outputs(args.output_dir, model_id=model_id, suffix=args.suffix,
                                      labels=args.labels, min_scans=args.min_scans)
         write_card_reference(args.model_dir, ref)
+        if args.gamma:
+            g = gamma_from_outputs(args.output_dir, model_id=model_id, suffix=args.suffix, labels=args.labels,
+                                   factor=args.gamma_factor, min_scans=args.min_scans)
+            write_card_gamma(args.model_dir, g)
+            log.info("gamma of %s set to %.4g (median tau(50) %.4g over %d scans)", card_path, g["gamma"],
+                     g["gamma_calibration"]["median_tau50"], g["gamma_calibration"]["n"])
     except (CalibrationError, OSError, ValueError) as exc:
         print(f"itermask-qc-calibrate: {exc}", file=sys.stderr)
         return 2

@@ -382,6 +382,17 @@ class IterMask3D:
         return self.run_batch([image], [brain_mask], voxel_size=voxel_size, schedule=schedule,
                               seed=seed, hf=None if hf is None else [hf])[0]
 
+    def typical_error(self, image, brain_mask, *, voxel_size=(2.0, 2.0, 2.0), seed: int = 0,
+                      t_ref: float = DEFAULT_GAMMA_REFERENCE_T) -> float:
+        """``tau(t_ref)`` of the sweep: the median error of the brain with half of it unmasked at
+        the default ``t_ref = 50`` (4 forward passes). The stopping slope of a model is
+        calibrated on it (:func:`qc_pipeline.calibrate.gamma_from_tau50`)."""
+        probe = Schedule("probe", tuple(t for t in get_schedule("fast").sweep_t if t <= t_ref) + (
+            min(t for t in get_schedule("fast").sweep_t if t >= t_ref),), early_stop=False,
+            refine_start="sweep", max_refine=0)
+        res = self.run(image, brain_mask, voxel_size=voxel_size, schedule=probe, seed=seed)
+        return relative_gamma([t for t, _ in res.tau_curve], [v for _, v in res.tau_curve], 1.0, t_ref)
+
     def run_batch(self, images: Sequence, brain_masks: Sequence, *, voxel_size=(2.0, 2.0, 2.0),
                   schedule: str | Schedule | None = None, seed: int | Sequence[int] = 0,
                   hf: Sequence | None = None) -> list[Result]:

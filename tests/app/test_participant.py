@@ -285,3 +285,22 @@ def test_calibrate_fits_the_qc_reference_from_clean_outputs(run, model_dir, tmp_
     # a folder that is not a model folder is named in the error
     assert calibrate([str(run["out"]), str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_calibrate_gamma_from_the_sweeps_of_clean_outputs(run, model_dir, tmp_path):
+    """--gamma sets the stopping slope to factor x the median tau(50) of the scans' stored sweeps."""
+    from qc_pipeline.calibrate import main as calibrate
+    from qc_pipeline.engine.taufit import relative_gamma
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    tau50 = []
+    for rel in GOOD:
+        q = qc_of(run["out"], rel)
+        if q["status"] == "ok":
+            tau50.append(relative_gamma([t for t, _ in q["tau_curve"]], [v for _, v in q["tau_curve"]], 1.0))
+    assert calibrate([str(run["out"]), str(model), "--min-scans", "5", "--gamma", "--gamma-factor", "0.4"]) == 0
+    card = json.loads((model / "model_card.json").read_text())
+    assert card["gamma_mode"] == "absolute"
+    assert card["gamma"] == pytest.approx(0.4 * float(np.median(tau50)), rel=1e-3)
+    assert card["gamma_calibration"]["n"] == len(tau50) and card["gamma_calibration"]["factor"] == 0.4
