@@ -17,8 +17,8 @@ With ``--gamma`` the engine's stopping slope is fitted on the same scans too: ``
 ``--gamma-factor`` (0.5) x the median over the scans of ``tau(50)``, the median error of a
 brain half unmasked, read from each qc.json's sweep (no forward pass is run). The paper's
 ``gamma = 0.01`` belongs to its network and data; scaled to what the network's error is on a
-site's own clean scans, the mask of a clean scan stays near empty while errors above the
-site's level still stop the sweep early (global artifacts) and local ones stay masked.
+site's own clean scans, the mask of a clean scan from that site stays near empty while a
+scan whose errors rise above the site's level stops the sweep earlier.
 """
 from __future__ import annotations
 

@@ -109,6 +109,10 @@ class DomainRandConfig:
     mask_factor_probs: tuple = (0.25, 0.5, 0.25)
     mask_points: int = 100_000
     mask_eig: tuple = (0.3, 10.0)
+    #: also return ``target``: the same head without the scanner's noise (z-scored with the
+    #: noisy image's statistics). Training on it teaches the network normal anatomy rather
+    #: than to carry noise (and the artifacts that look like it) through from the input.
+    clean_target: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -142,8 +146,9 @@ def hf_torch(x: torch.Tensor, radius: Sequence[float]) -> torch.Tensor:
 
 
 def iterative_zscore_torch(img: torch.Tensor, stats_mask: torch.Tensor, out_mask: torch.Tensor,
-                           n_extra: int = 3, clip: float = 2.0) -> torch.Tensor:
-    """Batched :func:`qc_pipeline.preprocessing.iterative_zscore` (paper 4.1.1)."""
+                           n_extra: int = 3, clip: float = 2.0, return_stats: bool = False):
+    """Batched :func:`qc_pipeline.preprocessing.iterative_zscore` (paper 4.1.1); with
+    ``return_stats`` also the per-volume (mean, sd) it divided by."""
     dims = (-3, -2, -1)
     m = stats_mask.float()
     n = m.sum(dims, keepdim=True).clamp_min(2.0)
@@ -154,7 +159,8 @@ def iterative_zscore_torch(img: torch.Tensor, stats_mask: torch.Tensor, out_mask
         nc = core.sum(dims, keepdim=True).clamp_min(2.0)
         mean = (img * core).sum(dims, keepdim=True) / nc
         sd = (((img - mean) ** 2) * core).sum(dims, keepdim=True).div(nc).sqrt().clamp_min(1e-6)
-    return ((img - mean) / sd) * out_mask.float()
+    out = ((img - mean) / sd) * out_mask.float()
+    return (out, mean, sd) if return_stats else out
 
 
 def _random_rotations(n: int, gen, device) -> torch.Tensor:
@@ -336,7 +342,7 @@ class DomainRandomizer:
         -------
         dict of tensors: ``image`` (B, X, Y, Z) z-scored, 0 outside ``brain``; ``brain``
         (expected-brain mask, bool); ``hf`` (high-frequency image); ``mask`` (training mask,
-        bool, inside ``brain``); with ``return_tissue``, ``tissue`` (B, 4, X, Y, Z): the
+        bool, inside ``brain``); with ``clean_target``, ``target`` (the noise-free head); with ``return_tissue``, ``tissue`` (B, 4, X, Y, Z): the
         fractions of cortical grey matter, deep grey nuclei, white matter and CSF on the grid.
         """
         cfg, dev, b = self.cfg, self.device, int(batch)
@@ -417,14 +423,18 @@ class DomainRandomizer:
         sd = self._rand((b, 1, 1, 1), *cfg.noise)
         n1 = torch.randn((b,) + shape, generator=self.gen, device=dev)
         n2 = torch.randn((b,) + shape, generator=self.gen, device=dev)
+        clean = img if cfg.clean_target else None
         img = torch.sqrt((img + sd * n1) ** 2 + (sd * n2) ** 2)
         del n1, n2
         gam = torch.exp(torch.randn((b, 1, 1, 1), generator=self.gen, device=dev) * cfg.gamma_sd)
         img = img.clamp_min(0) ** gam
+        if clean is not None:
+            clean = clean.clamp_min(0) ** gam
         # -- to the model grid (what resampling with anti-aliasing does), masks, z-score
         tissue = torch.stack([gm, deep, wm, csf], 1) if return_tissue else None
         if self.pool > 1:
             img = F.avg_pool3d(img[:, None], self.pool)[:, 0]
+            clean = F.avg_pool3d(clean[:, None], self.pool)[:, 0] if clean is not None else None
             brain = F.avg_pool3d(brain[:, None], self.pool)[:, 0]
             tissue = F.avg_pool3d(tissue, self.pool) if tissue is not None else None
         thr = self._rand((b, 1, 1, 1), *cfg.brain_threshold)
@@ -439,12 +449,14 @@ class DomainRandomizer:
             grown = F.max_pool3d(expected[:, None].float(), 2 * r + 1, 1, r)[:, 0] > 0.5
             where = self._smooth(b, [4, 5, 4], self.cfg.grid)[:, 0] > 0.3
             expected = expected | (grown & where)
-        image = iterative_zscore_torch(img, sig & expected, expected)
+        image, mean, sd = iterative_zscore_torch(img, sig & expected, expected, return_stats=True)
         hf = hf_torch(image, self.hf_radius)
         mask = training_masks(expected, self.gen, voxel_mm=cfg.voxel_mm, factors=cfg.mask_factors,
                               factor_probs=cfg.mask_factor_probs, n_points=cfg.mask_points,
                               eig=cfg.mask_eig)
         out = {"image": image, "brain": expected, "hf": hf, "mask": mask}
+        if clean is not None:
+            out["target"] = ((clean - mean) / sd) * expected.float()
         if tissue is not None:
             out["tissue"] = tissue
         return out

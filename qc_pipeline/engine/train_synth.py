@@ -47,10 +47,11 @@ DEFAULT_SYNTH_FEATURES = (16, 32, 64, 128, 256)
 
 def _loss(net, batch, gen) -> torch.Tensor:
     x, brain, hf, mask = batch["image"], batch["brain"], batch["hf"], batch["mask"]
+    target = batch.get("target", x)  # the noise-free head when the generator makes one
     noise = torch.randn(x.shape, generator=gen, device=x.device)
     x_hat = torch.where(mask, noise, x)  # paper eq. 17: masked voxels become N(0, 1)
     out = net(torch.stack([x_hat, hf], 1))[:, 0].float()
-    sq = (out - x) ** 2
+    sq = (out - target) ** 2
     b = brain.float()
     m = mask.float()
     return (sq * b).sum() / b.sum().clamp_min(1.0) + (sq * m).sum() / m.sum().clamp_min(1.0)
@@ -213,7 +214,8 @@ def train_synthetic(
         "steps": step, "samples": samples, "batch_size": batch_size, "lr": lr, "lr_final": lr_final,
         "lr_schedule": "cosine over the planned steps", "optimizer": "AdamW (weight decay 1e-5)",
         "patch": None, "bf16": use_bf16,
-        "loss": "mean L2 over the expected brain + mean L2 over masked voxels",
+        "loss": "mean L2 over the expected brain + mean L2 over masked voxels"
+                + (", against the noise-free head" if cfg.clean_target else ""),
         "masks": "Gaussian point cloud (paper 3.5; factors 2/4/8 p=1/4,1/2,1/4), fresh every sample",
         "init_from": init_info, "seed": seed,
         "final_loss": history[-1]["loss"] if history else None,
@@ -290,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--checkpoint-minutes", type=float, default=2.0)
     p.add_argument("--mask-points", type=int, default=100_000)
+    p.add_argument("--clean-target", action="store_true",
+                   help="reconstruct the head without its scanner noise (see DomainRandConfig.clean_target)")
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p
 
@@ -300,7 +304,8 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     mix = json.loads(args.mix) if args.mix else {args.contrast: 1.0}
     cfg = DomainRandConfig(grid=tuple(args.grid), voxel_mm=args.voxel_size, contrast_probs=mix,
-                           p_random_contrast=args.random_contrast, mask_points=args.mask_points)
+                           p_random_contrast=args.random_contrast, mask_points=args.mask_points,
+                           clean_target=args.clean_target)
     try:
         res = train_synthetic(args.bank, args.model_dir, contrast=args.contrast, config=cfg,
                               steps=args.steps, minutes=args.minutes, batch_size=args.batch_size,

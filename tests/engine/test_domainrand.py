@@ -151,3 +151,18 @@ def test_a_minutes_budget_plans_its_steps(bank, tmp_path):
     res = train_synthetic(bank, tmp_path / "b", config=_cfg(), minutes=0.25, batch_size=1, features=(4, 8),
                           device="cpu")
     assert res["steps"] >= 1 and res["wall_time_s"] < 0.25 * 60 + 30
+
+
+def test_clean_target_is_the_same_head_without_its_noise(bank, tmp_path):
+    cfg = _cfg(noise=(0.05, 0.06), clean_target=True)
+    b = DomainRandomizer(bank, cfg, seed=11).sample(2)
+    plain = DomainRandomizer(bank, _cfg(noise=(0.05, 0.06)), seed=11).sample(2)
+    assert torch.equal(b["image"], plain["image"])  # the option draws nothing of its own
+    x, t, m = b["image"], b["target"], b["brain"]
+    assert float(t[~m].abs().max()) == 0.0
+    diff = (x - t)[m]
+    # the difference is noise: small against the tissue contrast, and not the image itself
+    assert 0.02 < float(diff.std()) < 0.5 * float(x[m].std())
+    res = train_synthetic(bank, tmp_path / "c", config=cfg, steps=2, batch_size=1, features=(4, 8), device="cpu")
+    assert res["steps"] == 2
+    assert "noise-free" in load_model_card(tmp_path / "c")["training"]["loss"]
