@@ -1,8 +1,9 @@
-"""``itermask-qc``: the BIDS-App command line (participant and group levels).
+"""``itermask-qc``: the BIDS-App command line (participant, adapt and group levels).
 
 Follows the BIDS-Apps contract and MRIQC's conventions::
 
     itermask-qc BIDS_DIR OUTPUT_DIR participant [options]
+    itermask-qc BIDS_DIR OUTPUT_DIR adapt [options]    # participant, adapted to the dataset
     itermask-qc BIDS_DIR OUTPUT_DIR group [options]
 
 Exit codes (BIDS execution spec / sysexits): 0 success; 1 some scans failed (the last line
@@ -39,7 +40,7 @@ EXIT_NO_SCANS = 18
 EXIT_USAGE = 64
 EXIT_NO_INPUT = 66
 
-ANALYSIS_LEVELS = ("participant", "group")
+ANALYSIS_LEVELS = ("participant", "adapt", "group")
 
 
 class CLIError(Exception):
@@ -80,6 +81,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
 def _fnr(text: str) -> float:
     try:
         value = float(text)
@@ -117,9 +138,11 @@ def get_parser() -> argparse.ArgumentParser:
                         help="the root folder of a BIDS dataset (sub-XXXXX folders at the top)")
     parser.add_argument("output_dir", type=_path, metavar="OUTPUT_DIR",
                         help="the derivatives folder; must not be BIDS_DIR or inside it")
-    parser.add_argument("analysis_level", metavar="{participant,group}",
-                        help="'participant' screens scans; 'group' ranks them and writes the "
-                             "group tables and reports from OUTPUT_DIR alone")
+    parser.add_argument("analysis_level", metavar="{participant,adapt,group}",
+                        help="'participant' screens scans; 'adapt' screens them, fine-tunes the "
+                             "model of each suffix on the scans it judged clean and screens "
+                             "again with it (OUTPUT_DIR/models/<suffix>); 'group' ranks them "
+                             "and writes the group tables and reports from OUTPUT_DIR alone")
     parser.add_argument("--version", action="version", version=f"itermask-qc v{__version__}")
 
     g_bids = parser.add_argument_group("Options for filtering BIDS queries")
@@ -166,10 +189,21 @@ def get_parser() -> argparse.ArgumentParser:
     g_wf.add_argument("--reports-only", action="store_true",
                       help="only (re)write the HTML reports from OUTPUT_DIR")
 
+    g_ad = parser.add_argument_group("Adapt level (learning from the dataset's own scans)")
+    g_ad.add_argument("--adapt-minutes", type=_positive_float, default=20.0, metavar="MIN",
+                      help="wall-clock budget of the fine-tuning of each suffix (2 CPU cores: "
+                           "~6 s per step of the packaged T1w model)")
+    g_ad.add_argument("--adapt-steps", type=_positive_int, default=400, metavar="N",
+                      help="at most this many optimiser steps (batches of 2 scans)")
+    g_ad.add_argument("--adapt-exclude", type=_fraction, default=0.2, metavar="FRACTION",
+                      help="share of the dataset, worst first by its own QC score, never "
+                           "trained on (set it at least to the expected share of bad scans)")
+
     g_grp = parser.add_argument_group("Group level")
     g_grp.add_argument("--labels", type=_path, metavar="FILE.tsv",
                        help="ratings TSV (bids_name + a good/bad or 0/1 column) to compute "
-                            "AUROC, FPR80/90, FNR80/90 per site")
+                            "AUROC, FPR80/90, FNR80/90 per site; at the adapt level, scans "
+                            "rated bad are never trained on")
     g_grp.add_argument("--site-column", default="site", metavar="COLUMN",
                        help="column of participants.tsv / sessions.tsv / scans.tsv naming the site")
     g_grp.add_argument("--flag-at-fnr", type=_fnr, metavar="FNR",
@@ -506,6 +540,23 @@ def _run_workflow(settings: Settings, scans) -> None:
     LOGGER.info("workflow done in %.1f s", time.perf_counter() - state["t0"])
 
 
+def run_adapt(settings: Settings, scans) -> int:
+    """The adapt level (:mod:`qc_pipeline.adapt`): screen, fine-tune on the clean scans,
+    calibrate, screen again with the adapted model of each suffix."""
+    from .adapt import AdaptError, AdaptOptions, adapt_dataset
+    from .engine.errors import EngineError
+    from .group import LabelsError
+
+    if settings.reports_only:
+        raise CLIError("--reports-only is a participant-level option")
+    opts = AdaptOptions(minutes=settings.adapt_minutes, steps=settings.adapt_steps,
+                        exclude_fraction=settings.adapt_exclude, seed=settings.seed)
+    try:
+        return adapt_dataset(settings, scans, screen=run_participant, options=opts)
+    except (AdaptError, EngineError, LabelsError) as exc:
+        raise CLIError(str(exc), EXIT_SCANS_FAILED) from None
+
+
 def run_group_level(settings: Settings, suffixes: Optional[Sequence[str]]) -> int:
     from .group import GroupError, LabelsError, load_qc_records, run_group
 
@@ -547,6 +598,9 @@ def build_settings(args, argv: Sequence[str]) -> Settings:
         labels=Path(os.path.abspath(args.labels)) if args.labels else None,
         site_column=args.site_column,
         flag_at_fnr=args.flag_at_fnr,
+        adapt_minutes=args.adapt_minutes,
+        adapt_steps=args.adapt_steps,
+        adapt_exclude=args.adapt_exclude,
         seed=args.seed,
         verbose=args.verbose,
         run_id=new_run_id(),
@@ -581,7 +635,7 @@ def _main(args, argv, handlers) -> int:
 
     if args.analysis_level not in ANALYSIS_LEVELS:
         raise CLIError(f"unknown analysis level {args.analysis_level!r}; expected "
-                       f"'participant' or 'group'", EXIT_UNKNOWN_LEVEL)
+                       f"'participant', 'adapt' or 'group'", EXIT_UNKNOWN_LEVEL)
     if args.flag_at_fnr is not None and args.labels is None:
         raise CLIError("--flag-at-fnr needs --labels (a ratings TSV)")
     settings = build_settings(args, argv)
@@ -633,6 +687,8 @@ def _main(args, argv, handlers) -> int:
     settings.snapshot()
     LOGGER.info("found %d scans of %d participants (%s)", len(scans),
                 len({s.subject for s in scans}), ", ".join(settings.suffixes))
+    if args.analysis_level == "adapt":
+        return run_adapt(settings, scans)
     return run_participant(settings, scans)
 
 

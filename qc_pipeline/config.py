@@ -62,6 +62,9 @@ class Settings:
     labels: Optional[Path] = None
     site_column: str = "site"
     flag_at_fnr: Optional[float] = None
+    adapt_minutes: float = 20.0
+    adapt_steps: int = 400
+    adapt_exclude: float = 0.2
     seed: int = 0
     verbose: int = 0
     run_id: str = field(default_factory=new_run_id)

@@ -40,7 +40,7 @@ QC_FIELDS = (
     "quality_features", "quality_z", "qc_score_reference",
     "tau_curve", "tau_stop", "fit", "forward_passes", "mean_error",
     "background_artifact_fraction", "background", "spectrum",
-    "model_id", "schedule", "device", "input_sha256", "package_version", "runtime_s",
+    "model_id", "model_adapted_from", "schedule", "device", "input_sha256", "package_version", "runtime_s",
     "mask_file", "error_map_file",
 )
 
@@ -83,7 +83,8 @@ def one_line(text: Any, limit: int = 400) -> str:
 
 
 def base_record(scan: ScanRecord | Mapping, *, model_id: Optional[str], schedule: str,
-                device: str, input_sha256: Optional[str]) -> dict[str, Any]:
+                device: str, input_sha256: Optional[str],
+                model_adapted_from: Optional[str] = None) -> dict[str, Any]:
     """The fields every ``_qc.json`` has, scores empty."""
     if isinstance(scan, Mapping):
         scan = ScanRecord.from_dict(dict(scan))
@@ -98,6 +99,7 @@ def base_record(scan: ScanRecord | Mapping, *, model_id: Optional[str], schedule
         site=scan.site,
         metadata=dict(scan.metadata),
         model_id=model_id,
+        model_adapted_from=model_adapted_from or None,
         schedule=schedule,
         device=device,
         input_sha256=input_sha256,
@@ -107,7 +109,8 @@ def base_record(scan: ScanRecord | Mapping, *, model_id: Optional[str], schedule
 
 
 def write_error_qc(output_dir, scan, reason: str, *, model_id=None, schedule="fast", device="cpu",
-                   input_sha256=None, warnings: Iterable[str] = (), runtime_s=None) -> Path:
+                   input_sha256=None, warnings: Iterable[str] = (), runtime_s=None,
+                   model_adapted_from=None) -> Path:
     """Write ``<source>_qc.json`` with ``status: "error"`` and a one-line ``error``.
 
     Stale images of an earlier successful run are removed so that the folder never pairs
@@ -115,7 +118,7 @@ def write_error_qc(output_dir, scan, reason: str, *, model_id=None, schedule="fa
     """
     paths = output_paths(output_dir, scan)
     rec = base_record(scan, model_id=model_id, schedule=schedule, device=device,
-                      input_sha256=input_sha256)
+                      input_sha256=input_sha256, model_adapted_from=model_adapted_from)
     rec["error"] = one_line(reason)
     rec["warnings"] = [one_line(w) for w in warnings]
     rec["runtime_s"] = None if runtime_s is None else round(float(runtime_s), 3)
@@ -129,6 +132,7 @@ def write_error_qc(output_dir, scan, reason: str, *, model_id=None, schedule="fa
 
 def write_ok_qc(output_dir, scan, result: Mapping[str, Any], *, model_id, schedule, device,
                 input_sha256, warnings: Iterable[str] = (), runtime_s=None,
+                model_adapted_from: Optional[str] = None,
                 background: Optional[Mapping[str, Any]] = None,
                 quality: Optional[Mapping[str, Any]] = None,
                 spectrum: Optional[Mapping[str, Any]] = None) -> Path:
@@ -145,7 +149,7 @@ def write_ok_qc(output_dir, scan, result: Mapping[str, Any], *, model_id, schedu
     """
     paths = output_paths(output_dir, scan)
     rec = base_record(scan, model_id=model_id, schedule=schedule, device=device,
-                      input_sha256=input_sha256)
+                      input_sha256=input_sha256, model_adapted_from=model_adapted_from)
     rec["status"] = "ok"
     q = dict(quality or {})
     for key in ("qc_score", "qc_score_driver", "quality_features", "quality_z", "qc_score_reference"):
@@ -162,6 +166,21 @@ def write_ok_qc(output_dir, scan, result: Mapping[str, Any], *, model_id, schedu
     rec["mask_file"] = paths["mask"].name
     rec["error_map_file"] = paths["error_map"].name
     return _atomic_json(rec, paths["qc_json"])
+
+
+def rescore_qc(path, reference: Optional[Mapping[str, Any]]) -> Optional[Path]:
+    """Recompute the QC score of an ok ``_qc.json`` from its stored ``quality_features`` with
+    ``reference`` (a model card's ``qc_score`` section) and rewrite it atomically; the engine's
+    results are untouched. Returns the path, or None when the record has nothing to rescore."""
+    from .qcscore import combine
+
+    rec = read_qc(path)
+    if not rec or rec.get("status") != "ok" or not isinstance(rec.get("quality_features"), dict):
+        return None
+    q = combine(rec["quality_features"], reference).to_dict()
+    for key in ("qc_score", "qc_score_driver", "quality_features", "quality_z", "qc_score_reference"):
+        rec[key] = q.get(key)
+    return _atomic_json(rec, Path(path))
 
 
 def read_qc(path: str | os.PathLike) -> Optional[dict]:

@@ -74,18 +74,27 @@ def _load(path: str) -> Any:
         return pickle.load(fh)
 
 
-def get_model(model_dir: Optional[str], contrast: str, device: str):
+def get_model(model_dir: Optional[str], contrast: str, device: str, *, expect_id: Optional[str] = None):
     """The IterMask3D model of ``model_dir`` (``None``: packaged default of ``contrast``),
-    loaded once per process and device."""
+    loaded once per process and device.
+
+    With ``expect_id``, a cached model of another id (the folder was rewritten, e.g. by the
+    adapt level) is loaded again, and a folder that still holds another id raises
+    :class:`~qc_pipeline.engine.errors.ModelCardError`.
+    """
     from .engine import IterMask3D
+    from .engine.errors import ModelCardError
 
     key = (str(model_dir) if model_dir else f"<packaged:{contrast}>", str(device))
     with _MODEL_LOCK:
         model = _MODEL_CACHE.get(key)
-        if model is None:
+        if model is None or (expect_id and model.model_id != expect_id):
             LOGGER.info("loading IterMask3D model %s on %s (pid %d)", key[0], device, os.getpid())
             model = IterMask3D.from_folder(model_dir or None, device=device, contrast=contrast)
             _MODEL_CACHE[key] = model
+    if expect_id and model.model_id != expect_id:
+        raise ModelCardError(f"model folder {key[0]} holds {model.model_id!r}, expected "
+                             f"{expect_id!r} (it was replaced after the run started)")
     return model
 
 
@@ -200,6 +209,10 @@ class _IMInputSpec(BaseInterfaceInputSpec):
     in_file = traits.Str("", usedefault=True, desc="pickled PreprocResult")
     in_error = traits.Str("", usedefault=True)
     model_dir = traits.Str("", usedefault=True, desc="model folder ('' = packaged default)")
+    model_id = traits.Str("", usedefault=True,
+                          desc="id the folder's card must carry ('' = any); part of the node's "
+                               "cache key, so a new model in the same folder is never served "
+                               "an old result")
     contrast = traits.Str("T1w", usedefault=True)
     device = traits.Str("cpu", usedefault=True)
     schedule = traits.Enum("fast", "reference", usedefault=True)
@@ -211,6 +224,7 @@ class _IMOutputSpec(TraitedSpec):
     out_file = traits.Str(desc="pickled engine Result ('' on error)")
     quality = traits.Dict(desc="QCScore.to_dict(): qc_score, driver, measurements and their z")
     model_id = traits.Str()
+    model_adapted_from = traits.Str(desc="base model id when the model was adapted to a site, else ''")
     error = traits.Str()
     seconds = traits.Float()
 
@@ -225,13 +239,16 @@ class IterMaskRun(SimpleInterface):
 
     def _run_interface(self, runtime):
         t0 = time.perf_counter()
-        self._results.update(out_file="", model_id="", error=self.inputs.in_error, quality={})
+        self._results.update(out_file="", model_id="", model_adapted_from="", error=self.inputs.in_error,
+                             quality={})
         if not self.inputs.in_error:
             try:
                 _set_threads(self.inputs.omp_nthreads)
                 model = get_model(self.inputs.model_dir or None, self.inputs.contrast,
-                                  self.inputs.device)
+                                  self.inputs.device, expect_id=self.inputs.model_id or None)
                 self._results["model_id"] = model.model_id
+                self._results["model_adapted_from"] = str(
+                    (model.card.get("adaptation") or {}).get("base_model_id") or "")
                 prep = _load(self.inputs.in_file)
                 res = model.run(
                     prep.image,
@@ -268,6 +285,7 @@ class _WriteInputSpec(BaseInterfaceInputSpec):
     load_warnings = traits.List(traits.Str, value=[], usedefault=True)
     prep_warnings = traits.List(traits.Str, value=[], usedefault=True)
     model_id = traits.Str("", usedefault=True)
+    model_adapted_from = traits.Str("", usedefault=True)
     default_model_id = traits.Str("", usedefault=True)
     schedule = traits.Str("fast", usedefault=True)
     device = traits.Str("cpu", usedefault=True)
@@ -297,6 +315,7 @@ class WriteDerivatives(SimpleInterface):
         warnings = list(dict.fromkeys(list(i.load_warnings) + list(i.prep_warnings)))
         common = dict(
             model_id=i.model_id or i.default_model_id or None,
+            model_adapted_from=i.model_adapted_from or None,
             schedule=i.schedule,
             device=i.device,
             input_sha256=i.input_sha256 or None,

@@ -612,7 +612,7 @@ def render_subject_report(output_dir, subject: str, *, site_column: str = "site"
             "mm3": d.get("anomaly_mm3"),
             "background": rec.background, "bg_fraction": d.get("background_artifact_fraction"),
             "group": _group_info(output_dir, rec), "fig": scan_figures(rec, output_dir),
-            "details": [(k, d.get(k)) for k in ("model_id", "schedule", "device", "forward_passes",
+            "details": [(k, d.get(k)) for k in ("model_id", "model_adapted_from", "schedule", "device", "forward_passes",
                                                  "tau_stop", "mean_error", "runtime_s",
                                                  "package_version", "input_sha256", "source_file",
                                                  "mask_file", "error_map_file") if d.get(k) not in (None, "")],

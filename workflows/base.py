@@ -107,7 +107,7 @@ def init_scan_wf(
         name="preprocess",
     )
     itermask = pe.Node(
-        IterMaskRun(model_dir=str(model_dir or ""), contrast=contrast, device=device,
+        IterMaskRun(model_dir=str(model_dir or ""), model_id=model_id or "", contrast=contrast, device=device,
                     schedule=schedule, seed=int(seed), omp_nthreads=omp_nthreads),
         name="itermask",
     )
@@ -127,7 +127,7 @@ def init_scan_wf(
         (load, write, [("input_sha256", "input_sha256"), ("warnings", "load_warnings")]),
         (prep, write, [("out_file", "preproc_file"), ("warnings", "prep_warnings")]),
         (itermask, write, [("out_file", "result_file"), ("quality", "quality"), ("error", "in_error"),
-                           ("model_id", "model_id")]),
+                           ("model_id", "model_id"), ("model_adapted_from", "model_adapted_from")]),
         (load, timings, [("seconds", "in1")]),
         (prep, timings, [("seconds", "in2")]),
         (itermask, timings, [("seconds", "in3")]),

@@ -68,6 +68,20 @@ def _load_init_weights(net: torch.nn.Module, model_dir) -> dict:
             "steps": tr.get("steps"), "path": str(model_dir)}
 
 
+def _untrimmed(sq: torch.Tensor, brain: torch.Tensor, trim: float) -> torch.Tensor:
+    """Weights (1/0) that leave out, per volume, the ``trim`` share of the brain's voxels with
+    the largest squared errors (voxels outside the brain are kept: their error is ~0)."""
+    keep = torch.ones_like(sq)
+    for b in range(sq.shape[0]):
+        vals = sq[b][brain[b]]
+        if vals.numel() < 2:
+            continue
+        k = max(1, int(round(vals.numel() * (1.0 - trim))))
+        cut = vals.kthvalue(k).values
+        keep[b] = torch.where(brain[b] & (sq[b] > cut), 0.0, 1.0)
+    return keep
+
+
 def train_model(
     pairs: Sequence[tuple[np.ndarray, np.ndarray]],
     out_dir,
@@ -87,6 +101,8 @@ def train_model(
     contrast: str = "T1w",
     norm: str = "batch",
     init_from=None,
+    time_budget_s: float | None = None,
+    trim: float = 0.0,
 ) -> dict:
     """Train a UNet3D reconstructor and write a model folder.
 
@@ -118,6 +134,13 @@ def train_model(
         Model folder whose weights start a fresh run (fine-tuning, e.g. a T2w model from the
         T1w one); its network must equal this run's (``features``, ``norm``). Ignored when
         resuming from a checkpoint. Recorded in the card as ``training.init_from``.
+    time_budget_s : float, optional
+        Stop after this many seconds of training (counting earlier resumed calls) even if
+        ``steps`` is not reached; the card records the steps actually taken.
+    trim : float
+        Share (0 <= trim < 0.5) of each volume's worst-reconstructed voxels left out of the
+        loss: a robust loss for data that may hold artifacts the model must not learn as
+        normal (adapting on a site's own, unlabelled scans). 0 = the paper's loss.
 
     Returns
     -------
@@ -131,6 +154,8 @@ def train_model(
         raise InvalidInputError("train_model needs at least one (image, brain_mask) pair")
     if steps < 1 or batch_size < 1:
         raise InvalidInputError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
+    if not 0.0 <= float(trim) < 0.5:
+        raise InvalidInputError(f"trim must be in [0, 0.5), got {trim}")
     shape = np.asarray(pairs[0][0]).shape
     images, brains, hfs = [], [], []
     for i, (img, bm) in enumerate(pairs):
@@ -186,8 +211,12 @@ def train_model(
             bar = None
     net.train()
     t0 = time.perf_counter()
+    last_step = start_step
     for step in range(start_step, steps):
-        xs, ts, ms = [], [], []
+        if time_budget_s is not None and elapsed_before + time.perf_counter() - t0 >= time_budget_s:
+            log.info("time budget of %.0f s reached at step %d of %d", time_budget_s, step, steps)
+            break
+        xs, ts, ms, bs = [], [], [], []
         for _ in range(batch_size):
             k = int(rng.integers(len(images)))
             img, bm, hf = images[k], brains[k], hfs[k]
@@ -198,23 +227,29 @@ def train_model(
                 where = np.argwhere(mask) if mask.any() else np.argwhere(bm)
                 centre = where[int(rng.integers(len(where)))]
                 sl = _crop_slices(shape, patch_t, centre, rng)
-                x_hat, hf_c, img_c, m_c = x_hat[sl], hf[sl], img[sl], mask[sl]
+                x_hat, hf_c, img_c, m_c, b_c = x_hat[sl], hf[sl], img[sl], mask[sl], bm[sl]
             else:
-                hf_c, img_c, m_c = hf, img, mask
+                hf_c, img_c, m_c, b_c = hf, img, mask, bm
             xs.append(np.stack([x_hat, hf_c]))
             ts.append(img_c[None])
             ms.append(m_c[None])
+            bs.append(b_c[None])
         inp = torch.from_numpy(np.stack(xs)).to(dev)
         target = torch.from_numpy(np.stack(ts)).to(dev)
         m = torch.from_numpy(np.stack(ms)).to(dev).float()
         out = net(inp)
         sq = (out - target) ** 2
-        loss = sq.mean() + (sq * m).sum() / m.sum().clamp_min(1.0)
+        if trim > 0:
+            keep = _untrimmed(sq.detach(), torch.from_numpy(np.stack(bs)).to(dev), trim)
+            m = m * keep
+            loss = (sq * keep).sum() / keep.sum().clamp_min(1.0) + (sq * m).sum() / m.sum().clamp_min(1.0)
+        else:
+            loss = sq.mean() + (sq * m).sum() / m.sum().clamp_min(1.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-        done = step + 1
+        done = last_step = step + 1
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -226,19 +261,22 @@ def train_model(
                      float(np.mean(recent)), len(recent), rate, (steps - done) / max(rate, 1e-9))
         if done % checkpoint_every == 0 or done == steps:
             save_checkpoint(done, elapsed_before + time.perf_counter() - t0)
+    if last_step != start_step and last_step % checkpoint_every and last_step != steps:
+        save_checkpoint(last_step, elapsed_before + time.perf_counter() - t0)  # stopped by the budget
     if bar is not None:
         bar.close()
     wall = elapsed_before + time.perf_counter() - t0
     net.eval()
     card = default_card(shape, voxel_size, contrast=contrast)
-    card["model_id"] = f"{contrast.lower()}-unet3d-{'-'.join(str(f) for f in net.features)}-s{steps}"
+    card["model_id"] = f"{contrast.lower()}-unet3d-{'-'.join(str(f) for f in net.features)}-s{last_step}"
     card["hf"]["radius"] = list(hf_radius(shape, voxel_size))
     card["network"] = net.config()
     card["training"] = {
         "data": "list of (image, brain_mask) volumes on the model grid, z-scored",
-        "subjects": len(images), "steps": steps, "batch_size": batch_size, "lr": lr,
+        "subjects": len(images), "steps": last_step, "steps_planned": steps, "batch_size": batch_size, "lr": lr,
         "optimizer": "Adam", "patch": list(patch_t) if patch_t else None,
-        "loss": "mean L2 over crop + mean L2 over masked voxels",
+        "loss": "mean L2 over crop + mean L2 over masked voxels"
+                + (f", each without the worst {100 * trim:g} % of the volume's voxels" if trim > 0 else ""),
         "masks": "random_training_mask (Gaussian point cloud, factors 2/4/8 p=1/4,1/2,1/4), fresh every step",
         "init_from": init_info,
         "seed": seed, "final_loss": float(np.mean(losses[-max(1, log_every):])) if losses else None,
@@ -254,5 +292,5 @@ def train_model(
             else:
                 card[key] = val
     save_model_folder(out_dir, net.cpu(), card)
-    return {"model_dir": out_dir, "start_step": start_step, "steps": steps, "losses": losses,
+    return {"model_dir": out_dir, "start_step": start_step, "steps": last_step, "losses": losses,
             "final_loss": losses[-1] if losses else None, "wall_time_s": wall}

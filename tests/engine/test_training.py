@@ -72,3 +72,52 @@ def test_init_from_starts_at_the_source_weights_and_is_recorded(pairs, tmp_path)
     with pytest.raises(InvalidInputError, match="differs"):
         train_model(pairs, tmp_path / "bad", steps=1, features=(4, 8, 16), device="cpu",
                     patch=16, init_from=tmp_path / "src")
+
+
+def test_trimmed_loss_leaves_out_the_worst_brain_voxels_of_each_volume():
+    import torch
+
+    from qc_pipeline.engine.training import _untrimmed
+
+    sq = torch.arange(2 * 10, dtype=torch.float32).reshape(2, 1, 10)
+    brain = torch.zeros(2, 1, 10, dtype=torch.bool)
+    brain[:, :, :8] = True  # voxels 8 and 9 are outside the brain: never trimmed
+    keep = _untrimmed(sq, brain, 0.25)  # 2 of 8 brain voxels per volume
+    for b in range(2):
+        assert keep[b, 0].tolist() == [1.0] * 6 + [0.0, 0.0] + [1.0, 1.0]
+
+
+def test_trim_keeps_a_planted_blob_out_of_what_is_learned(pairs, tmp_path):
+    # one training volume carries a bright blob; with the trimmed loss the blob is not
+    # learned as normal, so its reconstruction error stays higher than without trimming
+    blob = [(img.copy(), bm) for img, bm in pairs]
+    blob[0][0][8:14, 8:14, 8:14] += 4.0
+    errs = {}
+    for trim in (0.0, 0.05):
+        train_model(blob, tmp_path / f"t{trim}", steps=60, batch_size=1, lr=3e-3, seed=0, features=(4, 8),
+                    device="cpu", trim=trim)
+        card = load_model_card(tmp_path / f"t{trim}")
+        assert ("worst 5 %" in card["training"]["loss"]) == (trim > 0)
+        model = IterMask3D.from_folder(tmp_path / f"t{trim}", device="cpu")
+        res = model.run(blob[0][0], blob[0][1], schedule="fast")
+        errs[trim] = float(np.asarray(res.error_map)[8:14, 8:14, 8:14].mean())
+    assert errs[0.05] > 1.3 * errs[0.0]
+
+
+def test_time_budget_stops_early_and_resumes(pairs, tmp_path):
+    from qc_pipeline.engine.training import CHECKPOINT_NAME, InvalidInputError
+
+    out = train_model(pairs, tmp_path / "b", steps=100_000, batch_size=1, seed=0, features=(4, 8),
+                      device="cpu", patch=16, time_budget_s=1.0)
+    assert 0 < out["steps"] < 100_000 and out["wall_time_s"] < 30
+    card = load_model_card(tmp_path / "b")
+    assert card["training"]["steps"] == out["steps"] and card["training"]["steps_planned"] == 100_000
+    import torch
+
+    ck = torch.load(tmp_path / "b" / CHECKPOINT_NAME, map_location="cpu", weights_only=False)
+    assert ck["step"] == out["steps"]
+    more = train_model(pairs, tmp_path / "b", steps=out["steps"] + 3, batch_size=1, seed=0, features=(4, 8),
+                       device="cpu", patch=16, time_budget_s=600.0)
+    assert more["start_step"] == out["steps"] and more["steps"] == out["steps"] + 3
+    with pytest.raises(InvalidInputError, match="trim"):
+        train_model(pairs, tmp_path / "x", steps=1, features=(4, 8), device="cpu", trim=0.7)

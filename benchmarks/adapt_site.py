@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""The ``adapt`` level on real heads: one site per head, its artifacts among the scans it adapts on.
+
+For each real head (``--scan NAME=PATH``) a BIDS site is built: ``--n-clean`` clean copies
+under scanner variation (``benchmarks/real_scan.variant``: voxel size, orientation, tilt,
+intensity scale, data type, extra noise) and one copy per ``--types`` artifact (a further
+variant with ``qc_pipeline.synth.apply_artifact``, severity drawn in ``--severity``), each
+copy a subject. The site is screened twice through the real CLI with the same work folder:
+
+- ``before``: ``itermask-qc BIDS OUT/before participant`` with the base model (the packaged
+  one or ``--model-dir``), then ``group``;
+- ``after``: ``itermask-qc BIDS OUT/after adapt`` (the level screens, leaves out the worst
+  ``--adapt-exclude`` of the site, fine-tunes, recalibrates and screens again), then ``group``.
+
+It prints, per site and setting: the clean copies' median masked fraction
+(``anomaly_fraction``, "clean masked %"), AUROC of the engine's own ``anomaly_voxels`` and of
+the site-relative QC score (``qc_score_site``) of the artifact copies against the clean ones,
+the group level's flag rates (share of clean copies flagged, share of artifact copies
+flagged; no ratings given, so the flags are the ordinary ones) and failures, and for
+``after`` the training and excluded scans, steps and minutes. Nothing here is tuned on these
+heads; the truth (which copy carries an artifact) is used only for the table.
+
+Usage::
+
+    NIPYPE_NO_ET=1 .venv/bin/python benchmarks/adapt_site.py --scan robex=PATH s1=PATH \\
+        --n-clean 18 --types chunk_top ghosting motion spike --out RUN \\
+        --adapt-minutes 12 --nprocs 2
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("NIPYPE_NO_ET", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def build_site(name: str, src_path: Path, root: Path, *, n_clean: int, types, severity, seed: int) -> dict:
+    """Write the BIDS site of one head; returns ``{bids_name: (label, kind)}``."""
+    import nibabel as nib
+
+    from qc_pipeline.synth import ARTIFACTS, apply_artifact
+    from real_scan import variant
+
+    truth = {}
+    if (root / "truth.json").is_file():
+        return json.loads((root / "truth.json").read_text())
+    src = nib.load(str(src_path))
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text(json.dumps({"Name": f"adapt-{name}", "BIDSVersion": "1.9.0"}))
+    rows = []
+    jobs = [(f"c{v:02d}", v, None) for v in range(n_clean)]
+    jobs += [(f"a{i:02d}", n_clean + ARTIFACTS.index(kind), kind) for i, kind in enumerate(types)]
+    for sub, v, kind in jobs:
+        img, _ = variant(src, v, seed)
+        if kind is not None:
+            rng = np.random.default_rng([seed, v, 17])
+            sev = float(rng.uniform(*severity))
+            img = apply_artifact(img, kind, sev, rng)
+        path = root / f"sub-{sub}" / "anat" / f"sub-{sub}_T1w.nii.gz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(img, str(path))
+        truth[f"sub-{sub}_T1w"] = [int(kind is not None), kind or "clean"]
+        rows.append(f"sub-{sub}\t{name}\n")
+    (root / "participants.tsv").write_text("participant_id\tsite\n" + "".join(rows))
+    (root / "truth.json").write_text(json.dumps(truth, indent=1))
+    return truth
+
+
+def _cli(*args) -> int:
+    cmd = [sys.executable, "-m", "qc_pipeline.cli", *map(str, args)]
+    print("+", " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
+
+
+def _metrics(out: Path, truth: dict) -> dict:
+    from qc_pipeline.metrics import detection_metrics
+
+    with open(out / "group_T1w.csv", newline="") as fh:
+        rows = {r["bids_name"]: r for r in csv.DictReader(fh)}
+
+    def num(v):
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return np.nan
+
+    y, vox, site, flag, clean_frac, failed = [], [], [], [], [], 0
+    for name, (label, _kind) in truth.items():
+        r = rows.get(name)
+        if r is None or r.get("status") != "ok":
+            failed += 1
+            y.append(label)
+            vox.append(1e12)  # a failed scan is reported, i.e. found
+            site.append(1e12)
+            flag.append(1)
+            continue
+        y.append(label)
+        vox.append(num(r["anomaly_voxels"]))
+        site.append(num(r["qc_score_site"]))
+        flag.append(int(str(r["flagged"]).lower() in ("1", "true", "yes")))
+        if not label:
+            clean_frac.append(num(r["anomaly_fraction"]))
+    y, flag = np.array(y), np.array(flag)
+    return {
+        "clean_masked_pct": 100 * float(np.median(clean_frac)) if clean_frac else np.nan,
+        "engine_auroc": 100 * detection_metrics(y, vox).AUROC,
+        "site_score_auroc": 100 * detection_metrics(y, site).AUROC,
+        "clean_flagged_pct": 100 * float(flag[y == 0].mean()),
+        "artifact_flagged_pct": 100 * float(flag[y == 1].mean()),
+        "failed": failed,
+        "model_ids": sorted({r.get("model_id", "") for r in rows.values()}),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scan", nargs="+", required=True, help="NAME=PATH of real T1w heads")
+    p.add_argument("--n-clean", type=int, default=18)
+    p.add_argument("--types", nargs="+", default=["chunk_top", "ghosting", "motion", "spike"])
+    p.add_argument("--severity", type=float, nargs=2, default=(0.5, 1.0))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-dir", type=Path, default=None)
+    p.add_argument("--adapt-minutes", type=float, default=12.0)
+    p.add_argument("--adapt-steps", type=int, default=400)
+    p.add_argument("--adapt-exclude", type=float, default=0.2)
+    p.add_argument("--nprocs", type=int, default=2)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--json-out", type=Path, default=None)
+    a = p.parse_args(argv)
+
+    results = {}
+    for spec in a.scan:
+        name, path = spec.split("=", 1)
+        base = a.out / name
+        truth = build_site(name, Path(path), base / "bids", n_clean=a.n_clean, types=a.types,
+                           severity=a.severity, seed=a.seed)
+        common = ["-w", base / "work", "--nprocs", a.nprocs, "--device", "cpu"]
+        if a.model_dir:
+            common += ["--model-dir", a.model_dir]
+        res = {}
+        t = time.time()
+        _cli(base / "bids", base / "before", "participant", *common)
+        _cli(base / "bids", base / "before", "group")
+        res["before"] = _metrics(base / "before", truth)
+        res["before"]["minutes"] = (time.time() - t) / 60
+        t = time.time()
+        _cli(base / "bids", base / "after", "adapt", *common, "--adapt-minutes", a.adapt_minutes,
+             "--adapt-steps", a.adapt_steps, "--adapt-exclude", a.adapt_exclude)
+        _cli(base / "bids", base / "after", "group")
+        res["after"] = _metrics(base / "after", truth)
+        res["after"]["minutes"] = (time.time() - t) / 60
+        card = json.loads((base / "after" / "models" / "T1w" / "model_card.json").read_text())
+        ad = card.get("adaptation") or {}
+        excluded = ad.get("excluded_scans", {})
+        res["adaptation"] = {
+            "training": len(ad.get("training_scans", [])),
+            "excluded": len(excluded),
+            "artifacts_excluded": sum(1 for n in excluded if truth.get(n, [0])[0]),
+            "artifacts_in_site": sum(v[0] for v in truth.values()),
+            "steps": ad.get("steps"), "fine_tune_min": (ad.get("wall_time_s") or 0) / 60,
+            "gamma": card.get("gamma"),
+        }
+        results[name] = res
+        _print(results)
+    if a.json_out:
+        a.json_out.write_text(json.dumps(results, indent=1, default=float))
+    return 0
+
+
+def _print(results: dict) -> None:
+    print()
+    print("| site | setting | clean masked % | engine AUROC | site-score AUROC | clean flagged % "
+          "| artifacts flagged % | failed | minutes |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, res in results.items():
+        for setting in ("before", "after"):
+            m = res[setting]
+            print(f"| {name} | {setting} | {m['clean_masked_pct']:.1f} | {m['engine_auroc']:.1f} | "
+                  f"{m['site_score_auroc']:.1f} | {m['clean_flagged_pct']:.1f} | {m['artifact_flagged_pct']:.1f} "
+                  f"| {m['failed']} | {m['minutes']:.1f} |")
+    print()
+    print("| site | training scans | left out | artifacts left out | steps | fine-tune min | gamma |")
+    print("|---|---|---|---|---|---|---|")
+    for name, res in results.items():
+        ad = res["adaptation"]
+        print(f"| {name} | {ad['training']} | {ad['excluded']} | {ad['artifacts_excluded']} of "
+              f"{ad['artifacts_in_site']} | {ad['steps']} | {ad['fine_tune_min']:.1f} | {ad['gamma']} |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
