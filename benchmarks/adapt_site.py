@@ -58,7 +58,7 @@ def build_site(name: str, src_path: Path, root: Path, *, n_clean: int, types, se
     (root / "dataset_description.json").write_text(json.dumps({"Name": f"adapt-{name}", "BIDSVersion": "1.9.0"}))
     rows = []
     jobs = [(f"c{v:02d}", v, None) for v in range(n_clean)]
-    jobs += [(f"a{i:02d}", n_clean + ARTIFACTS.index(kind), kind) for i, kind in enumerate(types)]
+    jobs += [(f"a{i:02d}", n_clean + list(ARTIFACTS).index(kind), kind) for i, kind in enumerate(types)]
     for sub, v, kind in jobs:
         img, _ = variant(src, v, seed)
         if kind is not None:

@@ -125,6 +125,8 @@ def select_training_scans(rows: Sequence[Mapping[str, Any]], *, exclude_fraction
     excluded : dict
         ``{bids_name: reason}``.
     """
+    from scipy.stats import median_abs_deviation
+
     from .qcscore import relative_scores
 
     excluded: dict[str, str] = {}
@@ -142,7 +144,7 @@ def select_training_scans(rows: Sequence[Mapping[str, Any]], *, exclude_fraction
     n_drop = int(math.ceil(exclude_fraction * len(ok) - 1e-9))
     finite = scores[np.isfinite(scores)]
     med = float(np.median(finite)) if finite.size else 0.0
-    mad = float(np.median(np.abs(finite - med))) * 1.4826 if finite.size else 0.0
+    mad = float(median_abs_deviation(finite, scale="normal")) if finite.size else 0.0
     for rank, i in enumerate(order):
         name, s = str(ok[i]["bids_name"]), float(scores[i])
         if rank < n_drop:
@@ -310,6 +312,7 @@ def _finished(target: Path, base_id) -> str | None:
 
 def _adapt_one(settings, plan, rows, options: AdaptOptions, *, bad: set[str]) -> None:
     from .engine import train_model
+    from .engine.inference import resolve_device
     from .group import normalise_bids_name
 
     suffix, spec, target = plan["suffix"], plan["spec"], plan["target"]
@@ -375,7 +378,7 @@ def _adapt_one(settings, plan, rows, options: AdaptOptions, *, bad: set[str]) ->
         "resumed_from_step": res["start_step"],
         "wall_time_s": (trained.get("training") or {}).get("wall_time_s"),
         "final_loss": (trained.get("training") or {}).get("final_loss"),
-        "device": str(settings.device),
+        "device": str(resolve_device(settings.device)),
         "machine": (trained.get("training") or {}).get("machine"),
         "before": _summary([before[n] for n in kept]),
     }

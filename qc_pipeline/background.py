@@ -95,7 +95,7 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from .preprocessing import _largest_component, fill_holes
+from .morphology import fill_holes, largest_component
 
 __all__ = ["BackgroundStats", "BackgroundParameterError", "background_stats", "background_stats_for_image",
            "lower_side_location_scale",
@@ -322,7 +322,7 @@ def _head_mask(cand: np.ndarray, bz, close_mm: float, bmean: Optional[np.ndarray
     opened = ndi.binary_opening(cand, structure=np.ones((3, 3, 3), bool))
     if not opened.any():
         return opened
-    head = _largest_component(opened)
+    head = largest_component(opened)
     if bmean is not None:
         # jaw, neck and shoulders joined to the head by thin bridges (cut by the opening)
         # are tissue, not background: opened pieces next to the head as bright as its

@@ -411,10 +411,6 @@ def _check_skull_strip(method: str, suffixes: Sequence[str]) -> None:
 
 
 # --------------------------------------------------------------------------- levels
-def _scan_label(scan) -> str:
-    return scan.bids_name
-
-
 def run_participant(settings: Settings, scans) -> int:
     from .derivatives import (is_done, output_paths, read_qc, write_dataset_description,
                               write_error_qc, write_subject_report)
@@ -558,7 +554,8 @@ def run_adapt(settings: Settings, scans) -> int:
 
 
 def run_group_level(settings: Settings, suffixes: Optional[Sequence[str]]) -> int:
-    from .group import GroupError, LabelsError, load_qc_records, run_group
+    from .group import GroupError, LabelsError, load_qc_records
+    from .grouplevel import run_group
 
     out = Path(settings.output_dir)
     if not out.is_dir() or not load_qc_records(out):

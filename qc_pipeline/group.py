@@ -78,9 +78,7 @@ import io
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -88,9 +86,12 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from . import metrics as _metrics
+from .io import atomic_write_text
 
 __all__ = [
-    "run_group",
+    "write_group_tables",
+    "GroupTables",
+    "SuffixTables",
     "load_qc_records",
     "load_labels",
     "LabelsError",
@@ -378,19 +379,8 @@ def _robust_threshold(x: np.ndarray, k: float) -> tuple[float, float, float]:
     return med + k * scale, med, scale
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+#: first characters that make a spreadsheet read a cell as a formula
+_FORMULA_START = frozenset("=+-@\t\r")
 
 
 def _fmt(v):
@@ -402,6 +392,10 @@ def _fmt(v):
         if math.isnan(v):
             return "n/a"
         return f"{v:.6g}"
+    if isinstance(v, str) and v[:1] in _FORMULA_START:
+        # text a spreadsheet would run as a formula (a site name from participants.tsv, an
+        # error message): quoted as OWASP advises for CSV injection; numbers are not text
+        return "'" + v
     return str(v)
 
 
@@ -685,14 +679,43 @@ def read_group_csv(path) -> dict[str, dict]:
 
 
 # --------------------------------------------------------------------------- entry
-def run_group(output_dir, *, labels=None, site_column: str = "site",
-              flag_at_fnr: float | None = None, mad_k: float = DEFAULT_MAD_K,
-              suffixes: Iterable[str] | None = None,
-              min_site_size: int = DEFAULT_MIN_SITE_SIZE, questionable: str = "exclude",
-              subject_reports: bool = True, background_k: float | None = None,
-              background_min_fraction: float = DEFAULT_BACKGROUND_MIN_FRACTION,
-              site_z: float = DEFAULT_SITE_Z) -> list[Path]:
-    """Write ``group_<suffix>.csv``, ``group_<suffix>_sites.csv`` and ``group_<suffix>.html``.
+@dataclass
+class SuffixTables:
+    """The group tables of one suffix, as written to ``group_<suffix>.csv`` / ``_sites.csv``."""
+
+    suffix: str
+    rows: list
+    site_rows: list
+    summary: dict
+    site_columns: list
+    files: list
+
+
+@dataclass
+class GroupTables:
+    """What :func:`write_group_tables` wrote and what the pages render."""
+
+    output_dir: Path
+    tables: list
+    subjects: list
+    labels_source: str | None
+    mad_k: float
+    flag_at_fnr: float | None
+
+    @property
+    def files(self) -> list[Path]:
+        return [f for t in self.tables for f in t.files]
+
+
+def write_group_tables(output_dir, *, labels=None, site_column: str = "site",
+                       flag_at_fnr: float | None = None, mad_k: float = DEFAULT_MAD_K,
+                       suffixes: Iterable[str] | None = None,
+                       min_site_size: int = DEFAULT_MIN_SITE_SIZE, questionable: str = "exclude",
+                       background_k: float | None = None,
+                       background_min_fraction: float = DEFAULT_BACKGROUND_MIN_FRACTION,
+                       site_z: float = DEFAULT_SITE_Z) -> GroupTables:
+    """Write ``group_<suffix>.csv`` and ``group_<suffix>_sites.csv`` (the pages are
+    :func:`qc_pipeline.reports.write_group_pages`; both: :func:`qc_pipeline.grouplevel.run_group`).
 
     Parameters
     ----------
@@ -713,8 +736,6 @@ def run_group(output_dir, *, labels=None, site_column: str = "site",
         Sites with fewer successful scans use the pooled distribution.
     questionable : {"exclude", "bad", "good"}
         How a "questionable" rating counts.
-    subject_reports : bool
-        Re-render every subject's ``sub-<label>.html`` with ranks and percentiles.
     background_k : float, optional
         ``k`` of the background flag (default: ``mad_k``).
     background_min_fraction : float
@@ -725,8 +746,7 @@ def run_group(output_dir, *, labels=None, site_column: str = "site",
 
     Returns
     -------
-    list of Path
-        The files written (group files first, then subject reports).
+    GroupTables
     """
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
@@ -771,10 +791,7 @@ def run_group(output_dir, *, labels=None, site_column: str = "site",
             LOGGER.warning("%d labelled scans are not in %s (e.g. %s)", len(unmatched),
                            output_dir, unmatched[0])
 
-    from . import reports  # local import: reports imports this module
-
-    written: list[Path] = []
-    pages = []
+    out = []
     for suffix, recs in sorted(by_suffix.items()):
         rows, site_rows, summary = compute_suffix_tables(
             recs, labels=label_map, flag_at_fnr=flag_at_fnr, mad_k=mad_k,
@@ -784,30 +801,11 @@ def run_group(output_dir, *, labels=None, site_column: str = "site",
         row_cols = ROW_COLUMNS if label_map is not None else [c for c in ROW_COLUMNS if c != "label"]
         p_rows = output_dir / f"group_{suffix}.csv"
         p_sites = output_dir / f"group_{suffix}_sites.csv"
-        _atomic_write_text(p_rows, _csv_text(rows, row_cols))
-        _atomic_write_text(p_sites, _csv_text(site_rows, site_cols))
-        written += [p_rows, p_sites]
-        pages.append((suffix, rows, site_rows, summary, site_cols))
+        atomic_write_text(_csv_text(rows, row_cols), p_rows)
+        atomic_write_text(_csv_text(site_rows, site_cols), p_sites)
+        out.append(SuffixTables(suffix, rows, site_rows, summary, site_cols, [p_rows, p_sites]))
         LOGGER.info("group %s: %d scans (%d failed), %d flagged, %d flagged for background artifact",
                     suffix, summary["n_scans"], summary["n_failed"], sum(1 for r in rows if r["flagged"]),
                     summary["n_background_flagged"])
-    # subject pages read the CSVs just written; the group pages link to them
-    subject_pages = []
-    if subject_reports:
-        for subject in sorted({r.subject for r in records if r.subject}):
-            try:
-                subject_pages.append(reports.write_subject_report(output_dir, subject,
-                                                                  site_column=site_column))
-            except Exception as exc:  # a report must never sink the group level
-                LOGGER.error("subject report for sub-%s failed: %s", subject, exc)
-    for suffix, rows, site_rows, summary, site_cols in pages:
-        p_html = output_dir / f"group_{suffix}.html"
-        html = reports.render_group_report(
-            output_dir, suffix=suffix, rows=rows, site_rows=site_rows, summary=summary,
-            labels_source=labels_source, mad_k=mad_k, flag_at_fnr=flag_at_fnr,
-            site_columns=site_cols)
-        _atomic_write_text(p_html, html)
-        idx = written.index(output_dir / f"group_{suffix}_sites.csv")
-        written.insert(idx + 1, p_html)
-    written += subject_pages
-    return written
+    return GroupTables(output_dir, out, sorted({r.subject for r in records if r.subject}), labels_source,
+                       mad_k, flag_at_fnr)

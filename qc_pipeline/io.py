@@ -260,6 +260,12 @@ def _nifti_suffix(path: Path) -> str:
     raise ValueError(f"{path}: expected a .nii or .nii.gz file name")
 
 
+def atomic_write_file(path, write_to_tmp) -> Path:
+    """Write ``path`` atomically through ``write_to_tmp(tmp_path)`` (e.g. ``torch.save``):
+    temp file in the target's folder, fsync, permissions from the umask, ``os.replace``."""
+    return _atomic(path, write_to_tmp)
+
+
 def atomic_write_nifti(img: nib.spatialimages.SpatialImage, path) -> Path:
     """Save ``img`` to ``path`` (``.nii`` / ``.nii.gz``) atomically; returns the path."""
     path = Path(path)

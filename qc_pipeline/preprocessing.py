@@ -36,6 +36,8 @@ from scipy import optimize
 
 from .errors import NoBrainError
 from .io import validate_image, voxel_sizes
+from .morphology import close as close_mask
+from .morphology import fill_holes, largest_component
 
 __all__ = [
     "PrepInfo",
@@ -47,7 +49,6 @@ __all__ = [
     "crop_pad_to_grid",
     "apply_crop_pad",
     "iterative_zscore",
-    "fill_holes",
     "expected_brain_mask",
     "align_template_prior",
     "check_brain",
@@ -190,12 +191,6 @@ class PreprocResult:
     @property
     def affine(self) -> np.ndarray:
         return self.info.grid_affine
-
-    def to_nifti(self, what: str = "image") -> nib.Nifti1Image:
-        """Grid-space NIfTI of ``image`` / ``brain_mask`` / ``signal_brain_mask`` / ``fov_mask``."""
-        arr = getattr(self, what)
-        arr = arr.astype(np.uint8) if arr.dtype == bool else arr.astype(np.float32)
-        return nib.Nifti1Image(arr, self.info.grid_affine)
 
 
 def _jsonable(obj):
@@ -428,58 +423,6 @@ def iterative_zscore(volume: np.ndarray, mask: np.ndarray, n_extra: int = 3, cli
 # --------------------------------------------------------------------------------------
 # masks
 # --------------------------------------------------------------------------------------
-def _ball(radius: int) -> np.ndarray:
-    r = int(radius)
-    g = np.indices((2 * r + 1,) * 3) - r
-    return (g**2).sum(0) <= r * r + 1e-9
-
-
-def fill_holes(mask: np.ndarray, per_slice: bool = True) -> np.ndarray:
-    """Fill holes in 3D and (optionally) in every slice along each of the three axes."""
-    m = ndi.binary_fill_holes(np.asarray(mask, dtype=bool))
-    if not per_slice:
-        return m
-    for ax in range(3):
-        # label background with in-slice connectivity only; components that do not touch
-        # the slice border are holes of that slice
-        st = np.zeros((3, 3, 3), dtype=bool)
-        sl = [slice(None)] * 3
-        sl[ax] = 1
-        st[tuple(sl)] = ndi.generate_binary_structure(2, 1)
-        lab, n = ndi.label(~m, structure=st)
-        if n == 0:
-            continue
-        border = np.zeros(n + 1, dtype=bool)
-        for other in range(3):
-            if other == ax:
-                continue
-            for edge in (0, -1):
-                e = [slice(None)] * 3
-                e[other] = edge
-                border[np.unique(lab[tuple(e)])] = True
-        border[0] = True
-        m = m | ~border[lab]
-    return m
-
-
-def _close(mask: np.ndarray, radius: int) -> np.ndarray:
-    if radius <= 0:
-        return mask
-    pad = radius + 1
-    p = np.pad(mask, pad)
-    p = ndi.binary_closing(p, structure=_ball(radius))
-    return p[pad:-pad, pad:-pad, pad:-pad] | mask
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    lab, n = ndi.label(mask)
-    if n <= 1:
-        return mask.astype(bool)
-    sizes = np.bincount(lab.ravel())
-    sizes[0] = 0
-    return lab == int(np.argmax(sizes))
-
-
 @functools.lru_cache(maxsize=1)
 def _mni_brain_mask():
     """nilearn's bundled MNI152 brain mask (2 mm): (bool array, affine)."""
@@ -619,7 +562,7 @@ def expected_brain_mask(signal_mask: np.ndarray, affine: np.ndarray, fov: np.nda
     """
     vs = voxel_sizes(affine)
     filled = fill_holes(signal_mask)
-    filled = fill_holes(_close(filled, int(round(close_mm / float(np.mean(vs))))))
+    filled = fill_holes(close_mask(filled, int(round(close_mm / float(np.mean(vs))))))
     if out_affine is None:
         out_affine, out_shape = affine, signal_mask.shape
     # move filled mask onto the output grid (an integer shift on the same lattice)
@@ -774,11 +717,11 @@ def preprocess(img: nib.spatialimages.SpatialImage, *, voxel_size=DEFAULT_VOXEL_
     sig &= fov
     if not sig.any():
         raise NoBrainError(src, "no brain found: the skull-strip mask is empty")
-    sig = _largest_component(sig)
+    sig = largest_component(sig)
 
     # 3. expected brain (where brain should be) on the lattice, prior fitted in world space
     filled = fill_holes(sig)
-    filled = fill_holes(_close(filled, int(round(6.0 / float(vs.mean())))))
+    filled = fill_holes(close_mask(filled, int(round(6.0 / float(vs.mean())))))
     prior_fit = align_template_prior(filled, lat_aff, fov) if use_prior else None
     prior_lat = _warp_template(prior_fit["affine"], lat_aff, lat.shape) if use_prior else None
     if check:

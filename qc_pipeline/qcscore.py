@@ -93,7 +93,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .background import lower_side_location_scale
-from .preprocessing import _ball
+from .morphology import ball
 
 __all__ = [
     "FEATURES", "FeatureSpec", "QCScore", "QCScoreError", "combine", "compact_deficit", "fit_reference",
@@ -252,7 +252,7 @@ def _open(mask: np.ndarray, voxel_mm: float) -> np.ndarray:
     """``mask`` opened by the :data:`DEFICIT_OPEN_MM` ball (unchanged when it is empty or the
     ball is smaller than a voxel)."""
     r = int(round(DEFICIT_OPEN_MM / float(voxel_mm)))
-    return ndi.binary_opening(mask, structure=_ball(r)) if r >= 1 and mask.any() else mask
+    return ndi.binary_opening(mask, structure=ball(r)) if r >= 1 and mask.any() else mask
 
 
 def signal_void(head_image: np.ndarray, brain_mask: np.ndarray, zscore_mean: float, zscore_sd: float,

@@ -21,9 +21,7 @@ import io
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -32,10 +30,12 @@ from markupsafe import Markup
 
 from . import __version__
 from . import metrics as _metrics
-from .group import (POOLED_SITE, QCRecord, _atomic_write_text, load_qc_records,
-                    normalise_bids_name, read_group_csv)
+from .group import POOLED_SITE, GroupTables, QCRecord, load_qc_records, normalise_bids_name, read_group_csv
+from .io import atomic_write_bytes, atomic_write_text
+from .morphology import largest_component
 
 __all__ = [
+    "write_group_pages",
     "write_subject_report",
     "render_subject_report",
     "render_group_report",
@@ -132,16 +132,6 @@ def _load_canonical(path: Path):
     return np.asarray(img.dataobj, dtype=np.float32), img
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
-    lab, n = ndimage.label(mask)
-    if n <= 1:
-        return mask
-    sizes = ndimage.sum(mask, lab, index=np.arange(1, n + 1))
-    return lab == (int(np.argmax(sizes)) + 1)
-
-
 def choose_slices(mask: np.ndarray | None, brain: np.ndarray, n: int = 5) -> tuple[list[list[int]], tuple[int, int, int], bool]:
     """Slices per axis: the centre slice goes through the anomaly when there is one.
 
@@ -153,8 +143,8 @@ def choose_slices(mask: np.ndarray | None, brain: np.ndarray, n: int = 5) -> tup
     shape = brain.shape
     has_anomaly = mask is not None and bool(mask.any())
     if has_anomaly:
-        centre = tuple(int(round(c)) for c in ndimage.center_of_mass(_largest_component(mask)))
-        comp = _largest_component(mask)
+        centre = tuple(int(round(c)) for c in ndimage.center_of_mass(largest_component(mask)))
+        comp = largest_component(mask)
         # snap to a voxel of the component so the slice really cuts the anomaly
         idx = np.argwhere(comp)
         centre = tuple(idx[np.argmin(((idx - np.array(centre)) ** 2).sum(1))])
@@ -372,11 +362,7 @@ def _cached(cache: Path, inputs: list[Path], make) -> str | None:
     if uri is None:
         return None
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{cache.name}.", suffix=".tmp", dir=cache.parent)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(base64.b64decode(uri.split(",", 1)[1]))
-        os.replace(tmp, cache)
+        atomic_write_bytes(base64.b64decode(uri.split(",", 1)[1]), cache)
     except OSError as exc:  # read-only derivatives: fine, just no cache
         LOGGER.debug("figure cache %s not written: %s", cache, exc)
     return uri
@@ -453,7 +439,7 @@ def scan_figures(rec: QCRecord, output_dir: Path) -> dict:
         out["through_anomaly"] = sl[2]
         if out["mosaic"] and out["error"]:
             try:
-                _atomic_write_text(meta_p, json.dumps({k: out[k] for k in ("notes", "background", "through_anomaly")}))
+                atomic_write_text(json.dumps({k: out[k] for k in ("notes", "background", "through_anomaly")}), meta_p)
             except OSError:
                 pass
     except Exception as exc:  # noqa: BLE001 - report what failed, keep the page
@@ -636,7 +622,7 @@ def write_subject_report(output_dir, subject: str, *, site_column: str = "site")
     subject = str(subject).removeprefix("sub-")
     html = render_subject_report(output_dir, subject, site_column=site_column)
     path = output_dir / f"sub-{subject}.html"
-    _atomic_write_text(path, html)
+    atomic_write_text(html, path)
     return path
 
 
@@ -696,6 +682,30 @@ def distribution_png(rows: list[dict], site_rows: list[dict], summary: dict) -> 
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     fig.subplots_adjust(left=0.1, right=0.78, bottom=0.14, top=0.96)
     return _png_uri(fig)
+
+
+def write_group_pages(tables: GroupTables, *, site_column: str = "site",
+                      subject_reports: bool = True) -> list[Path]:
+    """Write ``group_<suffix>.html`` for each table and (``subject_reports``) re-render every
+    subject's ``sub-<label>.html`` with its ranks; returns the pages written (group pages
+    first). A subject page that fails is logged, never raised: a report must not sink the
+    group level."""
+    out = Path(tables.output_dir)
+    subject_pages = []
+    if subject_reports:  # subject pages read the CSVs just written; the group pages link to them
+        for subject in tables.subjects:
+            try:
+                subject_pages.append(write_subject_report(out, subject, site_column=site_column))
+            except Exception as exc:  # noqa: BLE001
+                LOGGER.error("subject report for sub-%s failed: %s", subject, exc)
+    group_pages = []
+    for t in tables.tables:
+        html = render_group_report(out, suffix=t.suffix, rows=t.rows, site_rows=t.site_rows,
+                                   summary=t.summary, labels_source=tables.labels_source,
+                                   mad_k=tables.mad_k, flag_at_fnr=tables.flag_at_fnr,
+                                   site_columns=t.site_columns)
+        group_pages.append(atomic_write_text(html, out / f"group_{t.suffix}.html"))
+    return group_pages + subject_pages
 
 
 def render_group_report(output_dir, *, suffix: str, rows: list[dict], site_rows: list[dict],

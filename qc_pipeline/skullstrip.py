@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 
 from .errors import MissingDependencyError, NoBrainError, SkullStripError
+from .morphology import fill_holes, largest_component
 
 __all__ = ["strip_deepbet", "strip_robex", "strip_none", "skull_strip", "METHODS", "DEFAULT_METHOD_BY_CONTRAST",
            "available_methods"]
@@ -57,8 +58,6 @@ def strip_none(img: nib.spatialimages.SpatialImage, *, rel_threshold: float = 0.
     data); voxels differing from it by more than ``rel_threshold`` x the 99th percentile of
     the absolute deviation are foreground.
     """
-    from .preprocessing import fill_holes, _largest_component
-
     data = _data3d(img)
     border = np.concatenate([data[[0, -1]].ravel(), data[:, [0, -1]].ravel(), data[:, :, [0, -1]].ravel()])
     bg = float(np.median(border))
@@ -69,7 +68,7 @@ def strip_none(img: nib.spatialimages.SpatialImage, *, rel_threshold: float = 0.
     mask = dev > rel_threshold * scale
     if not mask.any():
         raise NoBrainError(source, "no brain found: image has no foreground")
-    mask = fill_holes(_largest_component(mask))
+    mask = fill_holes(largest_component(mask))
     return _mask_image(mask, img, "none")
 
 

@@ -9,14 +9,13 @@ and an evaluation table.
 from __future__ import annotations
 
 import json
-import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..io import atomic_write_file, atomic_write_text
 from .errors import ModelCardError, ModelNotFoundError
 from .hf import REFERENCE_FOV_MM, REFERENCE_RADIUS, hf_radius
 from .schedules import SCHEDULES
@@ -97,19 +96,6 @@ def build_network(card: Mapping[str, Any]) -> torch.nn.Module:
         raise ModelCardError(f"model card network arguments {cfg!r} do not fit UNet3D: {exc}") from exc
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_model_folder(path, net: torch.nn.Module, card: Mapping[str, Any]) -> Path:
     """Write ``weights.pt`` (state_dict, CPU tensors) and ``model_card.json`` atomically.
 
@@ -127,9 +113,9 @@ def save_model_folder(path, net: torch.nn.Module, card: Mapping[str, Any]) -> Pa
     if card.get("macs_per_pass") is None and card.get("grid"):
         card["macs_per_pass"] = count_macs(net, tuple(card["grid"]))
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    _atomic_write_bytes(path / WEIGHTS_NAME, lambda tmp: torch.save(state, tmp))
+    atomic_write_file(path / WEIGHTS_NAME, lambda tmp: torch.save(state, tmp))
     text = json.dumps(card, indent=2, sort_keys=False, default=str) + "\n"
-    _atomic_write_bytes(path / CARD_NAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(text, path / CARD_NAME)
     return path
 
 

@@ -34,7 +34,8 @@ import torch
 from .domainrand import DomainRandConfig, DomainRandomizer, load_bank
 from .errors import InvalidInputError
 from .inference import resolve_device
-from .modelio import _atomic_write_bytes, default_card, load_model_card, save_model_folder, WEIGHTS_NAME
+from ..io import atomic_write_file
+from .modelio import default_card, load_model_card, save_model_folder, WEIGHTS_NAME
 
 __all__ = ["train_synthetic", "main", "CHECKPOINT_NAME", "DEFAULT_SYNTH_FEATURES"]
 
@@ -154,7 +155,7 @@ def train_synthetic(
                  "optimizer": _to_cpu(opt.state_dict()), "step": step, "planned_steps": planned,
                  "samples": samples, "elapsed_s": elapsed, "history": history, "seed": seed,
                  "network": net.config(), "config": cfg.to_dict(), "init_from": init_info}
-        _atomic_write_bytes(ckpt_path, lambda tmp: torch.save(state, tmp))
+        atomic_write_file(ckpt_path, lambda tmp: torch.save(state, tmp))
 
     net.train()
     t0 = time.perf_counter()

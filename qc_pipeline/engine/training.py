@@ -32,7 +32,8 @@ import torch
 from .errors import InvalidInputError, ShapeMismatchError
 from .hf import high_frequency, hf_radius
 from .masks import random_training_mask
-from .modelio import _atomic_write_bytes, default_card, save_model_folder
+from ..io import atomic_write_file
+from .modelio import default_card, save_model_folder
 from .inference import resolve_device
 
 __all__ = ["train_model", "CHECKPOINT_NAME"]
@@ -200,7 +201,7 @@ def train_model(
         state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step,
                  "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
                  "losses": losses, "elapsed_s": elapsed, "seed": seed}
-        _atomic_write_bytes(ckpt_path, lambda tmp: torch.save(state, tmp))
+        atomic_write_file(ckpt_path, lambda tmp: torch.save(state, tmp))
 
     bar = None
     if sys.stderr.isatty() and start_step < steps:

@@ -205,7 +205,7 @@ def derivs(tmp_path) -> Derivs:
 def group_run(tmp_path_factory):
     """Derivatives with the group level already run with the ratings TSV (read-only: copy
     the folder before changing anything)."""
-    from qc_pipeline.group import run_group
+    from qc_pipeline.grouplevel import run_group
 
     dv = build_derivs(tmp_path_factory.mktemp("grp"))
     written = run_group(dv.root, labels=dv.labels_tsv)

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from qc_pipeline.group import (DEFAULT_MAD_K, GroupError, LabelsError, load_labels,
-                               load_qc_records, run_group)
+from qc_pipeline.group import DEFAULT_MAD_K, GroupError, LabelsError, load_labels, load_qc_records
+from qc_pipeline.grouplevel import run_group
 from qc_pipeline.metrics import detection_metrics, threshold_at_fnr
 
 REQUIRED = ["bids_name", "subject", "session", "acquisition", "run", "suffix", "site", "status",
@@ -194,6 +194,20 @@ def test_site_column_from_metadata(derivs):
         p.write_text(json.dumps(d))
     run_group(derivs.root, site_column="scanner", subject_reports=False)
     assert sorted({r["site"] for r in _read(derivs.root / "group_T1w.csv")}) == ["S1", "S2"]
+
+
+def test_cells_a_spreadsheet_would_run_are_quoted(derivs):
+    for p in derivs.root.rglob("*_qc.json"):
+        d = json.loads(p.read_text())
+        d.setdefault("metadata", {})["scanner"] = '=HYPERLINK("http://x","y")' if d["bids_name"] < "sub-05" else "S2"
+        p.write_text(json.dumps(d))
+    run_group(derivs.root, site_column="scanner", subject_reports=False)
+    rows = _read(derivs.root / "group_T1w.csv")
+    assert sorted({r["site"] for r in rows}) == ["'=HYPERLINK(\"http://x\",\"y\")", "S2"]
+    from qc_pipeline.group import _fmt
+
+    assert _fmt(-1.5) == "-1.5" and _fmt(-2) == "-2"  # numbers keep their sign
+    assert _fmt("-cmd") == "'-cmd" and _fmt("@SUM(A1)") == "'@SUM(A1)" and _fmt("sub-01") == "sub-01"
 
 
 def test_unreadable_qc_json_is_a_failed_row(derivs):

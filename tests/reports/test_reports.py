@@ -206,7 +206,7 @@ def test_small_anomaly_visible_on_thumbnail():
 def test_subject_page_shows_background_statistic_and_flag(derivs):
     import json
 
-    from qc_pipeline.group import run_group
+    from qc_pipeline.grouplevel import run_group
 
     t1 = [s for s in derivs.scans if s.suffix == "T1w" and s.kind != "failed"]
     for i, s in enumerate(t1):

@@ -242,7 +242,7 @@ def _qc(root, sub, *, fraction, qc_score=None, driver=None, site="A"):
 def test_group_ranks_flags_and_measures_by_qc_score(tmp_path):
     import csv
 
-    from qc_pipeline.group import run_group
+    from qc_pipeline.grouplevel import run_group
 
     # anomaly_fraction says sub-01 is worst; the QC score (e.g. a ghost in the background)
     # says sub-12: the group level must follow the QC score
@@ -266,7 +266,7 @@ def test_group_ranks_flags_and_measures_by_qc_score(tmp_path):
 def test_group_falls_back_to_anomaly_fraction_when_a_scan_lacks_qc_score(tmp_path):
     import csv
 
-    from qc_pipeline.group import run_group
+    from qc_pipeline.grouplevel import run_group
 
     for k in range(1, 10):
         _qc(tmp_path, f"{k:02d}", fraction=0.05 * k, qc_score=None if k == 3 else 10.0 - k)
@@ -308,7 +308,7 @@ def test_site_score_stays_on_the_clean_scans_when_most_of_a_site_is_bad(tmp_path
     import csv
     import json
 
-    from qc_pipeline.group import run_group
+    from qc_pipeline.grouplevel import run_group
     from qc_pipeline.qcscore import relative_scores
 
     ref = {"features": {
@@ -348,7 +348,7 @@ def test_group_scores_each_site_against_itself(tmp_path):
     import csv
     import json
 
-    from qc_pipeline.group import run_group
+    from qc_pipeline.grouplevel import run_group
 
     ref = {"noise": {"median": 0.0, "scale": 0.05, "direction": "up", "transform": "log", "offset": 0.0}}
     rng = np.random.default_rng(1)
