@@ -237,7 +237,9 @@ def _preprocessed(scan, settings, spec) -> Any:
 
 # --------------------------------------------------------------------------- the level
 def adapt_dataset(settings, scans, *, screen: Callable, options: AdaptOptions) -> int:
-    """Run the ``adapt`` level (module docstring); returns the exit code of the final screen.
+    """Run the ``adapt`` level (module docstring); returns the exit code of the final screen,
+    at least 1 when a suffix could not be adapted (too few clean scans: its scans keep the
+    base model's results, and the log says why).
 
     ``screen(settings, scans) -> int`` is the participant level (passed in by the CLI, which
     owns it). ``settings.model_specs`` is updated to the adapted models before the final
@@ -256,6 +258,8 @@ def adapt_dataset(settings, scans, *, screen: Callable, options: AdaptOptions) -
     todo_before = []
     plans = {}
     for suffix in settings.suffixes:
+        if not any(s.suffix == suffix for s in scans):
+            continue
         spec = settings.model_specs[suffix]
         base_dir = Path(spec["model_dir"]) if spec.get("model_dir") else default_model_dir(suffix)
         base_card = load_model_card(base_dir)
@@ -284,7 +288,13 @@ def adapt_dataset(settings, scans, *, screen: Callable, options: AdaptOptions) -
                 if rec.get("model_id") != plan["base_card"].get("model_id"):
                     rec = {"status": "error"}
                 rows.append({**rec, "bids_name": scan.bids_name})
-            _adapt_one(settings, plan, rows, options, bad=bad)
+            try:
+                _adapt_one(settings, plan, rows, options, bad=bad)
+            except AdaptError as exc:  # this suffix keeps its base model; the others go on
+                log.error("adapt: %s; its scans keep the results of the base model %s", exc,
+                          plan["base_card"].get("model_id"))
+                plan["failed"] = str(exc)
+                continue
         card = load_model_card(plan["target"])
         settings.model_specs[suffix] = {**plan["spec"], "model_dir": str(plan["target"].resolve()),
                                         "model_id": card["model_id"]}
@@ -294,8 +304,10 @@ def adapt_dataset(settings, scans, *, screen: Callable, options: AdaptOptions) -
     clear_model_cache()
     rc = screen(settings, scans)
     for suffix, plan in plans.items():
-        _refit_reference(settings, plan, options)
-    return rc
+        if not plan.get("failed"):
+            _refit_reference(settings, plan, options)
+    # a suffix that could not be adapted is screened with its base model and reported as failed
+    return max(rc, 1) if any(p.get("failed") for p in plans.values()) else rc
 
 
 def _finished(target: Path, base_id) -> str | None:

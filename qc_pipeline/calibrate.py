@@ -29,7 +29,8 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-from .engine.modelio import CARD_NAME, _atomic_write_bytes
+from .engine.modelio import CARD_NAME
+from .io import atomic_write_text
 from .qcscore import QCScoreError, fit_reference
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def write_card_reference(model_dir, reference: Mapping) -> Path:
     card = json.loads(path.read_text())
     card["qc_score"] = dict(reference)
     text = json.dumps(card, indent=1) + "\n"
-    _atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(text, path)
     return path
 
 
@@ -103,7 +104,7 @@ def write_card_gamma(model_dir, gamma: Mapping) -> Path:
     card["gamma"] = float(gamma["gamma"])
     card["gamma_calibration"] = dict(gamma["gamma_calibration"])
     text = json.dumps(card, indent=1) + "\n"
-    _atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(text, path)
     return path
 
 

@@ -497,7 +497,8 @@ def _provenance(output_dir: Path, records: list[QCRecord]) -> dict:
         mid = r.data.get("model_id")
         if not mid or mid in cards:
             continue
-        card = r.data.get("model_card") if isinstance(r.data.get("model_card"), dict) else _packaged_card(mid)
+        card = (r.data.get("model_card") if isinstance(r.data.get("model_card"), dict)
+                else _packaged_card(mid) or _adapted_card(output_dir, mid))
         cards[mid] = _card_summary(card) if card else {"note": "model card not found with the derivatives"}
     prov["models"] = cards
     return prov
@@ -517,6 +518,18 @@ def _packaged_card(model_id: str) -> dict | None:
     return None
 
 
+def _adapted_card(output_dir: Path, model_id: str) -> dict | None:
+    """The card of a model the adapt level wrote beside the derivatives (``models/<suffix>``)."""
+    for path in sorted((output_dir / "models").glob("*/model_card.json")):
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(d, dict) and str(d.get("model_id")) == str(model_id):
+            return d
+    return None
+
+
 def _card_summary(card: dict) -> dict:
     keys = ("model_id", "id", "contrast", "voxel_size", "grid", "training_data", "n_training",
             "steps", "wall_time", "code_version", "r", "gamma", "schedule", "params")
@@ -525,6 +538,12 @@ def _card_summary(card: dict) -> dict:
         if k in card and card[k] not in (None, ""):
             v = card[k]
             out[k] = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    ad = card.get("adaptation")
+    if isinstance(ad, dict):
+        out["adapted_from"] = str(ad.get("base_model_id"))
+        out["adapted_on"] = (f"{len(ad.get('training_scans') or [])} scans of {ad.get('dataset')} "
+                             f"({len(ad.get('excluded_scans') or {})} left out), {ad.get('steps')} steps "
+                             f"on {ad.get('device')}")
     return out
 
 

@@ -100,9 +100,45 @@ def prepare_volumes(scans, work_dir: Path, *, voxel_size: float, grid, skull_str
     return pairs, used, skipped
 
 
+def _check_args(args) -> str | None:
+    """The first bad option (one line), checked before any scan is read; None when all fit."""
+    if args.steps < 1:
+        return f"--steps must be at least 1, got {args.steps}"
+    if args.batch_size < 1:
+        return f"--batch-size must be at least 1, got {args.batch_size}"
+    if not args.lr > 0:
+        return f"--lr must be positive, got {args.lr}"
+    if any(p < 0 for p in args.patch) or len(args.patch) not in (1, 3):
+        return f"--patch takes one size or three (0 = whole volumes), got {' '.join(map(str, args.patch))}"
+    if not args.voxel_size > 0 or any(g < 8 for g in args.grid):
+        return f"--voxel-size must be positive and --grid at least 8 per axis, got {args.voxel_size}, {args.grid}"
+    if args.features is not None and (len(args.features) < 2 or any(f < 1 for f in args.features)):
+        return f"--features needs two or more positive widths, got {args.features}"
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return "--device cuda: the installed torch sees no CUDA device"
+    if args.init_from is not None:
+        from qc_pipeline.engine.errors import EngineError
+        from qc_pipeline.engine.modelio import load_model_card
+
+        try:
+            load_model_card(args.init_from)
+        except EngineError as exc:
+            return f"--init-from {args.init_from}: {exc}"
+        if not (Path(args.init_from) / "weights.pt").is_file():
+            return f"--init-from {args.init_from}: no weights.pt (expected a model folder)"
+    return None
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("NIPYPE_NO_ET", "1")
     args = build_parser().parse_args(argv)
+    problem = _check_args(args)
+    if problem:
+        print(f"itermask-qc-train: {problem}", file=sys.stderr)
+        return 64
     logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     from qc_pipeline.bids import BIDSInputError, collect_scans
@@ -146,11 +182,17 @@ def main(argv=None) -> int:
             "preprocessing_wall_time_s": round(prep_s, 1),
         },
     }
-    res = train_model(pairs, args.model_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      patch=patch, seed=args.seed, resume=not args.no_resume, card_extra=card_extra,
-                      device=args.device, features=args.features,
-                      voxel_size=(args.voxel_size,) * 3, contrast=args.suffix,
-                      init_from=args.init_from)
+    from qc_pipeline.engine.errors import EngineError
+
+    try:
+        res = train_model(pairs, args.model_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                          patch=patch, seed=args.seed, resume=not args.no_resume, card_extra=card_extra,
+                          device=args.device, features=args.features,
+                          voxel_size=(args.voxel_size,) * 3, contrast=args.suffix,
+                          init_from=args.init_from)
+    except EngineError as exc:  # e.g. --init-from a network of another shape
+        print(f"itermask-qc-train: {exc}", file=sys.stderr)
+        return 2
     print(f"model written to {res['model_dir']} (final loss {res['final_loss']:.4f}, "
           f"{res['wall_time_s'] / 60:.1f} min)")
     return 0

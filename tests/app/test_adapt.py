@@ -134,6 +134,8 @@ def test_group_table_and_report_name_the_adapted_model(site):
     assert {r["model_adapted_from"] for r in rows} == {site["base"]["model_id"]}
     html = (site["out"] / "sub-03.html").read_text()
     assert card["model_id"] in html and "model_adapted_from" in html
+    # the provenance names the adapted model's card: its base and what it was adapted on
+    assert "adapted_on" in html and f"{len(card['adaptation']['training_scans'])} scans of" in html
 
 
 def test_rerun_reuses_the_adapted_model_without_training(site, monkeypatch):
@@ -170,6 +172,18 @@ def test_interrupted_adaptation_resumes_from_its_checkpoint(site, monkeypatch, t
     assert main(_args(site["root"], out, site["work"], site["model"])) == 0
     ad = load_model_card(out / "models" / "T1w")["adaptation"]
     assert ad["complete"] and ad["resumed_from_step"] == 2 and ad["steps"] == STEPS
+
+
+def test_too_few_clean_scans_keep_the_base_model_and_say_why(site, tmp_path, caplog):
+    out = tmp_path / "out"
+    subs = ["01", "02", "03", "04", "11"]
+    rc = main(_args(site["root"], out, site["work"], site["model"], "--participant-label", *subs))
+    assert rc == 1
+    assert "scans judged clean enough to adapt on" in caplog.text and "need at least 8" in caplog.text
+    qcs = _qcs(out)
+    assert sorted(qcs) == [f"sub-{s}_T1w" for s in subs]
+    for qc in qcs.values():
+        assert qc["model_id"] == site["base"]["model_id"] and qc["model_adapted_from"] is None
 
 
 def test_bad_ratings_file_stops_before_any_work(site, tmp_path, caplog):

@@ -32,6 +32,20 @@ def test_loss_decreases_and_folder_loads(pairs, tmp_path, caplog):
     assert res.forward_passes > 0
 
 
+def test_model_files_follow_the_umask(pairs, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        train_model(pairs, tmp_path / "m", steps=2, batch_size=1, seed=0, features=(4, 8), device="cpu",
+                    patch=16, checkpoint_every=1)
+    finally:
+        os.umask(old)
+    for name in ("weights.pt", "model_card.json", "checkpoint.pt"):
+        assert stat.S_IMODE((tmp_path / "m" / name).stat().st_mode) == 0o644, name
+
+
 def test_resume_continues_from_checkpoint(pairs, tmp_path):
     first = train_model(pairs, tmp_path / "r", steps=4, batch_size=1, seed=1, features=(4, 8),
                         checkpoint_every=2, device="cpu", patch=16)

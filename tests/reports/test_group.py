@@ -210,6 +210,20 @@ def test_cells_a_spreadsheet_would_run_are_quoted(derivs):
     assert _fmt("-cmd") == "'-cmd" and _fmt("@SUM(A1)") == "'@SUM(A1)" and _fmt("sub-01") == "sub-01"
 
 
+def test_tables_and_pages_are_readable_by_the_lab(derivs):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        written = run_group(derivs.root, labels=derivs.labels_tsv)
+    finally:
+        os.umask(old)
+    assert any(p.suffix == ".html" for p in written) and any(p.suffix == ".csv" for p in written)
+    for p in written:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
+
+
 def test_unreadable_qc_json_is_a_failed_row(derivs):
     p = derivs.root / "sub-15" / "anat"
     p.mkdir(parents=True)
