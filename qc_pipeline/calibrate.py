@@ -11,7 +11,9 @@ gets a better-calibrated score by fitting the reference on its own clean scans:
 
 Only successful scans of the suffix that were screened with that model enter the fit;
 with ``--labels``, scans rated as artifacts are left out (unrated ones are kept). The
-card's ``qc_score`` section is replaced atomically; the rest of the card is untouched.
+card's ``qc_score`` section is replaced atomically, and the model gets a new id,
+``<id>-cal-<8 hex>`` of the new reference and slope (:func:`calibrated_id`; the card keeps
+``calibrated_from``): results of the model before calibration are never reused for it.
 
 With ``--gamma`` the engine's stopping slope is fitted on the same scans too: ``gamma`` =
 ``--gamma-factor`` (0.5) x the median over the scans of ``tau(50)``, the median error of a
@@ -23,8 +25,10 @@ scan whose errors rise above the site's level stops the sweep earlier.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Mapping
@@ -81,7 +85,8 @@ def gamma_from_outputs(output_dir, *, model_id: str | None, suffix: str, labels=
 
     records = [r for r in load_qc_records(output_dir) if r.suffix == suffix and r.ok]
     if model_id:
-        records = [r for r in records if r.data.get("model_id") == model_id]
+        ids = {model_id} if isinstance(model_id, str) else set(model_id)
+        records = [r for r in records if r.data.get("model_id") in ids]
     bad = {k for k, v in load_labels(labels).items() if v == 1} if labels is not None else set()
     tau50 = []
     for r in records:
@@ -92,6 +97,33 @@ def gamma_from_outputs(output_dir, *, model_id: str | None, suffix: str, labels=
         tau50.append(relative_gamma([t for t, _ in pts], [v for _, v in pts], 1.0))
     return gamma_from_tau50(tau50, factor=factor, min_scans=min_scans,
                             source=f"{len(tau50)} clean {suffix} scans in {Path(output_dir).resolve()}")
+
+
+_CAL_SUFFIX = re.compile(r"-cal-[0-9a-f]{8}$")
+
+
+def uncalibrated_id(model_id: str) -> str:
+    """The id a model had before :func:`calibrated_id` named it."""
+    return _CAL_SUFFIX.sub("", str(model_id))
+
+
+def calibrated_id(card: Mapping) -> str:
+    """``<id before calibration>-cal-<8 hex>`` of the card's QC-score reference and stopping
+    slope: a calibrated model never shares an id (and so a cached or resumed result) with the
+    model it was calibrated from, and the same calibration gives the same id."""
+    content = json.dumps({k: card.get(k) for k in ("qc_score", "gamma", "gamma_mode", "gamma_relative")},
+                         sort_keys=True, default=str)
+    return f"{uncalibrated_id(card['model_id'])}-cal-{hashlib.sha256(content.encode()).hexdigest()[:8]}"
+
+
+def rename_calibrated(model_dir) -> str:
+    """Give the card of ``model_dir`` its :func:`calibrated_id` (atomic); returns the id."""
+    path = Path(model_dir) / CARD_NAME
+    card = json.loads(path.read_text())
+    card.setdefault("calibrated_from", uncalibrated_id(card["model_id"]))
+    card["model_id"] = calibrated_id(card)
+    atomic_write_text(json.dumps(card, indent=1) + "\n", path)
+    return card["model_id"]
 
 
 def write_card_gamma(model_dir, gamma: Mapping) -> Path:
@@ -115,7 +147,8 @@ def reference_from_outputs(output_dir, *, model_id: str | None, suffix: str,
 
     records = [r for r in load_qc_records(output_dir) if r.suffix == suffix and r.ok]
     if model_id:
-        records = [r for r in records if r.data.get("model_id") == model_id]
+        ids = {model_id} if isinstance(model_id, str) else set(model_id)
+        records = [r for r in records if r.data.get("model_id") in ids]
     bad = set()
     if labels is not None:
         bad = {k for k, v in load_labels(labels).items() if v == 1}
@@ -154,12 +187,14 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     model_id = json.loads(card_path.read_text()).get("model_id")
+    # the scans may have been screened before an earlier calibration of this folder
+    screened_with = sorted({model_id, uncalibrated_id(model_id)}) if model_id else None
     try:
-        ref = reference_from_outputs(args.output_dir, model_id=model_id, suffix=args.suffix,
+        ref = reference_from_outputs(args.output_dir, model_id=screened_with, suffix=args.suffix,
                                      labels=args.labels, min_scans=args.min_scans)
         write_card_reference(args.model_dir, ref)
         if args.gamma:
-            g = gamma_from_outputs(args.output_dir, model_id=model_id, suffix=args.suffix, labels=args.labels,
+            g = gamma_from_outputs(args.output_dir, model_id=screened_with, suffix=args.suffix, labels=args.labels,
                                    factor=args.gamma_factor, min_scans=args.min_scans)
             write_card_gamma(args.model_dir, g)
             log.info("gamma of %s set to %.4g (median tau(50) %.4g over %d scans)", card_path, g["gamma"],
@@ -167,7 +202,8 @@ def main(argv=None) -> int:
     except (CalibrationError, OSError, ValueError) as exc:
         print(f"itermask-qc-calibrate: {exc}", file=sys.stderr)
         return 2
-    log.info("QC-score reference of %s written from %d scans", card_path, ref["n_scans"])
+    new_id = rename_calibrated(args.model_dir)
+    log.info("QC-score reference of %s written from %d scans; model id %s", card_path, ref["n_scans"], new_id)
     return 0
 
 

@@ -281,7 +281,12 @@ def test_calibrate_fits_the_qc_reference_from_clean_outputs(run, model_dir, tmp_
     ref = card["qc_score"]
     assert ref["n_scans"] == n_ok and set(ref["features"]) <= set(FEATURES)
     assert {"anomaly_fraction", "recon_error", "sharpness", "noise"} <= set(ref["features"])
-    assert card["model_id"] == "t1w-random-seed0"  # the rest of the card is kept
+    # a new id, so that no result of the uncalibrated model is reused; the rest is kept
+    assert card["model_id"].startswith("t1w-random-seed0-cal-") and card["calibrated_from"] == "t1w-random-seed0"
+    assert card["grid"] == json.loads(before)["grid"] and card["network"] == json.loads(before)["network"]
+    # calibrating again from the same outputs fits the same reference: the same id
+    assert calibrate([str(run["out"]), str(model), "--min-scans", "5"]) == 0
+    assert json.loads((model / "model_card.json").read_text())["model_id"] == card["model_id"]
     # a folder that is not a model folder is named in the error
     assert calibrate([str(run["out"]), str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
