@@ -334,6 +334,9 @@ def load_labels(path, *, questionable: str = "exclude") -> dict[str, int]:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise LabelsError(f"cannot read labels file {path}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise LabelsError(f"labels file {path} is not UTF-8 text (byte {exc.start}); expected a "
+                          f"TSV or CSV with bids_name and a rating column") from None
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     if not lines:
         raise LabelsError(f"labels file {path} is empty")
@@ -349,6 +352,7 @@ def load_labels(path, *, questionable: str = "exclude") -> dict[str, int]:
                           f"{', '.join(_LABEL_COLUMNS)} (columns: {', '.join(reader.fieldnames or [])})")
     ts_col = cols.get("timestamp")
     best: dict[str, tuple] = {}
+    conflicts: set[str] = set()
     for i, row in enumerate(reader):
         name = normalise_bids_name(row.get(cols["bids_name"]) or "")
         raw = str(row.get(label_col) or "").strip().lower()
@@ -364,8 +368,14 @@ def load_labels(path, *, questionable: str = "exclude") -> dict[str, int]:
             raise LabelsError(f"labels file {path}, row {i + 2}: value {raw!r} in column "
                               f"{label_col!r} is not a rating (use 0/1, good/bad, questionable)")
         key = (str(row.get(ts_col) or "") if ts_col else "", i)
+        if name in best and best[name][1] != value:
+            conflicts.add(name)
         if name not in best or key >= best[name][0]:
             best[name] = (key, value)
+    if conflicts:
+        LOGGER.warning("labels file %s rates %d scans more than once with different ratings (e.g. %s); "
+                       "the %s rating of each is used", path, len(conflicts), sorted(conflicts)[0],
+                       "latest (timestamp)" if ts_col else "last")
     return {n: v for n, (_, v) in best.items() if v is not None}
 
 

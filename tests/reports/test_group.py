@@ -275,6 +275,21 @@ def test_latest_timestamp_wins(tmp_path):
     assert load_labels(p) == {"sub-01_T1w": 0}
 
 
+def test_conflicting_duplicate_ratings_are_warned_about(tmp_path, caplog):
+    p = tmp_path / "r.tsv"
+    p.write_text("bids_name\trating\nsub-01_T1w\tgood\nsub-02_T1w\tbad\nsub-02_T1w\tbad\nsub-01_T1w\tbad\n")
+    assert load_labels(p) == {"sub-01_T1w": 1, "sub-02_T1w": 1}
+    assert "rates 1 scans more than once with different ratings (e.g. sub-01_T1w)" in caplog.text
+    assert "last rating" in caplog.text
+
+
+def test_binary_ratings_file_is_a_labels_error(tmp_path):
+    p = tmp_path / "r.tsv"
+    p.write_bytes(b"\xff\xfe\x00\x81binary\x00\x9c")
+    with pytest.raises(LabelsError, match=str(p)):
+        load_labels(p)
+
+
 @pytest.mark.parametrize("text, match", [
     ("name\tlabel\nsub-01_T1w\t1\n", "no 'bids_name' column"),
     ("bids_name\tscore\nsub-01_T1w\t1\n", "no rating column"),
