@@ -350,8 +350,13 @@ def load_filter_file(path: str | os.PathLike) -> dict[str, dict]:
         data = json.loads(p.read_text())
     except FileNotFoundError:
         raise InvalidFilter(f"--bids-filter-file {p}: no such file") from None
-    except ValueError as exc:
+    except ValueError as exc:  # includes UnicodeDecodeError
         raise InvalidFilter(f"--bids-filter-file {p}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise InvalidFilter(f"--bids-filter-file {p}: nested too deeply; expected "
+                            f"{{\"t1w\": {{\"entity\": value, ...}}, ...}}") from None
+    except OSError as exc:
+        raise InvalidFilter(f"--bids-filter-file {p}: cannot read it ({exc.strerror or exc})") from None
     if not isinstance(data, dict):
         raise InvalidFilter(f"--bids-filter-file {p}: expected a JSON object keyed by suffix")
     lookup = {s.lower(): s for s in SUFFIXES}

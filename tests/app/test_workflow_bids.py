@@ -110,6 +110,19 @@ def test_collect_scans_entities_sites_filters(tmp_path):
                       database_path=tmp_path / "db")
 
 
+@pytest.mark.parametrize("content, match", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    (b"\xff\xfe\x00binary", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object keyed by suffix"),
+])
+def test_hostile_filter_files_are_one_clear_error(tmp_path, content, match):
+    filt = tmp_path / "f.json"
+    filt.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(InvalidFilter, match=match) as err:
+        load_filter_file(filt)
+    assert str(filt) in str(err.value) and "\n" not in str(err.value)
+
+
 def test_index_database_is_reused_and_refreshed(tmp_path):
     from qc_pipeline.bids import build_layout
     from app_testlib import save_scan
