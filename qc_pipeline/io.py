@@ -138,8 +138,9 @@ def load_image(path, *, name: str | None = None) -> nib.Nifti1Image:
     if not isinstance(img, nib.spatialimages.SpatialImage):
         raise CorruptImageError(src, f"not a spatial image ({type(img).__name__})")
     # Read every byte now: truncation must surface here, not in a later node.
+    read_warnings: list[str] = []
     try:
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        data = _voxel_values(img, src, read_warnings)
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise CorruptImageError(src, f"truncated or corrupt gzip stream ({_short(exc)})") from exc
     except (OSError, ValueError, MemoryError) as exc:
@@ -149,8 +150,25 @@ def load_image(path, *, name: str | None = None) -> nib.Nifti1Image:
     out.set_data_dtype(np.float32)
     out.header.set_slope_inter(1.0, 0.0)
     out.extra["source"] = os.fspath(path)
-    out.extra["qc_warnings"] = []
+    out.extra["qc_warnings"] = read_warnings
     return validate_image(out, name=src)
+
+
+def _voxel_values(img, src: str, img_warnings: list) -> np.ndarray:
+    """The voxel values as float32: the magnitude of complex data (with a warning), a clear
+    error for RGB or other structured data. (A scl_slope of 0, NaN or inf means "unscaled" to
+    nibabel, as the NIfTI standard says for 0.)"""
+    try:
+        dtype = np.dtype(img.get_data_dtype())
+    except (AttributeError, TypeError):
+        dtype = np.asarray(img.dataobj).dtype
+    if dtype.names or dtype.kind == "V":
+        raise CorruptImageError(src, f"voxels of data type {dtype} (RGB or structured); expected "
+                                     f"one grey value per voxel")
+    if dtype.kind == "c":
+        _warn(img_warnings, src, f"complex voxels ({dtype}); their magnitude is screened")
+        return np.abs(np.asarray(img.dataobj)).astype(np.float32)
+    return np.asarray(img.dataobj, dtype=np.float32)
 
 
 def validate_image(img: nib.spatialimages.SpatialImage, *, name: str | None = None) -> nib.Nifti1Image:
@@ -162,7 +180,7 @@ def validate_image(img: nib.spatialimages.SpatialImage, *, name: str | None = No
     src = name or getattr(img, "extra", {}).get("source") or "<in-memory image>"
     extra = dict(getattr(img, "extra", {}) or {})
     img_warnings = list(extra.get("qc_warnings", []))
-    data = np.asarray(img.dataobj, dtype=np.float32)
+    data = _voxel_values(img, src, img_warnings)
     affine = np.asarray(img.affine, dtype=float)
 
     # --- dimensionality -------------------------------------------------------------

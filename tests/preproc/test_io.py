@@ -251,3 +251,22 @@ def test_sha256_file(tmp_path):
     data = os.urandom(3_000_000)
     p.write_bytes(data)
     assert sha256_file(p) == hashlib.sha256(data).hexdigest()
+
+
+def test_complex_voxels_are_screened_as_their_magnitude_with_a_warning(tmp_path):
+    d = _vol()
+    p = _save(tmp_path, "cplx.nii.gz", (d * np.exp(1j * 0.7)).astype(np.complex64))
+    with pytest.warns(InputWarning, match="complex voxels"):
+        img = load_image(p)
+    np.testing.assert_allclose(img.get_fdata(), d, rtol=1e-5, atol=1e-3)
+    assert any("magnitude" in w for w in img.extra["qc_warnings"])
+
+
+def test_rgb_voxels_are_a_clear_error(tmp_path):
+    rgb = np.zeros((24, 28, 20), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    p = tmp_path / "rgb.nii.gz"
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), str(p))
+    with pytest.raises(E.CorruptImageError, match="RGB or structured") as err:
+        load_image(p)
+    _assert_one_line_naming(err, p)
+
