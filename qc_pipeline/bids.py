@@ -461,6 +461,7 @@ def collect_scans(
         entities = _entities_bulk(layout, files)
         scans.extend(_record(root, f, entities[f], tables, site_column) for f in files)
     scans.sort(key=lambda s: s.relpath)
+    _warn_unscreenable(root, suffixes)
     if not scans:
         what = [f"suffix {'/'.join(suffixes)}"]
         if subjects:
@@ -471,6 +472,19 @@ def collect_scans(
             what.append("the --bids-filter-file filters")
         raise NoScansFound(f"no anatomical scans in {root} match " + " and ".join(what))
     return scans
+
+
+def _warn_unscreenable(root: Path, suffixes: Sequence[str]) -> None:
+    """One warning per anat/ entry that is named like a scan but is not a file (a folder, a
+    socket, ...): pybids indexes files only, so it would be skipped without a word."""
+    for pattern in ("sub-*/anat/*", "sub-*/ses-*/anat/*"):
+        for p in root.glob(pattern):
+            name = p.name
+            if not any(name.endswith(f"_{s}{ext}") for s in suffixes for ext in (".nii", ".nii.gz")):
+                continue
+            if p.is_dir() or (p.exists() and not p.is_file()):
+                LOGGER.warning("%s: named like a scan but is not a file; not screened",
+                               p.relative_to(root))
 
 
 def _entities_bulk(layout, files: Sequence[str]) -> dict[str, dict[str, str]]:

@@ -123,6 +123,19 @@ def test_hostile_filter_files_are_one_clear_error(tmp_path, content, match):
     assert str(filt) in str(err.value) and "\n" not in str(err.value)
 
 
+def test_folder_named_like_a_scan_is_reported(tmp_path, caplog):
+    from app_testlib import save_scan
+
+    root = tmp_path / "bids"
+    root.mkdir()
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "x", "BIDSVersion": "1.9.0"}))
+    save_scan(root, "sub-01/anat/sub-01_T1w.nii.gz")
+    (root / "sub-02" / "anat" / "sub-02_T1w.nii.gz").mkdir(parents=True)
+    got = collect_scans(root, suffixes=["T1w"], database_path=tmp_path / "db")
+    assert [s.bids_name for s in got] == ["sub-01_T1w"]
+    assert "sub-02/anat/sub-02_T1w.nii.gz: named like a scan but is not a file" in caplog.text
+
+
 def test_index_database_is_reused_and_refreshed(tmp_path):
     from qc_pipeline.bids import build_layout
     from app_testlib import save_scan
