@@ -15,6 +15,7 @@ Every stage passes a one-line ``error`` downstream instead of raising (see
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from typing import Optional, Sequence
@@ -35,8 +36,14 @@ DEFAULT_VOXEL_SIZE = (2.0, 2.0, 2.0)
 
 
 def node_name(text: str) -> str:
-    """A Nipype-safe node name (letters, digits, underscores)."""
-    return re.sub(r"[^A-Za-z0-9_]", "_", str(text))
+    """A Nipype-safe node name (letters, digits, underscores). BIDS names map one to one
+    (``-`` -> ``_``); a name with any other character (``acq-a b``, ``acq-a#b``, ``sub-ü``)
+    also gets a short digest of itself, so two such names never share a node."""
+    text = str(text)
+    safe = re.sub(r"[^A-Za-z0-9_]", "_", text)
+    if re.search(r"[^A-Za-z0-9_-]", text):
+        safe += "_" + hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return safe
 
 
 def init_scan_wf(

@@ -177,3 +177,13 @@ def test_nipype_layers_switch_telemetry_off_when_imported_as_a_library():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1"
+
+
+def test_node_names_of_odd_bids_names_never_collide():
+    from qc_pipeline.workflows.base import node_name
+
+    names = ["sub-01_acq-a b_T1w", "sub-01_acq-a#b_T1w", "sub-01_acq-a?b_T1w", "sub-ü_T1w", "sub-u_T1w"]
+    got = [node_name(f"scan_{n}") for n in names]
+    assert len(set(got)) == len(names)
+    assert all(g.replace("_", "").isalnum() and g.isascii() for g in got)
+    assert node_name("scan_sub-01_ses-pre_run-1_T1w") == "scan_sub_01_ses_pre_run_1_T1w"  # BIDS names as before
