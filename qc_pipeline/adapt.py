@@ -51,8 +51,6 @@ __all__ = ["AdaptOptions", "AdaptError", "select_training_scans", "adaptation_ke
 MODELS_DIRNAME = "models"
 #: a site score above this robust z (beyond the excluded share) also leaves the training set
 OUTLIER_Z = 3.5
-#: the preprocessing node's output inside the participant workflow's work directory
-_WF_NAME = "itermask_qc_wf"
 
 
 class AdaptError(RuntimeError):
@@ -223,9 +221,9 @@ def adapted_model_dir(output_dir, suffix: str) -> Path:
 def _preprocessed(scan, settings, spec) -> Any:
     """The scan's :class:`~qc_pipeline.preprocessing.PreprocResult`: the participant
     workflow's cached output in the work directory, else preprocessed again."""
-    from qc_pipeline.workflows.base import node_name
+    from qc_pipeline.workflows.base import cached_preprocessing
 
-    pkl = Path(settings.work_dir) / _WF_NAME / node_name(f"scan_{scan.bids_name}") / "preprocess" / "preproc.pkl"
+    pkl = cached_preprocessing(settings.work_dir, scan)
     if pkl.is_file():
         try:
             with open(pkl, "rb") as fh:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from pathlib import Path
 from typing import Optional, Sequence
 
 # nipype phones home (etelemetry) on import in interactive sessions and when an interface is
@@ -142,6 +143,12 @@ def init_scan_wf(
         (write, outputnode, [("qc_json", "qc_json"), ("status", "status")]),
     ])
     return wf
+
+
+def cached_preprocessing(work_dir, scan: ScanRecord, name: str = "itermask_qc_wf") -> Path:
+    """Where the participant workflow (``name``, run with ``work_dir``) keeps the pickled
+    :class:`~qc_pipeline.preprocessing.PreprocResult` of ``scan`` (it may not exist yet)."""
+    return Path(work_dir) / name / node_name(f"scan_{scan.bids_name}") / "preprocess" / "preproc.pkl"
 
 
 def init_itermask_qc_wf(*, scans: Sequence[ScanRecord], settings, name: str = "itermask_qc_wf"):
