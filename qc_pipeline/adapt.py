@@ -402,7 +402,8 @@ def _adapt_one(settings, plan, rows, options: AdaptOptions, *, bad: set[str]) ->
     }
     from .engine import IterMask3D
 
-    model = IterMask3D(_load_net(target, card), card, device=settings.device)
+    _write_card(target, card)  # complete: False until the stopping slope is calibrated
+    model = IterMask3D.from_folder(target, device=settings.device)
     tau50 = [model.typical_error(p.image, p.brain_mask, voxel_size=tuple(p.info.voxel_size),
                                  seed=settings.seed) for p in preps]
     from .calibrate import CalibrationError, gamma_from_tau50
@@ -419,16 +420,6 @@ def _adapt_one(settings, plan, rows, options: AdaptOptions, *, bad: set[str]) ->
     _write_card(target, card)
     log.info("adapt: %s model %s written to %s (%d steps, gamma %.4g)", suffix, new_id, target,
              res["steps"], card.get("gamma"))
-
-
-def _load_net(target: Path, card) -> Any:
-    import torch
-
-    from .engine.modelio import build_network
-
-    net = build_network(card)
-    net.load_state_dict(torch.load(target / "weights.pt", map_location="cpu", weights_only=True))
-    return net
 
 
 def _write_card(target: Path, card: Mapping) -> None:

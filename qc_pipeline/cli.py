@@ -101,16 +101,6 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _fnr(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
-
-
 def _path(text: str) -> Path:
     return Path(text).expanduser()
 
@@ -206,7 +196,7 @@ def get_parser() -> argparse.ArgumentParser:
                             "rated bad are never trained on")
     g_grp.add_argument("--site-column", default="site", metavar="COLUMN",
                        help="column of participants.tsv / sessions.tsv / scans.tsv naming the site")
-    g_grp.add_argument("--flag-at-fnr", type=_fnr, metavar="FNR",
+    g_grp.add_argument("--flag-at-fnr", type=_fraction, metavar="FNR",
                        help="calibrate the flag threshold on the labelled scans at this "
                             "false-negative rate (needs --labels); default: robust per-site rule")
 

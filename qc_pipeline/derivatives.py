@@ -76,6 +76,10 @@ def _atomic_json(obj: Any, path: Path) -> Path:
     return path
 
 
+#: the qc.json fields that the QC score (``qcscore.combine(...).to_dict()``) fills
+QUALITY_FIELDS = ("qc_score", "qc_score_driver", "quality_features", "quality_z", "qc_score_reference")
+
+
 def one_line(text: Any, limit: int = 400) -> str:
     """Collapse whitespace so a reason always fits on one line."""
     s = " ".join(str(text).split())
@@ -152,7 +156,7 @@ def write_ok_qc(output_dir, scan, result: Mapping[str, Any], *, model_id, schedu
                       input_sha256=input_sha256, model_adapted_from=model_adapted_from)
     rec["status"] = "ok"
     q = dict(quality or {})
-    for key in ("qc_score", "qc_score_driver", "quality_features", "quality_z", "qc_score_reference"):
+    for key in QUALITY_FIELDS:
         rec[key] = q.get(key)
     for key in RESULT_FIELDS:
         rec[key] = result.get(key)
@@ -178,7 +182,7 @@ def rescore_qc(path, reference: Optional[Mapping[str, Any]]) -> Optional[Path]:
     if not rec or rec.get("status") != "ok" or not isinstance(rec.get("quality_features"), dict):
         return None
     q = combine(rec["quality_features"], reference).to_dict()
-    for key in ("qc_score", "qc_score_driver", "quality_features", "quality_z", "qc_score_reference"):
+    for key in QUALITY_FIELDS:
         rec[key] = q.get(key)
     return _atomic_json(rec, Path(path))
 

@@ -712,10 +712,6 @@ class GroupTables:
     mad_k: float
     flag_at_fnr: float | None
 
-    @property
-    def files(self) -> list[Path]:
-        return [f for t in self.tables for f in t.files]
-
 
 def write_group_tables(output_dir, *, labels=None, site_column: str = "site",
                        flag_at_fnr: float | None = None, mad_k: float = DEFAULT_MAD_K,

@@ -199,7 +199,7 @@ def test_bad_ratings_file_stops_before_any_work(site, tmp_path, caplog):
 @pytest.mark.parametrize("argv,expected", [
     (["--adapt-exclude", "1"], "expected a number in [0, 1)"),
     (["--adapt-minutes", "0"], "expected a positive number"),
-    (["--adapt-steps", "-3"], "-3"),
+    (["--adapt-steps", "0"], "expected a positive integer, got '0'"),
 ])
 def test_bad_budget_options_are_usage_errors(argv, expected, tmp_path, capsys):
     rc = main([str(tmp_path), str(tmp_path / "out"), "adapt", *argv])

@@ -187,20 +187,22 @@ def test_suffix_filter_and_single_site(tmp_path, derivs):
     assert "n_labelled" not in sites[0]  # no labels: no metric columns
 
 
-def test_site_column_from_metadata(derivs):
-    for p in derivs.root.rglob("*_qc.json"):
+def _set_scanner(root, first: str, rest: str) -> None:
+    """metadata.scanner = ``first`` for sub-01..04, ``rest`` for the others."""
+    for p in root.rglob("*_qc.json"):
         d = json.loads(p.read_text())
-        d.setdefault("metadata", {})["scanner"] = "S1" if d["bids_name"] < "sub-05" else "S2"
+        d.setdefault("metadata", {})["scanner"] = first if d["bids_name"] < "sub-05" else rest
         p.write_text(json.dumps(d))
+
+
+def test_site_column_from_metadata(derivs):
+    _set_scanner(derivs.root, "S1", "S2")
     run_group(derivs.root, site_column="scanner", subject_reports=False)
     assert sorted({r["site"] for r in _read(derivs.root / "group_T1w.csv")}) == ["S1", "S2"]
 
 
 def test_cells_a_spreadsheet_would_run_are_quoted(derivs):
-    for p in derivs.root.rglob("*_qc.json"):
-        d = json.loads(p.read_text())
-        d.setdefault("metadata", {})["scanner"] = '=HYPERLINK("http://x","y")' if d["bids_name"] < "sub-05" else "S2"
-        p.write_text(json.dumps(d))
+    _set_scanner(derivs.root, '=HYPERLINK("http://x","y")', "S2")
     run_group(derivs.root, site_column="scanner", subject_reports=False)
     rows = _read(derivs.root / "group_T1w.csv")
     assert sorted({r["site"] for r in rows}) == ["'=HYPERLINK(\"http://x\",\"y\")", "S2"]
