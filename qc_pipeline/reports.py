@@ -43,6 +43,10 @@ __all__ = [
     "error_map_png",
     "tau_curve_png",
     "ARTIFACT_CHOICES",
+    "MEASURE_WORDS",
+    "describe_measure",
+    "scan_anchor",
+    "head_mask",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -50,6 +54,44 @@ LOGGER = logging.getLogger(__name__)
 #: artifact checklist offered in each scan's rating control
 ARTIFACT_CHOICES = ("motion", "ghosting/wrap-around", "metal/susceptibility", "missing or cut-off brain",
                     "noise", "intensity inhomogeneity", "spike/zipper", "other")
+
+#: each QC-score measurement in a rater's words, and the artifact tag it most often points to
+MEASURE_WORDS: dict[str, tuple[str, str]] = {
+    "anomaly_fraction": ("a region of the brain the model cannot reconstruct (lesion, artifact or missing tissue)",
+                         "other"),
+    "recon_error": ("the whole brain looks unlike a clean scan to the model", "other"),
+    "anomaly_cluster_fraction": ("one large abnormal region inside the brain", "other"),
+    "signal_deficit": ("missing or cut-off brain (field of view, signal dropout)", "missing or cut-off brain"),
+    "signal_void": ("dark signal voids in the brain (metal / susceptibility)", "metal/susceptibility"),
+    "nonuniformity": ("intensity inhomogeneity (bias field, coil shading)", "intensity inhomogeneity"),
+    "background_artifact_fraction": ("ghosting / wrap-around in the background", "ghosting/wrap-around"),
+    "sharpness": ("blurring (motion or low resolution)", "motion"),
+    "axis_sharpness": ("blurring along one axis (thick slices or through-plane motion)", "motion"),
+    "noise": ("noise in the brain", "noise"),
+    "snr": ("low signal-to-noise ratio", "noise"),
+    "spectral_peak": ("spike / zipper stripes (a k-space spike)", "spike/zipper"),
+    "line_comb": ("ghosting along the phase-encode direction (motion or pulsation)", "ghosting/wrap-around"),
+}
+
+
+def describe_measure(name: str | None) -> str:
+    """A measurement's name in a rater's words (the name itself when it is not known)."""
+    if not name:
+        return ""
+    return MEASURE_WORDS.get(str(name), (str(name), ""))[0]
+
+
+def scan_anchor(bids_name: str) -> str:
+    """The HTML id of a scan's section (``scan-`` + the name with unsafe characters as ``_``).
+
+    Every page derives a scan's anchor from its name with this one function, so a link
+    from the group table or the overview lands on the scan's section.
+    """
+    return "scan-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", str(bids_name))
+
+
+#: bumped when the drawing of cached figures changes, so that older cached figures are redrawn
+FIGURE_VERSION = 2
 
 #: overlay: saturated red fill plus a yellow outline (visible on a thumbnail on grey)
 OVERLAY_RGBA = (1.0, 0.08, 0.08, 0.6)
@@ -67,6 +109,8 @@ def _env():
                              trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = _num
     env.filters["pct"] = _pct
+    env.filters["anchor"] = scan_anchor
+    env.filters["words"] = describe_measure
     return env
 
 
@@ -132,6 +176,39 @@ def _load_canonical(path: Path):
     return np.asarray(img.dataobj, dtype=np.float32), img
 
 
+def head_mask(background: np.ndarray, error: np.ndarray | None = None,
+              mask: np.ndarray | None = None) -> np.ndarray:
+    """Where the head is, so that every mosaic tile cuts through it.
+
+    The error map's non-zero voxels when it covers less than 90 % of the grid (the engine
+    writes it inside the brain only); otherwise the background above 15 % of its 99th
+    percentile, as its largest connected piece with holes filled (a real scan's noise
+    fills the whole field of view, and ``!= 0`` would spread the slices into the air).
+    The anomaly mask is always included.
+    """
+    from scipy import ndimage
+
+    bg = np.nan_to_num(np.asarray(background, dtype=np.float32))
+    region = None
+    if error is not None:
+        e = np.isfinite(error) & (np.asarray(error) != 0)
+        if e.any() and e.mean() < 0.9:
+            region = e
+    if region is None:
+        nonzero = bg != 0
+        if nonzero.mean() < 0.9:
+            region = nonzero
+        else:
+            vals = np.abs(bg[nonzero])
+            cut = 0.15 * float(np.percentile(vals, 99)) if vals.size else 0.0
+            region = np.abs(bg) > cut
+            if region.any():
+                region = ndimage.binary_fill_holes(largest_component(region))
+    if mask is not None:
+        region = region | np.asarray(mask, dtype=bool)
+    return region
+
+
 def choose_slices(mask: np.ndarray | None, brain: np.ndarray, n: int = 5) -> tuple[list[list[int]], tuple[int, int, int], bool]:
     """Slices per axis: the centre slice goes through the anomaly when there is one.
 
@@ -187,6 +264,79 @@ def _outline(m: np.ndarray, width: int = 1) -> np.ndarray:
     return grown & ~m
 
 
+def _tile_rgb(background: np.ndarray, mask: np.ndarray | None, ax: int, k: int, zooms, scale: float,
+              lut, window: tuple[float, float]) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """One slice as an RGB tile (superior/anterior up) with the anomaly overlay, and the
+    centre of a ring to draw around an anomaly too small to see (None otherwise)."""
+    lo, hi = window
+    other = [a for a in range(3) if a != ax]
+    ci = _tile_index(background.shape[other[0]], zooms[other[0]], scale)
+    ri = _tile_index(background.shape[other[1]], zooms[other[1]], scale)[::-1]
+    img = np.take(background, k, axis=ax)[np.ix_(ci, ri)].T  # rows: superior first
+    rgb = lut(np.clip((img - lo) / (hi - lo), 0, 1))[..., :3] * 255
+    ring = None
+    if mask is not None:
+        m = np.take(mask, k, axis=ax)[np.ix_(ci, ri)].T
+        if m.any():
+            fill = np.array(OVERLAY_RGBA[:3]) * 255
+            alpha = OVERLAY_RGBA[3]
+            rgb[m] = (1 - alpha) * rgb[m] + alpha * fill
+            rgb[_outline(m, 2)] = [int(OUTLINE_COLOR[i:i + 2], 16) for i in (1, 3, 5)]
+            if m.sum() < 150:  # under ~12x12 px: ring it
+                ys, xs = np.nonzero(m)
+                ring = (xs.mean(), ys.mean())
+    return rgb.astype(np.uint8), ring
+
+
+def worst_slice(mask: np.ndarray | None, error: np.ndarray | None, head: np.ndarray, axis: int = 2) -> int:
+    """The slice along ``axis`` a rater should see first: through the largest anomaly when
+    there is one, else the one with the highest mean error inside the head, else the
+    head's centre."""
+    from scipy import ndimage
+
+    if mask is not None and mask.any():
+        _, centre, _ = choose_slices(mask, head)
+        return int(centre[axis])
+    other = tuple(a for a in range(3) if a != axis)
+    if error is not None and head.any():
+        err = np.where(head, np.nan_to_num(np.abs(error)), 0.0)
+        n = head.sum(axis=other)
+        mean = np.where(n > 0.2 * max(1, n.max()), err.sum(axis=other) / np.maximum(n, 1), -1.0)
+        if mean.max() > 0:
+            return int(np.argmax(mean))
+    if head.any():
+        return int(round(ndimage.center_of_mass(head)[axis]))
+    return head.shape[axis] // 2
+
+
+def thumbnail_png(background: np.ndarray, mask: np.ndarray | None, zooms, k: int, *, axis: int = 2,
+                  px: int = 160, window=None) -> str:
+    """One slice (axial by default) with the anomaly overlay as a small PNG data URI."""
+    import matplotlib
+    from PIL import Image, ImageDraw
+
+    background = np.nan_to_num(np.asarray(background, dtype=np.float32))
+    head = head_mask(background, mask=mask)
+    if window is None:
+        vals = background[head] if head.any() else background.ravel()
+        window = (float(np.percentile(vals, 1)), float(np.percentile(vals, 99.5))) if vals.size else (0.0, 1.0)
+    lo, hi = window
+    if hi <= lo:
+        hi = lo + 1.0
+    zooms = [float(z) if z and np.isfinite(z) and z > 0 else 1.0 for z in zooms[:3]]
+    scale = px / max(n * z for n, z in zip(background.shape, zooms))
+    k = int(np.clip(k, 0, background.shape[axis] - 1))
+    rgb, ring = _tile_rgb(background, mask, axis, k, zooms, scale, matplotlib.colormaps["gray"], (lo, hi))
+    canvas = Image.fromarray(rgb)
+    if ring is not None:
+        draw = ImageDraw.Draw(canvas)
+        r = 0.14 * rgb.shape[1]
+        draw.ellipse([ring[0] - r, ring[1] - r, ring[0] + r, ring[1] + r], outline=OUTLINE_COLOR, width=2)
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG", compress_level=6)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def mosaic_png(background: np.ndarray, mask: np.ndarray | None, zooms, *, title: str = "",
                cmap: str = "gray", overlay: bool = True, window=None, colorbar_label: str | None = None,
                slices=None, tile_px: int = 150) -> str:
@@ -201,9 +351,7 @@ def mosaic_png(background: np.ndarray, mask: np.ndarray | None, zooms, *, title:
     from PIL import Image, ImageDraw
 
     background = np.nan_to_num(np.asarray(background, dtype=np.float32))
-    brain = background != 0
-    if mask is not None:
-        brain |= mask
+    brain = head_mask(background, mask=mask)
     if slices is None:
         slices, centre, through = choose_slices(mask, brain)
     else:
@@ -218,8 +366,6 @@ def mosaic_png(background: np.ndarray, mask: np.ndarray | None, zooms, *, title:
     extent_mm = max(n * z for n, z in zip(background.shape, zooms))
     scale = tile_px / extent_mm
     lut = matplotlib.colormaps[cmap]
-    fill = np.array(OVERLAY_RGBA[:3]) * 255
-    alpha = OVERLAY_RGBA[3]
     outline_rgb = np.array([int(OUTLINE_COLOR[i:i + 2], 16) for i in (1, 3, 5)], float)
     names = ("sagittal", "coronal", "axial")
     pad, label_h, title_h = 4, 16, 18 if title else 0
@@ -227,23 +373,10 @@ def mosaic_png(background: np.ndarray, mask: np.ndarray | None, zooms, *, title:
     ncol = max(len(sl) for sl in slices)
     tiles = []
     for ax in range(3):
-        other = [a for a in range(3) if a != ax]
-        ci = _tile_index(background.shape[other[0]], zooms[other[0]], scale)
-        ri = _tile_index(background.shape[other[1]], zooms[other[1]], scale)[::-1]
         row = []
         for k in slices[ax]:
-            img = np.take(background, k, axis=ax)[np.ix_(ci, ri)].T  # rows: superior first
-            rgb = lut(np.clip((img - lo) / (hi - lo), 0, 1))[..., :3] * 255
-            ring = None
-            if overlay and mask is not None:
-                m = np.take(mask, k, axis=ax)[np.ix_(ci, ri)].T
-                if m.any():
-                    rgb[m] = (1 - alpha) * rgb[m] + alpha * fill
-                    rgb[_outline(m, 2)] = outline_rgb
-                    if m.sum() < 150:  # under ~12x12 px: ring it
-                        ys, xs = np.nonzero(m)
-                        ring = (xs.mean(), ys.mean())
-            row.append((rgb.astype(np.uint8), k, ring))
+            rgb, ring = _tile_rgb(background, mask if overlay else None, ax, k, zooms, scale, lut, (lo, hi))
+            row.append((rgb, k, ring))
         tiles.append(row)
     tw = max(t[0].shape[1] for row in tiles for t in row)
     th = [max(t[0].shape[0] for t in row) for row in tiles]
@@ -351,9 +484,10 @@ def _fresh(cache: Path, inputs: list[Path]) -> bool:
         return False
 
 
-def _cached(cache: Path, inputs: list[Path], make) -> str | None:
-    """PNG data URI from ``cache`` when newer than every input, else ``make()`` (and store)."""
-    if _fresh(cache, inputs):
+def _cached(cache: Path, inputs: list[Path], make, *, redraw: bool = False) -> str | None:
+    """PNG data URI from ``cache`` when newer than every input (and not ``redraw``), else
+    ``make()`` (and store)."""
+    if not redraw and _fresh(cache, inputs):
         try:
             return "data:image/png;base64," + base64.b64encode(cache.read_bytes()).decode("ascii")
         except OSError:
@@ -369,8 +503,9 @@ def _cached(cache: Path, inputs: list[Path], make) -> str | None:
 
 
 def scan_figures(rec: QCRecord, output_dir: Path) -> dict:
-    """Figures of one scan: ``mosaic``, ``error`` and ``tau`` URIs plus notes."""
-    out = {"mosaic": None, "error": None, "tau": None, "notes": [], "background": None}
+    """Figures of one scan: ``mosaic``, ``error``, ``tau`` and ``thumb`` (one axial slice
+    through the worst place, for the overview) URIs plus notes."""
+    out = {"mosaic": None, "error": None, "tau": None, "thumb": None, "notes": [], "background": None}
     mask_p, err_p = rec.resolve("mask_file"), rec.resolve("error_map_file")
     bg_p = rec.resolve("background_file") or rec.resolve("source_file") or rec.resolve("source_path")
     figdir = output_dir / f"sub-{rec.subject}" / "figures"
@@ -383,14 +518,18 @@ def scan_figures(rec: QCRecord, output_dir: Path) -> dict:
         return out
     inputs = [rec.path] + [p for p in (mask_p, err_p, bg_p) if p is not None]
     c_mosaic, c_error = figdir / f"{name}_desc-mosaic.png", figdir / f"{name}_desc-errormap.png"
+    c_thumb = figdir / f"{name}_desc-thumb.png"
     meta_p = figdir / f"{name}_desc-figures.json"
-    if all(_fresh(c, inputs) for c in (c_mosaic, c_error, meta_p)):
+    if all(_fresh(c, inputs) for c in (c_mosaic, c_error, c_thumb, meta_p)):
         try:
             meta = json.loads(meta_p.read_text(encoding="utf-8"))
+            if meta.get("figure_version") != FIGURE_VERSION:
+                raise KeyError("figure_version")
             out.update({k: meta[k] for k in ("notes", "background", "through_anomaly")})
             out["mosaic"] = _cached(c_mosaic, inputs, lambda: None)
             out["error"] = _cached(c_error, inputs, lambda: None)
-            if out["mosaic"] and out["error"]:
+            out["thumb"] = _cached(c_thumb, inputs, lambda: None)
+            if out["mosaic"] and out["error"] and out["thumb"]:
                 return out
         except (OSError, ValueError, KeyError):
             pass
@@ -425,21 +564,23 @@ def scan_figures(rec: QCRecord, output_dir: Path) -> dict:
                 bg = err
                 out["background"] = "error map"
                 out["notes"].append("source scan not available: the error map is the background")
-        brain = np.isfinite(bg) & (bg != 0)
-        if err is not None:
-            brain |= np.isfinite(err) & (err != 0)
-        sl = choose_slices(mask, brain)
+        head = head_mask(bg, err, mask)
+        sl = choose_slices(mask, head)
         title = {"scan": "scan with anomaly mask", "error map": "error map (grey) with anomaly mask",
                  "mask": "anomaly mask"}[out["background"]]
         out["mosaic"] = _cached(c_mosaic, inputs,
-                                lambda: mosaic_png(bg, mask, zooms, title=title, slices=sl))
+                                lambda: mosaic_png(bg, mask, zooms, title=title, slices=sl), redraw=True)
         if err is not None:
             out["error"] = _cached(c_error, inputs,
-                                   lambda: error_map_png(err, mask, zooms, sl))
+                                   lambda: error_map_png(err, mask, zooms, sl), redraw=True)
         out["through_anomaly"] = sl[2]
-        if out["mosaic"] and out["error"]:
+        k = worst_slice(mask, err, head)
+        out["thumb"] = _cached(c_thumb, inputs, lambda: thumbnail_png(bg, mask, zooms, k), redraw=True)
+        if out["mosaic"] and out["error"] and out["thumb"]:
             try:
-                atomic_write_text(json.dumps({k: out[k] for k in ("notes", "background", "through_anomaly")}), meta_p)
+                atomic_write_text(json.dumps({"figure_version": FIGURE_VERSION,
+                                              **{k: out[k] for k in ("notes", "background", "through_anomaly")}}),
+                                  meta_p)
             except OSError:
                 pass
     except Exception as exc:  # noqa: BLE001 - report what failed, keep the page
@@ -548,8 +689,21 @@ def _card_summary(card: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- subject page
+def ranking_score(rows) -> str:
+    """The score a group table is ranked by, from its rows: ``qc_score_site`` when every
+    successful scan has one, else ``qc_score``, else ``anomaly_fraction`` (the group
+    level's own rule, :func:`qc_pipeline.group.compute_suffix_tables`)."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    for key in ("qc_score_site", "qc_score"):
+        if ok and all(r.get(key) not in (None, "", "n/a") for r in ok):
+            return key
+    return "anomaly_fraction"
+
+
 def _group_info(output_dir: Path, rec: QCRecord) -> dict | None:
-    """Rank/percentile of ``rec`` from ``group_<suffix>.csv``, None when absent or stale."""
+    """The scan's verdict from ``group_<suffix>.csv`` (score, driver, rank, flags) and its
+    neighbours in the ranking; None when the table is absent, ``{"stale": True}`` when it
+    no longer matches the qc.json."""
     p = output_dir / f"group_{rec.suffix}.csv"
     if not p.is_file() or not rec.ok:
         return None
@@ -567,13 +721,13 @@ def _group_info(output_dir: Path, rec: QCRecord) -> dict | None:
     if not math.isclose(frac, rec.fraction, rel_tol=1e-5, abs_tol=1e-12):
         return {"stale": True}
     site = row.get("site", "")
+    key = ranking_score(rows.values())
     site_ok = [r for r in rows.values() if r.get("site") == site and r.get("status") == "ok"]
-    n_site = len(site_ok)
-    key = next((k for k in ("qc_score_site", "qc_score") if all(r.get(k) not in (None, "") for r in site_ok)),
-               "anomaly_fraction")
     mine = float(row.get(key) or "nan")
     rank_site = 1 + sum(1 for r in site_ok if float(r[key]) > mine)
     n_all = sum(1 for r in rows.values() if r.get("status") == "ok")
+    driver = {"qc_score_site": row.get("qc_score_site_driver"),
+              "qc_score": row.get("qc_score_driver")}.get(key) or ""
     rule = bg_rule = ""
     sp = output_dir / f"group_{rec.suffix}_sites.csv"
     if sp.is_file():
@@ -584,14 +738,83 @@ def _group_info(output_dir: Path, rec: QCRecord) -> dict | None:
                 if srow.get("site") == site:
                     rule = srow.get("threshold_rule", "")
                     bg_rule = srow.get("background_rule", "") or ""
-    return {"stale": False, "site": site, "rank_in_site": rank_site, "n_site": n_site,
+    return {"stale": False, "site": site, "rank_in_site": rank_site, "n_site": len(site_ok),
             "rank": row.get("rank"), "n_all": n_all,
             "percentile": row.get("percentile_in_site"), "flagged": row.get("flagged") == "1",
             "threshold": row.get("threshold"), "rule": rule, "csv": p.name,
-            "score": key, "score_value": row.get(key),
+            "page": f"group_{rec.suffix}.html", "score": key, "score_value": row.get(key),
+            "driver": driver, "driver_words": describe_measure(driver),
             "background_flagged": row.get("background_flagged") == "1",
             "background_threshold": row.get("background_threshold"), "background_rule": bg_rule,
             "flag_reasons": row.get("flag_reasons", "") or ""}
+
+
+def _scan_nav(output_dir: Path, rec: QCRecord) -> dict | None:
+    """Links of a scan's section: its row of the group table and its neighbours in the
+    ranking (worst first, failed scans last); None before the group level."""
+    p = output_dir / f"group_{rec.suffix}.csv"
+    try:
+        rows = read_group_csv(p) if p.is_file() else {}
+    except (OSError, KeyError, ValueError):
+        rows = {}
+    if rec.bids_name not in rows:
+        return None
+    order = list(rows)  # the CSV is written worst first
+    i = order.index(rec.bids_name)
+
+    def link(j: int) -> dict | None:
+        if not 0 <= j < len(order):
+            return None
+        return {"bids_name": order[j], "href": f"{rows[order[j]].get('report', '')}#{scan_anchor(order[j])}"}
+
+    return {"page": f"group_{rec.suffix}.html", "previous": link(i - 1), "next": link(i + 1),
+            "position": i + 1, "n": len(order)}
+
+
+_SCORE_BASIS = {
+    "qc_score_site": "robust z against this site's clean scans",
+    "qc_score": "robust z against the model's clean reference scans",
+    "anomaly_fraction": "share of the brain the model could not reconstruct",
+}
+
+
+def scan_verdict(data: dict, group: dict | None) -> dict:
+    """The one verdict a subject page leads with: the number the group table ranks the scan
+    by, the measurement that drove it in a rater's words, and the flags.
+
+    Before the group level (or with a stale table) it is the qc.json's own QC score against
+    the model's reference, and ``ranked`` is False.
+    """
+    ranked = bool(group) and not group.get("stale")
+    if ranked:
+        score, value, driver = group["score"], group["score_value"], group["driver"]
+        flagged, bg_flagged = group["flagged"], group["background_flagged"]
+    else:
+        score, value, driver = "qc_score", data.get("qc_score"), data.get("qc_score_driver") or ""
+        flagged = bg_flagged = False
+        if value is None:
+            score, value, driver = "anomaly_fraction", data.get("anomaly_fraction"), ""
+    reasons = [describe_measure(driver)] if driver else []
+    if bg_flagged and driver != "background_artifact_fraction":
+        reasons.append(describe_measure("background_artifact_fraction"))
+    tags = [MEASURE_WORDS[d][1] for d in ([driver] if driver else []) + (["background_artifact_fraction"] if bg_flagged else [])
+            if d in MEASURE_WORDS]
+    return {"ranked": ranked, "score": score, "value": value, "driver": driver, "reasons": reasons,
+            "basis": _SCORE_BASIS[score], "flagged": flagged, "background_flagged": bg_flagged,
+            "tags": sorted(set(tags))}
+
+
+def _measurements(data: dict, driver: str) -> list[dict]:
+    """The QC-score measurements of a qc.json, worst first, each in a rater's words."""
+    z = data.get("quality_z") if isinstance(data.get("quality_z"), dict) else {}
+    feats = data.get("quality_features") if isinstance(data.get("quality_features"), dict) else {}
+    out = []
+    for name in sorted(set(z) | set(feats)):
+        zv = z.get(name)
+        zf = float(zv) if isinstance(zv, (int, float)) and math.isfinite(zv) else -math.inf
+        out.append({"name": name, "words": describe_measure(name), "value": feats.get(name), "z": zv,
+                    "driver": name == driver, "sort": zf})
+    return sorted(out, key=lambda m: (-m["sort"], m["name"]))
 
 
 def render_subject_report(output_dir, subject: str, *, site_column: str = "site") -> str:
@@ -607,8 +830,10 @@ def render_subject_report(output_dir, subject: str, *, site_column: str = "site"
     for i, rec in enumerate(sorted(records, key=order)):
         ent = {k: v for k, v in rec.entities.items() if k not in ("subject",) and v not in (None, "")}
         d = rec.data
+        group = _group_info(output_dir, rec)
+        verdict = scan_verdict(d, group)
         scans.append({
-            "idx": i, "anchor": f"scan-{i}", "rec": rec, "bids_name": rec.bids_name,
+            "idx": i, "anchor": scan_anchor(rec.bids_name), "rec": rec, "bids_name": rec.bids_name,
             "entities": ent, "site": rec.site, "ok": rec.ok, "status": rec.status,
             "error": rec.error, "warnings": rec.warnings,
             "voxels": d.get("anomaly_voxels"), "fraction": d.get("anomaly_fraction"),
@@ -616,7 +841,8 @@ def render_subject_report(output_dir, subject: str, *, site_column: str = "site"
             "quality_z": d.get("quality_z") or {}, "quality_features": d.get("quality_features") or {},
             "mm3": d.get("anomaly_mm3"),
             "background": rec.background, "bg_fraction": d.get("background_artifact_fraction"),
-            "group": _group_info(output_dir, rec), "fig": scan_figures(rec, output_dir),
+            "group": group, "verdict": verdict, "nav": _scan_nav(output_dir, rec), "measurements": _measurements(d, verdict["driver"]),
+            "fig": scan_figures(rec, output_dir),
             "details": [(k, d.get(k)) for k in ("model_id", "model_adapted_from", "schedule", "device", "forward_passes",
                                                  "tau_stop", "mean_error", "runtime_s",
                                                  "package_version", "input_sha256", "source_file",

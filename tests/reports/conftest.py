@@ -210,3 +210,39 @@ def group_run(tmp_path_factory):
     dv = build_derivs(tmp_path_factory.mktemp("grp"))
     written = run_group(dv.root, labels=dv.labels_tsv)
     return dv, written
+
+
+def add_quality(dv: Derivs, *, spikes: dict | None = None, driver: dict | None = None) -> None:
+    """Give every successful T1w scan QC-score measurements and a reference, so that the
+    group level ranks by ``qc_score_site``.
+
+    ``spikes`` raises one measurement of a scan (``{bids_name: (measurement, value)}``);
+    ``driver`` overrides the qc.json's own ``qc_score`` and driver (``{bids_name: (score,
+    measurement)}``), as the model's reference may disagree with the site.
+    """
+    from qc_pipeline.qcscore import fit_reference
+
+    rng = np.random.default_rng(7)
+    clean = [{"noise": float(v), "background_artifact_fraction": 0.0}
+             for v in rng.normal(1.0, 0.05, 20)]
+    ref = fit_reference(clean, features=["noise", "background_artifact_fraction"])["features"]
+    for sc in dv.scans:
+        if sc.suffix != "T1w" or sc.kind == "failed":
+            continue
+        d = json.loads(sc.qc_path.read_text())
+        feats = {"noise": float(rng.normal(1.0, 0.05)), "background_artifact_fraction": 0.0}
+        name, value = (spikes or {}).get(sc.bids_name, (None, None))
+        if name:
+            feats[name] = value
+        d.update(quality_features=feats, quality_z={k: 0.5 for k in feats}, qc_score=0.5,
+                 qc_score_driver="noise", qc_score_reference=ref)
+        if sc.bids_name in (driver or {}):
+            d["qc_score"], d["qc_score_driver"] = driver[sc.bids_name]
+            d["quality_z"][driver[sc.bids_name][1]] = driver[sc.bids_name][0]
+        sc.qc_path.write_text(json.dumps(d))
+
+
+@pytest.fixture
+def with_quality():
+    """:func:`add_quality` (a fixture: test modules cannot import conftest under importlib)."""
+    return add_quality
