@@ -460,8 +460,14 @@ def collect_scans(
             raise InvalidFilter(f"--bids-filter-file: {exc}") from None
         entities = _entities_bulk(layout, files)
         scans.extend(_record(root, f, entities[f], tables, site_column) for f in files)
+        # pybids indexes files only: a folder named like a scan becomes a record too, so that
+        # it ends as an error row ("is a directory") instead of being skipped without a word
+        for path in _unindexed_entries(root, suffix, set(files), subjects, sessions):
+            ents = _name_entities(path, root, suffix)
+            if _matches(ents, bids_filters.get(suffix, {})):
+                scans.append(_record(root, str(path), ents, tables, site_column))
+    scans = _drop_same_stem(scans)
     scans.sort(key=lambda s: s.relpath)
-    _warn_unscreenable(root, suffixes)
     if not scans:
         what = [f"suffix {'/'.join(suffixes)}"]
         if subjects:
@@ -474,17 +480,77 @@ def collect_scans(
     return scans
 
 
-def _warn_unscreenable(root: Path, suffixes: Sequence[str]) -> None:
-    """One warning per anat/ entry that is named like a scan but is not a file (a folder, a
-    socket, ...): pybids indexes files only, so it would be skipped without a word."""
+def _unindexed_entries(root: Path, suffix: str, indexed: set, subjects, sessions) -> list[Path]:
+    """``anat/`` entries named like a scan of ``suffix`` that pybids did not index (folders,
+    and whatever else it leaves out), within the selected subjects and sessions."""
+    out = []
     for pattern in ("sub-*/anat/*", "sub-*/ses-*/anat/*"):
         for p in root.glob(pattern):
-            name = p.name
-            if not any(name.endswith(f"_{s}{ext}") for s in suffixes for ext in (".nii", ".nii.gz")):
+            if not any(p.name.endswith(f"_{suffix}{ext}") for ext in IMAGE_EXTENSIONS):
                 continue
-            if p.is_dir() or (p.exists() and not p.is_file()):
-                LOGGER.warning("%s: named like a scan but is not a file; not screened",
-                               p.relative_to(root))
+            if str(p) in indexed:
+                continue
+            parts = p.relative_to(root).parts
+            if subjects and parts[0][4:] not in subjects:
+                continue
+            if len(parts) == 4 and sessions and parts[1][4:] not in sessions:
+                continue
+            if len(parts) == 3 and sessions:
+                continue
+            out.append(p)
+    return sorted(out)
+
+
+def _name_entities(path: Path, root: Path, suffix: str) -> dict[str, str]:
+    """Entities of a path read from its name and folders (for entries pybids did not index)."""
+    names = {key: name for name, key in ENTITY_KEYS.items()}
+    ents: dict[str, str] = {}
+    for tok in bids_name_of(path).split("_")[:-1]:
+        if "-" in tok:
+            key, value = tok.split("-", 1)
+            ents[names.get(key, key)] = value
+    ext = next((e for e in IMAGE_EXTENSIONS if path.name.endswith(e)), "")
+    ents.update(suffix=suffix, datatype="anat", extension=ext)
+    return ents
+
+
+def _matches(ents: dict, filters: dict) -> bool:
+    """Whether entities pass ``--bids-filter-file`` filters (``null`` absent, ``"*"`` present)."""
+    def same(have, want):
+        if isinstance(want, list):
+            return any(same(have, w) for w in want)
+        if isinstance(want, bool) or not isinstance(want, int):
+            return have == str(want)
+        return have is not None and have.isdigit() and int(have) == want
+
+    for key, want in filters.items():
+        have = ents.get(key)
+        if want is None:
+            if have is not None:
+                return False
+        elif want == "*":
+            if have is None:
+                return False
+        elif not same(have, want):
+            return False
+    return True
+
+
+def _drop_same_stem(scans: list[ScanRecord]) -> list[ScanRecord]:
+    """One scan per output name: ``x_T1w.nii`` beside ``x_T1w.nii.gz`` would share every
+    output file, so the ``.nii.gz`` is screened and the other named in a warning."""
+    by_out: dict[tuple, ScanRecord] = {}
+    for scan in scans:
+        key = (scan.out_reldir, scan.bids_name)
+        other = by_out.get(key)
+        if other is None:
+            by_out[key] = scan
+            continue
+        keep, drop = (scan, other) if scan.relpath.endswith(".nii.gz") else (other, scan)
+        LOGGER.warning("%s: not screened; %s has the same name and is screened (their outputs "
+                       "would share one file)", drop.relpath, keep.relpath)
+        by_out[key] = keep
+    return list(by_out.values())
 
 
 def _entities_bulk(layout, files: Sequence[str]) -> dict[str, dict[str, str]]:
@@ -520,7 +586,22 @@ def _record(root: Path, filename: str, ents: dict, tables: _MetadataTables,
             site_column: str) -> ScanRecord:
     path = Path(filename)
     relpath = str(path.relative_to(root))
-    meta = {k: _jsonable(v) for k, v in tables.lookup(relpath, ents).items()}
+    # Subject and session are those of the folders, as written: pybids drops a label with
+    # characters beyond BIDS's (sub-ü, sub-#1) and cuts sub-01_x to 01, which would lose
+    # the scan or file its metadata and outputs under another subject.
+    parts = Path(relpath).parts
+    ents = dict(ents)
+    ents["subject"] = parts[0][len("sub-"):]
+    if len(parts) > 3 and parts[1].startswith("ses-"):
+        ents["session"] = parts[1][len("ses-"):]
+    if not re.fullmatch(r"[A-Za-z0-9]+", ents["subject"]):
+        LOGGER.warning("%s: subject label %r is not a BIDS label (letters and digits only); "
+                       "screened under it as written", relpath, ents["subject"])
+    try:
+        meta = {k: _jsonable(v) for k, v in tables.lookup(relpath, ents).items()}
+    except (ValueError, OSError) as exc:  # a table the scan's folders do not lead to
+        LOGGER.warning("%s: no participants/sessions/scans metadata (%s)", relpath, exc)
+        meta = {}
     site = meta.get(site_column)
     return ScanRecord(
         path=str(path),

@@ -163,6 +163,11 @@ def get_parser() -> argparse.ArgumentParser:
                              "'plugin_args', e.g. workflows/slurm.yml); overrides --nprocs")
     g_perf.add_argument("--device", choices=DEVICES, default="auto",
                         help="torch device for IterMask3D: auto = CUDA when available")
+    g_perf.add_argument("--max-image-gb", type=_positive_float, default=2.0, metavar="GB",
+                        help="memory budget of one scan's voxels (declared voxels x bytes per "
+                             "voxel, at least 4), checked from the header before any voxel is "
+                             "read: a larger scan is an error row; one scan's peak memory is "
+                             "about 3 times its size")
 
     g_wf = parser.add_argument_group("Workflow configuration")
     g_wf.add_argument("--model-dir", type=_path, metavar="DIR",
@@ -404,7 +409,8 @@ def _check_skull_strip(method: str, suffixes: Sequence[str]) -> None:
 def run_participant(settings: Settings, scans) -> int:
     from .derivatives import (is_done, output_paths, read_qc, write_dataset_description,
                               write_error_qc, write_subject_report)
-    from .io import sha256_file
+    from .errors import InputError
+    from .io import check_image_file, sha256_file
 
     write_dataset_description(
         settings.output_dir,
@@ -425,16 +431,27 @@ def run_participant(settings: Settings, scans) -> int:
                                sub, settings.output_dir)
         return EXIT_OK
 
-    # resume: skip scans that already have an ok record for this input, model and schedule
-    todo, done = [], []
+    # The package's own file and header checks come first: a FIFO, a device, a broken link,
+    # a folder or a header beyond the budget is an error row now, before any hash, Nipype
+    # trait check or voxel read. Then resume: skip scans that already have an ok record for
+    # this input, model and schedule.
+    todo, done, refused = [], [], []
     for scan in scans:
         spec = settings.model_specs.get(scan.suffix, {})
         try:
+            check_image_file(scan.path, name=scan.relpath, max_bytes=settings.max_image_bytes)
             sha = sha256_file(scan.path)
-        except OSError:
-            sha = None
-        if sha and is_done(settings.output_dir, scan, input_sha256=sha,
-                           model_id=spec.get("model_id"), schedule=settings.schedule):
+        except (InputError, OSError) as exc:
+            reason = str(exc) if isinstance(exc, InputError) else \
+                f"{scan.relpath}: cannot be read ({exc.strerror or exc})"
+            write_error_qc(settings.output_dir, scan, reason, model_id=spec.get("model_id"),
+                           schedule=settings.schedule, device=settings.device)
+            refused.append(scan)
+            LOGGER.warning("[%d/%d] %s: error: %s", len(refused), len(scans), scan.bids_name,
+                           reason)
+            continue
+        if is_done(settings.output_dir, scan, input_sha256=sha,
+                   model_id=spec.get("model_id"), schedule=settings.schedule):
             done.append(scan)
         else:
             todo.append(scan)
@@ -443,7 +460,7 @@ def run_participant(settings: Settings, scans) -> int:
                     "skipping them", len(done), len(scans))
 
     if todo:
-        _run_workflow(settings, todo)
+        _run_workflow(settings, todo, first=len(refused), total=len(refused) + len(todo))
 
     # anything without a record (a node crashed outside the interfaces) becomes an error row
     for scan in todo:
@@ -478,15 +495,16 @@ def run_participant(settings: Settings, scans) -> int:
     return EXIT_OK
 
 
-def _run_workflow(settings: Settings, scans) -> None:
+def _run_workflow(settings: Settings, scans, *, first: int = 0, total: Optional[int] = None) -> None:
+    """Screen ``scans`` with Nipype; progress lines count on from ``first`` of ``total``."""
     _configure_nipype(settings)
     from qc_pipeline.workflows import init_itermask_qc_wf
 
     from .derivatives import output_paths, read_qc
 
     wf = init_itermask_qc_wf(scans=scans, settings=settings)
-    total = len(scans)
-    state = {"n": 0, "t0": time.perf_counter()}
+    total = len(scans) if total is None else total
+    state = {"n": first, "t0": time.perf_counter()}
 
     def progress(node, status):
         if node.name != "write_derivatives" or status not in ("end", "exception"):
@@ -517,7 +535,7 @@ def _run_workflow(settings: Settings, scans) -> None:
         plugin_args = prepare_batch_workflow(wf, settings.plugin, plugin_args,
                                              omp_nthreads=settings.omp_nthreads)
     plugin_args.setdefault("status_callback", progress)
-    LOGGER.info("screening %d scans with the %s plugin (work dir %s)", total, settings.plugin,
+    LOGGER.info("screening %d scans with the %s plugin (work dir %s)", len(scans), settings.plugin,
                 settings.work_dir)
     try:
         wf.run(plugin=settings.plugin, plugin_args=plugin_args)
@@ -589,6 +607,7 @@ def build_settings(args, argv: Sequence[str]) -> Settings:
         adapt_steps=args.adapt_steps,
         adapt_exclude=args.adapt_exclude,
         seed=args.seed,
+        max_image_gb=args.max_image_gb,
         verbose=args.verbose,
         run_id=new_run_id(),
         command_line=["itermask-qc", *argv],

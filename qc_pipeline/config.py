@@ -66,6 +66,7 @@ class Settings:
     adapt_steps: int = 400
     adapt_exclude: float = 0.2
     seed: int = 0
+    max_image_gb: float = 2.0
     verbose: int = 0
     run_id: str = field(default_factory=new_run_id)
     version: str = __version__
@@ -83,6 +84,12 @@ class Settings:
     @property
     def config_file(self) -> Path:
         return self.log_dir / f"config-{self.run_id}.json"
+
+    @property
+    def max_image_bytes(self) -> int:
+        """Memory budget of one scan's voxels (``--max-image-gb``), checked from its header
+        before any voxel is read (:func:`qc_pipeline.io.check_header`)."""
+        return int(self.max_image_gb * 1024**3)
 
     @property
     def bids_db(self) -> Path:

@@ -27,6 +27,7 @@ __all__ = [
     "BlankImageError",
     "VoxelSizeError",
     "NoBrainError",
+    "ImageBudgetError",
     "SkullStripError",
     "MissingDependencyError",
 ]
@@ -95,6 +96,14 @@ class NoBrainError(InputError):
     """No plausible brain was found in the image (phantom, noise, another body part)."""
 
     code = "no_brain"
+
+
+class ImageBudgetError(InputError):
+    """The header declares more voxel data than the memory budget allows, or a compressed
+    file that would inflate far beyond any real scan (a decompression bomb); found from the
+    header, before any voxel is read."""
+
+    code = "budget"
 
 
 class SkullStripError(InputError):

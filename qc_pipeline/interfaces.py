@@ -115,9 +115,15 @@ def _set_threads(n: int) -> None:
 
 
 # --------------------------------------------------------------------------- load + validate
+# ``exists=False`` on the scan inputs: a file that vanished, a FIFO or a broken link is judged
+# by the package's own checks (one line in the scan's record), never by a Nipype TraitError
+# that would crash the node.
 class _LoadInputSpec(BaseInterfaceInputSpec):
-    in_file = traits.File(exists=True, mandatory=True, desc="the anatomical scan")
+    in_file = traits.File(exists=False, mandatory=True, desc="the anatomical scan")
     name = traits.Str("", usedefault=True, desc="label for messages (BIDS relative path)")
+    max_image_bytes = traits.Int(0, usedefault=True,
+                                 desc="memory budget of the voxels, from the header (0 = the "
+                                      "package default)")
 
 
 class _LoadOutputSpec(TraitedSpec):
@@ -134,13 +140,17 @@ class LoadValidate(SimpleInterface):
     output_spec = _LoadOutputSpec
 
     def _run_interface(self, runtime):
-        from .io import load_image, sha256_file
+        from .io import DEFAULT_MAX_IMAGE_BYTES, check_image_file, load_image, sha256_file
 
         t0 = time.perf_counter()
         self._results.update(input_sha256="", warnings=[], error="")
         try:
+            name = self.inputs.name or None
+            budget = self.inputs.max_image_bytes or DEFAULT_MAX_IMAGE_BYTES
+            # file type and header first: a FIFO or a bomb is never hashed nor inflated
+            check_image_file(self.inputs.in_file, name=name, max_bytes=budget)
             self._results["input_sha256"] = sha256_file(self.inputs.in_file)
-            img = load_image(self.inputs.in_file, name=self.inputs.name or None)
+            img = load_image(self.inputs.in_file, name=name, max_bytes=budget)
             self._results["warnings"] = [str(w) for w in img.extra.get("qc_warnings", [])]
         except Exception as exc:  # noqa: BLE001 - failure is data
             self._results["error"] = describe_error(exc, "load")
@@ -150,7 +160,7 @@ class LoadValidate(SimpleInterface):
 
 # --------------------------------------------------------------------------- preprocess
 class _PrepInputSpec(BaseInterfaceInputSpec):
-    in_file = traits.File(exists=True, mandatory=True)
+    in_file = traits.File(exists=False, mandatory=True)
     name = traits.Str("", usedefault=True)
     in_error = traits.Str("", usedefault=True, desc="error of an earlier stage")
     voxel_size = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True)
@@ -184,7 +194,9 @@ class Preprocess(SimpleInterface):
 
                 _set_threads(self.inputs.omp_nthreads)
                 name = self.inputs.name or None
-                img = load_image(self.inputs.in_file, name=name)
+                # no budget here: it runs only after LoadValidate checked the header under
+                # the run's budget (in_error is empty)
+                img = load_image(self.inputs.in_file, name=name, max_bytes=None)
                 prep = preprocess(
                     img,
                     voxel_size=tuple(self.inputs.voxel_size),
@@ -276,7 +288,7 @@ class IterMaskRun(SimpleInterface):
 class _WriteInputSpec(BaseInterfaceInputSpec):
     scan = traits.Dict(mandatory=True, desc="ScanRecord.to_dict()")
     output_dir = traits.Str(mandatory=True)
-    in_file = traits.File(exists=True, mandatory=True, desc="the native scan (reference grid)")
+    in_file = traits.File(exists=False, mandatory=True, desc="the native scan (reference grid)")
     preproc_file = traits.Str("", usedefault=True)
     result_file = traits.Str("", usedefault=True)
     quality = traits.Dict(value={}, usedefault=True, desc="QCScore.to_dict()")

@@ -18,7 +18,9 @@ import gzip
 import hashlib
 import json
 import logging
+import math
 import os
+import stat
 import tempfile
 import warnings
 import zlib
@@ -31,6 +33,7 @@ from .errors import (
     BlankImageError,
     CorruptImageError,
     EmptyImageError,
+    ImageBudgetError,
     InputError,
     NonFiniteError,
     NotThreeDError,
@@ -40,6 +43,9 @@ from .errors import (
 __all__ = [
     "InputWarning",
     "load_image",
+    "check_image_file",
+    "check_scan_file",
+    "check_header",
     "validate_image",
     "voxel_sizes",
     "canonical_data",
@@ -52,6 +58,8 @@ __all__ = [
     "MIN_VOXEL_MM",
     "MAX_VOXEL_MM",
     "MAX_NONFINITE_FRACTION",
+    "DEFAULT_MAX_IMAGE_BYTES",
+    "MAX_COMPRESSION_RATIO",
 ]
 
 logger = logging.getLogger(__name__)
@@ -65,6 +73,15 @@ MAX_NONFINITE_FRACTION = 0.01
 MIN_AXIS_VOXELS = 4
 #: fewer non-zero voxels than this fraction -> BlankImageError
 MIN_NONZERO_FRACTION = 1e-3
+#: default memory budget of one scan's voxels (declared voxels x max(stored bytes, 4)): a
+#: 1 mm head is about 70 MB as float32, a 0.5 mm one under 1 GiB
+DEFAULT_MAX_IMAGE_BYTES = 2 * 1024**3
+#: a compressed file declaring more than this many times its own size is refused: noisy MR
+#: data compresses 2-10 times, while gzip can inflate about 1000 times
+MAX_COMPRESSION_RATIO = 100
+#: ... from this much declared voxel data up (small, mostly empty test volumes compress well)
+COMPRESSION_CHECK_BYTES = 64 * 1024**2
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zst")
 
 
 class InputWarning(UserWarning):
@@ -95,7 +112,156 @@ def canonical_data(img) -> tuple[np.ndarray, tuple]:
     return np.asarray(can.dataobj, dtype=np.float32), tuple(can.header.get_zooms()[:3])
 
 
-def load_image(path, *, name: str | None = None) -> nib.Nifti1Image:
+def check_scan_file(path, *, name: str | None = None) -> os.stat_result:
+    """Check that ``path`` is a readable, non-empty regular file (links followed) without
+    opening it, so that a FIFO, a device or a folder never blocks or floods a reader.
+
+    Returns
+    -------
+    os.stat_result
+        The file's status.
+
+    Raises
+    ------
+    InputError
+        A missing file or broken symlink, a directory, FIFO, device file or socket, or a
+        file that cannot be read; :class:`EmptyImageError` for a 0-byte file.
+    """
+    src = name or os.fspath(path)
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        if p.is_symlink():
+            raise InputError(src, f"broken symlink to {os.readlink(p)} (git-annex/datalad content "
+                                  f"not fetched?)") from None
+        raise InputError(src, "file not found") from None
+    except PermissionError:
+        raise InputError(src, "cannot be read (permission denied)") from None
+    except OSError as exc:  # a symlink loop, a name too long, a stale NFS handle
+        raise InputError(src, f"cannot be opened ({exc.strerror or exc})") from None
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        if st.st_size == 0:
+            raise EmptyImageError(src, "file is empty (0 bytes)")
+        if not os.access(p, os.R_OK):
+            raise InputError(src, "cannot be read (permission denied)")
+        return st
+    if stat.S_ISDIR(mode):
+        kind = "a directory"
+    elif stat.S_ISFIFO(mode):
+        kind = "a FIFO (named pipe)"
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        kind = "a device file"
+    elif stat.S_ISSOCK(mode):
+        kind = "a socket"
+    else:
+        kind = "a special file"
+    via = f" (symlink to {os.readlink(p)})" if p.is_symlink() else ""
+    raise InputError(src, f"is {kind}{via}, not an image file")
+
+
+def _gib(n_bytes: float) -> str:
+    if n_bytes >= 1024**3:
+        return f"{n_bytes / 1024**3:.1f} GiB"
+    if n_bytes >= 1024**2:
+        return f"{n_bytes / 1024**2:.1f} MiB"
+    return f"{n_bytes / 1024:.1f} KiB"
+
+
+def check_header(img, src: str, *, file_size: int, max_bytes: int | None = DEFAULT_MAX_IMAGE_BYTES,
+                 compressed: bool = False) -> None:
+    """Judge an image from its header alone, before any voxel is read.
+
+    Parameters
+    ----------
+    img : nibabel spatial image
+        Opened with ``nib.load`` (voxels not read yet).
+    src : str
+        Name for messages.
+    file_size : int
+        Size of the file on disk (bytes).
+    max_bytes : int or None
+        Budget of the voxel data in memory: declared voxels x max(bytes per stored voxel, 4
+        for the float32 working copy). ``None`` or 0: no budget.
+    compressed : bool
+        The file is compressed (``.nii.gz``): its declared size is compared with its own.
+
+    Raises
+    ------
+    NotThreeDError
+        More than one volume (a series is not read to find out).
+    ImageBudgetError
+        Over the budget, or a compressed file declaring more than ``MAX_COMPRESSION_RATIO``
+        times its size (from ``COMPRESSION_CHECK_BYTES`` of declared data up).
+    CorruptImageError
+        An uncompressed file shorter than its header's voxel data.
+    """
+    shape = tuple(int(n) for n in img.shape)
+    if len(shape) > 3 and math.prod(shape[3:]) > 1:
+        raise NotThreeDError(src, f"4D image with {math.prod(shape[3:])} volumes (shape {shape}); "
+                                  f"expected one 3D volume")
+    try:
+        itemsize = np.dtype(img.get_data_dtype()).itemsize
+    except (AttributeError, TypeError):
+        itemsize = 4
+    n_voxels = math.prod(shape)
+    stored = n_voxels * itemsize
+    in_memory = n_voxels * max(itemsize, 4)
+    if max_bytes and in_memory > max_bytes:
+        dims = " x ".join(str(n) for n in shape)
+        raise ImageBudgetError(src, f"header declares {dims} voxels ({_gib(in_memory)} in memory); "
+                                    f"more than the budget of {_gib(max_bytes)} per scan "
+                                    f"(--max-image-gb)")
+    if compressed and stored > COMPRESSION_CHECK_BYTES and stored > MAX_COMPRESSION_RATIO * file_size:
+        raise ImageBudgetError(src, f"{_gib(file_size)} of compressed data declare {_gib(stored)} of "
+                                    f"voxels ({stored / max(file_size, 1):.0f} times the file; real "
+                                    f"scans compress less than {MAX_COMPRESSION_RATIO} times): a "
+                                    f"decompression bomb or a header that lies")
+    offset = getattr(getattr(img, "dataobj", None), "offset", None)
+    offset = offset if isinstance(offset, int) else 352
+    if not compressed and file_size < offset + stored:
+        raise CorruptImageError(src, f"truncated: the header declares {stored} bytes of voxels from "
+                                     f"byte {offset}, the file has {file_size} bytes")
+    # a file far larger than what its header declares would only cost time (hashing it)
+    if file_size > 2 * (offset + stored) + 1024**2:
+        raise CorruptImageError(src, f"the file ({_gib(file_size)}) is far larger than the "
+                                     f"{_gib(offset + stored)} its header declares")
+
+
+def _open_image(p: Path, src: str):
+    """``nib.load`` (header only; the voxels stay on disk) with typed errors."""
+    try:
+        img = nib.load(str(p))
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise CorruptImageError(src, f"truncated or corrupt gzip stream ({_short(exc)})") from exc
+    except MemoryError as exc:
+        raise ImageBudgetError(src, "the header alone does not fit in memory") from exc
+    except Exception as exc:  # ImageFileError, HeaderDataError, struct errors, ...
+        raise CorruptImageError(src, f"unreadable image header ({_short(exc)})") from exc
+    if not isinstance(img, nib.spatialimages.SpatialImage):
+        raise CorruptImageError(src, f"not a spatial image ({type(img).__name__})")
+    return img
+
+
+def _is_compressed(p: Path) -> bool:
+    return p.name.lower().endswith(COMPRESSED_SUFFIXES)
+
+
+def check_image_file(path, *, name: str | None = None,
+                     max_bytes: int | None = DEFAULT_MAX_IMAGE_BYTES) -> None:
+    """Everything that can be judged without reading voxels: the file itself
+    (:func:`check_scan_file`) and its header (:func:`check_header`). Milliseconds, whatever
+    the file claims; raises what those raise."""
+    src = name or os.fspath(path)
+    p = Path(path)
+    st = check_scan_file(p, name=src)
+    img = _open_image(p, src)
+    check_header(img, src, file_size=st.st_size, max_bytes=max_bytes, compressed=_is_compressed(p))
+
+
+def load_image(path, *, name: str | None = None,
+               max_bytes: int | None = DEFAULT_MAX_IMAGE_BYTES) -> nib.Nifti1Image:
     """Load and validate one anatomical scan.
 
     Parameters
@@ -105,6 +271,9 @@ def load_image(path, *, name: str | None = None) -> nib.Nifti1Image:
         is accepted and converted).
     name : str, optional
         Label used in error messages (default: the path as given).
+    max_bytes : int or None
+        Memory budget of the voxel data, checked from the header before any voxel is read
+        (:func:`check_header`); ``None`` or 0: no budget.
 
     Returns
     -------
@@ -117,26 +286,13 @@ def load_image(path, *, name: str | None = None) -> nib.Nifti1Image:
     InputError
         Or one of its subclasses: :class:`EmptyImageError`, :class:`CorruptImageError`,
         :class:`NotThreeDError`, :class:`NonFiniteError`, :class:`BlankImageError`,
-        :class:`VoxelSizeError`.
+        :class:`VoxelSizeError`, :class:`ImageBudgetError`.
     """
     src = name or os.fspath(path)
     p = Path(path)
-    if not p.exists():
-        hint = " (broken symlink: git-annex/datalad content not fetched?)" if p.is_symlink() else ""
-        raise InputError(src, f"file not found{hint}")
-    if p.is_dir():
-        raise InputError(src, "is a directory, not an image file")
-    size = p.stat().st_size
-    if size == 0:
-        raise EmptyImageError(src, "file is empty (0 bytes)")
-    try:
-        img = nib.load(str(p))
-    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise CorruptImageError(src, f"truncated or corrupt gzip stream ({_short(exc)})") from exc
-    except Exception as exc:  # ImageFileError, HeaderDataError, struct errors, ...
-        raise CorruptImageError(src, f"unreadable image header ({_short(exc)})") from exc
-    if not isinstance(img, nib.spatialimages.SpatialImage):
-        raise CorruptImageError(src, f"not a spatial image ({type(img).__name__})")
+    st = check_scan_file(p, name=src)
+    img = _open_image(p, src)
+    check_header(img, src, file_size=st.st_size, max_bytes=max_bytes, compressed=_is_compressed(p))
     # Read every byte now: truncation must surface here, not in a later node.
     read_warnings: list[str] = []
     try:
@@ -332,9 +488,30 @@ def atomic_write_json(obj, path, *, indent: int = 2) -> Path:
 
 
 def sha256_file(path, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk_size), b""):
+    """Hex SHA-256 of a regular file's bytes.
+
+    The file is opened without blocking and checked to be a regular file before a byte is
+    read (a FIFO or a link to ``/dev/zero`` would block or never end), and at most its size
+    at opening is read, so the time is bounded by the file's size.
+
+    Raises
+    ------
+    InputError
+        ``path`` is not a regular file.
+    OSError
+        It cannot be opened.
+    """
+    fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(path, "not a regular file; not read")
+        h = hashlib.sha256()
+        left = st.st_size
+        while left > 0:
+            block = fh.read(min(chunk_size, left))
+            if not block:
+                break
             h.update(block)
+            left -= len(block)
     return h.hexdigest()

@@ -36,15 +36,36 @@ DEFAULT_GRID = (80, 96, 80)
 DEFAULT_VOXEL_SIZE = (2.0, 2.0, 2.0)
 
 
-def node_name(text: str) -> str:
-    """A Nipype-safe node name (letters, digits, underscores). BIDS names map one to one
-    (``-`` -> ``_``); a name with any other character (``acq-a b``, ``acq-a#b``, ``sub-ü``)
-    also gets a short digest of itself, so two such names never share a node."""
-    text = str(text)
-    safe = re.sub(r"[^A-Za-z0-9_]", "_", text)
-    if re.search(r"[^A-Za-z0-9_-]", text):
-        safe += "_" + hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
-    return safe
+#: a file name of the BIDS grammar: sub-<label>[_<key>-<value>]..._<suffix>, letters and digits
+_BIDS_NAME = re.compile(r"sub-[A-Za-z0-9]+(?:_[A-Za-z]+-[A-Za-z0-9]+)*_[A-Za-z0-9]+")
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def scan_node_name(scan: ScanRecord) -> str:
+    """The node name of a scan's sub-workflow, distinct for every two scans of a run.
+
+    A name of the BIDS grammar in the folders its entities name maps one to one
+    (``sub-01_ses-a_T1w`` -> ``scan_sub_01_ses_a_T1w``: the grammar tells where each ``-``
+    was). Any other name (``sub-01_x``, ``acq-a b``, a file in another subject's folder)
+    also gets a digest of its path, so that two scans never share a node.
+    """
+    name = scan.bids_name
+    ents = dict(tok.split("-", 1) for tok in name.split("_")[:-1] if "-" in tok)
+    folders = f"sub-{ents.get('sub')}/" + (f"ses-{ents['ses']}/" if "ses" in ents else "")
+    canonical = (_BIDS_NAME.fullmatch(name) is not None
+                 and str(Path(scan.relpath).parent) == f"{folders}anat")
+    base = "scan_" + re.sub(r"[^A-Za-z0-9]", "_", name)
+    return base if canonical else f"{base}_{_digest(scan.relpath)}"
+
+
+def subject_node_name(prefix: str, subject: str) -> str:
+    """``<prefix>_<label>``; a label beyond letters and digits (``01_x``, ``01-x``, ``ü``)
+    also gets its digest, so that two subjects never share a node."""
+    base = f"{prefix}_" + re.sub(r"[^A-Za-z0-9]", "_", subject)
+    return base if re.fullmatch(r"[A-Za-z0-9]+", subject) else f"{base}_{_digest(subject)}"
 
 
 def init_scan_wf(
@@ -60,6 +81,7 @@ def init_scan_wf(
     schedule: str = "fast",
     seed: int = 0,
     omp_nthreads: int = 1,
+    max_image_bytes: int = 0,
     name: str = "scan_wf",
 ):
     """Screen one anatomical scan.
@@ -84,6 +106,8 @@ def init_scan_wf(
         Seeds the engine's noise fill (same input + seed -> same result).
     omp_nthreads : int
         Torch threads inside the preprocessing and IterMask3D nodes.
+    max_image_bytes : int
+        Memory budget of the scan's voxels, checked from its header (0: the package default).
     name : str
         Workflow name.
 
@@ -107,7 +131,7 @@ def init_scan_wf(
     inputnode.inputs.in_file = scan.path
     outputnode = pe.Node(niu.IdentityInterface(fields=["qc_json", "status"]), name="outputnode")
 
-    load = pe.Node(LoadValidate(name=label), name="load")
+    load = pe.Node(LoadValidate(name=label, max_image_bytes=int(max_image_bytes)), name="load")
     prep = pe.Node(
         Preprocess(name=label, voxel_size=[float(v) for v in voxel_size],
                    grid=[int(g) for g in grid], skull_strip=skull_strip, contrast=contrast,
@@ -148,7 +172,7 @@ def init_scan_wf(
 def cached_preprocessing(work_dir, scan: ScanRecord, name: str = "itermask_qc_wf") -> Path:
     """Where the participant workflow (``name``, run with ``work_dir``) keeps the pickled
     :class:`~qc_pipeline.preprocessing.PreprocResult` of ``scan`` (it may not exist yet)."""
-    return Path(work_dir) / name / node_name(f"scan_{scan.bids_name}") / "preprocess" / "preproc.pkl"
+    return Path(work_dir) / name / scan_node_name(scan) / "preprocess" / "preproc.pkl"
 
 
 def init_itermask_qc_wf(*, scans: Sequence[ScanRecord], settings, name: str = "itermask_qc_wf"):
@@ -181,17 +205,18 @@ def init_itermask_qc_wf(*, scans: Sequence[ScanRecord], settings, name: str = "i
             schedule=settings.schedule,
             seed=settings.seed,
             omp_nthreads=settings.omp_nthreads,
-            name=node_name(f"scan_{scan.bids_name}"),
+            max_image_bytes=settings.max_image_bytes,
+            name=scan_node_name(scan),
         )
         wf.add_nodes([scan_wf])
         by_subject.setdefault(scan.subject, []).append(scan_wf)
 
     for subject, scan_wfs in sorted(by_subject.items()):
-        merge = pe.Node(niu.Merge(len(scan_wfs)), name=node_name(f"qc_sub_{subject}"))
+        merge = pe.Node(niu.Merge(len(scan_wfs)), name=subject_node_name("qc_sub", subject))
         report = pe.Node(
             SubjectReport(output_dir=str(settings.output_dir), subject=subject,
                           site_column=settings.site_column),
-            name=node_name(f"report_sub_{subject}"),
+            name=subject_node_name("report_sub", subject),
         )
         for k, swf in enumerate(scan_wfs, start=1):
             wf.connect(swf, "outputnode.qc_json", merge, f"in{k}")

@@ -199,3 +199,48 @@ def qc_of(out: Path, rel: str) -> dict:
 def base_args(ds_root: Path, out: Path, work: Path, model: Path, *extra: str) -> list[str]:
     return [str(ds_root), str(out), "participant", "-w", str(work), "--model-dir", str(model),
             "--skull-strip", "none", "--device", "cpu", *extra]
+
+
+# --------------------------------------------------------------------------- hostile files
+def write_hostile(path: Path, kind: str) -> None:
+    """Files that are not scans, or scans whose header lies: each must end as an error row
+    found before any voxel is read. ``kind``: dangling, fifo, devzero, dir, huge (a header
+    claiming 1400^3 voxels in a few KB), bomb (gzip streamed from 72 MB of zeros)."""
+    import gzip
+    import zlib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "dangling":
+        os.symlink(path.parent / ".git" / "annex" / "objects" / "missing", path)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "devzero":
+        os.symlink("/dev/zero", path)
+    elif kind == "dir":
+        path.mkdir()
+    elif kind in ("huge", "bomb"):
+        hdr = nib.Nifti1Header()
+        hdr.set_data_shape((1400, 1400, 1400) if kind == "huge" else (330, 330, 330))
+        hdr.set_data_dtype(np.int16)
+        hdr.set_qform(np.diag([0.5, 0.5, 0.5, 1.0]), 1)
+        hdr["vox_offset"] = 352
+        head = hdr.binaryblock + b"\0" * 4
+        if kind == "huge":
+            path.write_bytes(gzip.compress(head + b"\1" * 4096))
+        else:
+            comp = zlib.compressobj(6, zlib.DEFLATED, 31)  # a gzip member, streamed
+            zeros = b"\0" * (1 << 21)
+            with open(path, "wb") as fh:
+                fh.write(comp.compress(head))
+                left = 330 ** 3 * 2
+                while left > 0:
+                    fh.write(comp.compress(zeros[:min(left, len(zeros))]))
+                    left -= len(zeros)
+                fh.write(comp.flush())
+    else:  # pragma: no cover
+        raise ValueError(kind)
+
+
+HOSTILE_KINDS = {"dangling": "broken symlink", "fifo": "FIFO", "devzero": "device file",
+                 "dir": "is a directory", "huge": "1400 x 1400 x 1400 voxels",
+                 "bomb": "decompression bomb"}

@@ -123,17 +123,44 @@ def test_hostile_filter_files_are_one_clear_error(tmp_path, content, match):
     assert str(filt) in str(err.value) and "\n" not in str(err.value)
 
 
-def test_folder_named_like_a_scan_is_reported(tmp_path, caplog):
+def test_folder_named_like_a_scan_is_a_scan_record(tmp_path, caplog):
     from app_testlib import save_scan
 
     root = tmp_path / "bids"
     root.mkdir()
     (root / "dataset_description.json").write_text(json.dumps({"Name": "x", "BIDSVersion": "1.9.0"}))
     save_scan(root, "sub-01/anat/sub-01_T1w.nii.gz")
-    (root / "sub-02" / "anat" / "sub-02_T1w.nii.gz").mkdir(parents=True)
+    (root / "sub-02" / "anat" / "sub-02_acq-x_run-2_T1w.nii.gz").mkdir(parents=True)
     got = collect_scans(root, suffixes=["T1w"], database_path=tmp_path / "db")
-    assert [s.bids_name for s in got] == ["sub-01_T1w"]
-    assert "sub-02/anat/sub-02_T1w.nii.gz: named like a scan but is not a file" in caplog.text
+    # a record (the participant level turns it into an error row), entities from its name
+    assert [s.bids_name for s in got] == ["sub-01_T1w", "sub-02_acq-x_run-2_T1w"]
+    assert got[1].entities["acquisition"] == "x" and got[1].entities["run"] == "2"
+    assert got[1].subject == "02"
+    # filters apply to it as to files
+    assert len(collect_scans(root, suffixes=["T1w"], database_path=tmp_path / "db",
+                             bids_filters={"T1w": {"run": None}})) == 1
+    assert len(collect_scans(root, suffixes=["T1w"], database_path=tmp_path / "db",
+                             participant_label=["01"])) == 1
+
+
+def test_odd_subject_labels_keep_their_folder_label(tmp_path, caplog):
+    from app_testlib import save_scan
+
+    root = tmp_path / "bids"
+    root.mkdir()
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "x", "BIDSVersion": "1.9.0"}))
+    (root / "participants.tsv").write_text("participant_id\tsite\nsub-01_x\tA\nsub-ü\tB\n")
+    labels = ["01", "01_x", "ü", "#1", '">x']
+    for lab in labels:
+        save_scan(root, f"sub-{lab}/anat/sub-{lab}_T1w.nii.gz")
+    save_scan(root, "sub-01/anat/sub-01_T1w.nii")  # same name as the .nii.gz beside it
+    got = collect_scans(root, suffixes=["T1w"], database_path=tmp_path / "db")
+    assert sorted(s.subject for s in got) == sorted(labels)
+    by = {s.subject: s for s in got}
+    assert by["01_x"].site == "A" and by["ü"].site == "B" and by["01"].site is None
+    assert by["01"].relpath.endswith(".nii.gz")
+    assert "sub-01/anat/sub-01_T1w.nii: not screened" in caplog.text
+    assert "'#1' is not a BIDS label" in caplog.text
 
 
 def test_index_database_is_reused_and_refreshed(tmp_path):
@@ -180,10 +207,24 @@ def test_nipype_layers_switch_telemetry_off_when_imported_as_a_library():
 
 
 def test_node_names_of_odd_bids_names_never_collide():
-    from qc_pipeline.workflows.base import node_name
+    from qc_pipeline.bids import ScanRecord
+    from qc_pipeline.workflows.base import scan_node_name, subject_node_name
 
-    names = ["sub-01_acq-a b_T1w", "sub-01_acq-a#b_T1w", "sub-01_acq-a?b_T1w", "sub-ü_T1w", "sub-u_T1w"]
-    got = [node_name(f"scan_{n}") for n in names]
-    assert len(set(got)) == len(names)
+    def rec(rel):
+        name = rel.rsplit("/", 1)[1].replace(".nii.gz", "")
+        return ScanRecord(path="/b/" + rel, relpath=rel, bids_name=name, entities={})
+
+    rels = ["sub-01/anat/sub-01_acq-a b_T1w.nii.gz", "sub-01/anat/sub-01_acq-a#b_T1w.nii.gz",
+            "sub-01/anat/sub-01_acq-a?b_T1w.nii.gz", "sub-ü/anat/sub-ü_T1w.nii.gz",
+            "sub-u/anat/sub-u_T1w.nii.gz", "sub-01_x/anat/sub-01_x_T1w.nii.gz",
+            "sub-01-x/anat/sub-01-x_T1w.nii.gz", "sub-01/anat/sub-01_acq-x_T1w.nii.gz",
+            "sub-01/ses-x/anat/sub-01_acq-x_T1w.nii.gz", "sub-01/anat/sub-01_acq_x_T1w.nii.gz"]
+    got = [scan_node_name(rec(r)) for r in rels]
+    assert len(set(got)) == len(rels)
     assert all(g.replace("_", "").isalnum() and g.isascii() for g in got)
-    assert node_name("scan_sub-01_ses-pre_run-1_T1w") == "scan_sub_01_ses_pre_run_1_T1w"  # BIDS names as before
+    # BIDS names in their own folders map as before (the work dir's cache stays valid)
+    assert scan_node_name(rec("sub-01/ses-pre/anat/sub-01_ses-pre_run-1_T1w.nii.gz")) \
+        == "scan_sub_01_ses_pre_run_1_T1w"
+    labels = ["01", "01_x", "01-x", "ü", "u", "#1", '">x']
+    subs = [subject_node_name("report_sub", s) for s in labels]
+    assert len(set(subs)) == len(labels) and subs[0] == "report_sub_01"

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import pickle
+import time
 
 import nibabel as nib
 import numpy as np
@@ -270,3 +271,109 @@ def test_rgb_voxels_are_a_clear_error(tmp_path):
         load_image(p)
     _assert_one_line_naming(err, p)
 
+
+
+# --------------------------------------------------------------------------------------
+# special files and lying headers: judged before any voxel is read
+# --------------------------------------------------------------------------------------
+def _special(tmp_path, kind):
+    p = tmp_path / f"sub-01_acq-{kind}_T1w.nii.gz"
+    if kind == "dangling":
+        os.symlink(tmp_path / "annex" / "missing.nii.gz", p)
+    elif kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "devzero":
+        os.symlink("/dev/zero", p)
+    elif kind == "dir":
+        p.mkdir()
+    return p
+
+
+@pytest.mark.parametrize("kind, match", [("dangling", "broken symlink"), ("fifo", "FIFO"),
+                                         ("devzero", "device file"), ("dir", "directory")])
+def test_special_files_are_one_clear_error_without_blocking(tmp_path, kind, match):
+    from qc_pipeline.io import check_image_file
+
+    p = _special(tmp_path, kind)
+    t0 = time.perf_counter()
+    for fn in (load_image, check_image_file):
+        with pytest.raises(E.InputError, match=match) as err:
+            fn(p)
+        _assert_one_line_naming(err, p)
+    if kind != "dangling":
+        with pytest.raises((E.InputError, OSError)):
+            sha256_file(p)  # never blocks on the FIFO nor reads /dev/zero forever
+    assert time.perf_counter() - t0 < 2
+
+
+def _lying_header(path, shape, dtype=np.int16, payload=b"\0" * 4096, compress=True):
+    """A NIfTI header declaring ``shape`` followed by a few KB of voxels."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(dtype)
+    hdr.set_qform(np.eye(4), 1)
+    hdr["vox_offset"] = 352
+    raw = hdr.binaryblock + b"\0" * 4 + payload
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+    return path
+
+
+def test_header_over_the_budget_costs_milliseconds(tmp_path):
+    import tracemalloc
+
+    p = _lying_header(tmp_path / "huge.nii.gz", (1400, 1400, 1400))
+    assert p.stat().st_size < 10_000
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    with pytest.raises(E.ImageBudgetError, match=r"1400 x 1400 x 1400 voxels .*budget") as err:
+        load_image(p)
+    seconds = time.perf_counter() - t0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    _assert_one_line_naming(err, p)
+    assert seconds < 0.5 and peak < 20 * 1024**2
+    # the budget is the caller's: a smaller one refuses a scan the default accepts
+    q = _save(tmp_path, "ok.nii.gz", _vol())
+    load_image(q)
+    with pytest.raises(E.ImageBudgetError, match="budget"):
+        load_image(q, max_bytes=10_000)
+
+
+def test_gzip_bomb_made_by_streaming_is_refused_from_its_size(tmp_path):
+    import tracemalloc
+    import zlib
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((512, 512, 512))  # 256 MiB of int16 zeros: under the default budget
+    hdr.set_data_dtype(np.int16)
+    hdr["vox_offset"] = 352
+    p = tmp_path / "bomb.nii.gz"
+    comp = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip container
+    zeros = b"\0" * (1 << 22)
+    with open(p, "wb") as fh:
+        fh.write(comp.compress(hdr.binaryblock + b"\0" * 4))
+        for _ in range(512 * 512 * 512 * 2 // len(zeros)):
+            fh.write(comp.compress(zeros))
+        fh.write(comp.flush())
+    assert p.stat().st_size < 2 * 1024**2
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    with pytest.raises(E.ImageBudgetError, match="decompression bomb") as err:
+        load_image(p)
+    seconds = time.perf_counter() - t0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    _assert_one_line_naming(err, p)
+    assert seconds < 0.5 and peak < 20 * 1024**2
+
+
+def test_uncompressed_header_longer_than_the_file_is_truncated_before_reading(tmp_path):
+    p = _lying_header(tmp_path / "short.nii", (300, 300, 300), compress=False)
+    with pytest.raises(E.CorruptImageError, match="truncated: the header declares 54000000 bytes"):
+        load_image(p)
+
+
+def test_sha256_reads_at_most_the_size_at_opening(tmp_path):
+    p = tmp_path / "f.bin"
+    p.write_bytes(b"abc")
+    assert sha256_file(p) == hashlib.sha256(b"abc").hexdigest()
