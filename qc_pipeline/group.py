@@ -94,6 +94,8 @@ __all__ = [
     "SuffixTables",
     "load_qc_records",
     "load_labels",
+    "load_ratings",
+    "Ratings",
     "LabelsError",
     "GroupError",
     "QCRecord",
@@ -123,7 +125,7 @@ ROW_COLUMNS = [
     "bids_name", "subject", "session", "acquisition", "run", "suffix", "site", "status",
     "anomaly_voxels", "anomaly_fraction", "anomaly_mm3", "rank", "percentile_in_site",
     "flagged", "error", "qc_score", "qc_score_driver", "qc_score_site", "qc_score_site_driver",
-    "threshold", "label", "warnings", "model_id", "model_adapted_from",
+    "threshold", "label", "rated_artifacts", "warnings", "model_id", "model_adapted_from",
     "report",
     "background_artifact_fraction", "background_ghost_ratio", "background_snr",
     "background_flagged", "background_threshold", "background_note", "flag_reasons",
@@ -321,15 +323,42 @@ _GOOD = {"0", "0.0", "false", "good", "pass", "passed", "include", "included", "
 _QUESTIONABLE = {"questionable", "doubtful", "maybe", "?", "unsure", "borderline"}
 
 
-def load_labels(path, *, questionable: str = "exclude") -> dict[str, int]:
-    """Read a labels/ratings TSV -> ``{bids_name: 1 (artifact) | 0 (clean)}``.
+@dataclass
+class Ratings:
+    """Ratings read from one or more files (one per rater), merged per scan.
 
-    See the module docstring for the accepted columns and values. Raises
-    :class:`LabelsError` naming the file and the problem.
+    ``labels``: ``{bids_name: 1 (artifact) | 0 (clean)}`` (unrated, excluded-questionable
+    and tied scans left out); ``artifacts``: the artifact tags the raters gave each scan
+    (their union); ``raters``: who rated each scan; ``sources``: the files read.
     """
-    if questionable not in ("exclude", "bad", "good"):
-        raise LabelsError(f"questionable must be 'exclude', 'bad' or 'good', got {questionable!r}")
-    path = Path(path)
+
+    labels: dict
+    artifacts: dict
+    raters: dict
+    sources: list
+
+
+def _label_files(paths) -> list[Path]:
+    """The files behind ``paths``: a file, a folder (its ``*.tsv`` and ``*.csv`` files: one
+    per rater), or a list of either."""
+    items = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not items:
+        raise LabelsError("no labels file given")
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in (".tsv", ".csv") and q.is_file())
+            if not found:
+                raise LabelsError(f"labels folder {p} holds no .tsv or .csv file")
+            out += found
+        else:
+            out.append(p)
+    return out
+
+
+def _read_label_rows(path: Path) -> tuple[list[dict], str, str | None]:
+    """Rows of one labels file with its rating column and timestamp column (None if absent)."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
@@ -350,33 +379,95 @@ def load_labels(path, *, questionable: str = "exclude") -> dict[str, int]:
     if label_col is None:
         raise LabelsError(f"labels file {path} has no rating column; expected one of "
                           f"{', '.join(_LABEL_COLUMNS)} (columns: {', '.join(reader.fieldnames or [])})")
-    ts_col = cols.get("timestamp")
-    best: dict[str, tuple] = {}
+    rows = [{"bids_name": row.get(cols["bids_name"]) or "", "value": row.get(label_col),
+             "timestamp": row.get(cols["timestamp"]) if "timestamp" in cols else None,
+             "rater": row.get(cols["rater"]) if "rater" in cols else None,
+             "artifacts": row.get(cols["artifacts"]) if "artifacts" in cols else None}
+            for row in reader]
+    return rows, label_col, cols.get("timestamp")
+
+
+def load_ratings(paths, *, questionable: str = "exclude") -> Ratings:
+    """Read ratings from one file, a folder of files or a list of files and merge them.
+
+    Each file is a TSV/CSV as described in the module docstring. A rater is the file's
+    ``rater`` column, else the file's name. Per scan and rater, the row with the latest
+    ``timestamp`` (else the last row) counts; across raters, the majority of their
+    good/bad votes decides, and a tie leaves the scan out of the metrics (logged), as a
+    questionable rating does by default. Artifact tags (``artifacts``, ``;``-separated)
+    are kept per scan as the union over its raters.
+
+    Raises
+    ------
+    LabelsError
+        A file or folder that cannot be used, or a value that is not a rating; the
+        message names the file, row and value.
+    """
+    if questionable not in ("exclude", "bad", "good"):
+        raise LabelsError(f"questionable must be 'exclude', 'bad' or 'good', got {questionable!r}")
+    files = _label_files(paths)
+    latest: dict[tuple[str, str], tuple[tuple, int | None, list[str]]] = {}
     conflicts: set[str] = set()
-    for i, row in enumerate(reader):
-        name = normalise_bids_name(row.get(cols["bids_name"]) or "")
-        raw = str(row.get(label_col) or "").strip().lower()
-        if not name or raw in ("", "n/a", "na", "nan", "none"):
-            continue
-        if raw in _BAD:
-            value: int | None = 1
-        elif raw in _GOOD:
-            value = 0
-        elif raw in _QUESTIONABLE:
-            value = {"exclude": None, "bad": 1, "good": 0}[questionable]
-        else:
-            raise LabelsError(f"labels file {path}, row {i + 2}: value {raw!r} in column "
-                              f"{label_col!r} is not a rating (use 0/1, good/bad, questionable)")
-        key = (str(row.get(ts_col) or "") if ts_col else "", i)
-        if name in best and best[name][1] != value:
-            conflicts.add(name)
-        if name not in best or key >= best[name][0]:
-            best[name] = (key, value)
+    any_ts = False
+    for f_idx, path in enumerate(files):
+        rows, label_col, ts_col = _read_label_rows(path)
+        any_ts = any_ts or ts_col is not None
+        for i, row in enumerate(rows):
+            name = normalise_bids_name(row["bids_name"])
+            raw = str(row["value"] or "").strip().lower()
+            if not name or raw in ("", "n/a", "na", "nan", "none"):
+                continue
+            if raw in _BAD:
+                value: int | None = 1
+            elif raw in _GOOD:
+                value = 0
+            elif raw in _QUESTIONABLE:
+                value = {"exclude": None, "bad": 1, "good": 0}[questionable]
+            else:
+                raise LabelsError(f"labels file {path}, row {i + 2}: value {raw!r} in column "
+                                  f"{label_col!r} is not a rating (use 0/1, good/bad, questionable)")
+            rater = str(row["rater"] or "").strip() or path.stem
+            tags = [t.strip() for t in str(row["artifacts"] or "").split(";") if t.strip()]
+            key = (str(row["timestamp"] or "") if ts_col else "", f_idx, i)
+            old = latest.get((name, rater))
+            if old is not None and old[1] != value:
+                conflicts.add(name)
+            if old is None or key >= old[0]:
+                latest[(name, rater)] = (key, value, tags)
     if conflicts:
         LOGGER.warning("labels file %s rates %d scans more than once with different ratings (e.g. %s); "
-                       "the %s rating of each is used", path, len(conflicts), sorted(conflicts)[0],
-                       "latest (timestamp)" if ts_col else "last")
-    return {n: v for n, (_, v) in best.items() if v is not None}
+                       "the %s rating of each rater is used", ", ".join(map(str, files)), len(conflicts),
+                       sorted(conflicts)[0], "latest (timestamp)" if any_ts else "last")
+    votes: dict[str, list[int]] = {}
+    artifacts: dict[str, set] = {}
+    raters: dict[str, list[str]] = {}
+    for (name, rater), (_, value, tags) in sorted(latest.items()):
+        raters.setdefault(name, []).append(rater)
+        artifacts.setdefault(name, set()).update(tags)
+        if value is not None:
+            votes.setdefault(name, []).append(value)
+    labels: dict[str, int] = {}
+    ties = []
+    for name, v in votes.items():
+        mean = sum(v) / len(v)
+        if mean == 0.5:
+            ties.append(name)
+        else:
+            labels[name] = int(mean > 0.5)
+    if ties:
+        LOGGER.warning("raters disagree evenly on %d scans (e.g. %s): left out of the metrics",
+                       len(ties), sorted(ties)[0])
+    return Ratings(labels=labels, artifacts={k: sorted(v) for k, v in artifacts.items() if v},
+                   raters=raters, sources=files)
+
+
+def load_labels(path, *, questionable: str = "exclude") -> dict[str, int]:
+    """Read a labels/ratings TSV (or a folder or list of them) -> ``{bids_name: 1 (artifact)
+    | 0 (clean)}``; see :func:`load_ratings` for the merging and the module docstring for
+    the accepted columns and values. Raises :class:`LabelsError` naming the file and the
+    problem.
+    """
+    return load_ratings(path, questionable=questionable).labels
 
 
 # --------------------------------------------------------------------------- stats
@@ -438,9 +529,10 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
                           flag_at_fnr: float | None, mad_k: float,
                           min_site_size: int, background_k: float | None = None,
                           background_min_fraction: float = DEFAULT_BACKGROUND_MIN_FRACTION,
-                          site_z: float = DEFAULT_SITE_Z,
+                          site_z: float = DEFAULT_SITE_Z, artifacts: Mapping[str, list] | None = None,
                           ) -> tuple[list[dict], list[dict], dict]:
-    """Rows (ranked), site rows and a summary for the records of ONE suffix."""
+    """Rows (ranked), site rows and a summary for the records of ONE suffix (``artifacts``:
+    the raters' artifact tags per scan, shown in ``rated_artifacts``)."""
     ok = [r for r in records if r.ok]
     failed = [r for r in records if not r.ok]
     sites = sorted({r.site for r in records})
@@ -455,6 +547,8 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
     pooled = np.array([S(r) for r in ok], dtype=float)
     lab = {} if labels is None else {r.bids_name: labels[normalise_bids_name(r.bids_name)]
                                      for r in records if normalise_bids_name(r.bids_name) in labels}
+    tags = {r.bids_name: "; ".join((artifacts or {})[normalise_bids_name(r.bids_name)])
+            for r in records if normalise_bids_name(r.bids_name) in (artifacts or {})}
 
     # ---- threshold per site
     site_thr: dict[str, tuple[float, str]] = {}
@@ -511,11 +605,11 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
     for r, rank in zip(ok_sorted, ranks):
         xs = site_scores[r.site]
         pct = 100.0 * float(np.mean(xs <= S(r)))
-        rows.append(_row(r, lab, rank=rank, pct=pct, flagged=is_flagged(r),
+        rows.append(_row(r, lab, tags, rank=rank, pct=pct, flagged=is_flagged(r),
                          thr=site_thr[r.site][0], bg_flagged=is_bg_flagged(r),
                          bg_thr=bg_thr[r.site][0], strict=strict, score_name=score_name, score=S(r)))
     for r in sorted(failed, key=lambda r: r.bids_name):
-        rows.append(_row(r, lab, rank=None, pct=None, flagged=None, thr=site_thr[r.site][0],
+        rows.append(_row(r, lab, tags, rank=None, pct=None, flagged=None, thr=site_thr[r.site][0],
                          bg_flagged=None, bg_thr=bg_thr[r.site][0], strict=strict, score_name=score_name))
 
     # ---- sites
@@ -639,7 +733,7 @@ def _background_thresholds(ok: list[QCRecord], sites: list[str], *, k: float, fl
     return out, summary
 
 
-def _row(r: QCRecord, lab: Mapping, *, rank, pct, flagged, thr, bg_flagged=None, bg_thr=math.nan,
+def _row(r: QCRecord, lab: Mapping, tags: Mapping, *, rank, pct, flagged, thr, bg_flagged=None, bg_thr=math.nan,
          strict: bool = True, score_name: str = "anomaly_fraction", score: float = math.nan) -> dict:
     e = r.entities
     reasons = []
@@ -668,7 +762,8 @@ def _row(r: QCRecord, lab: Mapping, *, rank, pct, flagged, thr, bg_flagged=None,
         "anomaly_mm3": r.mm3 if r.ok and math.isfinite(r.mm3) else None,
         "rank": rank, "percentile_in_site": pct, "flagged": flagged, "error": r.error or "",
         "threshold": thr if r.ok else None,
-        "label": lab.get(r.bids_name), "warnings": "; ".join(r.warnings),
+        "label": lab.get(r.bids_name), "rated_artifacts": tags.get(r.bids_name, ""),
+        "warnings": "; ".join(r.warnings),
         "model_id": r.data.get("model_id", ""), "model_adapted_from": r.data.get("model_adapted_from") or "",
         "report": f"sub-{r.subject}.html",
         "background_artifact_fraction": r.background_fraction if r.ok and math.isfinite(r.background_fraction)
@@ -727,8 +822,9 @@ def write_group_tables(output_dir, *, labels=None, site_column: str = "site",
     ----------
     output_dir : path
         The derivatives folder written by the participant level.
-    labels : path or mapping, optional
-        A labels/ratings TSV (see :func:`load_labels`) or ``{bids_name: 0|1}``.
+    labels : path, folder, list of paths, or mapping, optional
+        Ratings TSVs (one per rater, or a folder of them; merged by :func:`load_ratings`)
+        or ``{bids_name: 0|1}``.
     site_column : str
         Metadata column naming the site (``qc.json`` ``site`` field, else
         ``metadata[site_column]``, else one site ``"all"``).
@@ -770,9 +866,13 @@ def write_group_tables(output_dir, *, labels=None, site_column: str = "site",
         raise GroupError(f"background_k must be a positive number, got {background_k!r}")
     if not (math.isfinite(background_min_fraction) and 0.0 <= background_min_fraction < 1.0):
         raise GroupError(f"background_min_fraction must be in [0, 1), got {background_min_fraction!r}")
+    tag_map: dict = {}
     if labels is not None and not isinstance(labels, Mapping):
-        label_map = load_labels(labels, questionable=questionable)
-        labels_source = str(labels)
+        ratings = load_ratings(labels, questionable=questionable)
+        label_map, tag_map = ratings.labels, ratings.artifacts
+        n_raters = len({x for names in ratings.raters.values() for x in names})
+        labels_source = (", ".join(str(p) for p in ratings.sources)
+                         + (f" ({n_raters} raters, merged by majority)" if n_raters > 1 else ""))
     elif labels is not None:
         label_map = {normalise_bids_name(k): int(v) for k, v in labels.items()}
         labels_source = "labels given in memory"
@@ -802,9 +902,10 @@ def write_group_tables(output_dir, *, labels=None, site_column: str = "site",
         rows, site_rows, summary = compute_suffix_tables(
             recs, labels=label_map, flag_at_fnr=flag_at_fnr, mad_k=mad_k,
             min_site_size=min_site_size, background_k=background_k,
-            background_min_fraction=background_min_fraction, site_z=site_z)
+            background_min_fraction=background_min_fraction, site_z=site_z, artifacts=tag_map)
         site_cols = (SITE_COLUMNS if label_map is not None else SITE_COLUMNS[:8]) + BACKGROUND_SITE_COLUMNS
-        row_cols = ROW_COLUMNS if label_map is not None else [c for c in ROW_COLUMNS if c != "label"]
+        row_cols = (ROW_COLUMNS if label_map is not None
+                    else [c for c in ROW_COLUMNS if c not in ("label", "rated_artifacts")])
         p_rows = output_dir / f"group_{suffix}.csv"
         p_sites = output_dir / f"group_{suffix}_sites.csv"
         atomic_write_text(_csv_text(rows, row_cols), p_rows)

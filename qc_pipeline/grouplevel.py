@@ -12,8 +12,9 @@ __all__ = ["run_group"]
 
 
 def run_group(output_dir, *, site_column: str = "site", subject_reports: bool = True, **options) -> list[Path]:
-    """Write ``group_<suffix>.csv``, ``group_<suffix>_sites.csv``, ``group_<suffix>.html`` and
-    (``subject_reports``) every subject's page with its ranks.
+    """Write ``group_<suffix>.csv``, ``group_<suffix>_sites.csv``, ``group_<suffix>.html``, the
+    overview ``index.html`` (every scan of these suffixes) and (``subject_reports``) every
+    subject's page with its ranks.
 
     ``options`` are those of :func:`qc_pipeline.group.write_group_tables` (labels,
     flag_at_fnr, mad_k, suffixes, min_site_size, questionable, background_k,
@@ -23,7 +24,8 @@ def run_group(output_dir, *, site_column: str = "site", subject_reports: bool = 
     Returns
     -------
     list of Path
-        The files written: per suffix its two tables and its page, then the subject pages.
+        The files written: per suffix its two tables and its page, then the overview, then
+        the subject pages.
     """
     tables = write_group_tables(output_dir, site_column=site_column, **options)
     pages = write_group_pages(tables, site_column=site_column, subject_reports=subject_reports)

@@ -36,6 +36,8 @@ from .morphology import largest_component
 
 __all__ = [
     "write_group_pages",
+    "render_overview",
+    "study_key",
     "write_subject_report",
     "render_subject_report",
     "render_group_report",
@@ -92,6 +94,9 @@ def scan_anchor(bids_name: str) -> str:
 
 #: bumped when the drawing of cached figures changes, so that older cached figures are redrawn
 FIGURE_VERSION = 2
+
+#: the key that toggles each artifact tag in the rating mode (good/questionable/bad: 1/2/3)
+ARTIFACT_KEYS = dict(zip(ARTIFACT_CHOICES, ("m", "g", "s", "c", "n", "i", "z", "x")))
 
 #: overlay: saturated red fill plus a yellow outline (visible on a thumbnail on grey)
 OVERLAY_RGBA = (1.0, 0.08, 0.08, 0.6)
@@ -502,14 +507,19 @@ def _cached(cache: Path, inputs: list[Path], make, *, redraw: bool = False) -> s
     return uri
 
 
+def _figure_place(output_dir: Path, rec: QCRecord) -> tuple[Path, str]:
+    """The folder of a scan's cached figures and their file-name stem."""
+    return (output_dir / f"sub-{rec.subject}" / "figures",
+            re.sub(r"[^A-Za-z0-9._-]+", "_", normalise_bids_name(rec.bids_name)))
+
+
 def scan_figures(rec: QCRecord, output_dir: Path) -> dict:
     """Figures of one scan: ``mosaic``, ``error``, ``tau`` and ``thumb`` (one axial slice
     through the worst place, for the overview) URIs plus notes."""
     out = {"mosaic": None, "error": None, "tau": None, "thumb": None, "notes": [], "background": None}
     mask_p, err_p = rec.resolve("mask_file"), rec.resolve("error_map_file")
     bg_p = rec.resolve("background_file") or rec.resolve("source_file") or rec.resolve("source_path")
-    figdir = output_dir / f"sub-{rec.subject}" / "figures"
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", normalise_bids_name(rec.bids_name))
+    figdir, name = _figure_place(output_dir, rec)
     out["tau"] = _cached(figdir / f"{name}_desc-tau.png", [rec.path], lambda: tau_curve_png(rec.data)) \
         if rec.data.get("tau_curve") else None
     if err_p is None and mask_p is None:
@@ -853,7 +863,7 @@ def render_subject_report(output_dir, subject: str, *, site_column: str = "site"
     return _env().get_template("subject.html").render(
         subject=subject, scans=scans, sites=sites, prov=_provenance(output_dir, records),
         css=_asset("report.css"), js=_asset("report.js"), artifacts=ARTIFACT_CHOICES,
-        n_failed=sum(not s["ok"] for s in scans), version=__version__)
+        ratings_key=study_key(output_dir), n_failed=sum(not s["ok"] for s in scans), version=__version__)
 
 
 def write_subject_report(output_dir, subject: str, *, site_column: str = "site") -> Path:
@@ -929,6 +939,73 @@ def distribution_png(rows: list[dict], site_rows: list[dict], summary: dict) -> 
     return _png_uri(fig)
 
 
+def study_key(output_dir) -> str:
+    """The browser-storage key of one study's ratings.
+
+    Every local page shares one storage in a browser (Chromium gives all ``file://``
+    pages one origin), so ratings are kept per study: a hash of the dataset's name (from
+    ``dataset_description.json``) and the derivatives folder's name, which stays the same
+    when the folder is copied to another disk.
+    """
+    import hashlib
+
+    output_dir = Path(output_dir)
+    try:
+        name = str(json.loads((output_dir / "dataset_description.json").read_text(encoding="utf-8")).get("Name", ""))
+    except (OSError, ValueError, AttributeError):
+        name = ""
+    digest = hashlib.sha256(json.dumps([name, output_dir.resolve().name]).encode("utf-8")).hexdigest()[:12]
+    return f"itermask-qc-ratings:v2:{digest}"
+
+
+def _overview_cards(output_dir: Path, table, records: dict) -> list[dict]:
+    """One card per row of a suffix table, in the table's order (worst first, failed last)."""
+    from urllib.parse import quote
+
+    key = table.summary.get("score", "anomaly_fraction")
+    cards = []
+    for r in table.rows:
+        rec = records.get((table.suffix, r["bids_name"]))
+        fig = scan_figures(rec, output_dir) if rec is not None and r["status"] == "ok" else {}
+        mosaic = None
+        if rec is not None:
+            figdir, stem = _figure_place(output_dir, rec)
+            cached = figdir / f"{stem}_desc-mosaic.png"
+            if cached.is_file():
+                mosaic = quote(cached.relative_to(output_dir).as_posix())
+        driver = (r.get("qc_score_site_driver") if key == "qc_score_site"
+                  else r.get("qc_score_driver") if key == "qc_score" else "") or ""
+        cards.append({
+            "bids_name": r["bids_name"], "anchor": scan_anchor(r["bids_name"]), "suffix": table.suffix,
+            "href": f"{r['report']}#{scan_anchor(r['bids_name'])}", "site": r["site"], "status": r["status"],
+            "error": r.get("error") or "", "rank": r.get("rank"), "score": r.get(key), "score_name": key,
+            "driver": driver, "words": describe_measure(driver), "flagged": bool(r.get("flagged")),
+            "background_flagged": bool(r.get("background_flagged")), "label": r.get("label"),
+            "thumb": fig.get("thumb"), "mosaic": mosaic,
+            "tags": sorted({MEASURE_WORDS[d][1] for d in (driver, "background_artifact_fraction"
+                                                            if r.get("background_flagged") else "")
+                            if d in MEASURE_WORDS}),
+        })
+    return cards
+
+
+def render_overview(tables: GroupTables, *, site_column: str = "site") -> str:
+    """HTML text of ``OUTPUT_DIR/index.html``: every scan of every suffix as a thumbnail
+    through its worst slice, worst first, with filters, links to the reports, and the
+    keyboard rating mode."""
+    out = Path(tables.output_dir)
+    records = {(r.suffix, r.bids_name): r for r in load_qc_records(out, site_column=site_column)}
+    suffixes = [{"suffix": t.suffix, "cards": _overview_cards(out, t, records), "score": t.summary.get("score"),
+                 "rule": t.summary.get("rule", ""), "page": f"group_{t.suffix}.html"} for t in tables.tables]
+    sites = sorted({c["site"] for s in suffixes for c in s["cards"]})
+    n = sum(len(s["cards"]) for s in suffixes)
+    return _env().get_template("overview.html").render(
+        suffixes=suffixes, sites=sites, n_scans=n, labels_source=tables.labels_source,
+        artifacts=ARTIFACT_CHOICES, artifact_keys=ARTIFACT_KEYS, ratings_key=study_key(out),
+        css=_asset("report.css"), js=_asset("report.js"), version=__version__,
+        generated=_dt.datetime.now().astimezone().isoformat(timespec="seconds"))
+
+
 def write_group_pages(tables: GroupTables, *, site_column: str = "site",
                       subject_reports: bool = True) -> list[Path]:
     """Write ``group_<suffix>.html`` for each table and (``subject_reports``) re-render every
@@ -950,6 +1027,7 @@ def write_group_pages(tables: GroupTables, *, site_column: str = "site",
                                    mad_k=tables.mad_k, flag_at_fnr=tables.flag_at_fnr,
                                    site_columns=t.site_columns)
         group_pages.append(atomic_write_text(html, out / f"group_{t.suffix}.html"))
+    group_pages.append(atomic_write_text(render_overview(tables, site_column=site_column), out / "index.html"))
     return group_pages + subject_pages
 
 

@@ -1,10 +1,11 @@
-/* itermask-qc reports: table sort/filter (group page) and ratings (subject pages).
-   Vanilla JS, no network. Ratings live in localStorage under one key for all pages of
-   this browser/origin and download as a TSV: bids_name, rating, artifacts, comment,
-   rater, timestamp. */
+/* itermask-qc reports: table sort/filter (group page), ratings (subject pages), filters
+   and the keyboard rating mode (overview), linked plots (group page).
+   Vanilla JS, no network. Ratings live in localStorage under the study's key (the body's
+   data-ratings-key: every local page shares one storage) and export as a TSV:
+   bids_name, rating, artifacts, comment, rater, timestamp. */
 (function () {
   "use strict";
-  var KEY = "itermask-qc-ratings:v1";
+  var KEY = document.body.getAttribute("data-ratings-key") || "itermask-qc-ratings:v1";
   var RATER_KEY = "itermask-qc-rater:v1";
   var memory = {};          // fallback when localStorage is unavailable
   var storageOk = true;
@@ -85,6 +86,12 @@
     setTimeout(function () { URL.revokeObjectURL(url); a.remove(); }, 0);
   }
 
+  function exportRatings() {
+    var stamp = new Date().toISOString().replace(/[:.]/g, "").slice(0, 15);
+    var who = clean(getRater()).replace(/[^A-Za-z0-9_-]+/g, "") || "rater";
+    download(ratingsTsv(loadAll()), "itermask-qc_ratings_" + who + "_" + stamp + ".tsv");
+  }
+
   function readControl(fs) {
     var checked = fs.querySelector("input[type=radio]:checked");
     var arts = [];
@@ -102,7 +109,6 @@
 
   function initRatings() {
     var sets = document.querySelectorAll("fieldset.rating");
-    if (!sets.length) { return; }
     var all = loadAll();
     var rater = document.getElementById("rater");
     if (rater) {
@@ -133,10 +139,7 @@
     });
     var btn = document.getElementById("download-ratings");
     if (btn) {
-      btn.addEventListener("click", function () {
-        var stamp = new Date().toISOString().replace(/[:.]/g, "").slice(0, 15);
-        download(ratingsTsv(loadAll()), "itermask-qc_ratings_" + stamp + ".tsv");
-      });
+      btn.addEventListener("click", exportRatings);
     }
     if (!storageOk) {
       var st = document.getElementById("ratings-status");
@@ -203,8 +206,244 @@
     apply();
   }
 
+  // ------------------------------------------------------------------ overview
+  var overview = null;   // state of the overview page (null on other pages)
+
+  function isRated(r) { return !!(r && r.rating); }
+
+  function visibleCards() {
+    return overview.cards.filter(function (c) { return !c.classList.contains("hidden"); });
+  }
+
+  function markCards() {
+    var all = loadAll();
+    var n = 0;
+    overview.cards.forEach(function (c) {
+      var r = all[c.getAttribute("data-bids-name")];
+      var rated = isRated(r);
+      if (rated) { n += 1; }
+      c.classList.toggle("rated", rated);
+      c.setAttribute("data-rated", rated ? "1" : "0");
+      var el = c.querySelector(".myrating");
+      if (el) {
+        el.textContent = rated ? "your rating: " + r.rating +
+          (r.artifacts && r.artifacts.length ? " (" + r.artifacts.join(", ") + ")" : "") : "";
+      }
+    });
+    var p = document.getElementById("progress");
+    if (p) { p.textContent = n + " of " + overview.cards.length + " rated"; }
+    return n;
+  }
+
+  function applyFilters() {
+    var f = overview.filters;
+    var q = (f.text && f.text.value || "").toLowerCase();
+    var site = f.site ? f.site.value : "";
+    var show = f.show ? f.show.value : "";
+    var rated = f.rated ? f.rated.value : "";
+    var n = 0;
+    overview.cards.forEach(function (c) {
+      var ok = (!q || c.getAttribute("data-bids-name").toLowerCase().indexOf(q) >= 0) &&
+        (!site || c.getAttribute("data-site") === site) &&
+        (show !== "flagged" || c.getAttribute("data-flagged") === "1") &&
+        (show !== "unflagged" || (c.getAttribute("data-flagged") === "0" && c.getAttribute("data-failed") === "0")) &&
+        (show !== "failed" || c.getAttribute("data-failed") === "1") &&
+        (rated !== "rated" || c.getAttribute("data-rated") === "1") &&
+        (rated !== "unrated" || c.getAttribute("data-rated") !== "1");
+      c.classList.toggle("hidden", !ok);
+      if (ok) { n += 1; }
+    });
+    var count = document.getElementById("ov-count");
+    if (count) { count.textContent = n + " of " + overview.cards.length + " scans shown"; }
+  }
+
+  function currentCard() {
+    return overview.order[overview.pos] || null;
+  }
+
+  function showCurrent(message) {
+    var c = currentCard();
+    var view = overview.view;
+    if (!c) { closeRater("nothing to rate with these filters"); return; }
+    var name = c.getAttribute("data-bids-name");
+    var r = loadAll()[name] || {};
+    view.querySelector("#rv-name").textContent = name;
+    view.querySelector("#rv-pos").textContent = "scan " + (overview.pos + 1) + " of " + overview.order.length +
+      " shown; " + markCards() + " of " + overview.cards.length + " rated";
+    view.querySelector("#rv-open").setAttribute("href", c.getAttribute("data-href"));
+    var img = view.querySelector("#rv-img");
+    var thumb = c.querySelector("img");
+    img.setAttribute("src", c.getAttribute("data-mosaic") || (thumb ? thumb.getAttribute("src") : ""));
+    var info = c.querySelector(".cardtext .small");
+    view.querySelector("#rv-verdict").textContent = info ? info.textContent.replace(/your rating:.*$/, "").replace(/\s+/g, " ").trim() : "";
+    view.querySelectorAll("input[name=rv-rating]").forEach(function (i) { i.checked = (i.value === r.rating); });
+    view.querySelectorAll(".rv-tags input").forEach(function (i) {
+      i.checked = (r.artifacts || []).indexOf(i.value) >= 0;
+      var hint = (c.getAttribute("data-tags") || "").split(";").indexOf(i.value) >= 0;
+      i.parentNode.classList.toggle("hint", hint);
+    });
+    view.querySelector("#rv-comment").value = r.comment || "";
+    view.querySelector("#rv-message").textContent = message || "";
+    c.scrollIntoView({ block: "nearest" });
+    try { window.localStorage.setItem(KEY + ":position", name); } catch (e) { /* memory only */ }
+  }
+
+  function saveCurrent() {
+    var c = currentCard();
+    if (!c) { return; }
+    var view = overview.view;
+    var checked = view.querySelector("input[name=rv-rating]:checked");
+    var arts = [];
+    view.querySelectorAll(".rv-tags input:checked").forEach(function (i) { arts.push(i.value); });
+    var all = loadAll();
+    all[c.getAttribute("data-bids-name")] = {
+      rating: checked ? checked.value : "", artifacts: arts, comment: view.querySelector("#rv-comment").value,
+      rater: getRater(), timestamp: new Date().toISOString() };
+    saveAll(all);
+    showCurrent("saved");
+  }
+
+  function openRater() {
+    overview.order = visibleCards();
+    if (!overview.order.length) { return; }
+    var all = loadAll();
+    var last = null;
+    try { last = window.localStorage.getItem(KEY + ":position"); } catch (e) { last = null; }
+    var pos = -1;
+    overview.order.forEach(function (c, i) { if (pos < 0 && c.getAttribute("data-bids-name") === last) { pos = i; } });
+    if (pos < 0 || isRated(all[last])) {   // resume at the first unrated scan after the last one
+      var start = Math.max(pos, 0);
+      pos = -1;
+      for (var i = 0; i < overview.order.length; i += 1) {
+        var j = (start + i) % overview.order.length;
+        if (!isRated(all[overview.order[j].getAttribute("data-bids-name")])) { pos = j; break; }
+      }
+      if (pos < 0) { pos = 0; }
+    }
+    overview.pos = pos;
+    overview.view.hidden = false;
+    document.body.classList.add("rating-mode");
+    showCurrent("");
+  }
+
+  function closeRater(message) {
+    overview.view.hidden = true;
+    document.body.classList.remove("rating-mode");
+    var st = document.getElementById("ratings-status");
+    if (st && message) { st.textContent = message; }
+    applyFilters();
+  }
+
+  function move(step, force) {
+    var c = currentCard();
+    if (step > 0 && c && !force && !isRated(loadAll()[c.getAttribute("data-bids-name")])) {
+      overview.view.querySelector("#rv-message").textContent =
+        "Not rated yet: press 1, 2 or 3 first (Shift+\u2192 skips it on purpose).";
+      return;
+    }
+    var next = overview.pos + step;
+    if (next < 0 || next >= overview.order.length) {
+      overview.view.querySelector("#rv-message").textContent =
+        next < 0 ? "This is the first scan." : "This is the last scan shown: " + markCards() + " of " +
+        overview.cards.length + " rated. Export the TSV when you are done.";
+      return;
+    }
+    overview.pos = next;
+    showCurrent("");
+  }
+
+  function onKey(ev) {
+    if (ev.ctrlKey || ev.metaKey || ev.altKey) { return; }
+    var t = ev.target;
+    var typing = t && (t.tagName === "TEXTAREA" || (t.tagName === "INPUT" && /^(text|search)$/.test(t.type)));
+    var open = !overview.view.hidden;
+    if (typing) {
+      if (ev.key === "Escape") { t.blur(); if (t.id === "rv-comment") { saveCurrent(); } ev.preventDefault(); }
+      return;
+    }
+    if (!open) {
+      if (ev.key === "r" || ev.key === "R") { openRater(); ev.preventDefault(); }
+      return;
+    }
+    var key = ev.key;
+    var handled = true;
+    if (key === "1" || key === "2" || key === "3") {
+      var value = { 1: "good", 2: "questionable", 3: "bad" }[key];
+      overview.view.querySelectorAll("input[name=rv-rating]").forEach(function (i) { i.checked = (i.value === value); });
+      saveCurrent();
+    } else if (key === "ArrowRight" || key === "j") {
+      move(1, ev.shiftKey);
+    } else if (key === "ArrowLeft" || key === "k") {
+      move(-1, false);
+    } else if (key === "/") {
+      overview.view.querySelector("#rv-comment").focus();
+    } else if (key === "Escape") {
+      closeRater("");
+    } else if (key === "o") {
+      window.open(currentCard().getAttribute("data-href"), "_blank", "noopener");
+    } else {
+      var box = overview.view.querySelector(".rv-tags input[data-key='" + key.toLowerCase() + "']");
+      if (box && key.length === 1) {
+        box.checked = !box.checked;
+        saveCurrent();
+      } else {
+        handled = false;
+      }
+    }
+    if (handled) { ev.preventDefault(); }
+  }
+
+  function initOverview() {
+    var cards = Array.prototype.slice.call(document.querySelectorAll("article.card"));
+    var view = document.getElementById("rater-view");
+    if (!cards.length || !view) { return; }
+    overview = { cards: cards, view: view, order: [], pos: 0, filters: {
+      text: document.getElementById("ov-text"), site: document.getElementById("ov-site"),
+      show: document.getElementById("ov-show"), rated: document.getElementById("ov-rated") } };
+    Object.keys(overview.filters).forEach(function (k) {
+      var el = overview.filters[k];
+      if (el) { el.addEventListener("input", applyFilters); el.addEventListener("change", applyFilters); }
+    });
+    markCards();
+    applyFilters();
+    document.getElementById("rate-start").addEventListener("click", function (ev) { ev.target.blur(); openRater(); });
+    document.getElementById("rv-close").addEventListener("click", function () { closeRater(""); });
+    view.querySelectorAll("input").forEach(function (i) { i.addEventListener("change", saveCurrent); });
+    view.querySelector("#rv-comment").addEventListener("change", saveCurrent);
+    document.addEventListener("keydown", onKey);
+    window.addEventListener("storage", function () { markCards(); applyFilters(); });
+  }
+
+  // ------------------------------------------------------------------ linked plots
+  function initPlots() {
+    var dots = document.querySelectorAll("svg.strip [data-scan]");
+    if (!dots.length) { return; }
+    var label = document.getElementById("plot-highlight");
+    var pinned = null;
+    function highlight(name) {
+      document.querySelectorAll("svg.strip .hl").forEach(function (d) { d.classList.remove("hl"); });
+      document.querySelectorAll("table.ranking tr.hl").forEach(function (d) { d.classList.remove("hl"); });
+      if (!name) { if (label) { label.textContent = ""; } return; }
+      document.querySelectorAll("svg.strip [data-scan]").forEach(function (d) {
+        if (d.getAttribute("data-scan") === name) { d.classList.add("hl"); }
+      });
+      document.querySelectorAll("table.ranking tr[data-bids-name]").forEach(function (r) {
+        if (r.getAttribute("data-bids-name") === name) { r.classList.add("hl"); }
+      });
+      if (label) { label.textContent = name; }
+    }
+    dots.forEach(function (d) {
+      d.addEventListener("mouseenter", function () { highlight(d.getAttribute("data-scan")); });
+      d.addEventListener("mouseleave", function () { highlight(pinned); });
+      d.addEventListener("focus", function () { highlight(d.getAttribute("data-scan")); });
+    });
+    document.querySelectorAll("table.ranking tr[data-bids-name]").forEach(function (r) {
+      r.addEventListener("mouseenter", function () { pinned = r.getAttribute("data-bids-name"); highlight(pinned); });
+    });
+  }
+
   // exposed for tests and power users (e.g. console: itermaskQC.ratingsTsv())
-  window.itermaskQC = { ratingsTsv: function () { return ratingsTsv(loadAll()); } };
+  window.itermaskQC = { ratingsTsv: function () { return ratingsTsv(loadAll()); }, key: KEY };
 
   // "#selftest" in the URL exercises sorting, filtering and the ratings store, then
   // writes "selftest:ok" or "selftest:fail: ..." into #selfcheck (used by the tests).
@@ -248,6 +487,8 @@
     try {
       initRatings();
       initTable();
+      initOverview();
+      initPlots();
     } catch (e) {
       errors.push(String(e && e.message || e));
     }

@@ -181,7 +181,8 @@ def test_suffix_filter_and_single_site(tmp_path, derivs):
         d["metadata"] = {}
         p.write_text(json.dumps(d))
     written = run_group(derivs.root, suffixes=["FLAIR"], subject_reports=False)
-    assert [p.name for p in written] == ["group_FLAIR.csv", "group_FLAIR_sites.csv", "group_FLAIR.html"]
+    assert [p.name for p in written] == ["group_FLAIR.csv", "group_FLAIR_sites.csv", "group_FLAIR.html",
+                                         "index.html"]
     sites = _read(derivs.root / "group_FLAIR_sites.csv")
     assert [s["site"] for s in sites] == ["all"]
     assert "n_labelled" not in sites[0]  # no labels: no metric columns
@@ -240,7 +241,7 @@ def test_group_needs_no_raw_data(derivs):
 
     shutil.rmtree(derivs.bids)
     written = run_group(derivs.root, labels=derivs.labels_tsv)
-    assert (derivs.root / "group_T1w.csv").is_file() and len(written) == 6 + 14
+    assert (derivs.root / "group_T1w.csv").is_file() and len(written) == 6 + 1 + 14  # tables, pages, overview, subjects
     html = (derivs.root / "sub-05.html").read_text()
     assert "source scan not available" in html and html.count("data:image/png;base64,") == 3
 

@@ -86,3 +86,94 @@ def test_mosaic_slices_cut_through_the_head_in_a_noisy_field_of_view():
     # the error map (written inside the brain only) decides when there is one
     err = np.where(head, 1.0, 0.0)
     assert (head_mask(scan, err) == head).all()
+
+
+# --------------------------------------------------------------------------- overview
+def _cards(html: str) -> list[dict]:
+    from html.parser import HTMLParser
+
+    class P(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.cards, self.cur, self.scripts = [], None, 0
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "script":
+                self.scripts += 1
+            if tag == "article" and "card" in a.get("class", ""):
+                self.cur = {**a, "imgs": [], "links": []}
+                self.cards.append(self.cur)
+            elif self.cur is not None and tag == "img":
+                self.cur["imgs"].append(a["src"])
+            elif self.cur is not None and tag == "a":
+                self.cur["links"].append(a["href"])
+
+        def handle_endtag(self, tag):
+            if tag == "article":
+                self.cur = None
+
+    p = P()
+    p.feed(html)
+    return p.cards, p.scripts
+
+
+def test_overview_one_thumbnail_per_screened_scan_worst_first(group_run):
+    import base64
+    import io
+
+    from PIL import Image
+
+    dv, written = group_run
+    index = dv.root / "index.html"
+    assert index in written
+    html = index.read_text()
+    cards, scripts = _cards(html)
+    assert sorted(c["data-bids-name"] for c in cards) == sorted(s.bids_name for s in dv.scans)
+    for c in cards:
+        sc = dv.by_name(c["data-bids-name"])
+        if sc.kind == "failed":
+            assert c["imgs"] == [] and c["data-failed"] == "1"
+            continue
+        assert len(c["imgs"]) == 1, c["data-bids-name"]  # exactly one thumbnail per screened scan
+        im = Image.open(io.BytesIO(base64.b64decode(c["imgs"][0].split(",", 1)[1])))
+        assert 100 <= im.size[0] <= 200 and np.unique(np.asarray(im.convert("L"))).size > 2
+        # links land on the scan's section, and the rating view has the big figure on disk
+        for href in set(c["links"]):
+            page, _, anchor = href.partition("#")
+            assert f'id="{anchor}"' in (dv.root / page).read_text()
+        assert (dv.root / c["data-mosaic"]).is_file()
+    # worst first per suffix, in the group table's order; failed scans last
+    t1 = [c["data-bids-name"] for c in cards if c["data-suffix"] == "T1w"]
+    table = list(_csv_rows(dv.root / "group_T1w.csv"))
+    assert t1 == table and t1[:3] == ["sub-05_T1w", "sub-12_T1w", "sub-01_ses-2_run-1_T1w"]
+    flagged = {n for n, r in _csv_rows(dv.root / "group_T1w.csv").items()
+               if r["flagged"] == "1" or r["background_flagged"] == "1"}
+    assert {c["data-bids-name"] for c in cards if c["data-flagged"] == "1" and c["data-suffix"] == "T1w"} == flagged
+    # filters for site, flags, rating and failures exist without any network
+    for el in ('id="ov-site"', 'value="flagged"', 'value="failed"', 'value="unrated"', 'value="rated"'):
+        assert el in html
+    assert "http://" not in html and "https://" not in html and scripts == 1
+
+
+def test_overview_escapes_hostile_names(group_run):
+    dv, _ = group_run
+    html = (dv.root / "index.html").read_text()
+    assert EVIL not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+def test_hostile_site_name_is_escaped_everywhere(derivs):
+    import json
+
+    hostile = '"><img src=x onerror=alert(2)>'
+    for sc in derivs.scans:
+        if sc.site == "B":
+            d = json.loads(sc.qc_path.read_text())
+            d["metadata"] = {"site": hostile}
+            sc.qc_path.write_text(json.dumps(d))
+    run_group(derivs.root)
+    for page in ["index.html", "group_T1w.html", "sub-12.html"]:
+        html = (derivs.root / page).read_text()
+        assert hostile not in html and "<img src=x" not in html, page
+        assert "&#34;&gt;&lt;img src=x onerror=alert(2)&gt;" in html, page
