@@ -196,7 +196,8 @@ def get_parser() -> argparse.ArgumentParser:
 
     g_grp = parser.add_argument_group("Group level")
     g_grp.add_argument("--labels", type=_path, metavar="FILE.tsv",
-                       help="ratings TSV (bids_name + a good/bad or 0/1 column) to compute "
+                       help="ratings TSV (bids_name + a good/bad or 0/1 column), or a folder "
+                            "of them (one per rater, merged), to compute "
                             "AUROC, FPR80/90, FNR80/90 per site; at the adapt level, scans "
                             "rated bad are never trained on")
     g_grp.add_argument("--site-column", default="site", metavar="COLUMN",
@@ -569,8 +570,8 @@ def run_group_level(settings: Settings, suffixes: Optional[Sequence[str]]) -> in
     if not out.is_dir() or not load_qc_records(out):
         raise CLIError(f"no participant-level results (*_qc.json) under {out}; run the "
                        f"participant level first", EXIT_NO_INPUT)
-    if settings.labels is not None and not Path(settings.labels).is_file():
-        raise CLIError(f"--labels {settings.labels}: no such file")
+    if settings.labels is not None and not Path(settings.labels).exists():
+        raise CLIError(f"--labels {settings.labels}: no such file or folder")
     try:
         written = run_group(out, labels=settings.labels, site_column=settings.site_column,
                             flag_at_fnr=settings.flag_at_fnr,
