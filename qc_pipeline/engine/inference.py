@@ -153,10 +153,29 @@ def threshold_at(errors_in_brain_sorted: np.ndarray, t: float) -> float:
     return float(errors_in_brain_sorted[n - k - 1])
 
 
-class _ScanLoop:
-    """State machine of the loop for one scan: asks for forward passes, consumes error maps."""
+def _kth_threshold(errors_in_brain: torch.Tensor, t: float) -> float:
+    """:func:`threshold_at` on an unsorted tensor of brain errors, on its own device.
 
-    def __init__(self, x: np.ndarray, brain: np.ndarray, hf: np.ndarray, sched: Schedule, *,
+    ``torch.kthvalue`` picks the same element as the ascending sort does, so the threshold
+    (and every mask built from it) is bitwise that of the NumPy reference.
+    """
+    n = int(errors_in_brain.numel())
+    k = int(round(n * (100.0 - float(t)) / 100.0))
+    k = min(max(k, 0), n)
+    if k >= n:
+        return float(errors_in_brain.min()) - 1.0
+    return float(torch.kthvalue(errors_in_brain, n - k).values)
+
+
+class _ScanLoop:
+    """State machine of the loop for one scan: asks for forward passes, consumes error maps.
+
+    Every volume (image, brain, high-frequency image, masks, error maps) stays a tensor on the
+    model's device; the noise fill comes from a generator of that device seeded per scan, and
+    only scalars (the tau curve, mask sizes, mean errors) come back to the host.
+    """
+
+    def __init__(self, x: torch.Tensor, brain: torch.Tensor, hf: torch.Tensor, sched: Schedule, *,
                  gamma: float, seed: int, y_limit: float, r2_min: float,
                  gamma_mode: str = "absolute", gamma_reference_t: float = DEFAULT_GAMMA_REFERENCE_T):
         self.x, self.brain, self.hf = x, brain, hf
@@ -164,18 +183,20 @@ class _ScanLoop:
         self.gamma_mode, self.gamma_reference_t = gamma_mode, float(gamma_reference_t)
         self.gamma_used = float(gamma)
         self.seed = int(seed)
-        self.gen = torch.Generator().manual_seed(self.seed)
-        self.n_brain = int(brain.sum())
+        self.gen = torch.Generator(device=x.device).manual_seed(self.seed)
+        # flat indices of the brain: gathering through them avoids a host sync per pass
+        self.brain_idx = torch.nonzero(brain.reshape(-1)).reshape(-1)
+        self.n_brain = int(self.brain_idx.numel())
         self.passes = 0
         self.phase = "sweep"
         self.sweep_i = 0
         self.ts: list[float] = []
         self.taus: list[float] = []
-        self.pending: np.ndarray | None = brain.copy()  # t = 0: whole brain masked
-        self.prev: np.ndarray | None = None
+        self.pending: torch.Tensor | None = brain.clone()  # t = 0: whole brain masked
+        self.prev_n = 0
         self.refine_passes = 0
         self.first_pass_mean_error = float("nan")
-        self.first_pass_error_map: np.ndarray | None = None
+        self.first_pass_error_map: torch.Tensor | None = None
         self.fit: TauFit | None = None
         self.final: dict | None = None
 
@@ -183,13 +204,12 @@ class _ScanLoop:
     def done(self) -> bool:
         return self.final is not None
 
-    def noise(self) -> np.ndarray:
-        return torch.randn(self.x.shape, generator=self.gen, dtype=torch.float32).numpy()
+    def noise(self) -> torch.Tensor:
+        return torch.randn(self.x.shape, generator=self.gen, dtype=torch.float32, device=self.x.device)
 
-    def model_input(self) -> np.ndarray:
-        m = self.pending
-        x_hat = np.where(m, self.noise(), self.x)  # eq. 1-3
-        return np.stack([x_hat, self.hf]).astype(np.float32, copy=False)
+    def model_input(self) -> torch.Tensor:
+        x_hat = torch.where(self.pending, self.noise(), self.x)  # eq. 1-3
+        return torch.stack([x_hat, self.hf])
 
     def _confirmed(self) -> bool:
         c = self.sched.confirm
@@ -206,16 +226,16 @@ class _ScanLoop:
             return relative_gamma(self.ts, self.taus, self.gamma, self.gamma_reference_t)
         return self.gamma
 
-    def consume(self, recon: np.ndarray) -> None:
+    def consume(self, recon: torch.Tensor) -> None:
         self.passes += 1
-        err = ((recon.astype(np.float32) - self.x) ** 2) * self.brain  # eq. 5, inside the brain
+        err = ((recon.float() - self.x) ** 2) * self.brain  # eq. 5, inside the brain
+        in_brain = err.reshape(-1).index_select(0, self.brain_idx)
         if self.passes == 1:
-            self.first_pass_mean_error = float(err[self.brain].mean())
-            self.first_pass_error_map = err  # float32 already; never modified below
+            self.first_pass_mean_error = float(in_brain.mean())
+            self.first_pass_error_map = err  # never modified below
         if self.phase == "sweep":
             t = self.sched.sweep_t[self.sweep_i]
-            s = np.sort(err[self.brain])
-            tau = threshold_at(s, t)
+            tau = _kth_threshold(in_brain, t)
             self.ts.append(float(t))
             self.taus.append(tau)
             self.sweep_i += 1
@@ -228,36 +248,36 @@ class _ScanLoop:
         # refinement (eq. 6 with tau_stop; voxels may leave AND re-enter the mask)
         self.refine_passes += 1
         new = (err > self.tau_stop) & self.brain
-        prev_n = int(self.prev.sum())
-        change = abs(int(new.sum()) - prev_n) / max(prev_n, 1)
+        new_n = int(new.sum())
+        change = abs(new_n - self.prev_n) / max(self.prev_n, 1)
         if change < self.sched.tol:
-            self._finish(new, err, True)
+            self._finish(new, err, in_brain, True)
         elif self.refine_passes >= self.sched.max_refine:
-            self._finish(new, err, False)
+            self._finish(new, err, in_brain, False)
         else:
             self.pending = new
-            self.prev = new
+            self.prev_n = new_n
 
-    def _end_sweep(self, err: np.ndarray) -> None:
+    def _end_sweep(self, err: torch.Tensor) -> None:
         self.gamma_used = self.gamma_now()
         self.fit = fit_tau_curve(self.ts, self.taus, gamma=self.gamma_used, y_limit=self.y_limit,
                                  r2_min=self.r2_min)
         self.tau_stop = float(self.fit.tau_stop)
         self.phase = "refine"
         if self.sched.refine_start == "brain":
-            start = self.brain.copy()
+            start = self.brain.clone()
         else:
             start = (err > self.tau_stop) & self.brain
         if self.sched.max_refine <= 0:
-            self._finish(start, err, False)
+            self._finish(start, err, err.reshape(-1).index_select(0, self.brain_idx), False)
             return
         self.pending = start
-        self.prev = start
+        self.prev_n = int(start.sum())
 
-    def _finish(self, mask: np.ndarray, err: np.ndarray, converged: bool) -> None:
+    def _finish(self, mask: torch.Tensor, err: torch.Tensor, in_brain: torch.Tensor, converged: bool) -> None:
         self.pending = None
-        self.final = {"mask": mask, "error_map": err.astype(np.float32),
-                      "mean_error": float(err[self.brain].mean()), "converged": converged}
+        self.final = {"mask": mask, "error_map": err, "mean_error": float(in_brain.mean()),
+                      "converged": converged}
 
 
 class IterMask3D:
@@ -275,17 +295,25 @@ class IterMask3D:
     device : str
         ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``...
     batch_size : int, optional
-        Scans per forward pass in :meth:`run_batch` (default 1 on CPU, 4 on CUDA).
+        Scans kept in flight together by :meth:`run_batch` (default 1 on CPU, 16 on CUDA).
+    micro_batch : int, optional
+        Volumes per forward pass (default 1 on CPU, 4 on CUDA). Every pass has this shape (a
+        short last group is padded), so the kernels, and a scan's result, do not depend on how
+        many or which other scans share its batch.
     """
 
     def __init__(self, net: torch.nn.Module | Callable, card: Mapping[str, Any] | None = None, *,
-                 device: str = "auto", batch_size: int | None = None):
+                 device: str = "auto", batch_size: int | None = None, micro_batch: int | None = None):
         self.card = dict(card or {})
         self.device = resolve_device(device)
         self.net = net
         if isinstance(net, torch.nn.Module):
             self.net = net.to(self.device).eval()
-        self.batch_size = int(batch_size) if batch_size else (4 if self.device.type == "cuda" else 1)
+        cuda = self.device.type == "cuda"
+        self.micro_batch = int(micro_batch) if micro_batch else (4 if cuda else 1)
+        self.batch_size = int(batch_size) if batch_size else (16 if cuda else 1)
+        if self.micro_batch < 1 or self.batch_size < 1:
+            raise EngineError(f"batch_size and micro_batch must be >= 1, got {batch_size} and {micro_batch}")
         self.gamma_mode = str(self.card.get("gamma_mode", "absolute"))
         if self.gamma_mode not in GAMMA_MODES:
             raise ModelCardError(f"model card gamma_mode {self.gamma_mode!r} is not one of {GAMMA_MODES}")
@@ -302,7 +330,7 @@ class IterMask3D:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_folder(cls, path=None, device: str = "auto", *, contrast: str = "T1w",
-                    batch_size: int | None = None) -> "IterMask3D":
+                    batch_size: int | None = None, micro_batch: int | None = None) -> "IterMask3D":
         """Load ``weights.pt`` + ``model_card.json`` from ``path`` (None: the packaged model).
 
         Raises
@@ -326,7 +354,7 @@ class IterMask3D:
         except Exception as exc:  # noqa: BLE001
             raise ModelCardError(f"weights in {folder} do not load into the card's network: {exc}") from exc
         card.setdefault("model_dir", str(folder))
-        return cls(net, card, device=device, batch_size=batch_size)
+        return cls(net, card, device=device, batch_size=batch_size, micro_batch=micro_batch)
 
     # ------------------------------------------------------------------ checks
     def _check(self, image, brain_mask, voxel_size) -> tuple[np.ndarray, np.ndarray]:
@@ -349,16 +377,22 @@ class IterMask3D:
             raise InvalidInputError("brain mask is empty")
         return x, b
 
-    def _forward(self, batch: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            inp = torch.from_numpy(batch).to(self.device)
+    def _forward(self, items: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """One forward pass of at most ``micro_batch`` inputs ``(2, X, Y, Z)``; reconstructions
+        ``(X, Y, Z)`` on the model's device. The pass always has ``micro_batch`` volumes."""
+        n = len(items)
+        inp = torch.stack(list(items))
+        if n < self.micro_batch:
+            inp = torch.cat([inp, inp.new_zeros((self.micro_batch - n,) + tuple(inp.shape[1:]))])
+        with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, benchmark=False,
+                                                                 deterministic=True):
             out = self.net(inp)
-            if isinstance(out, torch.Tensor):
-                out = out.float().cpu().numpy()
-            out = np.asarray(out, dtype=np.float32)
+        if not isinstance(out, torch.Tensor):
+            out = torch.as_tensor(np.asarray(out, dtype=np.float32), device=self.device)
+        out = out.float()
         if out.ndim == 5:
             out = out[:, 0]
-        return out
+        return list(out[:n])
 
     # ------------------------------------------------------------------ running
     def run(self, image, brain_mask, *, voxel_size=(2.0, 2.0, 2.0), schedule: str | Schedule | None = None,
@@ -393,12 +427,43 @@ class IterMask3D:
         res = self.run(image, brain_mask, voxel_size=voxel_size, schedule=probe, seed=seed)
         return relative_gamma([t for t, _ in res.tau_curve], [v for _, v in res.tau_curve], 1.0, t_ref)
 
+    def _loop(self, x: np.ndarray, b: np.ndarray, h, vs, radius, sched: Schedule, seed: int) -> _ScanLoop:
+        if h is None:
+            h = high_frequency(x, radius if radius is not None else hf_radius(x.shape, vs), voxel_size=vs)
+        else:
+            h = np.asarray(h, dtype=np.float32)
+            if h.shape != x.shape:
+                raise ShapeMismatchError(f"hf image shape {h.shape} differs from image shape {x.shape}")
+        dev = self.device
+        return _ScanLoop(torch.from_numpy(x).to(dev), torch.from_numpy(b).to(dev),
+                         torch.from_numpy(np.ascontiguousarray(h, dtype=np.float32)).to(dev),
+                         sched, gamma=self.gamma, seed=seed, y_limit=DEFAULT_Y_LIMIT, r2_min=self.r2_min,
+                         gamma_mode=self.gamma_mode, gamma_reference_t=self.gamma_reference_t)
+
+    def _result(self, lp: _ScanLoop, sched: Schedule, vox_mm3: float) -> Result:
+        f = lp.final
+        mask = f["mask"].cpu().numpy()
+        nvox = int(mask.sum())
+        log.debug("itermask3d: %s passes=%d tau_stop=%.4g path=%s voxels=%d", sched.name, lp.passes,
+                  lp.tau_stop, lp.fit.path, nvox)
+        return Result(
+            anomaly_voxels=nvox, anomaly_fraction=nvox / lp.n_brain, anomaly_mm3=nvox * vox_mm3,
+            mask=mask, error_map=f["error_map"].cpu().numpy(), tau_curve=list(zip(lp.ts, lp.taus)),
+            fit=lp.fit, tau_stop=lp.tau_stop, forward_passes=lp.passes, seconds=0.0,
+            schedule=sched.name, mean_error=f["mean_error"], first_pass_mean_error=lp.first_pass_mean_error,
+            first_pass_error_map=lp.first_pass_error_map.cpu().numpy(), converged=f["converged"],
+            refine_passes=lp.refine_passes, brain_voxels=lp.n_brain, device=str(self.device),
+            seed=lp.seed, gamma=lp.gamma_used, gamma_mode=self.gamma_mode)
+
     def run_batch(self, images: Sequence, brain_masks: Sequence, *, voxel_size=(2.0, 2.0, 2.0),
                   schedule: str | Schedule | None = None, seed: int | Sequence[int] = 0,
                   hf: Sequence | None = None) -> list[Result]:
-        """Screen several scans, stacking their forward passes into batches.
+        """Screen several scans, ``batch_size`` at a time, their forward passes stacked into
+        micro-batches of a fixed shape.
 
-        Each scan keeps its own noise generator, so its result equals :meth:`run`'s.
+        Each scan keeps its own noise generator and every pass has the same shape, so a scan's
+        result is :meth:`run`'s whatever the batch (bitwise on the CPU; on CUDA cuDNN is asked
+        for deterministic kernels).
         """
         sched = get_schedule(schedule or self.default_schedule)
         n = len(images)
@@ -412,43 +477,24 @@ class IterMask3D:
         if self.card.get("hf", {}).get("radius") and self.grid is not None:
             radius = tuple(float(r) for r in self.card["hf"]["radius"])
         t0 = time.perf_counter()
-        loops = []
-        for i in range(n):
-            x, b = self._check(images[i], brain_masks[i], vs)
-            h = None if hf is None else hf[i]
-            if h is None:
-                h = high_frequency(x, radius if radius is not None else hf_radius(x.shape, vs), voxel_size=vs)
-            else:
-                h = np.asarray(h, dtype=np.float32)
-                if h.shape != x.shape:
-                    raise ShapeMismatchError(f"hf image shape {h.shape} differs from image shape {x.shape}")
-            loops.append(_ScanLoop(x, b, h, sched, gamma=self.gamma, seed=seeds[i],
-                                   y_limit=DEFAULT_Y_LIMIT, r2_min=self.r2_min, gamma_mode=self.gamma_mode,
-                                   gamma_reference_t=self.gamma_reference_t))
-        while True:
-            active = [lp for lp in loops if not lp.done]
-            if not active:
-                break
-            for j in range(0, len(active), self.batch_size):
-                chunk = active[j: j + self.batch_size]
-                out = self._forward(np.stack([lp.model_input() for lp in chunk]))
-                for lp, rec in zip(chunk, out):
-                    lp.consume(rec)
-        seconds = (time.perf_counter() - t0) / max(n, 1)
+        checked = [self._check(images[i], brain_masks[i], vs) for i in range(n)]  # fail before any pass
+        if hf is not None and len(hf) != n:
+            raise InvalidInputError(f"{n} images but {len(hf)} hf images")
         vox_mm3 = float(np.prod(vs))
-        results = []
-        for lp in loops:
-            f = lp.final
-            nvox = int(f["mask"].sum())
-            results.append(Result(
-                anomaly_voxels=nvox, anomaly_fraction=nvox / lp.n_brain, anomaly_mm3=nvox * vox_mm3,
-                mask=f["mask"], error_map=f["error_map"], tau_curve=list(zip(lp.ts, lp.taus)),
-                fit=lp.fit, tau_stop=lp.tau_stop, forward_passes=lp.passes, seconds=seconds,
-                schedule=sched.name, mean_error=f["mean_error"],
-                first_pass_mean_error=lp.first_pass_mean_error,
-                first_pass_error_map=lp.first_pass_error_map, converged=f["converged"],
-                refine_passes=lp.refine_passes, brain_voxels=lp.n_brain, device=str(self.device),
-                seed=lp.seed, gamma=lp.gamma_used, gamma_mode=self.gamma_mode))
-            log.debug("itermask3d: %s passes=%d tau_stop=%.4g path=%s voxels=%d", sched.name, lp.passes,
-                      lp.tau_stop, lp.fit.path, nvox)
+        results: list[Result] = []
+        for g in range(0, n, self.batch_size):
+            group = [self._loop(*checked[i], None if hf is None else hf[i], vs, radius, sched, seeds[i])
+                     for i in range(g, min(n, g + self.batch_size))]
+            while True:
+                active = [lp for lp in group if not lp.done]
+                if not active:
+                    break
+                for j in range(0, len(active), self.micro_batch):
+                    chunk = active[j: j + self.micro_batch]
+                    for lp, rec in zip(chunk, self._forward([lp.model_input() for lp in chunk])):
+                        lp.consume(rec)
+            results.extend(self._result(lp, sched, vox_mm3) for lp in group)
+        seconds = (time.perf_counter() - t0) / max(n, 1)
+        for r in results:
+            r.seconds = seconds
         return results
