@@ -9,7 +9,10 @@ Follows the BIDS-Apps contract and MRIQC's conventions::
 Exit codes (BIDS execution spec / sysexits): 0 success; 1 some scans failed (the last line
 names them); 16 invalid dataset; 17 unknown analysis level; 18 the filters matched no
 scans; 64 usage error (bad option value, unknown participant label, output inside the
-input); 66 no input (BIDS_DIR missing; for the group level: no participant-level results).
+input); 66 no input (BIDS_DIR missing; for the group level: no participant-level results);
+73 OUTPUT_DIR or the work dir cannot be made or written; 74 the file system failed during
+the run; 75 the work dir is in use by another run; 130 interrupted (SIGINT); 143 terminated
+(SIGTERM). :func:`environment_message` words every file-system fault.
 
 This module is the only place that configures logging handlers and Nipype.
 """
@@ -21,8 +24,13 @@ import os
 os.environ["NIPYPE_NO_ET"] = "1"
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import errno  # noqa: E402
 import logging  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Optional, Sequence  # noqa: E402
@@ -39,6 +47,11 @@ EXIT_UNKNOWN_LEVEL = 17
 EXIT_NO_SCANS = 18
 EXIT_USAGE = 64
 EXIT_NO_INPUT = 66
+EXIT_CANT_CREATE = 73   # EX_CANTCREAT: OUTPUT_DIR or the work dir cannot be made or written
+EXIT_IO_ERROR = 74      # EX_IOERR: the file system failed during the run (full disk, ...)
+EXIT_IN_USE = 75        # EX_TEMPFAIL: another run holds the work dir; try again later
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143   # 128 + SIGTERM (a job's time limit)
 
 ANALYSIS_LEVELS = ("participant", "adapt", "group")
 
@@ -119,7 +132,9 @@ def get_parser() -> argparse.ArgumentParser:
         epilog=(
             "Exit codes: 0 ok; 1 some scans failed (named in the last line); 16 invalid BIDS\n"
             "dataset; 17 unknown analysis level; 18 filters matched no scans; 64 usage error;\n"
-            "66 BIDS_DIR (or, for 'group', participant-level results) not found.\n"
+            "66 BIDS_DIR (or, for 'group', participant-level results) not found; 73 OUTPUT_DIR\n"
+            "or -w cannot be written; 74 file-system failure during the run; 75 -w in use by\n"
+            "another run; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).\n"
             "Documentation: docs/usage.md and docs/outputs.md."
         ),
         formatter_class=_Formatter,
@@ -274,6 +289,149 @@ def _configure_nipype(settings: Settings) -> None:
         },
     })
     nlogging.update_logging(ncfg)
+
+
+# --------------------------------------------------------------------------- environment
+_ERRNO_WORDS = {
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EEXIST: "exists and is not a folder",
+    errno.ENOENT: "a folder on the path does not exist or cannot hold new files",
+}
+
+
+def environment_message(exc: OSError) -> str:
+    """One line for a file-system fault: what failed and on which path (the one place that
+    words them, for the checks before the run and for faults during it)."""
+    words = _ERRNO_WORDS.get(exc.errno) or (exc.strerror or type(exc).__name__).lower()
+    path = exc.filename if exc.filename is not None else ""
+    return f"{path}: {words}" if path else words
+
+
+def prepare_dir(path: Path, what: str) -> None:
+    """Create ``path`` (and its parents) and prove that a file can be written in it.
+
+    Raises
+    ------
+    CLIError
+        Exit 73 (EX_CANTCREAT), one line naming ``what`` and the reason: a file where the
+        folder should be, a path under a file, a read-only or full file system, no
+        permission, a pseudo file system such as /proc.
+    """
+    try:
+        if path.exists() and not path.is_dir():
+            raise CLIError(f"{what} {path} is a file, not a folder", EXIT_CANT_CREATE)
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".itermask-qc-write-test.")
+        try:
+            os.write(fd, b"itermask-qc")  # a block must be allocated: a full disk says so here
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        if exc.filename is not None and os.fspath(exc.filename) == str(path):
+            exc.filename = None  # the line names the path already
+        raise CLIError(f"{what} {path} cannot be written ({environment_message(exc)})",
+                       EXIT_CANT_CREATE) from None
+
+
+def lock_work_dir(work_dir: Path, run_id: str):
+    """Hold ``<work_dir>/.itermask-qc.lock`` for this run (released when the returned file is
+    closed or the process ends, also by ``kill -9``).
+
+    Two runs on one work dir would share Nipype's cache and the BIDS index database and
+    overwrite each other's records, so the second is refused.
+
+    Raises
+    ------
+    CLIError
+        Exit 75 (EX_TEMPFAIL) when another run holds it, naming that run.
+    """
+    import fcntl
+    import socket
+
+    fh = open(Path(work_dir) / ".itermask-qc.lock", "a+", encoding="utf-8")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise CLIError(f"work dir {work_dir} is in use by another itermask-qc run ({holder}); "
+                       f"wait for it to finish or pass another -w/--work-dir", EXIT_IN_USE) from None
+    except OSError as exc:  # a file system without locks (some NFS mounts): run unguarded
+        LOGGER.warning("work dir %s cannot be locked (%s); do not start a second run on it",
+                       work_dir, environment_message(exc))
+        return fh
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} on {socket.gethostname()}, run {run_id}\n")
+    fh.flush()
+    return fh
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a job's time limit, ``kill``): stops the run like Ctrl-C, exit 143."""
+
+
+def _stop_workers() -> None:
+    """End the worker processes this process started (MultiProc's pool), so that none
+    outlives an interrupted run holding its memory."""
+    import multiprocessing
+
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(timeout=2)
+        if child.is_alive():
+            child.kill()
+
+
+_MAIN_PID: Optional[int] = None
+#: the signal that stopped the run; Nipype turns a KeyboardInterrupt raised inside a node
+#: into a node crash and carries on, so the progress callback raises it again from here
+_STOPPED_BY: dict = {"signum": None}
+
+
+def _raise_if_stopped() -> None:
+    signum = _STOPPED_BY["signum"]
+    if signum is not None:
+        raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _on_signal(signum, frame):  # noqa: ARG001
+    # the run is over: Nipype's multi-line reports of the nodes cut short would bury the
+    # one line that says so
+    logging.getLogger("nipype.workflow").setLevel(logging.CRITICAL)
+    if os.getpid() != _MAIN_PID:
+        # a forked worker: leave quietly (SystemExit unwinds the atomic writers, which
+        # remove their temp files); its node is rerun on resume
+        raise SystemExit(128 + signum)
+    _STOPPED_BY["signum"] = signum
+    _stop_workers()
+    _raise_if_stopped()
+
+
+def _install_signal_handlers(stack: contextlib.ExitStack) -> None:
+    """SIGINT and SIGTERM stop the run (workers included); a signal the caller set to be
+    ignored (a background job of a script) stays ignored."""
+    global _MAIN_PID
+    _STOPPED_BY["signum"] = None
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _MAIN_PID = os.getpid()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        old = signal.getsignal(sig)
+        if old == signal.SIG_IGN:
+            continue
+        signal.signal(sig, _on_signal)
+        stack.callback(signal.signal, sig, old)
 
 
 # --------------------------------------------------------------------------- checks
@@ -508,6 +666,7 @@ def _run_workflow(settings: Settings, scans, *, first: int = 0, total: Optional[
     state = {"n": first, "t0": time.perf_counter()}
 
     def progress(node, status):
+        _raise_if_stopped()
         if node.name != "write_derivatives" or status not in ("end", "exception"):
             return
         state["n"] += 1
@@ -541,7 +700,9 @@ def _run_workflow(settings: Settings, scans, *, first: int = 0, total: Optional[
     try:
         wf.run(plugin=settings.plugin, plugin_args=plugin_args)
     except RuntimeError as exc:  # some node crashed outside our interfaces
+        _raise_if_stopped()
         LOGGER.error("workflow finished with crashed nodes: %s", " ".join(str(exc).split())[:300])
+    _raise_if_stopped()
     LOGGER.info("workflow done in %.1f s", time.perf_counter() - state["t0"])
 
 
@@ -625,19 +786,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(exc.code or 0)
 
     handlers = setup_logging(args.verbose)
-    try:
-        return _main(args, argv, handlers)
-    except CLIError as exc:
-        LOGGER.error("%s", exc)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        LOGGER.error("interrupted; re-run with the same -w to resume")
-        return 130
-    finally:
-        teardown_logging(handlers)
+    with contextlib.ExitStack() as stack:
+        try:
+            _install_signal_handlers(stack)
+            return _main(args, argv, handlers, stack)
+        except CLIError as exc:
+            LOGGER.error("%s", exc)
+            return exc.exit_code
+        except _Terminated:
+            LOGGER.error("terminated (SIGTERM); re-run with the same -w to resume")
+            return EXIT_TERMINATED
+        except KeyboardInterrupt:
+            _stop_workers()
+            LOGGER.error("interrupted; re-run with the same -w to resume")
+            return EXIT_INTERRUPTED
+        except OSError as exc:  # the file system failed mid-run (full disk, folder removed)
+            LOGGER.error("file system error: %s", environment_message(exc))
+            return EXIT_IO_ERROR
+        finally:
+            teardown_logging(handlers)
 
 
-def _main(args, argv, handlers) -> int:
+def _main(args, argv, handlers, stack: contextlib.ExitStack) -> int:
     from .bids import BIDSInputError, check_dataset, collect_scans, load_filter_file
 
     if args.analysis_level not in ANALYSIS_LEVELS:
@@ -657,7 +827,7 @@ def _main(args, argv, handlers) -> int:
         _check_paths(settings.bids_dir, settings.output_dir, settings.work_dir)
 
     # from here on, every run has a log file and a config snapshot in OUTPUT_DIR/logs
-    settings.output_dir.mkdir(parents=True, exist_ok=True)
+    prepare_dir(settings.output_dir, "OUTPUT_DIR")
     setup_logging_file(settings, handlers)
     LOGGER.info("itermask-qc %s, %s level, run %s", __version__, args.analysis_level,
                 settings.run_id)
@@ -678,7 +848,8 @@ def _main(args, argv, handlers) -> int:
             settings.suffixes, settings.model_specs = resolve_models(settings.model_dir, args.suffix)
             settings.device = _resolve_device(args.device)
             _check_skull_strip(settings.skull_strip, settings.suffixes)
-        settings.work_dir.mkdir(parents=True, exist_ok=True)
+        prepare_dir(settings.work_dir, "work dir (-w)")
+        stack.enter_context(lock_work_dir(settings.work_dir, settings.run_id))
         scans = collect_scans(
             settings.bids_dir,
             suffixes=settings.suffixes,
