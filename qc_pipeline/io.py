@@ -295,6 +295,7 @@ def load_image(path, *, name: str | None = None,
     check_header(img, src, file_size=st.st_size, max_bytes=max_bytes, compressed=_is_compressed(p))
     # Read every byte now: truncation must surface here, not in a later node.
     read_warnings: list[str] = []
+    _warn_scaling(img, src, read_warnings)
     try:
         data = _voxel_values(img, src, read_warnings)
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
@@ -310,10 +311,31 @@ def load_image(path, *, name: str | None = None,
     return validate_image(out, name=src)
 
 
+def _warn_scaling(img, src: str, img_warnings: list) -> None:
+    """Warn about a scl_slope of 0 or inf: nibabel (as the NIfTI standard says for 0) then
+    uses the stored values unscaled, which is right only when the writer meant "no scaling";
+    a converter that lost the slope gives intensities in the wrong units. NaN is not warned
+    about: it is how nibabel itself writes "no scaling", on most files it saves."""
+    header = getattr(img, "header", None)
+    if not isinstance(header, nib.Nifti1Header):  # also Nifti2Header
+        return
+    # nibabel moves the scaling into the image's data proxy and blanks the loaded header's
+    # fields, so the slope as written is read from the file's header again
+    try:
+        holder = img.file_map.get("header") or img.file_map["image"]
+        with holder.get_prepare_fileobj("rb") as fobj:
+            raw = type(header).from_fileobj(fobj, check=False)
+        slope = float(np.asarray(raw["scl_slope"]))
+    except Exception:  # noqa: BLE001 - the voxels' own read reports a broken file
+        return
+    if slope == 0 or np.isinf(slope):
+        _warn(img_warnings, src, f"scl_slope is {slope:g}; the stored values are used unscaled "
+                                 f"(slope 1, intercept 0)")
+
+
 def _voxel_values(img, src: str, img_warnings: list) -> np.ndarray:
     """The voxel values as float32: the magnitude of complex data (with a warning), a clear
-    error for RGB or other structured data. (A scl_slope of 0, NaN or inf means "unscaled" to
-    nibabel, as the NIfTI standard says for 0.)"""
+    error for RGB or other structured data."""
     try:
         dtype = np.dtype(img.get_data_dtype())
     except (AttributeError, TypeError):

@@ -770,6 +770,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
 
     if args.gpu:
+        problem = _cuda_problem()
+        if problem and not args.dry_run:
+            print(f"itermask-qc-sbatch: --gpu: {problem}", file=sys.stderr)
+            return 64
+        if problem:
+            LOGGER.warning("--gpu: %s", problem)
         extra = _remove_option(extra, ["--device"]) + ["--device", "cuda"]
     resources = Resources(cpus_per_task=args.cpus_per_task, mem_per_task=args.mem_per_task,
                           time=args.time, partition=args.partition, gpu=args.gpu,
@@ -821,6 +827,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"itermask-qc-sbatch: {exc}", file=sys.stderr)
         return code
+
+
+def _cuda_problem() -> Optional[str]:
+    """Why the jobs of ``--gpu`` (``--device cuda``) would fail with the installed torch, or
+    ``None``. A build without CUDA fails on every node; a CUDA build on a submit host without
+    a GPU is fine (the jobs' nodes have one), so only the build is judged here."""
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - torch is a dependency
+        return f"torch cannot be imported ({exc})"
+    if getattr(torch.version, "cuda", None) is None:
+        return (f"the installed torch {torch.__version__} was built without CUDA, so every "
+                f"job would stop at --device cuda; install a CUDA build of torch (see "
+                f"https://pytorch.org) or leave out --gpu")
+    return None
 
 
 def _dry_limit() -> int:

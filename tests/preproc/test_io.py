@@ -377,3 +377,33 @@ def test_sha256_reads_at_most_the_size_at_opening(tmp_path):
     p = tmp_path / "f.bin"
     p.write_bytes(b"abc")
     assert sha256_file(p) == hashlib.sha256(b"abc").hexdigest()
+
+
+@pytest.mark.parametrize("slope", [0.0, np.inf, -np.inf])
+def test_odd_scl_slope_is_warned_and_values_used_unscaled(tmp_path, slope):
+    d = _vol().astype(np.int16)
+    img = nib.Nifti1Image(d, np.diag([1.5, 1.5, 1.5, 1]))
+    img.header["scl_slope"] = slope
+    img.header["scl_inter"] = 0
+    img.header["vox_offset"] = 352
+    p = tmp_path / "slope.nii"
+    # nibabel's writer would reset the slope: write header and voxels by hand
+    p.write_bytes(img.header.binaryblock + b"\0" * 4 + d.tobytes(order="F"))
+    with pytest.warns(InputWarning, match="scl_slope is"):
+        out = load_image(p)
+    assert any("used unscaled" in w for w in out.extra["qc_warnings"])
+    np.testing.assert_allclose(out.get_fdata(), d)
+
+
+def test_ordinary_or_unset_slope_is_not_warned(tmp_path):
+    d = _vol().astype(np.int16)
+    p = _save(tmp_path, "unset.nii.gz", d)  # nibabel writes NaN: "no scaling"
+    assert np.isnan(nib.load(str(p)).header["scl_slope"])
+    assert load_image(p).extra["qc_warnings"] == []
+    img = nib.Nifti1Image(d, np.diag([1.5, 1.5, 1.5, 1]))
+    img.header.set_slope_inter(2.0, 1.0)
+    p = tmp_path / "scaled.nii.gz"
+    nib.save(img, str(p))
+    out = load_image(p)
+    assert out.extra["qc_warnings"] == []
+    np.testing.assert_allclose(out.get_fdata(), 2.0 * d + 1.0)
