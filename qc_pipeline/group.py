@@ -774,6 +774,8 @@ def _row(r: QCRecord, lab: Mapping, tags: Mapping, *, rank, pct, flagged, thr, b
         "background_threshold": bg_thr if r.ok and math.isfinite(bg_thr) else None,
         "background_note": r.background_note if r.ok else "",
         "flag_reasons": "; ".join(reasons),
+        # not a CSV column: the measurements' z for the group page's plots
+        "quality_z": dict(r.data.get("quality_z") or {}) if r.ok and isinstance(r.data.get("quality_z"), dict) else {},
     }
 
 

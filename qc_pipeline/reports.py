@@ -882,63 +882,6 @@ def write_subject_report(output_dir, subject: str, *, site_column: str = "site")
 
 
 # --------------------------------------------------------------------------- group page
-def distribution_png(rows: list[dict], site_rows: list[dict], summary: dict) -> str | None:
-    """Per-site strip + box plot of the ranking score (``summary["score"]``: qc_score_site,
-    qc_score or anomaly_fraction), flagged scans in red, thresholds dashed."""
-    ok = [r for r in rows if r["status"] == "ok"]
-    if not ok:
-        return None
-    key = summary.get("score", "anomaly_fraction")
-    unit = 100.0 if key == "anomaly_fraction" else 1.0
-    plt = _pyplot()
-    sites = summary["sites"]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 * len(sites) + 3.5), 3.8), dpi=90, facecolor="white")
-    rng = np.random.default_rng(0)
-    for i, s in enumerate(sites):
-        rs = [r for r in ok if r["site"] == s]
-        if not rs:
-            continue
-        y = np.array([r[key] for r in rs], dtype=float) * unit
-        ax.boxplot([y], positions=[i], widths=0.5, showfliers=False,
-                   medianprops={"color": "#333"}, boxprops={"color": "#999"},
-                   whiskerprops={"color": "#999"}, capprops={"color": "#999"})
-        x = i + rng.uniform(-0.18, 0.18, size=y.size)
-        fl = np.array([bool(r["flagged"]) for r in rs])
-        lab = np.array([r.get("label") == 1 for r in rs])
-        ax.scatter(x[~fl], y[~fl], s=16, c="#1f78b4", alpha=0.8, label="not flagged" if i == 0 else None,
-                   edgecolors="none", zorder=3)
-        ax.scatter(x[fl], y[fl], s=30, c="#e31a1c", label="flagged" if i == 0 else None,
-                   edgecolors="black", linewidths=0.5, zorder=4)
-        if lab.any():
-            ax.scatter(x[lab], y[lab], s=70, facecolors="none", edgecolors="#ff7f00", linewidths=1.2,
-                       label="rated artifact" if i == 0 else None, zorder=5)
-        thr = summary["site_thresholds"].get(s, (math.nan, ""))[0]
-        if math.isfinite(thr):
-            ax.hlines(thr * unit, i - 0.35, i + 0.35, colors="#e31a1c", linestyles="--", lw=1.2,
-                      label="flag threshold" if i == 0 else None, zorder=2)
-    ax.set_xticks(range(len(sites)))
-    ax.set_xticklabels([str(s) for s in sites], fontsize=8)
-    ax.set_xlim(-0.6, len(sites) - 0.4)
-    if key == "anomaly_fraction":
-        # symlog: linear below 0.01 % so zero scores show, log above so clean scans are not squashed
-        ax.set_yscale("symlog", linthresh=0.01, linscale=0.5)
-        ymax = max(float(r[key]) for r in ok) * unit
-        ax.set_ylim(bottom=0, top=max(0.02, ymax * 2.0))
-        ax.set_ylabel("anomaly fraction of brain (%, symlog)", fontsize=8)
-    else:
-        # robust z: linear up to 10, log-like beyond so a few huge scores do not squash the rest
-        ax.set_yscale("symlog", linthresh=10.0, linscale=1.0)
-        ax.set_ylabel(f"{key} (robust z)", fontsize=8)
-    ax.set_xlabel("site", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.grid(axis="y", alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    if handles:
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
-    fig.subplots_adjust(left=0.1, right=0.78, bottom=0.14, top=0.96)
-    return _png_uri(fig)
-
-
 def study_key(output_dir) -> str:
     """The browser-storage key of one study's ratings.
 
@@ -1006,6 +949,110 @@ def render_overview(tables: GroupTables, *, site_column: str = "site") -> str:
         generated=_dt.datetime.now().astimezone().isoformat(timespec="seconds"))
 
 
+_TICKS = (-1000, -100, -20, -10, -5, -2, 0, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 10000)
+_PCT_TICKS = (0, 0.01, 0.1, 1, 10, 100)
+
+
+def strip_plot_svg(points: list[dict], sites: list[str], *, title: str, percent: bool = False,
+                   threshold: float | None = None, caption: str | None = None,
+                   width: int = 330, height: int = 210) -> Markup | None:
+    """One measurement per site as a static SVG strip plot with a box (quartiles, median).
+
+    ``points``: ``{"name", "site", "value", "flagged", "label", "href"}``; every dot links
+    to its scan's report section, names it on hover (``<title>``) and carries
+    ``data-scan`` so that the page's script can highlight one scan in every plot. The axis
+    is symmetric-log (``sign(v) log10(1 + |v| / c)``, ``c`` = 1 for z, 0.01 for percent) and
+    spans every value: outliers are never clipped. Every text is escaped. ``caption`` is
+    the plot's tooltip (default: ``title``). None when no point has a finite value.
+    """
+    from markupsafe import escape
+
+    pts = [p for p in points if p.get("value") is not None and math.isfinite(float(p["value"]))]
+    if not pts:
+        return None
+    scale = 100.0 if percent else 1.0
+    c = 0.01 if percent else 1.0
+    f = lambda v: math.copysign(math.log10(1.0 + abs(v) / c), v)
+    vals = [float(p["value"]) * scale for p in pts]
+    ys = [f(v) for v in vals] + ([f(threshold * scale)] if threshold is not None and math.isfinite(threshold) else [])
+    lo, hi = min(ys + [0.0]), max(ys + [f(2.0 * c) if not percent else f(0.1)])
+    pad = 0.06 * (hi - lo or 1.0)
+    lo, hi = lo - pad, hi + pad
+    left, right, top, bottom = 44, 8, 20, 30
+    pw, ph = width - left - right, height - top - bottom
+    Y = lambda y: top + ph * (1.0 - (y - lo) / (hi - lo))
+    band = pw / max(1, len(sites))
+    X = lambda i: left + band * (i + 0.5)
+    out = [f'<svg class="strip" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
+           f'role="img" aria-label="{escape(title)}"><title>{escape(caption or title)}</title>',
+           f'<text x="{left}" y="13" font-weight="600">{escape(title)}</text>',
+           f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}"/>']
+    for t in (_PCT_TICKS if percent else _TICKS):
+        y = f(t)
+        if lo <= y <= hi:
+            out.append(f'<line class="axis" x1="{left - 3}" y1="{Y(y):.1f}" x2="{left}" y2="{Y(y):.1f}"/>'
+                       f'<text x="{left - 5}" y="{Y(y) + 3:.1f}" text-anchor="end">{t:g}{"%" if percent else ""}</text>')
+    for i, site in enumerate(sites):
+        ys_site = sorted(f(float(p["value"]) * scale) for p in pts if p["site"] == site)
+        label = str(site) if len(str(site)) <= 14 else str(site)[:13] + "…"
+        out.append(f'<text x="{X(i):.1f}" y="{height - 10}" text-anchor="middle">{escape(label)}</text>')
+        if len(ys_site) >= 3:
+            q1, med, q3 = (float(np.percentile(ys_site, q)) for q in (25, 50, 75))
+            out.append(f'<rect class="box" x="{X(i) - band * 0.3:.1f}" y="{Y(q3):.1f}" width="{band * 0.6:.1f}" '
+                       f'height="{max(1.0, Y(q1) - Y(q3)):.1f}"/><line class="axis" x1="{X(i) - band * 0.3:.1f}" '
+                       f'y1="{Y(med):.1f}" x2="{X(i) + band * 0.3:.1f}" y2="{Y(med):.1f}"/>')
+    if threshold is not None and math.isfinite(threshold):
+        y = Y(f(threshold * scale))
+        out.append(f'<line class="thr" x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}"><title>flag threshold '
+                   f'{threshold * scale:.3g}</title></line>')
+    for p, v in zip(pts, vals):
+        i = sites.index(p["site"]) if p["site"] in sites else 0
+        # jitter from the name, so a scan sits at the same x in every plot
+        jit = (int.from_bytes(p["name"].encode("utf-8")[-4:].rjust(4, b"\0"), "big") % 1000 / 1000.0 - 0.5) * band * 0.5
+        cls = "flag" if p.get("flagged") else "ok"
+        if p.get("label") == 1:
+            cls += " art"
+        tip = f'{p["name"]} (site {p["site"]}): {v:.3g}{"%" if percent else ""}'
+        out.append(f'<a href="{escape(p["href"])}"><circle class="{cls}" cx="{X(i) + jit:.1f}" cy="{Y(f(v)):.1f}" r="3.5" '
+                   f'data-scan="{escape(p["name"])}" tabindex="0"><title>{escape(tip)}</title></circle></a>')
+    out.append("</svg>")
+    return Markup("".join(out))
+
+
+def group_plots(rows: list[dict], summary: dict) -> list[Markup]:
+    """The group page's linked plots: the ranking score (with the flag threshold when every
+    site shares it), the anomaly and background fractions, then each QC-score measurement
+    (robust z against the reference), worst-reaching first."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    sites = list(summary["sites"])
+
+    def pts(get):
+        return [{"name": r["bids_name"], "site": r["site"], "value": get(r), "flagged": r["flagged"] or
+                 r.get("background_flagged"), "label": r.get("label"),
+                 "href": f"{r['report']}#{scan_anchor(r['bids_name'])}"} for r in ok]
+
+    key = summary.get("score", "anomaly_fraction")
+    thr = {t for t, _ in summary.get("site_thresholds", {}).values()}
+    shared = thr.pop() if len(thr) == 1 else None
+    out = [strip_plot_svg(pts(lambda r: r.get(key)), sites, title=f"{key} (ranks and flags)",
+                          percent=key == "anomaly_fraction", threshold=shared)]
+    if key != "anomaly_fraction":
+        out.append(strip_plot_svg(pts(lambda r: r.get("anomaly_fraction")), sites, title="anomaly fraction",
+                                  percent=True))
+    out.append(strip_plot_svg(pts(lambda r: r.get("background_artifact_fraction")), sites,
+                              title="background artifact fraction", percent=True))
+    names = sorted({k for r in ok for k in r.get("quality_z", {})},
+                   key=lambda k: -max((float(r["quality_z"][k]) for r in ok
+                                       if isinstance(r.get("quality_z", {}).get(k), (int, float))), default=0.0))
+    for name in names:
+        def z(r, name=name):
+            v = r.get("quality_z", {}).get(name)
+            return float(v) if isinstance(v, (int, float)) else None
+        out.append(strip_plot_svg(pts(z), sites, title=f"{describe_measure(name)} (z)",
+                                  caption=f"{name}: robust z against the reference"))
+    return [p for p in out if p is not None]
+
+
 def write_group_pages(tables: GroupTables, *, site_column: str = "site",
                       subject_reports: bool = True) -> list[Path]:
     """Write ``group_<suffix>.html`` for each table and (``subject_reports``) re-render every
@@ -1046,7 +1093,7 @@ def render_group_report(output_dir, *, suffix: str, rows: list[dict], site_rows:
     return _env().get_template("group.html").render(
         suffix=suffix, rows=rows, site_rows=site_rows, summary=summary, failed=failed,
         reasons=sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])),
-        figure=distribution_png(rows, site_rows, summary), labels_source=labels_source,
+        plots=group_plots(rows, summary), labels_source=labels_source,
         mad_k=mad_k, flag_at_fnr=flag_at_fnr, metric_cols=metric_cols,
         definitions=_metrics.METRIC_DEFINITIONS, pooled=POOLED_SITE,
         sites=summary["sites"], css=_asset("report.css"), js=_asset("report.js"),

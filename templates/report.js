@@ -440,6 +440,9 @@
     document.querySelectorAll("table.ranking tr[data-bids-name]").forEach(function (r) {
       r.addEventListener("mouseenter", function () { pinned = r.getAttribute("data-bids-name"); highlight(pinned); });
     });
+    // arriving from a subject page (#row-...): that scan is marked in every plot
+    var row = window.location.hash.indexOf("#row-") === 0 ? document.getElementById(window.location.hash.slice(1)) : null;
+    if (row) { pinned = row.getAttribute("data-bids-name"); highlight(pinned); }
   }
 
   // exposed for tests and power users (e.g. console: itermaskQC.ratingsTsv())
@@ -468,6 +471,17 @@
       if (bad.length) { fails.push("filter"); }
       fl.checked = false;
       fl.dispatchEvent(new Event("change"));
+    }
+    if (overview) {
+      var show = document.getElementById("ov-show");
+      show.value = "flagged";
+      show.dispatchEvent(new Event("change"));
+      if (overview.cards.some(function (c) { return !c.classList.contains("hidden") && c.getAttribute("data-flagged") !== "1"; })) {
+        fails.push("overview-filter");
+      }
+      show.value = "";
+      show.dispatchEvent(new Event("change"));
+      if (visibleCards().length !== overview.cards.length) { fails.push("overview-reset"); }
     }
     var fs = document.querySelector("fieldset.rating");
     if (fs) {

@@ -29,7 +29,7 @@ def _console_errors(stderr: str) -> list[str]:
     return [ln for ln in stderr.splitlines() if "Uncaught" in ln or ":CONSOLE" in ln]
 
 
-@pytest.mark.parametrize("page", ["sub-01.html", "group_T1w.html"])
+@pytest.mark.parametrize("page", ["sub-01.html", "group_T1w.html", "index.html"])
 def test_page_loads_without_errors_and_renders(group_run, tmp_path, page):
     dv, _ = group_run
     url = (dv.root / page).as_uri()
@@ -68,8 +68,11 @@ class _Browser:
         self._out_r, out_w = os.pipe()
 
         def child_fds():
-            os.dup2(cmd_r, 3)
-            os.dup2(out_w, 4)
+            # via fresh copies: a pipe end that already is fd 3 or 4 would keep its
+            # close-on-exec flag through a dup2 onto itself
+            r, w = os.dup(cmd_r), os.dup(out_w)
+            os.dup2(r, 3)
+            os.dup2(w, 4)
 
         self.proc = subprocess.Popen(
             [CHROMIUM, *FLAGS[:-1], "--window-size=1400,1000", "--remote-debugging-pipe",

@@ -177,3 +177,39 @@ def test_hostile_site_name_is_escaped_everywhere(derivs):
         html = (derivs.root / page).read_text()
         assert hostile not in html and "<img src=x" not in html, page
         assert "&#34;&gt;&lt;img src=x onerror=alert(2)&gt;" in html, page
+
+
+# --------------------------------------------------------------------------- linked plots
+def test_group_plots_link_every_scan_and_clip_nothing(derivs, with_quality):
+    import xml.etree.ElementTree as ET
+
+    # one scan far beyond the others: the axis must reach it
+    with_quality(derivs, spikes={"sub-12_T1w": ("noise", 400.0)})
+    run_group(derivs.root, labels=derivs.labels_tsv)
+    html = (derivs.root / "group_T1w.html").read_text()
+    table = _csv_rows(derivs.root / "group_T1w.csv")
+    ok = {n for n, r in table.items() if r["status"] == "ok"}
+    svgs = re.findall(r'<svg class="strip".*?</svg>', html, flags=re.S)
+    assert len(svgs) >= 4  # ranking score, anomaly fraction, and each measurement
+    ns = {"s": "http://www.w3.org/2000/svg"}
+    for svg in svgs:
+        root = ET.fromstring(svg)  # well-formed, every name escaped
+        w, h = (float(v) for v in root.get("viewBox").split()[2:])
+        links = root.findall("s:a", ns)
+        names = [a.find("s:circle", ns).get("data-scan") for a in links]
+        assert sorted(names) == sorted(ok), root.findtext("s:title", namespaces=ns)
+        for a in links:
+            dot = a.find("s:circle", ns)
+            assert 0 < float(dot.get("cy")) < h and 0 < float(dot.get("cx")) < w  # nothing clipped
+            assert dot.get("data-scan") in dot.findtext("s:title", namespaces=ns)  # hover names it
+            page, _, anchor = a.get("href").partition("#")
+            assert f'id="{anchor}"' in (derivs.root / page).read_text()  # click opens its report
+    # the score plot marks the flagged scans and the shared site-z threshold
+    score = ET.fromstring(svgs[0])
+    flagged = {a.find("s:circle", ns).get("data-scan") for a in score.findall("s:a", ns)
+               if "flag" in a.find("s:circle", ns).get("class")}
+    assert flagged == {n for n in ok if table[n]["flagged"] == "1" or table[n]["background_flagged"] == "1"}
+    assert "sub-12_T1w" in flagged and score.find("s:line[@class='thr']", ns) is not None
+    # rated artifacts are ringed; the rating's artifact tags reach the table
+    assert 'class="ok art"' in html or 'class="flag art"' in html
+    assert table["sub-01_ses-2_run-1_T1w"]["rated_artifacts"] == "metal/susceptibility; motion"
