@@ -275,7 +275,9 @@
     var thumb = c.querySelector("img");
     img.setAttribute("src", c.getAttribute("data-mosaic") || (thumb ? thumb.getAttribute("src") : ""));
     var info = c.querySelector(".cardtext .small");
-    view.querySelector("#rv-verdict").textContent = info ? info.textContent.replace(/your rating:.*$/, "").replace(/\s+/g, " ").trim() : "";
+    var mine = c.querySelector(".myrating");
+    var text = info ? info.textContent.replace(mine ? mine.textContent : "", "") : "";
+    view.querySelector("#rv-verdict").textContent = text.replace(/\s+/g, " ").trim();
     view.querySelectorAll("input[name=rv-rating]").forEach(function (i) { i.checked = (i.value === r.rating); });
     view.querySelectorAll(".rv-tags input").forEach(function (i) {
       i.checked = (r.artifacts || []).indexOf(i.value) >= 0;
@@ -283,7 +285,9 @@
       i.parentNode.classList.toggle("hint", hint);
     });
     view.querySelector("#rv-comment").value = r.comment || "";
-    view.querySelector("#rv-message").textContent = message || "";
+    var msg = view.querySelector("#rv-message");
+    msg.textContent = message || "";
+    msg.className = message === "saved" ? "muted small" : "err small";
     c.scrollIntoView({ block: "nearest" });
     try { window.localStorage.setItem(KEY + ":position", name); } catch (e) { /* memory only */ }
   }
@@ -334,18 +338,22 @@
     applyFilters();
   }
 
+  function say(text) {
+    var msg = overview.view.querySelector("#rv-message");
+    msg.textContent = text;
+    msg.className = "err small";
+  }
+
   function move(step, force) {
     var c = currentCard();
     if (step > 0 && c && !force && !isRated(loadAll()[c.getAttribute("data-bids-name")])) {
-      overview.view.querySelector("#rv-message").textContent =
-        "Not rated yet: press 1, 2 or 3 first (Shift+\u2192 skips it on purpose).";
+      say("Not rated yet: press 1, 2 or 3 first (Shift+\u2192 skips it on purpose).");
       return;
     }
     var next = overview.pos + step;
     if (next < 0 || next >= overview.order.length) {
-      overview.view.querySelector("#rv-message").textContent =
-        next < 0 ? "This is the first scan." : "This is the last scan shown: " + markCards() + " of " +
-        overview.cards.length + " rated. Export the TSV when you are done.";
+      say(next < 0 ? "This is the first scan." : "This is the last scan shown: " + markCards() + " of " +
+        overview.cards.length + " rated. Export the TSV when you are done.");
       return;
     }
     overview.pos = next;

@@ -289,3 +289,34 @@ def test_rater_session_keyboard_rating_round_trip(group_run, tmp_path):
     if names[0] in table:
         assert table[names[0]]["label"] == "1" and "motion" in table[names[0]]["rated_artifacts"]
     assert "labelled (artifact)" in (root / "group_T1w.html").read_text()
+
+
+@pytest.mark.slow
+def test_pages_fit_1400_px_and_plots_are_linked(group_run, tmp_path):
+    """No page is wider than a 1400 px window; pointing at a dot marks that scan in every
+    plot and in the table, and clicking it opens the scan's section of its report."""
+    dv, _ = group_run
+    b = _Browser(tmp_path / "profile", tmp_path)
+    try:
+        for page in ("group_T1w.html", "index.html", "sub-01.html"):
+            b.open((dv.root / page).as_uri())
+            assert b.js("document.documentElement.scrollWidth") <= 1400, page
+        b.open((dv.root / "group_T1w.html").as_uri())
+        n_plots = b.js("document.querySelectorAll('svg.strip').length")
+        box = b.js("(() => { const d = document.querySelector('svg.strip circle.flag'); d.scrollIntoView();"
+                   " const r = d.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2,"
+                   " d.dataset.scan]; })()")
+        b.call("Input.dispatchMouseEvent", session=True, type="mouseMoved", x=box[0], y=box[1])
+        marked = b.js("Array.from(document.querySelectorAll('svg.strip .hl')).map(d => d.dataset.scan)")
+        assert marked == [box[2]] * n_plots
+        assert b.js("document.querySelector('table.ranking tr.hl').dataset.bidsName") == box[2]
+        assert b.js("document.getElementById('plot-highlight').textContent") == box[2]
+        for kind in ("mousePressed", "mouseReleased"):
+            b.call("Input.dispatchMouseEvent", session=True, type=kind, x=box[0], y=box[1], button="left",
+                   clickCount=1)
+        b.wait_for("Page.loadEventFired")
+        anchor = b.js("location.hash").lstrip("#")
+        assert b.js(f"document.getElementById('{anchor}').dataset.bidsName") == box[2]
+        assert b.errors == []
+    finally:
+        b.close()
