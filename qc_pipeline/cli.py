@@ -53,6 +53,9 @@ EXIT_IN_USE = 75        # EX_TEMPFAIL: another run holds the work dir; try again
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143   # 128 + SIGTERM (a job's time limit)
 
+#: held in the work dir while a run uses it (:func:`lock_work_dir`)
+LOCK_NAME = ".itermask-qc.lock"
+
 ANALYSIS_LEVELS = ("participant", "adapt", "group")
 
 
@@ -355,7 +358,7 @@ def lock_work_dir(work_dir: Path, run_id: str):
     import fcntl
     import socket
 
-    fh = open(Path(work_dir) / ".itermask-qc.lock", "a+", encoding="utf-8")
+    fh = open(Path(work_dir) / LOCK_NAME, "a+", encoding="utf-8")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -379,6 +382,11 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM (a job's time limit, ``kill``): stops the run like Ctrl-C, exit 143."""
 
 
+class _WorkDirGone(BaseException):
+    """The work dir vanished during the run: every later node would fail on it. A
+    BaseException, so that Nipype's per-node ``except Exception`` lets it through."""
+
+
 def _stop_workers() -> None:
     """End the worker processes this process started (MultiProc's pool), so that none
     outlives an interrupted run holding its memory."""
@@ -399,10 +407,16 @@ _MAIN_PID: Optional[int] = None
 _STOPPED_BY: dict = {"signum": None}
 
 
-def _raise_if_stopped() -> None:
+def _raise_if_stopped(work_dir: Optional[Path] = None) -> None:
     signum = _STOPPED_BY["signum"]
     if signum is not None:
         raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    # the lock file, not the folder: Nipype recreates the folders of the nodes it runs next
+    if work_dir is not None and not (Path(work_dir) / LOCK_NAME).exists():
+        logging.getLogger("nipype.workflow").setLevel(logging.CRITICAL)
+        _stop_workers()
+        raise _WorkDirGone(f"work dir {work_dir} was removed during the run; the scans not "
+                           f"finished have no result: run again to screen them")
 
 
 def _on_signal(signum, frame):  # noqa: ARG001
@@ -666,7 +680,7 @@ def _run_workflow(settings: Settings, scans, *, first: int = 0, total: Optional[
     state = {"n": first, "t0": time.perf_counter()}
 
     def progress(node, status):
-        _raise_if_stopped()
+        _raise_if_stopped(settings.work_dir)
         if node.name != "write_derivatives" or status not in ("end", "exception"):
             return
         state["n"] += 1
@@ -686,7 +700,8 @@ def _run_workflow(settings: Settings, scans, *, first: int = 0, total: Optional[
                         rec.get("runtime_s") or 0)
         else:
             LOGGER.warning("[%d/%d] %s: error: %s", state["n"], total, name,
-                           rec.get("error") or status)
+                           rec.get("error") or f"no result (a node crashed; see "
+                                               f"{Path(settings.work_dir) / 'crash'})")
 
     plugin_args = dict(settings.plugin_args)
     from .sbatch import BATCH_PLUGINS, prepare_batch_workflow
@@ -700,9 +715,9 @@ def _run_workflow(settings: Settings, scans, *, first: int = 0, total: Optional[
     try:
         wf.run(plugin=settings.plugin, plugin_args=plugin_args)
     except RuntimeError as exc:  # some node crashed outside our interfaces
-        _raise_if_stopped()
+        _raise_if_stopped(settings.work_dir)
         LOGGER.error("workflow finished with crashed nodes: %s", " ".join(str(exc).split())[:300])
-    _raise_if_stopped()
+    _raise_if_stopped(settings.work_dir)
     LOGGER.info("workflow done in %.1f s", time.perf_counter() - state["t0"])
 
 
@@ -802,6 +817,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return EXIT_INTERRUPTED
         except OSError as exc:  # the file system failed mid-run (full disk, folder removed)
             LOGGER.error("file system error: %s", environment_message(exc))
+            return EXIT_IO_ERROR
+        except _WorkDirGone as exc:
+            LOGGER.error("%s", exc)
             return EXIT_IO_ERROR
         finally:
             teardown_logging(handlers)

@@ -137,3 +137,29 @@ def test_ctrl_c_stops_with_130_no_workers_left_and_a_second_run_is_refused(ds, t
     # the lock went with the run: the same command resumes and finishes
     assert main(args) == 0
     assert qc_of(out, ds["t1w"][0])["status"] == "ok"
+
+
+def test_work_dir_removed_mid_run_stops_with_one_line_74(ds, tmp_path, model_dir, capsys,
+                                                         monkeypatch):
+    import shutil
+
+    from qc_pipeline import interfaces
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    real = interfaces.LoadValidate._run_interface
+    calls = []
+
+    def load_then_lose_the_work_dir(self, runtime):
+        calls.append(1)
+        shutil.rmtree(work)  # a cleanup script or a scratch purge
+        return real(self, runtime)
+
+    monkeypatch.setattr(interfaces.LoadValidate, "_run_interface", load_then_lose_the_work_dir)
+    assert main(base_args(ds["root"], out, work, model_dir)) == 74
+    # Nipype may report the one node cut short; the tool says one line, and says it last
+    ours = [ln for ln in capsys.readouterr().err.splitlines() if "] " in ln and ln[:2].isdigit()]
+    assert [ln for ln in ours if "[ERROR]" in ln] == ours[-1:]
+    assert f"work dir {work} was removed during the run" in ours[-1]
+    assert len(calls) == 1  # stopped at once, not one crash per remaining node
+    # no scan was given a record it did not earn
+    assert not list(out.rglob("*_qc.json"))
