@@ -66,10 +66,12 @@ artifact, bad, quality, exclude, manual_qc``. Values: ``1/0``, ``true/false``,
 ``bad/good``, ``fail/pass``, ``exclude/include``, ``artifact/clean``,
 ``reject/accept``; ``questionable`` (also ``doubtful``, ``maybe``, ``?``) is *excluded*
 from the metrics by default (``questionable="exclude"``; ``"bad"`` or ``"good"`` map it to
-a class). Empty values are unlabelled. When a scan is rated several times, the row with
-the latest ``timestamp`` (or the last row) wins. The ratings TSV downloaded from the
-subject reports (``bids_name, rating, artifacts, comment, rater, timestamp``) is accepted
-as is.
+a class). Empty values are unlabelled. ``labels`` may also be a folder of such files or a
+list of them (one per rater; :func:`load_ratings`): per scan and rater the row with the
+latest ``timestamp`` (or the last row) wins, across raters the majority of the good/bad
+votes (a tie leaves the scan unlabelled), and the raters' artifact tags are kept
+(``rated_artifacts``). The ratings TSV exported from the pages (``bids_name, rating,
+artifacts, comment, rater, timestamp``) is accepted as is.
 """
 from __future__ import annotations
 
