@@ -235,7 +235,7 @@ def _preprocessed(scan, settings, spec) -> Any:
     from .io import load_image
     from .preprocessing import preprocess
 
-    img = load_image(scan.path, name=scan.relpath)
+    img = load_image(scan.path, name=scan.relpath, max_bytes=settings.max_image_bytes)
     return preprocess(img, voxel_size=tuple(spec["voxel_size"]), grid=tuple(spec["grid"]),
                       skull_strip=settings.skull_strip, contrast=scan.suffix, name=scan.relpath)
 

@@ -184,8 +184,8 @@ def get_parser() -> argparse.ArgumentParser:
     g_perf.add_argument("--max-image-gb", type=_positive_float, default=2.0, metavar="GB",
                         help="memory budget of one scan's voxels (declared voxels x bytes per "
                              "voxel, at least 4), checked from the header before any voxel is "
-                             "read: a larger scan is an error row; one scan's peak memory is "
-                             "about 3 times its size")
+                             "read: a larger scan is an error row; loading a scan takes about "
+                             "2.5 times its size")
 
     g_wf = parser.add_argument_group("Workflow configuration")
     g_wf.add_argument("--model-dir", type=_path, metavar="DIR",
