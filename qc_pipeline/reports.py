@@ -93,7 +93,7 @@ def scan_anchor(bids_name: str) -> str:
 
 
 #: bumped when the drawing of cached figures changes, so that older cached figures are redrawn
-FIGURE_VERSION = 2
+FIGURE_VERSION = 3
 
 #: the key that toggles each artifact tag in the rating mode (good/questionable/bad: 1/2/3)
 ARTIFACT_KEYS = dict(zip(ARTIFACT_CHOICES, ("m", "g", "s", "c", "n", "i", "z", "x")))
@@ -513,10 +513,25 @@ def _figure_place(output_dir: Path, rec: QCRecord) -> tuple[Path, str]:
             re.sub(r"[^A-Za-z0-9._-]+", "_", normalise_bids_name(rec.bids_name)))
 
 
+def air_window(background: np.ndarray, head: np.ndarray) -> tuple[float, float]:
+    """A display window that shows the air around the head: white at 15 % of the head's
+    99th percentile, so ghosts and wrap-around (typically 5-20 % of the brain's signal)
+    stand out of the noise (a few %), which the head's own window renders black."""
+    vals = np.abs(background[head]) if head.any() else np.abs(background.ravel())
+    top = 0.15 * float(np.percentile(vals, 99)) if vals.size else 1.0
+    return 0.0, top if top > 0 else 1.0
+
+
 def scan_figures(rec: QCRecord, output_dir: Path) -> dict:
-    """Figures of one scan: ``mosaic``, ``error``, ``tau`` and ``thumb`` (one axial slice
-    through the worst place, for the overview) URIs plus notes."""
-    out = {"mosaic": None, "error": None, "tau": None, "thumb": None, "notes": [], "background": None}
+    """Figures of one scan as PNG data URIs, plus notes.
+
+    ``mosaic`` (the anomaly overlaid), ``plain`` (the same slices without overlay), ``air``
+    (the scan with the window raised to show the background; only when the scan itself is
+    the background), ``error`` (error map), ``tau`` (the curve) and ``thumb`` (one axial
+    slice through the worst place, for the overview).
+    """
+    kinds = ("mosaic", "plain", "air", "error", "thumb")
+    out = {"tau": None, "notes": [], "background": None, **{k: None for k in kinds}}
     mask_p, err_p = rec.resolve("mask_file"), rec.resolve("error_map_file")
     bg_p = rec.resolve("background_file") or rec.resolve("source_file") or rec.resolve("source_path")
     figdir, name = _figure_place(output_dir, rec)
@@ -527,21 +542,19 @@ def scan_figures(rec: QCRecord, output_dir: Path) -> dict:
             out["notes"].append("no anomaly mask or error map file found: no slice figures")
         return out
     inputs = [rec.path] + [p for p in (mask_p, err_p, bg_p) if p is not None]
-    c_mosaic, c_error = figdir / f"{name}_desc-mosaic.png", figdir / f"{name}_desc-errormap.png"
-    c_thumb = figdir / f"{name}_desc-thumb.png"
+    cache = {k: figdir / f"{name}_desc-{'errormap' if k == 'error' else k}.png" for k in kinds}
     meta_p = figdir / f"{name}_desc-figures.json"
-    if all(_fresh(c, inputs) for c in (c_mosaic, c_error, c_thumb, meta_p)):
+    if _fresh(meta_p, inputs):
         try:
             meta = json.loads(meta_p.read_text(encoding="utf-8"))
             if meta.get("figure_version") != FIGURE_VERSION:
                 raise KeyError("figure_version")
             out.update({k: meta[k] for k in ("notes", "background", "through_anomaly")})
-            out["mosaic"] = _cached(c_mosaic, inputs, lambda: None)
-            out["error"] = _cached(c_error, inputs, lambda: None)
-            out["thumb"] = _cached(c_thumb, inputs, lambda: None)
-            if out["mosaic"] and out["error"] and out["thumb"]:
+            for k in meta["drawn"]:
+                out[k] = _cached(cache[k], inputs, lambda: None)
+            if all(out[k] for k in meta["drawn"]):
                 return out
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             pass
     try:
         mask = err = bg = None
@@ -578,17 +591,23 @@ def scan_figures(rec: QCRecord, output_dir: Path) -> dict:
         sl = choose_slices(mask, head)
         title = {"scan": "scan with anomaly mask", "error map": "error map (grey) with anomaly mask",
                  "mask": "anomaly mask"}[out["background"]]
-        out["mosaic"] = _cached(c_mosaic, inputs,
-                                lambda: mosaic_png(bg, mask, zooms, title=title, slices=sl), redraw=True)
-        if err is not None:
-            out["error"] = _cached(c_error, inputs,
-                                   lambda: error_map_png(err, mask, zooms, sl), redraw=True)
+        plain = {"scan": "scan", "error map": "error map (grey)", "mask": "anomaly mask"}[out["background"]]
+        make = {
+            "mosaic": lambda: mosaic_png(bg, mask, zooms, title=title, slices=sl),
+            "plain": lambda: mosaic_png(bg, None, zooms, title=f"{plain}, no overlay", slices=sl),
+            "error": (lambda: error_map_png(err, mask, zooms, sl)) if err is not None else None,
+            "air": ((lambda: mosaic_png(bg, None, zooms, slices=sl, window=air_window(bg, head),
+                                        title="scan, window raised to show the background"))
+                    if out["background"] == "scan" else None),
+            "thumb": lambda: thumbnail_png(bg, mask, zooms, worst_slice(mask, err, head)),
+        }
+        drawn = [k for k in kinds if make[k] is not None]
+        for k in drawn:
+            out[k] = _cached(cache[k], inputs, make[k], redraw=True)
         out["through_anomaly"] = sl[2]
-        k = worst_slice(mask, err, head)
-        out["thumb"] = _cached(c_thumb, inputs, lambda: thumbnail_png(bg, mask, zooms, k), redraw=True)
-        if out["mosaic"] and out["error"] and out["thumb"]:
+        if all(out[k] for k in drawn):
             try:
-                atomic_write_text(json.dumps({"figure_version": FIGURE_VERSION,
+                atomic_write_text(json.dumps({"figure_version": FIGURE_VERSION, "drawn": drawn,
                                               **{k: out[k] for k in ("notes", "background", "through_anomaly")}}),
                                   meta_p)
             except OSError:

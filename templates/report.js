@@ -206,6 +206,14 @@
     apply();
   }
 
+  // the anomaly overlay's opacity (subject pages): the plain mosaic lies underneath
+  function initOverlays() {
+    document.querySelectorAll("figure.mosaic label.opacity input").forEach(function (range) {
+      var img = range.closest("figure").querySelector("img.overlay");
+      range.addEventListener("input", function () { img.style.opacity = String(range.value / 100); });
+    });
+  }
+
   // ------------------------------------------------------------------ overview
   var overview = null;   // state of the overview page (null on other pages)
 
@@ -491,6 +499,12 @@
       show.dispatchEvent(new Event("change"));
       if (visibleCards().length !== overview.cards.length) { fails.push("overview-reset"); }
     }
+    var range = document.querySelector("figure.mosaic label.opacity input");
+    if (range) {
+      range.value = "30";
+      range.dispatchEvent(new Event("input"));
+      if (range.closest("figure").querySelector("img.overlay").style.opacity !== "0.3") { fails.push("overlay-opacity"); }
+    }
     var fs = document.querySelector("fieldset.rating");
     if (fs) {
       var before = loadAll();
@@ -511,6 +525,7 @@
       initTable();
       initOverview();
       initPlots();
+      initOverlays();
     } catch (e) {
       errors.push(String(e && e.message || e));
     }

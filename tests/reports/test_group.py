@@ -243,7 +243,7 @@ def test_group_needs_no_raw_data(derivs):
     written = run_group(derivs.root, labels=derivs.labels_tsv)
     assert (derivs.root / "group_T1w.csv").is_file() and len(written) == 6 + 1 + 14  # tables, pages, overview, subjects
     html = (derivs.root / "sub-05.html").read_text()
-    assert "source scan not available" in html and html.count("data:image/png;base64,") == 3
+    assert "source scan not available" in html and html.count("data:image/png;base64,") == 4  # mosaic, without overlay, error map, tau
 
 
 # --------------------------------------------------------------------------- labels files

@@ -213,3 +213,26 @@ def test_group_plots_link_every_scan_and_clip_nothing(derivs, with_quality):
     # rated artifacts are ringed; the rating's artifact tags reach the table
     assert 'class="ok art"' in html or 'class="flag art"' in html
     assert table["sub-01_ses-2_run-1_T1w"]["rated_artifacts"] == "metal/susceptibility; motion"
+
+
+def test_background_driven_scan_shows_the_air_first(derivs, with_quality):
+    with_quality(derivs, spikes={"sub-05_T1w": ("background_artifact_fraction", 0.3)})
+    run_group(derivs.root)
+    sec = _section((derivs.root / "sub-05.html").read_text(), "sub-05_T1w")
+    air, overlay = sec.find('class="mosaic air"'), sec.find('class="overlay"')
+    assert 0 < air < overlay
+    # a scan driven by something else keeps the background view folded after the mosaic
+    sec = _section((derivs.root / "sub-02.html").read_text(), "sub-02_T1w")
+    assert 'class="mosaic air"' not in sec and sec.find('<details class="mosaic">') > sec.find('class="overlay"')
+
+
+def test_air_window_shows_a_faint_ghost():
+    from qc_pipeline.reports import air_window
+
+    shape = (40, 40, 40)
+    head = np.zeros(shape, bool)
+    head[12:28, 12:28, 12:28] = True
+    scan = np.where(head, 1000.0, 15.0)      # noise floor 1.5 % of the brain
+    scan[2:8, 12:28, 12:28] = 80.0           # a ghost at 8 %
+    lo, hi = air_window(scan, head)
+    assert (80.0 - lo) / (hi - lo) > 0.4 and (15.0 - lo) / (hi - lo) < 0.15

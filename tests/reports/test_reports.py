@@ -62,8 +62,10 @@ def test_subject_page_sections_and_figures(group_run):
     page = _parse(dv.root / "sub-01.html")
     expect = sorted(s.bids_name for s in dv.scans if s.subject == "01")
     assert sorted(page.sections) == expect and len(expect) == 4  # 2 sessions, 2 runs, 2 suffixes
-    # each successful scan: mosaic + error map + tau curve, all decodable PNG data URIs
-    assert len(page.imgs) == 3 * 4
+    # each successful scan: mosaic, the same without overlay, error map, tau curve, and with
+    # the scan itself as background the window raised on the air; all decodable PNG data URIs
+    scans = [s for s in dv.scans if s.subject == "01"]
+    assert len(page.imgs) == sum(5 if s.source else 4 for s in scans)
     for img in page.imgs:
         im = _png(img["src"])
         assert im.size[0] > 100 and np.unique(np.asarray(im.convert("L"))).size > 2
@@ -121,9 +123,9 @@ def test_missing_raw_data_uses_error_map(group_run):
     dv, _ = group_run
     html = (dv.root / "sub-12.html").read_text()   # site B: raw data never existed
     assert "source scan not available" in html
-    assert len(_parse(dv.root / "sub-12.html").imgs) == 3
+    assert len(_parse(dv.root / "sub-12.html").imgs) == 4  # mosaic, without overlay, error map, tau
     html = (dv.root / "sub-05.html").read_text()   # site A: raw scan is the background
-    assert "on the scan." in html and "source scan not available" not in html
+    assert "small ones ringed) on the scan;" in html and "source scan not available" not in html
 
 
 def test_subject_page_before_group_level(derivs):
