@@ -729,6 +729,18 @@ def ranking_score(rows) -> str:
     return "anomaly_fraction"
 
 
+@functools.lru_cache(maxsize=8)
+def _group_rows_cached(path: str, stamp: tuple) -> dict:
+    return read_group_csv(path)
+
+
+def _group_rows(path: Path) -> dict:
+    """``read_group_csv`` read once per version of the file: every scan's section of every
+    subject page looks up the same table."""
+    st = path.stat()
+    return _group_rows_cached(str(path), (st.st_mtime_ns, st.st_size))
+
+
 def _group_info(output_dir: Path, rec: QCRecord) -> dict | None:
     """The scan's verdict from ``group_<suffix>.csv`` (score, driver, rank, flags) and its
     neighbours in the ranking; None when the table is absent, ``{"stale": True}`` when it
@@ -737,7 +749,7 @@ def _group_info(output_dir: Path, rec: QCRecord) -> dict | None:
     if not p.is_file() or not rec.ok:
         return None
     try:
-        rows = read_group_csv(p)
+        rows = _group_rows(p)
     except (OSError, KeyError, ValueError):
         return None
     row = rows.get(rec.bids_name)
@@ -783,7 +795,7 @@ def _scan_nav(output_dir: Path, rec: QCRecord) -> dict | None:
     ranking (worst first, failed scans last); None before the group level."""
     p = output_dir / f"group_{rec.suffix}.csv"
     try:
-        rows = read_group_csv(p) if p.is_file() else {}
+        rows = _group_rows(p) if p.is_file() else {}
     except (OSError, KeyError, ValueError):
         rows = {}
     if rec.bids_name not in rows:
@@ -826,7 +838,8 @@ def scan_verdict(data: dict, group: dict | None) -> dict:
     reasons = [describe_measure(driver)] if driver else []
     if bg_flagged and driver != "background_artifact_fraction":
         reasons.append(describe_measure("background_artifact_fraction"))
-    tags = [MEASURE_WORDS[d][1] for d in ([driver] if driver else []) + (["background_artifact_fraction"] if bg_flagged else [])
+    pointers = ([driver] if driver else []) + (["background_artifact_fraction"] if bg_flagged else [])
+    tags = [MEASURE_WORDS[d][1] for d in pointers
             if d in MEASURE_WORDS]
     return {"ranked": ranked, "score": score, "value": value, "driver": driver, "reasons": reasons,
             "basis": _SCORE_BASIS[score], "flagged": flagged, "background_flagged": bg_flagged,
@@ -870,7 +883,8 @@ def render_subject_report(output_dir, subject: str, *, site_column: str = "site"
             "quality_z": d.get("quality_z") or {}, "quality_features": d.get("quality_features") or {},
             "mm3": d.get("anomaly_mm3"),
             "background": rec.background, "bg_fraction": d.get("background_artifact_fraction"),
-            "group": group, "verdict": verdict, "nav": _scan_nav(output_dir, rec), "measurements": _measurements(d, verdict["driver"]),
+            "group": group, "verdict": verdict, "nav": _scan_nav(output_dir, rec),
+            "measurements": _measurements(d, verdict["driver"]),
             "fig": scan_figures(rec, output_dir),
             "details": [(k, d.get(k)) for k in ("model_id", "model_adapted_from", "schedule", "device", "forward_passes",
                                                  "tau_stop", "mean_error", "runtime_s",
@@ -990,6 +1004,7 @@ def strip_plot_svg(points: list[dict], sites: list[str], *, title: str, percent:
     if not pts:
         return None
     scale = 100.0 if percent else 1.0
+    unit = "%" if percent else ""
     c = 0.01 if percent else 1.0
     f = lambda v: math.copysign(math.log10(1.0 + abs(v) / c), v)
     vals = [float(p["value"]) * scale for p in pts]
@@ -1010,7 +1025,7 @@ def strip_plot_svg(points: list[dict], sites: list[str], *, title: str, percent:
         y = f(t)
         if lo <= y <= hi:
             out.append(f'<line class="axis" x1="{left - 3}" y1="{Y(y):.1f}" x2="{left}" y2="{Y(y):.1f}"/>'
-                       f'<text x="{left - 5}" y="{Y(y) + 3:.1f}" text-anchor="end">{t:g}{"%" if percent else ""}</text>')
+                       f'<text x="{left - 5}" y="{Y(y) + 3:.1f}" text-anchor="end">{t:g}{unit}</text>')
     for i, site in enumerate(sites):
         ys_site = sorted(f(float(p["value"]) * scale) for p in pts if p["site"] == site)
         label = str(site) if len(str(site)) <= 14 else str(site)[:13] + "…"
@@ -1032,7 +1047,8 @@ def strip_plot_svg(points: list[dict], sites: list[str], *, title: str, percent:
         if p.get("label") == 1:
             cls += " art"
         tip = f'{p["name"]} (site {p["site"]}): {v:.3g}{"%" if percent else ""}'
-        out.append(f'<a href="{escape(p["href"])}"><circle class="{cls}" cx="{X(i) + jit:.1f}" cy="{Y(f(v)):.1f}" r="3.5" '
+        out.append(f'<a href="{escape(p["href"])}"><circle class="{cls}" cx="{X(i) + jit:.1f}" '
+                   f'cy="{Y(f(v)):.1f}" r="3.5" '
                    f'data-scan="{escape(p["name"])}" tabindex="0"><title>{escape(tip)}</title></circle></a>')
     out.append("</svg>")
     return Markup("".join(out))
