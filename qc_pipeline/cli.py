@@ -345,7 +345,8 @@ def prepare_dir(path: Path, what: str) -> None:
 
 def lock_work_dir(work_dir: Path, run_id: str):
     """Hold ``<work_dir>/.itermask-qc.lock`` for this run (released when the returned file is
-    closed or the process ends, also by ``kill -9``).
+    closed or the process ends, also by ``kill -9``). A file system without locks gets a
+    warning and an unguarded run.
 
     Two runs on one work dir would share Nipype's cache and the BIDS index database and
     overwrite each other's records, so the second is refused.
@@ -360,17 +361,19 @@ def lock_work_dir(work_dir: Path, run_id: str):
 
     fh = open(Path(work_dir) / LOCK_NAME, "a+", encoding="utf-8")
     try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        # a POSIX record lock, not flock: it belongs to this process alone, so forked workers
+        # still finishing a node never hold it after the main process died (works on NFS)
+        fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EAGAIN):
+            LOGGER.warning("work dir %s cannot be locked (%s); do not start a second run on it",
+                           work_dir, environment_message(exc))
+            return fh
         fh.seek(0)
         holder = fh.read().strip() or "another process"
         fh.close()
         raise CLIError(f"work dir {work_dir} is in use by another itermask-qc run ({holder}); "
                        f"wait for it to finish or pass another -w/--work-dir", EXIT_IN_USE) from None
-    except OSError as exc:  # a file system without locks (some NFS mounts): run unguarded
-        LOGGER.warning("work dir %s cannot be locked (%s); do not start a second run on it",
-                       work_dir, environment_message(exc))
-        return fh
     fh.seek(0)
     fh.truncate()
     fh.write(f"pid {os.getpid()} on {socket.gethostname()}, run {run_id}\n")

@@ -163,3 +163,34 @@ def test_work_dir_removed_mid_run_stops_with_one_line_74(ds, tmp_path, model_dir
     assert len(calls) == 1  # stopped at once, not one crash per remaining node
     # no scan was given a record it did not earn
     assert not list(out.rglob("*_qc.json"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; prctl")
+def test_kill_9_of_the_main_process_leaves_no_workers(ds, tmp_path, model_dir):
+    args = base_args(ds["root"], tmp_path / "out", tmp_path / "work", model_dir, "--nprocs", "2")
+    code = "import sys; from qc_pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = dict(os.environ, NIPYPE_NO_ET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.DEVNULL,
+                            env=env, cwd=str(Path(__file__).parent))
+    try:
+        deadline = time.time() + 90
+        # workers bind to the main process when they start their first node
+        while time.time() < deadline and len(list((tmp_path / "work").rglob("result_load.pklz"))) < 2:
+            time.sleep(0.2)
+        workers = _children(proc.pid)
+        assert len(workers) >= 2
+    finally:
+        proc.kill()
+        proc.wait()
+
+    def alive():
+        return [w for w in workers if Path(f"/proc/{w}").exists()
+                and "zombie" not in Path(f"/proc/{w}/status").read_text()]
+
+    deadline = time.time() + 20
+    while alive() and time.time() < deadline:
+        time.sleep(0.2)
+    left = alive()
+    for w in left:  # never leave them to the next test
+        os.kill(w, signal.SIGKILL)
+    assert left == []
