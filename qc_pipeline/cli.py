@@ -671,7 +671,8 @@ def run_participant(settings: Settings, scans) -> int:
     return EXIT_OK
 
 
-def _run_workflow(settings: Settings, scans, *, first: int = 0, total: Optional[int] = None) -> None:
+def _run_workflow(settings: Settings, scans, *, first: int = 0,
+                  total: Optional[int] = None) -> None:
     """Screen ``scans`` with Nipype; progress lines count on from ``first`` of ``total``."""
     _configure_nipype(settings)
     from qc_pipeline.workflows import init_itermask_qc_wf
