@@ -859,8 +859,37 @@ def _measurements(data: dict, driver: str) -> list[dict]:
     return sorted(out, key=lambda m: (-m["sort"], m["name"]))
 
 
-def render_subject_report(output_dir, subject: str, *, site_column: str = "site") -> str:
-    """HTML text of ``sub-<subject>.html`` (see :func:`write_subject_report`)."""
+def _site_plots(rows: list[dict] | None, verdict: dict, bids_name: str, site: str) -> list[Markup]:
+    """The scan against its site: the ranking score and the driving measurement of every
+    scan of the site as strip plots, this scan drawn large (none without the group rows)."""
+    if not rows or not verdict["ranked"]:
+        return []
+    mine = [r for r in rows if r["status"] == "ok" and r["site"] == site]
+
+    def pts(get):
+        return [{"name": r["bids_name"], "site": site, "value": get(r), "flagged": r["flagged"] or
+                 r.get("background_flagged"), "label": r.get("label"),
+                 "href": f"{r['report']}#{scan_anchor(r['bids_name'])}"} for r in mine]
+
+    key, driver = verdict["score"], verdict["driver"]
+    thr = {float(r["threshold"]) for r in mine if r.get("threshold") is not None}
+    out = [strip_plot_svg(pts(lambda r: r.get(key)), [site], title="QC score in its site",
+                          percent=key == "anomaly_fraction", threshold=thr.pop() if len(thr) == 1 else None,
+                          highlight=bids_name, width=220)]
+    if driver:
+        def z(r):
+            v = (r.get("quality_z") or {}).get(driver)
+            return float(v) if isinstance(v, (int, float)) else None
+        out.append(strip_plot_svg(pts(z), [site], title=f"{driver} (z)",
+                                  caption=f"{describe_measure(driver)}: robust z against the reference",
+                                  highlight=bids_name, width=220))
+    return [p for p in out if p is not None]
+
+
+def render_subject_report(output_dir, subject: str, *, site_column: str = "site",
+                          tables: GroupTables | None = None) -> str:
+    """HTML text of ``sub-<subject>.html`` (see :func:`write_subject_report`); with the
+    group level's ``tables``, each scan's verdict is drawn against its site's scans."""
     output_dir = Path(output_dir)
     subject = str(subject).removeprefix("sub-")
     records = load_qc_records(output_dir, subject=subject, site_column=site_column)
@@ -874,6 +903,7 @@ def render_subject_report(output_dir, subject: str, *, site_column: str = "site"
         d = rec.data
         group = _group_info(output_dir, rec)
         verdict = scan_verdict(d, group)
+        suffix_rows = next((t.rows for t in (tables.tables if tables else []) if t.suffix == rec.suffix), None)
         scans.append({
             "idx": i, "anchor": scan_anchor(rec.bids_name), "rec": rec, "bids_name": rec.bids_name,
             "entities": ent, "site": rec.site, "ok": rec.ok, "status": rec.status,
@@ -885,6 +915,7 @@ def render_subject_report(output_dir, subject: str, *, site_column: str = "site"
             "background": rec.background, "bg_fraction": d.get("background_artifact_fraction"),
             "group": group, "verdict": verdict, "nav": _scan_nav(output_dir, rec),
             "measurements": _measurements(d, verdict["driver"]),
+            "site_plots": _site_plots(suffix_rows, verdict, rec.bids_name, rec.site) if rec.ok else [],
             "fig": scan_figures(rec, output_dir),
             "details": [(k, d.get(k)) for k in ("model_id", "model_adapted_from", "schedule", "device", "forward_passes",
                                                  "tau_stop", "mean_error", "runtime_s",
@@ -899,7 +930,8 @@ def render_subject_report(output_dir, subject: str, *, site_column: str = "site"
         ratings_key=study_key(output_dir), n_failed=sum(not s["ok"] for s in scans), version=__version__)
 
 
-def write_subject_report(output_dir, subject: str, *, site_column: str = "site") -> Path:
+def write_subject_report(output_dir, subject: str, *, site_column: str = "site",
+                         tables: GroupTables | None = None) -> Path:
     """Write ``OUTPUT_DIR/sub-<subject>.html`` for every scan of the subject (atomic).
 
     Uses the group tables (``group_<suffix>.csv``) for ranks and percentiles when they
@@ -908,7 +940,7 @@ def write_subject_report(output_dir, subject: str, *, site_column: str = "site")
     """
     output_dir = Path(output_dir)
     subject = str(subject).removeprefix("sub-")
-    html = render_subject_report(output_dir, subject, site_column=site_column)
+    html = render_subject_report(output_dir, subject, site_column=site_column, tables=tables)
     path = output_dir / f"sub-{subject}.html"
     atomic_write_text(html, path)
     return path
@@ -987,7 +1019,7 @@ _PCT_TICKS = (0, 0.01, 0.1, 1, 10, 100)
 
 
 def strip_plot_svg(points: list[dict], sites: list[str], *, title: str, percent: bool = False,
-                   threshold: float | None = None, caption: str | None = None,
+                   threshold: float | None = None, caption: str | None = None, highlight: str | None = None,
                    width: int = 330, height: int = 210) -> Markup | None:
     """One measurement per site as a static SVG strip plot with a box (quartiles, median).
 
@@ -996,7 +1028,8 @@ def strip_plot_svg(points: list[dict], sites: list[str], *, title: str, percent:
     ``data-scan`` so that the page's script can highlight one scan in every plot. The axis
     is symmetric-log (``sign(v) log10(1 + |v| / c)``, ``c`` = 1 for z, 0.01 for percent) and
     spans every value: outliers are never clipped. Every text is escaped. ``caption`` is
-    the plot's tooltip (default: ``title``). None when no point has a finite value.
+    the plot's tooltip (default: ``title``); the scan named ``highlight`` is drawn large,
+    on top. None when no point has a finite value.
     """
     from markupsafe import escape
 
@@ -1017,7 +1050,8 @@ def strip_plot_svg(points: list[dict], sites: list[str], *, title: str, percent:
     Y = lambda y: top + ph * (1.0 - (y - lo) / (hi - lo))
     band = pw / max(1, len(sites))
     X = lambda i: left + band * (i + 0.5)
-    out = [f'<svg class="strip" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
+    # inline in HTML: the parser puts it in the SVG namespace, no xmlns (and no URL) needed
+    out = [f'<svg class="strip" viewBox="0 0 {width} {height}" '
            f'role="img" aria-label="{escape(title)}"><title>{escape(caption or title)}</title>',
            f'<text x="{left}" y="13" font-weight="600">{escape(title)}</text>',
            f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}"/>']
@@ -1039,13 +1073,16 @@ def strip_plot_svg(points: list[dict], sites: list[str], *, title: str, percent:
         y = Y(f(threshold * scale))
         out.append(f'<line class="thr" x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}"><title>flag threshold '
                    f'{threshold * scale:.3g}</title></line>')
-    for p, v in zip(pts, vals):
+    order = sorted(range(len(pts)), key=lambda j: pts[j]["name"] == highlight)  # highlight last: on top
+    for p, v in ((pts[j], vals[j]) for j in order):
         i = sites.index(p["site"]) if p["site"] in sites else 0
         # jitter from the name, so a scan sits at the same x in every plot
         jit = (int.from_bytes(p["name"].encode("utf-8")[-4:].rjust(4, b"\0"), "big") % 1000 / 1000.0 - 0.5) * band * 0.5
         cls = "flag" if p.get("flagged") else "ok"
         if p.get("label") == 1:
             cls += " art"
+        if p["name"] == highlight:
+            cls += " me"
         tip = f'{p["name"]} (site {p["site"]}): {v:.3g}{"%" if percent else ""}'
         out.append(f'<a href="{escape(p["href"])}"><circle class="{cls}" cx="{X(i) + jit:.1f}" '
                    f'cy="{Y(f(v)):.1f}" r="3.5" '
@@ -1099,7 +1136,7 @@ def write_group_pages(tables: GroupTables, *, site_column: str = "site",
     if subject_reports:  # subject pages read the CSVs just written; the group pages link to them
         for subject in tables.subjects:
             try:
-                subject_pages.append(write_subject_report(out, subject, site_column=site_column))
+                subject_pages.append(write_subject_report(out, subject, site_column=site_column, tables=tables))
             except Exception as exc:  # noqa: BLE001
                 LOGGER.error("subject report for sub-%s failed: %s", subject, exc)
     group_pages = []

@@ -191,25 +191,24 @@ def test_group_plots_link_every_scan_and_clip_nothing(derivs, with_quality):
     ok = {n for n, r in table.items() if r["status"] == "ok"}
     svgs = re.findall(r'<svg class="strip".*?</svg>', html, flags=re.S)
     assert len(svgs) >= 4  # ranking score, anomaly fraction, and each measurement
-    ns = {"s": "http://www.w3.org/2000/svg"}
     for svg in svgs:
         root = ET.fromstring(svg)  # well-formed, every name escaped
         w, h = (float(v) for v in root.get("viewBox").split()[2:])
-        links = root.findall("s:a", ns)
-        names = [a.find("s:circle", ns).get("data-scan") for a in links]
-        assert sorted(names) == sorted(ok), root.findtext("s:title", namespaces=ns)
+        links = root.findall("a")
+        names = [a.find("circle").get("data-scan") for a in links]
+        assert sorted(names) == sorted(ok), root.findtext("title")
         for a in links:
-            dot = a.find("s:circle", ns)
+            dot = a.find("circle")
             assert 0 < float(dot.get("cy")) < h and 0 < float(dot.get("cx")) < w  # nothing clipped
-            assert dot.get("data-scan") in dot.findtext("s:title", namespaces=ns)  # hover names it
+            assert dot.get("data-scan") in dot.findtext("title")  # hover names it
             page, _, anchor = a.get("href").partition("#")
             assert f'id="{anchor}"' in (derivs.root / page).read_text()  # click opens its report
     # the score plot marks the flagged scans and the shared site-z threshold
     score = ET.fromstring(svgs[0])
-    flagged = {a.find("s:circle", ns).get("data-scan") for a in score.findall("s:a", ns)
-               if "flag" in a.find("s:circle", ns).get("class")}
+    flagged = {a.find("circle").get("data-scan") for a in score.findall("a")
+               if "flag" in a.find("circle").get("class")}
     assert flagged == {n for n in ok if table[n]["flagged"] == "1" or table[n]["background_flagged"] == "1"}
-    assert "sub-12_T1w" in flagged and score.find("s:line[@class='thr']", ns) is not None
+    assert "sub-12_T1w" in flagged and score.find("line[@class='thr']") is not None
     # rated artifacts are ringed; the rating's artifact tags reach the table
     assert 'class="ok art"' in html or 'class="flag art"' in html
     assert table["sub-01_ses-2_run-1_T1w"]["rated_artifacts"] == "metal/susceptibility; motion"
@@ -236,3 +235,16 @@ def test_air_window_shows_a_faint_ghost():
     scan[2:8, 12:28, 12:28] = 80.0           # a ghost at 8 %
     lo, hi = air_window(scan, head)
     assert (80.0 - lo) / (hi - lo) > 0.4 and (15.0 - lo) / (hi - lo) < 0.15
+
+
+def test_verdict_is_drawn_against_the_site(derivs, with_quality):
+    with_quality(derivs, spikes={"sub-05_T1w": ("background_artifact_fraction", 0.3)})
+    run_group(derivs.root)
+    sec = _section((derivs.root / "sub-05.html").read_text(), "sub-05_T1w")
+    plots = re.findall(r'<svg class="strip".*?</svg>', sec, flags=re.S)
+    site_a = [s.bids_name for s in derivs.scans if s.suffix == "T1w" and s.site == "A" and s.kind != "failed"]
+    assert len(plots) == 2 and "background_artifact_fraction" in plots[1]
+    for svg in plots:
+        assert sorted(re.findall(r'data-scan="([^"]+)"', svg)) == sorted(n.replace("<", "&lt;").replace(">", "&gt;")
+                                                                        for n in site_a)
+        assert re.search(r'class="flag me"[^>]*data-scan="sub-05_T1w"', svg)
