@@ -49,6 +49,13 @@ __all__ = [
     "describe_measure",
     "scan_anchor",
     "head_mask",
+    "worst_slice",
+    "thumbnail_png",
+    "air_window",
+    "scan_verdict",
+    "ranking_score",
+    "strip_plot_svg",
+    "group_plots",
 ]
 
 LOGGER = logging.getLogger(__name__)
