@@ -177,7 +177,7 @@ def test_dataset_description_logs_config_and_reports(run):
     # the subject page shows the QC score, its driver and every measurement
     qc = qc_of(out, GOOD[0])
     html = (out / "sub-01.html").read_text()
-    assert f"driven by {qc['qc_score_driver']}" in html and "signal_deficit" in html
+    assert f"driven by <code>{qc['qc_score_driver']}</code>" in html and "signal_deficit" in html
 
 
 def test_rerun_skips_finished_scans(run, model_dir):
