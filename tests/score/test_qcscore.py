@@ -1,5 +1,6 @@
 """The combined QC score: measurements move the right way, the combination is a calibrated max."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -376,10 +377,11 @@ def test_group_scores_each_site_against_itself(tmp_path):
     assert rows[0]["qc_score_site_driver"] == "noise"
     sites = {r["site"]: r for r in csv.DictReader(open(tmp_path / "group_T1w_sites.csv", newline=""))}
     assert float(sites["ALL_SITES"]["AUROC"]) == 1.0 and "qc_score_site" in sites["A"]["threshold_rule"]
-    # the subject page shows both scores: against the reference and against the site
+    # the subject page leads with the number the group ranks by: the score against its site
     page = (tmp_path / "sub-03.html").read_text()
-    assert f"vs site A: {float(by['sub-03_T1w']['qc_score_site']):.3g}" in page
-    assert "driven by noise" in page
+    shown = re.search(r'class="verdict-score">QC score <b>([-0-9.]+)</b>', page)
+    assert shown and float(shown.group(1)) == pytest.approx(float(by["sub-03_T1w"]["qc_score_site"]), rel=5e-3)  # num(3): three figures
+    assert "driven by <code>noise</code>" in page and "in site A" in page
 
 
 def test_itermask_interface_writes_quality_and_survives_a_failing_measurement(tmp_path, monkeypatch):
