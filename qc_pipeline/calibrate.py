@@ -111,7 +111,8 @@ def calibrated_id(card: Mapping) -> str:
     """``<id before calibration>-cal-<8 hex>`` of the card's QC-score reference and stopping
     slope: a calibrated model never shares an id (and so a cached or resumed result) with the
     model it was calibrated from, and the same calibration gives the same id."""
-    content = json.dumps({k: card.get(k) for k in ("qc_score", "gamma", "gamma_mode", "gamma_relative")},
+    content = json.dumps({k: card.get(k) for k in ("qc_score", "gamma", "gamma_mode", "gamma_relative",
+                                                    "normative", "schedule")},
                          sort_keys=True, default=str)
     return f"{uncalibrated_id(card['model_id'])}-cal-{hashlib.sha256(content.encode()).hexdigest()[:8]}"
 

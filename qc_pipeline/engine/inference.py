@@ -24,7 +24,7 @@ from .schedules import Schedule, get_schedule
 from .taufit import (DEFAULT_GAMMA, DEFAULT_GAMMA_REFERENCE_T, DEFAULT_Y_LIMIT, GAMMA_MODES, R2_MIN, TauFit,
                      fit_tau_curve, relative_gamma)
 
-__all__ = ["IterMask3D", "Result", "resolve_device", "threshold_at"]
+__all__ = ["IterMask3D", "Result", "normative_threshold", "resolve_device", "threshold_at"]
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,19 @@ def _kth_threshold(errors_in_brain: torch.Tensor, t: float) -> float:
     return float(torch.kthvalue(errors_in_brain, n - k).values)
 
 
+def normative_threshold(card: Mapping[str, Any]) -> float | None:
+    """The ``normative`` schedule's ``tau_stop`` (squared z-units) from a model card:
+    ``normative.factor`` x the median tau(50) of clean scans (``gamma_calibration.median_tau50``,
+    the same reference the stopping slope is calibrated on). None when the card has neither."""
+    norm = card.get("normative") or {}
+    if norm.get("threshold") is not None:
+        return float(norm["threshold"])
+    ref = (card.get("gamma_calibration") or {}).get("median_tau50")
+    if ref is None or not norm.get("factor"):
+        return None
+    return float(norm["factor"]) * float(ref)
+
+
 class _ScanLoop:
     """State machine of the loop for one scan: asks for forward passes, consumes error maps.
 
@@ -177,8 +190,10 @@ class _ScanLoop:
 
     def __init__(self, x: torch.Tensor, brain: torch.Tensor, hf: torch.Tensor, sched: Schedule, *,
                  gamma: float, seed: int, y_limit: float, r2_min: float,
-                 gamma_mode: str = "absolute", gamma_reference_t: float = DEFAULT_GAMMA_REFERENCE_T):
+                 gamma_mode: str = "absolute", gamma_reference_t: float = DEFAULT_GAMMA_REFERENCE_T,
+                 normative_threshold: float | None = None):
         self.x, self.brain, self.hf = x, brain, hf
+        self.normative_threshold = normative_threshold
         self.sched, self.gamma, self.y_limit, self.r2_min = sched, gamma, y_limit, r2_min
         self.gamma_mode, self.gamma_reference_t = gamma_mode, float(gamma_reference_t)
         self.gamma_used = float(gamma)
@@ -248,24 +263,40 @@ class _ScanLoop:
         # refinement (eq. 6 with tau_stop; voxels may leave AND re-enter the mask)
         self.refine_passes += 1
         new = (err > self.tau_stop) & self.brain
+        if self.sched.shrink:
+            new &= self.pending
         new_n = int(new.sum())
         change = abs(new_n - self.prev_n) / max(self.prev_n, 1)
         if change < self.sched.tol:
             self._finish(new, err, in_brain, True)
         elif self.refine_passes >= self.sched.max_refine:
-            self._finish(new, err, in_brain, False)
+            # the normative refinement is a fixed number of shrinking passes, not a search
+            self._finish(new, err, in_brain, self.sched.stop == "normative")
         else:
             self.pending = new
             self.prev_n = new_n
 
     def _end_sweep(self, err: torch.Tensor) -> None:
         self.gamma_used = self.gamma_now()
-        self.fit = fit_tau_curve(self.ts, self.taus, gamma=self.gamma_used, y_limit=self.y_limit,
-                                 r2_min=self.r2_min)
+        if self.sched.stop == "normative":
+            # the anomaly is still masked half-way through the sweep; what stands out there is
+            # error above what the network leaves on normal tissue (docs/engine.md)
+            if self.normative_threshold is None:
+                raise ModelCardError(f"schedule {self.sched.name!r} needs the model card's "
+                                     "normative_threshold (run itermask-qc-calibrate --gamma)")
+            tau = float(self.normative_threshold)
+            self.fit = TauFit(a=float("nan"), b=float("nan"), r2=float("nan"), path="normative",
+                              t_stop=float(self.ts[-1]), tau_stop=tau, gamma=self.gamma_used,
+                              crossed=bool(self.taus[-1] > tau))
+        else:
+            self.fit = fit_tau_curve(self.ts, self.taus, gamma=self.gamma_used, y_limit=self.y_limit,
+                                     r2_min=self.r2_min)
         self.tau_stop = float(self.fit.tau_stop)
         self.phase = "refine"
         if self.sched.refine_start == "brain":
             start = self.brain.clone()
+        elif self.sched.refine_start == "sweep_t":
+            start = (err > self.taus[-1]) & self.brain
         else:
             start = (err > self.tau_stop) & self.brain
         if self.sched.max_refine <= 0:
@@ -326,6 +357,7 @@ class IterMask3D:
         self.grid = tuple(int(g) for g in self.card["grid"]) if self.card.get("grid") else None
         self.voxel_size = tuple(float(v) for v in self.card["voxel_size"]) if self.card.get("voxel_size") else None
         self.model_id = str(self.card.get("model_id", "unnamed"))
+        self.normative_threshold = normative_threshold(self.card)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -438,7 +470,8 @@ class IterMask3D:
         return _ScanLoop(torch.from_numpy(x).to(dev), torch.from_numpy(b).to(dev),
                          torch.from_numpy(np.ascontiguousarray(h, dtype=np.float32)).to(dev),
                          sched, gamma=self.gamma, seed=seed, y_limit=DEFAULT_Y_LIMIT, r2_min=self.r2_min,
-                         gamma_mode=self.gamma_mode, gamma_reference_t=self.gamma_reference_t)
+                         gamma_mode=self.gamma_mode, gamma_reference_t=self.gamma_reference_t,
+                         normative_threshold=self.normative_threshold)
 
     def _result(self, lp: _ScanLoop, sched: Schedule, vox_mm3: float) -> Result:
         f = lp.final

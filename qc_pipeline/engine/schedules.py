@@ -14,6 +14,14 @@
     consecutive intervals); the refinement starts from the sweep's mask at
     ``tau_stop`` (no whole-brain restart) and is capped at ``max_refine``
     passes. At most 13 + 8 = 21 forward passes.
+
+``normative``
+    The sweep stops half-way (t = 25, 50: the anomaly is still masked and the network
+    reconstructs it from normal surroundings); ``tau_stop`` is not read from the end of the tau
+    curve but is the model's *normative* error level (``normative_threshold``: a multiple of the
+    median tau(50) of clean scans, from the model card or refitted on a site's own clean scans);
+    the refinement starts from the t = 50 mask, keeps only voxels still above ``tau_stop``
+    (the mask only shrinks) and runs at most 4 passes. 2 + 4 = 6 forward passes.
 """
 from __future__ import annotations
 
@@ -37,13 +45,19 @@ class Schedule:
         Stop the sweep once the gamma crossing is confirmed.
     confirm : int
         Number of consecutive observed slopes above gamma that confirm the crossing.
-    refine_start : {"brain", "sweep"}
-        Refinement starts from the whole brain (paper/reference) or from the
-        sweep's last error map thresholded at tau_stop (warm start).
+    refine_start : {"brain", "sweep", "sweep_t"}
+        Refinement starts from the whole brain (paper/reference), from the
+        sweep's last error map thresholded at tau_stop (warm start), or from the
+        sweep's own last mask (thresholded at tau of the last sweep position).
     max_refine : int
         Cap on refinement forward passes (a safety net for the reference schedule).
     tol : float
         Relative change in mask size that ends the refinement (paper: 0.01).
+    stop : {"tanfit", "normative"}
+        ``tau_stop`` from the tan fit of the sweep (paper) or the model's normative level.
+    shrink : bool
+        Refinement masks are intersected with the previous mask (a voxel once unmasked stays
+        unmasked); the paper lets voxels re-enter.
     """
 
     name: str
@@ -53,6 +67,8 @@ class Schedule:
     refine_start: str = "brain"
     max_refine: int = 100
     tol: float = 0.01
+    stop: str = "tanfit"
+    shrink: bool = False
 
     @property
     def max_passes(self) -> int:
@@ -64,6 +80,8 @@ SCHEDULES: dict[str, Schedule] = {
                           refine_start="brain", max_refine=100),
     "fast": Schedule("fast", (10.0, 25.0, 40.0, 55.0, 65.0, 75.0, 82.0, 87.0, 91.0, 94.0, 96.0, 98.0, 99.0),
                      early_stop=True, confirm=2, refine_start="sweep", max_refine=8),
+    "normative": Schedule("normative", (25.0, 50.0), early_stop=False, refine_start="sweep_t",
+                          max_refine=4, stop="normative", shrink=True),
 }
 
 

@@ -99,7 +99,7 @@ class TauFit:
         Fitted parameters (NaN when no tan fit could be made).
     r2 : float
         Coefficient of determination of the tan fit on the fitted points (NaN if none).
-    path : {"tan", "fallback"}
+    path : {"tan", "fallback", "normative"}
         Which way ``tau_stop`` was found.
     t_stop : float
         ``t*`` (percent of brain unmasked) where the derivative first exceeds gamma.
