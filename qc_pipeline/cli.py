@@ -191,9 +191,10 @@ def get_parser() -> argparse.ArgumentParser:
     g_wf.add_argument("--model-dir", type=_path, metavar="DIR",
                       help="an IterMask3D model folder (weights.pt + model_card.json), e.g. a "
                            "site-trained model (default: the packaged model of each suffix)")
-    g_wf.add_argument("--schedule", choices=SCHEDULES, default="fast",
-                      help="test-time schedule: 'fast' (coarse sweep, early stop) or "
-                           "'reference' (the paper's 1%% steps)")
+    g_wf.add_argument("--schedule", choices=SCHEDULES, default="auto",
+                      help="test-time schedule: 'auto' = the model card's; 'normative' (half a "
+                           "sweep, the model's normal error level as threshold), 'fast' (coarse "
+                           "sweep, tan fit, early stop) or 'reference' (the paper's 1%% steps)")
     g_wf.add_argument("--skull-strip", choices=SKULL_STRIP, default="auto",
                       help="brain extraction: auto = the measured default per contrast; "
                            "'none' for already skull-stripped data")

@@ -20,7 +20,8 @@ from . import __version__
 
 #: contrasts (BIDS suffixes) the app knows how to screen
 SUFFIXES = ("T1w", "T2w", "FLAIR")
-SCHEDULES = ("fast", "reference")
+#: "auto": the model card's own schedule (the shipped cards: "normative")
+SCHEDULES = ("auto", "normative", "fast", "reference")
 SKULL_STRIP = ("auto", "deepbet", "robex", "none")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -56,7 +57,7 @@ class Settings:
     device: str = "auto"
     model_dir: Optional[Path] = None
     model_specs: dict = field(default_factory=dict)
-    schedule: str = "fast"
+    schedule: str = "auto"
     skull_strip: str = "auto"
     reports_only: bool = False
     labels: Optional[Path] = None

@@ -112,7 +112,7 @@ def base_record(scan: ScanRecord | Mapping, *, model_id: Optional[str], schedule
     return rec
 
 
-def write_error_qc(output_dir, scan, reason: str, *, model_id=None, schedule="fast", device="cpu",
+def write_error_qc(output_dir, scan, reason: str, *, model_id=None, schedule="auto", device="cpu",
                    input_sha256=None, warnings: Iterable[str] = (), runtime_s=None,
                    model_adapted_from=None) -> Path:
     """Write ``<source>_qc.json`` with ``status: "error"`` and a one-line ``error``.

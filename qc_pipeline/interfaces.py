@@ -257,7 +257,8 @@ class _IMInputSpec(BaseInterfaceInputSpec):
                                "an old result")
     contrast = traits.Str("T1w", usedefault=True)
     device = traits.Str("cpu", usedefault=True)
-    schedule = traits.Enum("fast", "reference", usedefault=True)
+    schedule = traits.Enum("auto", "normative", "fast", "reference", usedefault=True,
+                           desc="'auto': the model card's schedule")
     seed = traits.Int(0, usedefault=True)
     omp_nthreads = traits.Int(1, usedefault=True)
 
@@ -297,7 +298,7 @@ class IterMaskRun(SimpleInterface):
                     prep.image,
                     prep.brain_mask,
                     voxel_size=tuple(prep.info.voxel_size),
-                    schedule=self.inputs.schedule,
+                    schedule=None if self.inputs.schedule == "auto" else self.inputs.schedule,
                     seed=self.inputs.seed,
                 )
                 from .qcscore import scan_quality
@@ -330,7 +331,7 @@ class _WriteInputSpec(BaseInterfaceInputSpec):
     model_id = traits.Str("", usedefault=True)
     model_adapted_from = traits.Str("", usedefault=True)
     default_model_id = traits.Str("", usedefault=True)
-    schedule = traits.Str("fast", usedefault=True)
+    schedule = traits.Str("auto", usedefault=True)
     device = traits.Str("cpu", usedefault=True)
     seconds = traits.List(traits.Float, value=[], usedefault=True)
 

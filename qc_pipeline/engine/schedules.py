@@ -20,8 +20,9 @@
     reconstructs it from normal surroundings); ``tau_stop`` is not read from the end of the tau
     curve but is the model's *normative* error level (``normative_threshold``: a multiple of the
     median tau(50) of clean scans, from the model card or refitted on a site's own clean scans);
-    the refinement starts from the t = 50 mask, keeps only voxels still above ``tau_stop``
-    (the mask only shrinks) and runs at most 4 passes. 2 + 4 = 6 forward passes.
+    one more pass from the t = 50 mask keeps the voxels still above ``tau_stop`` (a mask only
+    shrinks in this schedule). 2 + 1 = 3 forward passes. Further shrinking passes erode a
+    clean brain's mask but erode the artifacts' faster (``docs/benchmarks.md``), so there is one.
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ SCHEDULES: dict[str, Schedule] = {
     "fast": Schedule("fast", (10.0, 25.0, 40.0, 55.0, 65.0, 75.0, 82.0, 87.0, 91.0, 94.0, 96.0, 98.0, 99.0),
                      early_stop=True, confirm=2, refine_start="sweep", max_refine=8),
     "normative": Schedule("normative", (25.0, 50.0), early_stop=False, refine_start="sweep_t",
-                          max_refine=4, stop="normative", shrink=True),
+                          max_refine=1, stop="normative", shrink=True),
 }
 
 

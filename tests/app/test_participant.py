@@ -92,7 +92,7 @@ def test_good_scans_have_all_outputs_in_native_space(run):
         assert qc["qc_score_driver"] == max(zs, key=zs.get)
         assert qc["tau_curve"] and qc["fit"]["path"] in ("tan", "fallback")
         assert qc["forward_passes"] >= 1 and qc["runtime_s"] > 0
-        assert qc["model_id"] == "t1w-random-seed0" and qc["schedule"] == "fast"
+        assert qc["model_id"] == "t1w-random-seed0" and qc["schedule"] == "auto"
         assert len(qc["input_sha256"]) == 64 and qc["device"] == "cpu"
         assert qc["source_file"] == rel and qc["bids_name"] == stem
         # the out-of-head background statistic: a number in [0, 1] or a reason
