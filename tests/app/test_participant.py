@@ -196,9 +196,9 @@ def test_rerun_skips_finished_scans(run, model_dir):
 
     scan = collect_scans(run["root"], suffixes=["T1w"], participant_label=["01"])[0]
     sha = sha256_file(scan.path)
-    assert is_done(out, scan, input_sha256=sha, model_id="t1w-random-seed0", schedule="fast")
+    assert is_done(out, scan, input_sha256=sha, model_id="t1w-random-seed0", schedule="auto")
     assert not is_done(out, scan, input_sha256=sha, model_id="t1w-random-seed0", schedule="reference")
-    assert not is_done(out, scan, input_sha256="0" * 64, model_id="t1w-random-seed0", schedule="fast")
+    assert not is_done(out, scan, input_sha256="0" * 64, model_id="t1w-random-seed0", schedule="auto")
 
 
 def _scores(out: Path, rels) -> dict:

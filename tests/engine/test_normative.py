@@ -24,7 +24,7 @@ def test_normative_finds_a_blob_and_leaves_a_clean_brain_empty(brain_volume):
     assert res.schedule == "normative" and res.fit.path == "normative"
     assert res.tau_stop == 1.0 and res.to_dict()["fit"]["path"] == "normative"
     assert [t for t, _ in res.tau_curve] == [25.0, 50.0]
-    assert res.forward_passes == oracle.calls <= 6
+    assert res.forward_passes == oracle.calls == 3 and res.converged
     assert dice(res.mask, blob) >= 0.9
     ok = IterMask3D(Oracle(clean, clean), _card(), device="cpu").run(clean, brain, seed=0)
     assert ok.anomaly_fraction < 0.005
@@ -72,3 +72,14 @@ def test_normative_threshold_from_the_card():
     assert normative_threshold({**cal, "normative": {"factor": 5.0}}) == pytest.approx(1.0)
     assert normative_threshold({**cal, "normative": {"factor": 5.0, "threshold": 0.7}}) == 0.7
     assert np.isfinite(normative_threshold({**cal, "normative": {"factor": 2}}))
+
+
+def test_shipped_t1w_card_screens_with_the_normative_schedule():
+    from qc_pipeline.engine import load_model_card
+    from qc_pipeline.engine.modelio import default_model_dir
+
+    card = load_model_card(default_model_dir("T1w"))
+    assert card["schedule"] == "normative" and "normative" in card["model_id"]
+    level = normative_threshold(card)
+    assert level == pytest.approx(card["normative"]["factor"] * card["gamma_calibration"]["median_tau50"])
+    assert 0 < level < 10
