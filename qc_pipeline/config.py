@@ -20,7 +20,7 @@ from . import __version__
 
 #: contrasts (BIDS suffixes) the app knows how to screen
 SUFFIXES = ("T1w", "T2w", "FLAIR")
-#: "auto": the model card's own schedule (the shipped cards: "normative")
+#: "auto": the model card's own schedule (the shipped T1w card: "normative")
 SCHEDULES = ("auto", "normative", "fast", "reference")
 SKULL_STRIP = ("auto", "deepbet", "robex", "none")
 DEVICES = ("auto", "cpu", "cuda")

@@ -282,8 +282,10 @@ class _ScanLoop:
             # the anomaly is still masked half-way through the sweep; what stands out there is
             # error above what the network leaves on normal tissue (docs/engine.md)
             if self.normative_threshold is None:
-                raise ModelCardError(f"schedule {self.sched.name!r} needs the model card's "
-                                     "normative_threshold (run itermask-qc-calibrate --gamma)")
+                raise ModelCardError(
+                    f"schedule {self.sched.name!r} needs a normative_threshold: the model card has "
+                    "neither normative.threshold nor normative.factor with gamma_calibration.median_tau50 "
+                    "(benchmarks/calibrate_gamma.py --normative-factor writes them)")
             tau = float(self.normative_threshold)
             self.fit = TauFit(a=float("nan"), b=float("nan"), r2=float("nan"), path="normative",
                               t_stop=float(self.ts[-1]), tau_stop=tau, gamma=self.gamma_used,
