@@ -94,6 +94,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
+from scipy.stats import median_abs_deviation
 
 from .morphology import fill_holes, largest_component
 
@@ -127,7 +128,6 @@ _BODY_REACH_MM = 40.0    # ... when 90 % of it lies this close to the head (spik
 _RAYLEIGH_Q25 = math.sqrt(-2.0 * math.log(0.75))   # 0.7585: q25 of Rayleigh(1)
 _RAYLEIGH_SD = math.sqrt((4.0 - math.pi) / 2.0)    # 0.6551: sd of Rayleigh(1)
 _Z25, _Z05 = 0.6745, 1.6449                         # standard normal quantile magnitudes
-_MAD_TO_SD = 1.4826
 _TREND_ITER = 3          # fits of the noise-floor trend
 _TREND_CUT = 2.0         # ... each without the blocks this many robust SDs above the last
 
@@ -295,7 +295,7 @@ def _noise_floor_trend(bmean: np.ndarray, bg: np.ndarray, weight: np.ndarray, or
         fit = a @ coef
         r = y - fit
         rk = r[keep]
-        s = _MAD_TO_SD * float(np.median(np.abs(rk - np.median(rk))))
+        s = float(median_abs_deviation(rk, scale="normal"))
         if not s > 0:
             break
         keep = r < _TREND_CUT * s

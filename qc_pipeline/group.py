@@ -34,7 +34,8 @@ Flag rules
     (``docs/benchmarks.md``).
 ``robust`` (default when ranking by ``qc_score`` or ``anomaly_fraction``)
     Per site, a scan is flagged when ``score > median + k * s`` where ``s`` is
-    the scaled MAD (``1.4826 * median(|x - median|)``, the normal-consistent robust SD) of
+    the scaled MAD (``median(|x - median|) / 0.67449``, i.e. about ``1.4826 x MAD``: the
+    normal-consistent robust SD, ``scipy.stats.median_abs_deviation(x, scale="normal")``) of
     that site's successful scans, ``k = 3`` by default (``mad_k``). Sites with fewer than
     ``min_site_size`` (default 8) successful scans use the pooled distribution of all
     sites of the same suffix instead. When the MAD is 0 (e.g. most scans score exactly
@@ -86,6 +87,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
+from scipy.stats import median_abs_deviation, rankdata
 
 from . import metrics as _metrics
 from .io import atomic_write_text
@@ -118,7 +120,7 @@ DEFAULT_SITE_Z = 5.0
 DEFAULT_MIN_SITE_SIZE = 8
 #: floor of the background flag threshold (share of the background volume)
 DEFAULT_BACKGROUND_MIN_FRACTION = 0.002
-MAD_SCALE = 1.4826
+#: ``sqrt(pi / 2)``: mean absolute deviation to SD for normal data (the MAD-is-0 fallback)
 MEANAD_SCALE = 1.2533
 SINGLE_SITE = "all"
 POOLED_SITE = "ALL_SITES"
@@ -474,11 +476,27 @@ def load_labels(path, *, questionable: str = "exclude") -> dict[str, int]:
 
 # --------------------------------------------------------------------------- stats
 def _robust_threshold(x: np.ndarray, k: float) -> tuple[float, float, float]:
+    """Robust upper cut ``median + k x s`` of the scores ``x``.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        Finite scores (at least one).
+    k : float
+        How many robust SDs above the median the cut lies.
+
+    Returns
+    -------
+    threshold, median, scale : float
+        ``scale`` is the normal-scaled MAD; when that is 0 (at least half the scores equal
+        the median, e.g. many scans score exactly 0), ``1.2533 x mean |x - median|`` so
+        that the few scores off the median still get a finite cut; when that is 0 too,
+        the cut is the median itself.
+    """
     med = float(np.median(x))
-    dev = np.abs(x - med)
-    scale = MAD_SCALE * float(np.median(dev))
+    scale = float(median_abs_deviation(x, scale="normal"))
     if scale == 0.0:
-        scale = MEANAD_SCALE * float(np.mean(dev))
+        scale = MEANAD_SCALE * float(np.mean(np.abs(x - med)))
     return med + k * scale, med, scale
 
 
@@ -509,15 +527,6 @@ def _csv_text(rows: Iterable[Mapping], columns: list[str]) -> str:
     for r in rows:
         w.writerow({c: _fmt(r.get(c)) for c in columns})
     return buf.getvalue()
-
-
-def _rank_min(values_desc_sorted: list[float]) -> list[int]:
-    ranks, prev, prev_rank = [], None, 0
-    for i, v in enumerate(values_desc_sorted, start=1):
-        if v != prev:
-            prev_rank, prev = i, v
-        ranks.append(prev_rank)
-    return ranks
 
 
 def _fnr_fallback(flag_at_fnr: float | None) -> str:
@@ -601,7 +610,10 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
 
     # ---- rows
     ok_sorted = sorted(ok, key=lambda r: (-S(r), r.bids_name))
-    ranks = _rank_min([S(r) for r in ok_sorted])
+    # rank 1 = the highest score; tied scores share the smallest rank of the tie. Every
+    # score here is finite (an ok record has a finite anomaly_fraction, and qc_score or
+    # qc_score_site is used only when every ok record has one); failed scans get no rank.
+    ranks = [int(x) for x in rankdata([-S(r) for r in ok_sorted], method="min")]
     site_scores = {s: np.array([S(r) for r in ok if r.site == s], dtype=float) for s in sites}
     rows = []
     for r, rank in zip(ok_sorted, ranks):

@@ -91,6 +91,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 from scipy import ndimage as ndi
+from scipy.stats import median_abs_deviation
 
 from .background import lower_side_location_scale
 from .morphology import ball
@@ -102,7 +103,6 @@ __all__ = [
     "axis_sharpness", "sharpness_and_noise", "relative_scores",
 ]
 
-MAD_SCALE = 1.4826
 #: a void is darker than this share of the brain's median intensity
 VOID_LEVEL = 0.15
 #: edge of the cubes of the non-uniformity measurement (mm)
@@ -397,9 +397,23 @@ class QCScore:
 
 
 def _median_scale(values: np.ndarray, floor: float) -> tuple[float, float]:
-    """Median and ``max(1.4826 x MAD, floor)`` of finite ``values``."""
+    """Median and robust SD of finite ``values``.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        Finite values (at least one).
+    floor : float
+        Smallest scale returned, so that a tight set of clean scans does not turn trivial
+        differences into large z.
+
+    Returns
+    -------
+    median, scale : float
+        ``scale = max(normal-scaled MAD, floor)`` (MAD / 0.67449, about 1.4826 x MAD).
+    """
     med = float(np.median(values))
-    return med, max(MAD_SCALE * float(np.median(np.abs(values - med))), float(floor))
+    return med, max(float(median_abs_deviation(values, scale="normal")), float(floor))
 
 
 def _worst(z: Mapping[str, float | None]) -> tuple[float | None, str | None]:

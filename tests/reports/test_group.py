@@ -389,3 +389,52 @@ def test_background_floor_keeps_zero_sites_quiet(derivs):
     assert rows[ok_t1[1].bids_name]["background_flagged"] == "1"
     with pytest.raises(GroupError, match="background_min_fraction"):
         run_group(derivs.root, background_min_fraction=1.5)
+
+
+def _records(scores, site="A"):
+    """In-memory ok records of one site ranked by ``anomaly_fraction`` (no qc_score)."""
+    from pathlib import Path
+
+    from qc_pipeline.group import QCRecord
+
+    return [QCRecord(path=Path(f"sub-{i:02d}_T1w_qc.json"), data={"anomaly_fraction": s},
+                     bids_name=f"sub-{i:02d}_T1w", entities={"subject": f"{i:02d}", "suffix": "T1w"},
+                     site=site, status="ok") for i, s in enumerate(scores, start=1)]
+
+
+def test_tied_scores_share_the_minimum_rank_and_nan_scores_are_not_ranked():
+    from qc_pipeline.group import compute_suffix_tables
+
+    recs = _records([0.2, 0.5, math.nan, 0.2, 0.1, 0.2])
+    recs[2].data["anomaly_fraction"] = math.nan          # status ok, but no score
+    broken = _records([0.9])[0]
+    broken.bids_name, broken.status, broken.error = "sub-99_T1w", "error", "CorruptImage: truncated"
+    rows, _, _ = compute_suffix_tables(recs + [broken], labels=None, flag_at_fnr=None,
+                                       mad_k=DEFAULT_MAD_K, min_site_size=8)
+    rank = {r["bids_name"]: r["rank"] for r in rows}
+    # 0.5 first; the three 0.2 share rank 2 (the smallest of 2, 3, 4); 0.1 is 5th, not 3rd
+    assert rank == {"sub-02_T1w": 1, "sub-01_T1w": 2, "sub-04_T1w": 2, "sub-06_T1w": 2,
+                    "sub-05_T1w": 5, "sub-03_T1w": None, "sub-99_T1w": None}
+    assert all(type(r["rank"]) is int for r in rows if r["rank"] is not None)
+    # unranked scans come last, after every ranked one
+    assert [r["rank"] is None for r in rows] == [False] * 5 + [True] * 2
+
+
+def test_robust_threshold_is_median_plus_k_normal_scaled_mad():
+    from scipy.stats import norm
+
+    from qc_pipeline.group import _robust_threshold, compute_suffix_tables
+
+    # median 3, |x - 3| = 2 1 0 1 97 -> MAD 1; normal-scaled MAD = 1 / Phi^-1(3/4) = 1.4826
+    x = np.array([1.0, 2.0, 3.0, 4.0, 100.0])
+    thr, med, scale = _robust_threshold(x, 3.0)
+    assert med == 3.0
+    assert scale == pytest.approx(1.0 / norm.ppf(0.75), rel=1e-12)
+    assert thr == pytest.approx(3.0 + 3.0 / norm.ppf(0.75), rel=1e-12)
+    # the same rule in the site table: 8 scans (>= min_site_size), median 0.3, MAD 0.1
+    scores = [0.1, 0.2, 0.2, 0.3, 0.3, 0.4, 0.4, 5.0]
+    _, site_rows, _ = compute_suffix_tables(_records(scores), labels=None, flag_at_fnr=None,
+                                            mad_k=2.5, min_site_size=8)
+    site = next(r for r in site_rows if r["site"] == "A")
+    assert site["threshold"] == pytest.approx(0.3 + 2.5 * 0.1 / norm.ppf(0.75), rel=1e-9)
+    assert "robust per site" in site["threshold_rule"] and site["n_flagged"] == 1
