@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
@@ -30,6 +31,8 @@ LOGGER = logging.getLogger(__name__)
 
 MASK_DESC = "desc-anomaly_mask"
 ERROR_MAP_DESC = "desc-error_map"
+#: written by the group level (qc_pipeline.sitenorm): the anomaly mask against the site's scans
+SITE_MASK_DESC = "desc-siteanomaly_mask"
 
 #: every field of ``<source>_qc.json``, in the order written
 QC_FIELDS = (
@@ -41,15 +44,24 @@ QC_FIELDS = (
     "tau_curve", "tau_stop", "fit", "forward_passes", "mean_error",
     "background_artifact_fraction", "background", "spectrum",
     "model_id", "model_adapted_from", "schedule", "device", "input_sha256", "package_version", "runtime_s",
-    "mask_file", "error_map_file",
+    "template_fit", "mask_file", "error_map_file",
 )
 
 RESULT_FIELDS = ("anomaly_voxels", "anomaly_fraction", "anomaly_mm3", "tau_curve", "tau_stop",
                  "fit", "forward_passes", "mean_error")
 
 
+def _jf(v) -> Optional[float]:
+    """A finite float or None (JSON has no NaN)."""
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
 def output_paths(output_dir: str | os.PathLike, scan: ScanRecord | Mapping) -> dict[str, Path]:
-    """Where the derivatives of ``scan`` go: ``{"dir", "mask", "error_map", "qc_json"}``."""
+    """Where the derivatives of ``scan`` go: ``{"dir", "mask", "error_map", "site_mask", "qc_json"}``."""
     if isinstance(scan, Mapping):
         scan = ScanRecord.from_dict(dict(scan))
     folder = Path(output_dir) / scan.out_reldir
@@ -58,6 +70,7 @@ def output_paths(output_dir: str | os.PathLike, scan: ScanRecord | Mapping) -> d
         "dir": folder,
         "mask": folder / f"{stem}_{MASK_DESC}.nii.gz",
         "error_map": folder / f"{stem}_{ERROR_MAP_DESC}.nii.gz",
+        "site_mask": folder / f"{stem}_{SITE_MASK_DESC}.nii.gz",
         "qc_json": folder / f"{stem}_qc.json",
     }
 
@@ -126,7 +139,7 @@ def write_error_qc(output_dir, scan, reason: str, *, model_id=None, schedule="au
     rec["error"] = one_line(reason)
     rec["warnings"] = [one_line(w) for w in warnings]
     rec["runtime_s"] = None if runtime_s is None else round(float(runtime_s), 3)
-    for key in ("mask", "error_map"):
+    for key in ("mask", "error_map", "site_mask"):
         try:
             paths[key].unlink()
         except FileNotFoundError:
@@ -139,7 +152,8 @@ def write_ok_qc(output_dir, scan, result: Mapping[str, Any], *, model_id, schedu
                 model_adapted_from: Optional[str] = None,
                 background: Optional[Mapping[str, Any]] = None,
                 quality: Optional[Mapping[str, Any]] = None,
-                spectrum: Optional[Mapping[str, Any]] = None) -> Path:
+                spectrum: Optional[Mapping[str, Any]] = None,
+                template_fit: Optional[Mapping[str, Any]] = None) -> Path:
     """Write ``<source>_qc.json`` with ``status: "ok"`` (call after the images are written).
 
     ``background``: the out-of-head statistic
@@ -150,6 +164,10 @@ def write_ok_qc(output_dir, scan, result: Mapping[str, Any], *, model_id, schedu
     ``quality``: :meth:`qc_pipeline.qcscore.QCScore.to_dict` (``qc_score``,
     ``qc_score_driver``, ``quality_z``, ``quality_features``, ``qc_score_reference``),
     written at the top level.
+    ``template_fit``: the preprocessing's fit of the MNI152 brain mask to the scan
+    (:func:`qc_pipeline.preprocessing.align_template_prior`); its ``affine`` (MNI world ->
+    scanner world) and ``surface_agreement`` are written as ``template_fit``, which the group
+    level uses to bring a site's error maps into one space (:mod:`qc_pipeline.sitenorm`).
     """
     paths = output_paths(output_dir, scan)
     rec = base_record(scan, model_id=model_id, schedule=schedule, device=device,
@@ -165,6 +183,11 @@ def write_ok_qc(output_dir, scan, result: Mapping[str, Any], *, model_id, schedu
         rec["background_artifact_fraction"] = background.get("background_artifact_fraction")
     if spectrum:
         rec["spectrum"] = dict(spectrum)
+    if template_fit and template_fit.get("affine") is not None:
+        rec["template_fit"] = {
+            "affine": [[round(float(v), 6) for v in row] for row in template_fit["affine"]],
+            "surface_agreement": _jf(template_fit.get("surface_agreement")),
+        }
     rec["warnings"] = [one_line(w) for w in warnings]
     rec["runtime_s"] = None if runtime_s is None else round(float(runtime_s), 3)
     rec["mask_file"] = paths["mask"].name

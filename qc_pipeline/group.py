@@ -90,7 +90,9 @@ import numpy as np
 from scipy.stats import median_abs_deviation, rankdata
 
 from . import metrics as _metrics
+from .derivatives import SITE_MASK_DESC
 from .io import atomic_write_text
+from .sitenorm import DEFAULT_SITE_NORM_FACTOR, ScanMaps, SiteNormError, site_normative
 
 __all__ = [
     "write_group_tables",
@@ -109,6 +111,8 @@ __all__ = [
     "DEFAULT_SITE_Z",
     "DEFAULT_MIN_SITE_SIZE",
     "DEFAULT_BACKGROUND_MIN_FRACTION",
+    "DEFAULT_ENGINE_MIN_FRACTION",
+    "apply_site_normative",
     "BACKGROUND_SITE_COLUMNS",
 ]
 
@@ -120,6 +124,8 @@ DEFAULT_SITE_Z = 5.0
 DEFAULT_MIN_SITE_SIZE = 8
 #: floor of the background flag threshold (share of the background volume)
 DEFAULT_BACKGROUND_MIN_FRACTION = 0.002
+#: floor of the engine's site-normative flag threshold (share of the brain)
+DEFAULT_ENGINE_MIN_FRACTION = 0.005
 #: ``sqrt(pi / 2)``: mean absolute deviation to SD for normal data (the MAD-is-0 fallback)
 MEANAD_SCALE = 1.2533
 SINGLE_SITE = "all"
@@ -132,7 +138,8 @@ ROW_COLUMNS = [
     "threshold", "label", "rated_artifacts", "warnings", "model_id", "model_adapted_from",
     "report",
     "background_artifact_fraction", "background_ghost_ratio", "background_snr",
-    "background_flagged", "background_threshold", "background_note", "flag_reasons",
+    "background_flagged", "background_threshold", "background_note",
+    "site_anomaly_voxels", "site_anomaly_fraction", "engine_flagged", "engine_threshold", "flag_reasons",
 ]
 SITE_COLUMNS = [
     "site", "n_scans", "n_failed", "median_fraction", "p95_fraction", "threshold",
@@ -142,6 +149,7 @@ SITE_COLUMNS = [
 #: per-site columns of the background flag (after the anomaly and metric columns)
 BACKGROUND_SITE_COLUMNS = [
     "median_background_fraction", "background_threshold", "background_rule", "n_background_flagged",
+    "median_site_anomaly_fraction", "engine_threshold", "engine_rule", "n_engine_flagged",
 ]
 
 _ENTITY_KEYS = {"sub": "subject", "ses": "session", "acq": "acquisition", "run": "run",
@@ -173,6 +181,10 @@ class QCRecord:
     #: score against the scan's own site and its driving measurement (set by the group level)
     site_score: float = math.nan
     site_driver: str | None = None
+    #: the engine's anomaly against the site's own scans (set by the group level, NaN when
+    #: the site had too few scans with a template fit; :mod:`qc_pipeline.sitenorm`)
+    site_anomaly_fraction: float = math.nan
+    site_anomaly_voxels: float = math.nan
 
     @property
     def subject(self) -> str:
@@ -541,6 +553,7 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
                           min_site_size: int, background_k: float | None = None,
                           background_min_fraction: float = DEFAULT_BACKGROUND_MIN_FRACTION,
                           site_z: float = DEFAULT_SITE_Z, artifacts: Mapping[str, list] | None = None,
+                          engine_min_fraction: float = DEFAULT_ENGINE_MIN_FRACTION,
                           ) -> tuple[list[dict], list[dict], dict]:
     """Rows (ranked), site rows and a summary for the records of ONE suffix (``artifacts``:
     the raters' artifact tags per scan, shown in ``rated_artifacts``)."""
@@ -608,6 +621,15 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
         x = r.background_fraction
         return bool(r.ok and math.isfinite(thr) and math.isfinite(x) and x > thr)
 
+    en_thr, en_summary = _engine_thresholds(ok, sites, k=mad_k, floor=engine_min_fraction,
+                                            min_site_size=min_site_size)
+
+    def is_en_flagged(r: QCRecord) -> bool | None:
+        thr, x = en_thr[r.site][0], r.site_anomaly_fraction
+        if not (r.ok and math.isfinite(x)):
+            return None
+        return bool(math.isfinite(thr) and x > thr)
+
     # ---- rows
     ok_sorted = sorted(ok, key=lambda r: (-S(r), r.bids_name))
     # rank 1 = the highest score; tied scores share the smallest rank of the tie. Every
@@ -621,7 +643,8 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
         pct = 100.0 * float(np.mean(xs <= S(r)))
         rows.append(_row(r, lab, tags, rank=rank, pct=pct, flagged=is_flagged(r),
                          thr=site_thr[r.site][0], bg_flagged=is_bg_flagged(r),
-                         bg_thr=bg_thr[r.site][0], strict=strict, score_name=score_name, score=S(r)))
+                         bg_thr=bg_thr[r.site][0], strict=strict, score_name=score_name, score=S(r),
+                         en_flagged=is_en_flagged(r), en_thr=en_thr[r.site][0]))
     for r in sorted(failed, key=lambda r: r.bids_name):
         rows.append(_row(r, lab, tags, rank=None, pct=None, flagged=None, thr=site_thr[r.site][0],
                          bg_flagged=None, bg_thr=bg_thr[r.site][0], strict=strict, score_name=score_name))
@@ -652,6 +675,14 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
             "background_threshold": b_thr, "background_rule": b_rule,
             "n_background_flagged": sum(1 for r in recs if is_bg_flagged(r)),
         })
+        ex = np.array([r.site_anomaly_fraction for r in recs if r.ok], dtype=float)
+        ex = ex[np.isfinite(ex)]
+        e_thr, e_rule = ((math.nan, "per site (see rows above)") if s == POOLED_SITE else en_thr[s])
+        row.update({
+            "median_site_anomaly_fraction": float(np.median(ex)) if ex.size else math.nan,
+            "engine_threshold": e_thr, "engine_rule": e_rule,
+            "n_engine_flagged": sum(1 for r in recs if is_en_flagged(r)),
+        })
         if labels is not None:
             ly = [lab[r.bids_name] for r in recs if r.ok and r.bids_name in lab]
             ls = [S(r) for r in recs if r.ok and r.bids_name in lab]
@@ -663,10 +694,72 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
     summary = {"rule": rule_summary, "strict": strict, "site_thresholds": site_thr,
                "background_rule": bg_summary, "background_thresholds": bg_thr,
                "n_background_flagged": sum(1 for r in ok if is_bg_flagged(r)),
+               "engine_rule": en_summary, "engine_thresholds": en_thr,
+               "n_engine_flagged": sum(1 for r in ok if is_en_flagged(r)),
                "n_scans": len(records), "n_failed": len(failed), "sites": sites,
                "score": score_name,
                "labels": labels is not None}
     return rows, site_rows, summary
+
+
+def _scan_maps(r: QCRecord) -> ScanMaps | None:
+    """The participant-level files of ``r`` for the site reference (None when missing)."""
+    fit = r.data.get("template_fit")
+    err, mask = r.resolve("error_map_file"), r.resolve("mask_file")
+    if not (r.ok and isinstance(fit, dict) and fit.get("affine") is not None and err and mask):
+        return None
+    return ScanMaps(key=r.bids_name, error_map=err, mask=mask,
+                    out_mask=r.path.parent / f"{r.bids_name}_{SITE_MASK_DESC}.nii.gz",
+                    template_to_world=np.asarray(fit["affine"], dtype=float),
+                    anomaly_voxels=r.voxels, anomaly_fraction=r.fraction)
+
+
+def apply_site_normative(records: list[QCRecord], *, factor: float = DEFAULT_SITE_NORM_FACTOR,
+                         min_site_size: int = DEFAULT_MIN_SITE_SIZE) -> int:
+    """Set ``site_anomaly_fraction`` / ``site_anomaly_voxels`` of the records of ONE suffix
+    (and write their ``desc-siteanomaly_mask``) against the reference of their model and site
+    (:func:`qc_pipeline.sitenorm.site_normative`); a site with fewer than ``min_site_size``
+    usable scans uses the pool of its model's scans of every site. Returns the number of
+    records set."""
+    by_model: dict[str, list[tuple[QCRecord, ScanMaps]]] = {}
+    for r in records:
+        r.site_anomaly_fraction = r.site_anomaly_voxels = math.nan
+        sm = _scan_maps(r)
+        if sm is not None:
+            by_model.setdefault(str(r.data.get("model_id") or ""), []).append((r, sm))
+    n = 0
+    for model, items in sorted(by_model.items()):
+        groups: list[list[tuple[QCRecord, ScanMaps]]] = []
+        small = []
+        for site in sorted({r.site for r, _ in items}):
+            g = [it for it in items if it[0].site == site]
+            (groups if len(g) >= min_site_size else small).append(g)
+        if small and len(items) >= min_site_size:
+            pool = {it[1].key: it for it in items}
+            found = _site_normative_safe(list(pool.values()), factor, min_site_size, model, "pooled")
+            for g in small:
+                n += _assign(g, found)
+        for g in groups:
+            n += _assign(g, _site_normative_safe(g, factor, min_site_size, model, g[0][0].site))
+    return n
+
+
+def _site_normative_safe(items, factor, min_site_size, model, site) -> dict:
+    try:
+        return site_normative([sm for _, sm in items], factor=factor, min_scans=min_site_size)
+    except SiteNormError as exc:
+        LOGGER.warning("site %s (model %s): no site-normative masks: %s", site, model, exc)
+        return {}
+
+
+def _assign(group, found) -> int:
+    n = 0
+    for r, sm in group:
+        a = found.get(sm.key)
+        if a is not None:
+            r.site_anomaly_fraction, r.site_anomaly_voxels = a.fraction, float(a.voxels)
+            n += 1
+    return n
 
 
 def _set_site_scores(ok: list[QCRecord], *, min_site_size: int) -> None:
@@ -747,8 +840,25 @@ def _background_thresholds(ok: list[QCRecord], sites: list[str], *, k: float, fl
     return out, summary
 
 
+def _engine_thresholds(ok: list[QCRecord], sites: list[str], *, k: float, floor: float,
+                       min_site_size: int) -> tuple[dict, str]:
+    """Per-site thresholds of the engine's site-normative anomaly ``{site: (threshold, rule)}``
+    and a summary."""
+    have = [r for r in ok if math.isfinite(r.site_anomaly_fraction)]
+    out = _site_thresholds(
+        {s: np.array([r.site_anomaly_fraction for r in have if r.site == s], dtype=float) for s in sites},
+        np.array([r.site_anomaly_fraction for r in have], dtype=float), k=k,
+        min_site_size=min_site_size, score="site_anomaly_fraction", floor=floor,
+        none="no scans with a site-normative anomaly: nothing to flag")
+    summary = (f"engine against the site's own scans: flag when site_anomaly_fraction > max(median + {k:g} "
+               f"x scaled MAD of the site's scans, {floor:g}); sites with fewer than {min_site_size} such "
+               f"scans use the pooled distribution")
+    return out, summary
+
+
 def _row(r: QCRecord, lab: Mapping, tags: Mapping, *, rank, pct, flagged, thr, bg_flagged=None, bg_thr=math.nan,
-         strict: bool = True, score_name: str = "anomaly_fraction", score: float = math.nan) -> dict:
+         strict: bool = True, score_name: str = "anomaly_fraction", score: float = math.nan,
+         en_flagged=None, en_thr=math.nan) -> dict:
     e = r.entities
     reasons = []
     driver = r.data.get("qc_score_driver") if r.ok else None
@@ -760,6 +870,9 @@ def _row(r: QCRecord, lab: Mapping, tags: Mapping, *, rank, pct, flagged, thr, b
     if bg_flagged:
         reasons.append(f"background artifact: background_artifact_fraction {r.background_fraction:.4g} "
                        f"> threshold {bg_thr:.4g}")
+    if en_flagged:
+        reasons.append(f"engine, against the site's scans: site_anomaly_fraction "
+                       f"{r.site_anomaly_fraction:.4g} > threshold {en_thr:.4g}")
     bg = r.background
     ghost = bg.get("ghost_ratio")
     snr = bg.get("snr")
@@ -787,6 +900,12 @@ def _row(r: QCRecord, lab: Mapping, tags: Mapping, *, rank, pct, flagged, thr, b
         "background_flagged": bg_flagged,
         "background_threshold": bg_thr if r.ok and math.isfinite(bg_thr) else None,
         "background_note": r.background_note if r.ok else "",
+        "site_anomaly_voxels": int(r.site_anomaly_voxels) if r.ok and math.isfinite(r.site_anomaly_voxels)
+        else None,
+        "site_anomaly_fraction": r.site_anomaly_fraction if r.ok and math.isfinite(r.site_anomaly_fraction)
+        else None,
+        "engine_flagged": en_flagged,
+        "engine_threshold": en_thr if en_flagged is not None and math.isfinite(en_thr) else None,
         "flag_reasons": "; ".join(reasons),
         # not a CSV column: the measurements' z for the group page's plots
         "quality_z": dict(r.data.get("quality_z") or {}) if r.ok and isinstance(r.data.get("quality_z"), dict) else {},
@@ -830,7 +949,9 @@ def write_group_tables(output_dir, *, labels=None, site_column: str = "site",
                        min_site_size: int = DEFAULT_MIN_SITE_SIZE, questionable: str = "exclude",
                        background_k: float | None = None,
                        background_min_fraction: float = DEFAULT_BACKGROUND_MIN_FRACTION,
-                       site_z: float = DEFAULT_SITE_Z) -> GroupTables:
+                       site_z: float = DEFAULT_SITE_Z,
+                       site_norm_factor: float | None = DEFAULT_SITE_NORM_FACTOR,
+                       engine_min_fraction: float = DEFAULT_ENGINE_MIN_FRACTION) -> GroupTables:
     """Write ``group_<suffix>.csv`` and ``group_<suffix>_sites.csv`` (the pages are
     :func:`qc_pipeline.reports.write_group_pages`; both: :func:`qc_pipeline.grouplevel.run_group`).
 
@@ -861,6 +982,12 @@ def write_group_tables(output_dir, *, labels=None, site_column: str = "site",
     site_z : float
         Flag cut of ``qc_score_site`` (default 5); the robust rule applies when the suffix
         is ranked by another score.
+    site_norm_factor : float or None
+        Keep an engine mask voxel where its error exceeds this multiple of the site's normal
+        error there (:mod:`qc_pipeline.sitenorm`; default 3); None skips the site reference
+        (no ``desc-siteanomaly_mask``, empty ``site_anomaly_*`` columns).
+    engine_min_fraction : float
+        Floor of the engine flag's threshold on ``site_anomaly_fraction`` (default 0.005).
 
     Returns
     -------
@@ -882,6 +1009,10 @@ def write_group_tables(output_dir, *, labels=None, site_column: str = "site",
         raise GroupError(f"background_k must be a positive number, got {background_k!r}")
     if not (math.isfinite(background_min_fraction) and 0.0 <= background_min_fraction < 1.0):
         raise GroupError(f"background_min_fraction must be in [0, 1), got {background_min_fraction!r}")
+    if site_norm_factor is not None and not (math.isfinite(site_norm_factor) and site_norm_factor > 0):
+        raise GroupError(f"site_norm_factor must be a positive number (or None to skip), got {site_norm_factor!r}")
+    if not (math.isfinite(engine_min_fraction) and 0.0 <= engine_min_fraction < 1.0):
+        raise GroupError(f"engine_min_fraction must be in [0, 1), got {engine_min_fraction!r}")
     tag_map: dict = {}
     if labels is not None and not isinstance(labels, Mapping):
         ratings = load_ratings(labels, questionable=questionable)
@@ -915,10 +1046,13 @@ def write_group_tables(output_dir, *, labels=None, site_column: str = "site",
 
     out = []
     for suffix, recs in sorted(by_suffix.items()):
+        if site_norm_factor is not None:
+            apply_site_normative(recs, factor=site_norm_factor, min_site_size=min_site_size)
         rows, site_rows, summary = compute_suffix_tables(
             recs, labels=label_map, flag_at_fnr=flag_at_fnr, mad_k=mad_k,
             min_site_size=min_site_size, background_k=background_k,
-            background_min_fraction=background_min_fraction, site_z=site_z, artifacts=tag_map)
+            background_min_fraction=background_min_fraction, site_z=site_z, artifacts=tag_map,
+            engine_min_fraction=engine_min_fraction)
         site_cols = (SITE_COLUMNS if label_map is not None else SITE_COLUMNS[:8]) + BACKGROUND_SITE_COLUMNS
         row_cols = (ROW_COLUMNS if label_map is not None
                     else [c for c in ROW_COLUMNS if c not in ("label", "rated_artifacts")])

@@ -400,6 +400,7 @@ class WriteDerivatives(SimpleInterface):
                            runtime_s=runtime_s,
                            background=getattr(prep.info, "background", None) or None,
                            spectrum=getattr(prep.info, "spectrum", None) or None,
+                           template_fit=getattr(prep.info, "prior", None) or None,
                            quality=dict(i.quality) or None, **common)
 
 

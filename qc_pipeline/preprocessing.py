@@ -51,6 +51,7 @@ __all__ = [
     "iterative_zscore",
     "expected_brain_mask",
     "align_template_prior",
+    "mni_brain_mask",
     "check_brain",
     "to_native",
     "preprocess",
@@ -424,7 +425,7 @@ def iterative_zscore(volume: np.ndarray, mask: np.ndarray, n_extra: int = 3, cli
 # masks
 # --------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
-def _mni_brain_mask():
+def mni_brain_mask():
     """nilearn's bundled MNI152 brain mask (2 mm): (bool array, affine)."""
     from nilearn.datasets import load_mni152_brain_mask  # lazy: nilearn import is slow
 
@@ -436,7 +437,7 @@ def _mni_brain_mask():
 
 @functools.lru_cache(maxsize=1)
 def _mni_surface_points(n_points: int = 2500):
-    m, aff = _mni_brain_mask()
+    m, aff = mni_brain_mask()
     surf = m & ~ndi.binary_erosion(m)
     idx = np.argwhere(surf).astype(float)
     rng = np.random.default_rng(0)
@@ -543,7 +544,7 @@ def align_template_prior(signal_mask: np.ndarray, affine: np.ndarray, fov: np.nd
 
 def _warp_template(t2s: np.ndarray, out_affine: np.ndarray, out_shape) -> np.ndarray:
     """MNI brain mask warped by ``t2s`` (template->subject world) onto a subject grid."""
-    m, aff_t = _mni_brain_mask()
+    m, aff_t = mni_brain_mask()
     vox = np.linalg.inv(aff_t) @ np.linalg.inv(t2s) @ out_affine
     w = ndi.affine_transform(m.astype(np.float32), vox[:3, :3], vox[:3, 3], output_shape=tuple(out_shape),
                              order=1, mode="constant", cval=0.0, prefilter=False)
@@ -734,7 +735,7 @@ def preprocess(img: nib.spatialimages.SpatialImage, *, voxel_size=DEFAULT_VOXEL_
     lo = np.array(np.nonzero(filled)).min(axis=1).astype(float)
     hi = np.array(np.nonzero(filled)).max(axis=1).astype(float)
     if use_prior:
-        m_t, aff_t = _mni_brain_mask()
+        m_t, aff_t = mni_brain_mask()
         corners_t = np.argwhere(m_t)
         # template bbox -> lattice voxel coordinates
         tv = np.linalg.inv(lat_aff) @ prior_fit["affine"] @ aff_t
@@ -756,7 +757,7 @@ def preprocess(img: nib.spatialimages.SpatialImage, *, voxel_size=DEFAULT_VOXEL_
     # fraction of the expected brain that falls outside the grid (prior counted analytically
     # beyond the lattice, e.g. above a cut-off FOV)
     if use_prior:
-        m_t, aff_t = _mni_brain_mask()
+        m_t, aff_t = mni_brain_mask()
         prior_total = (np.count_nonzero(m_t) * abs(np.linalg.det(prior_fit["affine"][:3, :3] @ aff_t[:3, :3]))
                        / float(np.prod(vs)))
         total = float(np.count_nonzero(filled | prior_lat)) + max(0.0, prior_total - np.count_nonzero(prior_lat))

@@ -1,0 +1,213 @@
+"""The engine's anomaly mask against the site's own scans (group level).
+
+The network leaves the same error on the same anatomy in every scan of a site: ventricles,
+sulcal CSF and deep grey matter that it reconstructs poorly on a scanner or in people it was
+not trained on (``docs/engine.md``). Those voxels pass the model's normative threshold in
+clean scans too, so the participant level's mask is never empty on a real brain. The site's
+own scans tell what is usual: each scan's error map is brought into MNI space with the
+template fit of its preprocessing (``template_fit`` in the qc.json), the voxel-wise median
+over the site's scans is the site's normal error (grey-dilated by one voxel to absorb the
+residual misalignment of an affine fit), and a voxel of a scan's anomaly mask stays an
+anomaly only where its error exceeds ``factor`` times that normal error. A local artifact is
+not at the same place in most of a site's scans, so the median ignores it.
+
+Pure functions on arrays (:func:`to_template`, :func:`from_template`, :func:`site_reference`,
+:func:`site_anomaly_mask`) and one driver over a site's files (:func:`site_normative`),
+which the group level calls per suffix, model and site.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage as ndi
+
+from .io import atomic_write_nifti
+from .preprocessing import mni_brain_mask
+
+__all__ = [
+    "DEFAULT_SITE_NORM_FACTOR",
+    "MAX_REFERENCE_SCANS",
+    "SiteNormError",
+    "ScanMaps",
+    "SiteAnomaly",
+    "to_template",
+    "from_template",
+    "site_reference",
+    "site_anomaly_mask",
+    "site_normative",
+]
+
+LOGGER = logging.getLogger(__name__)
+
+#: a voxel stays anomalous where its error exceeds this multiple of the site's normal error
+#: there (chosen on the development heads of docs/benchmarks.md, checked on held-out heads)
+DEFAULT_SITE_NORM_FACTOR = 3.0
+#: at most this many scans (evenly spread over the site, by name) make the site's reference
+MAX_REFERENCE_SCANS = 100
+#: grey dilation of the reference, in 2 mm template voxels (3 = one voxel each way)
+REFERENCE_DILATION = 3
+
+
+class SiteNormError(ValueError):
+    """A scan's maps or template fit cannot be used for the site reference."""
+
+
+def _template() -> tuple[tuple[int, int, int], np.ndarray]:
+    mask, affine = mni_brain_mask()
+    return tuple(int(n) for n in mask.shape), np.asarray(affine, dtype=float)
+
+
+def _check_affine(a, what: str) -> np.ndarray:
+    a = np.asarray(a, dtype=float)
+    if a.shape != (4, 4) or not np.all(np.isfinite(a)) or abs(np.linalg.det(a[:3, :3])) < 1e-6:
+        raise SiteNormError(f"{what} must be a finite, invertible 4x4 affine, got {a.tolist()!r}")
+    return a
+
+
+def to_template(volume: np.ndarray, affine: np.ndarray, template_to_world: np.ndarray, *,
+                order: int = 1) -> np.ndarray:
+    """Resample a scan-space volume onto the 2 mm MNI grid (NaN outside the scan).
+
+    Parameters
+    ----------
+    volume : (X, Y, Z) array
+        Values on the scan's voxel grid ``affine`` (voxel -> scanner mm).
+    template_to_world : (4, 4) array
+        MNI world -> scanner world (the preprocessing's ``template_fit["affine"]``).
+    """
+    shape, t_aff = _template()
+    m = np.linalg.inv(_check_affine(affine, "scan affine")) @ _check_affine(
+        template_to_world, "template_fit affine") @ t_aff
+    return ndi.affine_transform(np.asarray(volume, dtype=np.float32), m[:3, :3], m[:3, 3],
+                                output_shape=shape, order=order, mode="constant", cval=np.nan,
+                                prefilter=False)
+
+
+def from_template(volume_t: np.ndarray, affine: np.ndarray, shape: Sequence[int],
+                  template_to_world: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`to_template`: a template-grid volume on the scan's grid (linear)."""
+    _, t_aff = _template()
+    m = np.linalg.inv(t_aff) @ np.linalg.inv(_check_affine(template_to_world, "template_fit affine")) \
+        @ _check_affine(affine, "scan affine")
+    return ndi.affine_transform(np.asarray(volume_t, dtype=np.float32), m[:3, :3], m[:3, 3],
+                                output_shape=tuple(int(n) for n in shape), order=1, mode="nearest",
+                                prefilter=False)
+
+
+def site_reference(maps_t: Sequence[np.ndarray], *, dilation: int = REFERENCE_DILATION) -> np.ndarray:
+    """The site's normal error per template voxel: the median over the scans that cover the
+    voxel (NaN = outside a scan's brain), 0 where none does, grey-dilated by ``dilation``.
+
+    The median runs over slabs of the template so that memory stays at one float16 stack.
+    """
+    if len(maps_t) == 0:
+        raise SiteNormError("site_reference needs at least one error map")
+    stack = np.stack([np.asarray(m, dtype=np.float16) for m in maps_t])
+    ref = np.zeros(stack.shape[1:], dtype=np.float32)
+    for i in range(0, stack.shape[1], 8):
+        slab = stack[:, i:i + 8].astype(np.float32)
+        cover = np.isfinite(slab).any(axis=0)
+        with warnings.catch_warnings():  # voxels no scan covers: NaN, set to 0 below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(slab, axis=0) if cover.any() else 0.0
+        ref[i:i + 8] = np.where(cover, med, 0.0)
+    if dilation and dilation > 1:
+        ref = ndi.grey_dilation(ref, size=(dilation,) * 3)
+    return ref
+
+
+def site_anomaly_mask(error: np.ndarray, mask: np.ndarray, reference: np.ndarray,
+                      factor: float = DEFAULT_SITE_NORM_FACTOR) -> np.ndarray:
+    """Voxels of the engine's ``mask`` whose error exceeds ``factor`` x the site's normal error."""
+    if not (math.isfinite(factor) and factor > 0):
+        raise SiteNormError(f"factor must be a positive number, got {factor!r}")
+    error, mask, reference = np.asarray(error), np.asarray(mask, dtype=bool), np.asarray(reference)
+    if not (error.shape == mask.shape == reference.shape):
+        raise SiteNormError(f"shapes differ: error {error.shape}, mask {mask.shape}, reference {reference.shape}")
+    return mask & (error > factor * reference)
+
+
+@dataclass(frozen=True)
+class ScanMaps:
+    """One scan's participant-level outputs, as the site reference needs them."""
+
+    key: str
+    error_map: Path
+    mask: Path
+    out_mask: Path
+    template_to_world: np.ndarray
+    anomaly_voxels: float
+    anomaly_fraction: float
+
+
+@dataclass(frozen=True)
+class SiteAnomaly:
+    """A scan's anomaly against its site: grid voxels and share of the brain (as the
+    participant level counts them), the mask file written, and the reference's size."""
+
+    voxels: int
+    fraction: float
+    mask_file: Path
+    n_reference: int
+
+
+def _error_in_template(s: ScanMaps) -> np.ndarray:
+    img = nib.load(str(s.error_map))
+    err = np.asarray(img.dataobj, dtype=np.float32)
+    # the error map is 0 outside the scan's brain: that is "not covered", not "no error"
+    err = np.where(err > 0, err, np.float32(-1.0))
+    t = to_template(err, img.affine, s.template_to_world)
+    t[~(t >= 0)] = np.nan
+    return t
+
+
+def site_normative(scans: Sequence[ScanMaps], *, factor: float = DEFAULT_SITE_NORM_FACTOR,
+                   min_scans: int = 8, max_reference: int = MAX_REFERENCE_SCANS) -> dict[str, SiteAnomaly]:
+    """Site reference from ``scans`` and each scan's mask against it (written to ``out_mask``).
+
+    A scan whose files cannot be read or resampled is left out with one warning; with fewer
+    than ``min_scans`` usable scans nothing is computed (an empty dict). Returns
+    ``{key: SiteAnomaly}``.
+    """
+    if not (math.isfinite(factor) and factor > 0):
+        raise SiteNormError(f"factor must be a positive number, got {factor!r}")
+    scans = sorted(scans, key=lambda s: s.key)
+    if len(scans) < min_scans:
+        return {}
+    step = max(1, math.ceil(len(scans) / max(int(max_reference), 1)))
+    maps, usable = [], []
+    for i, s in enumerate(scans):
+        try:
+            if i % step == 0:
+                maps.append(_error_in_template(s))
+            usable.append(s)
+        except Exception as exc:  # noqa: BLE001 - one bad scan never stops the site
+            LOGGER.warning("%s: left out of the site reference: %s", s.key, exc)
+    if len(maps) < min_scans:
+        LOGGER.warning("only %d usable error maps (< %d): no site reference", len(maps), min_scans)
+        return {}
+    ref_t = site_reference(maps)
+    out: dict[str, SiteAnomaly] = {}
+    for s in usable:
+        try:
+            e_img, m_img = nib.load(str(s.error_map)), nib.load(str(s.mask))
+            err = np.asarray(e_img.dataobj, dtype=np.float32)
+            mask = np.asarray(m_img.dataobj) > 0
+            ref = from_template(ref_t, e_img.affine, err.shape, s.template_to_world)
+            site_mask = site_anomaly_mask(err, mask, ref, factor)
+            atomic_write_nifti(nib.Nifti1Image(site_mask.astype(np.uint8), m_img.affine), s.out_mask)
+        except Exception as exc:  # noqa: BLE001
+            LOGGER.warning("%s: no site-normative mask: %s", s.key, exc)
+            continue
+        kept = float(site_mask.sum()) / float(mask.sum()) if mask.any() else 0.0
+        out[s.key] = SiteAnomaly(voxels=int(round(kept * float(s.anomaly_voxels))),
+                                 fraction=kept * float(s.anomaly_fraction),
+                                 mask_file=s.out_mask, n_reference=len(maps))
+    return out

@@ -1,0 +1,164 @@
+"""The engine's mask against the site's own scans (qc_pipeline.sitenorm and the group level)."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from qc_pipeline.group import write_group_tables
+from qc_pipeline.sitenorm import (
+    ScanMaps,
+    SiteNormError,
+    from_template,
+    site_anomaly_mask,
+    site_normative,
+    site_reference,
+    to_template,
+)
+
+SHAPE = (40, 48, 40)
+AFF = np.diag([4.0, 4.0, 4.0, 1.0])
+AFF[:3, 3] = [-80.0, -110.0, -70.0]
+IDENTITY = np.eye(4)  # the scans sit in MNI world: template fit = identity
+COMMON = (20, 24, 20)      # where the network errs on every scan of the site ("ventricles")
+ARTIFACT = (12, 30, 24)    # one scan's local artifact
+
+
+def _ball(centre, r):
+    g = np.indices(SHAPE)
+    return sum((g[i] - centre[i]) ** 2 for i in range(3)) <= r ** 2
+
+
+BRAIN = _ball((20, 24, 20), 14)
+
+
+def _maps(rng, artifact: bool):
+    err = np.where(BRAIN, 0.2 + 0.05 * rng.random(SHAPE), 0.0).astype(np.float32)
+    err[_ball(COMMON, 3)] = 3.0
+    if artifact:
+        err[_ball(ARTIFACT, 3)] = 4.0
+    return err, BRAIN & (err > 1.0)
+
+
+def test_template_round_trip_keeps_a_smooth_volume():
+    g = np.indices(SHAPE).astype(np.float32)
+    vol = np.where(BRAIN, 1.0 + 0.05 * g[0], 0.0).astype(np.float32)
+    back = from_template(np.nan_to_num(to_template(vol, AFF, IDENTITY)), AFF, SHAPE, IDENTITY)
+    inner = _ball((20, 24, 20), 10)
+    assert np.allclose(back[inner], vol[inner], atol=0.05)
+
+
+def test_template_fit_that_is_not_an_affine_is_named():
+    with pytest.raises(SiteNormError, match="template_fit affine"):
+        to_template(np.zeros(SHAPE), AFF, np.zeros((4, 4)))
+
+
+def test_reference_is_the_median_and_ignores_one_scan_and_uncovered_voxels():
+    a = np.full((6, 6, 6), 1.0, np.float32)
+    maps = [a.copy() for _ in range(4)] + [a * 50]
+    maps[0][0, 0, 0] = np.nan
+    ref = site_reference(maps, dilation=1)
+    assert np.allclose(ref, 1.0)
+    empty = site_reference([np.full((4, 4, 4), np.nan, np.float32)] * 3, dilation=1)
+    assert np.all(empty == 0)
+    spot = np.zeros((7, 7, 7), np.float32)
+    spot[3, 3, 3] = 2.0
+    assert site_reference([spot] * 3, dilation=3)[2:5, 2:5, 2:5].min() == 2.0
+
+
+def test_mask_keeps_only_voxels_above_the_site_level():
+    err = np.array([0.5, 2.0, 5.0, 5.0])
+    mask = np.array([True, True, True, False])
+    ref = np.array([0.1, 1.0, 1.0, 0.1])
+    assert site_anomaly_mask(err, mask, ref, 3.0).tolist() == [True, False, True, False]
+    with pytest.raises(SiteNormError, match="factor"):
+        site_anomaly_mask(err, mask, ref, 0.0)
+    with pytest.raises(SiteNormError, match="shapes differ"):
+        site_anomaly_mask(err, mask, ref[:2], 3.0)
+
+
+def _write_site(root, n_clean=9, sub_prefix="c", site="A", artifact=True, rng=None):
+    rng = rng or np.random.default_rng(0)
+    names = []
+    for i in range(n_clean + int(artifact)):
+        is_art = artifact and i == n_clean
+        sub = f"{sub_prefix}{i:02d}" + ("art" if is_art else "")
+        name = f"sub-{sub}_T1w"
+        d = root / f"sub-{sub}" / "anat"
+        d.mkdir(parents=True)
+        err, mask = _maps(rng, is_art)
+        nib.save(nib.Nifti1Image(err, AFF), str(d / f"{name}_desc-error_map.nii.gz"))
+        nib.save(nib.Nifti1Image(mask.astype(np.uint8), AFF), str(d / f"{name}_desc-anomaly_mask.nii.gz"))
+        rec = {"status": "ok", "bids_name": name, "entities": {"subject": sub, "suffix": "T1w"},
+               "site": site, "model_id": "m1", "anomaly_voxels": int(mask.sum()),
+               "anomaly_fraction": float(mask.sum() / BRAIN.sum()),
+               "template_fit": {"affine": IDENTITY.tolist(), "surface_agreement": 0.9},
+               "mask_file": f"{name}_desc-anomaly_mask.nii.gz",
+               "error_map_file": f"{name}_desc-error_map.nii.gz"}
+        (d / f"{name}_qc.json").write_text(json.dumps(rec))
+        names.append(name)
+    return names
+
+
+def _scan_maps(root, name, **kw):
+    d = next(root.glob(f"sub-*/anat/{name}_qc.json")).parent
+    base = dict(key=name, error_map=d / f"{name}_desc-error_map.nii.gz",
+                mask=d / f"{name}_desc-anomaly_mask.nii.gz",
+                out_mask=d / f"{name}_desc-siteanomaly_mask.nii.gz", template_to_world=IDENTITY,
+                anomaly_voxels=100.0, anomaly_fraction=0.01)
+    base.update(kw)
+    return ScanMaps(**base)
+
+
+def test_the_site_reference_removes_what_every_scan_shares_and_keeps_the_artifact(tmp_path, caplog):
+    names = _write_site(tmp_path)
+    scans = [_scan_maps(tmp_path, n) for n in names]
+    scans.append(_scan_maps(tmp_path, names[0], key="sub-broken_T1w",
+                            error_map=tmp_path / "missing.nii.gz"))
+    with caplog.at_level(logging.WARNING):
+        out = site_normative(scans, factor=3.0, min_scans=8)
+    assert "sub-broken_T1w" in caplog.text and "sub-broken_T1w" not in out
+    art = next(n for n in names if "art" in n)
+    clean = [n for n in names if n != art]
+    assert all(out[n].fraction == 0.0 for n in clean)
+    m = np.asarray(nib.load(str(out[art].mask_file)).dataobj) > 0
+    assert m[ARTIFACT] and not m[COMMON]
+    assert m.sum() >= 0.8 * _ball(ARTIFACT, 3).sum()
+    assert out[art].n_reference == len(names) + 1 - 1  # the broken scan is not in the reference
+    assert site_normative(scans[:5], factor=3.0, min_scans=8) == {}
+
+
+def test_group_table_flags_the_artifact_by_the_engine_against_its_site(tmp_path):
+    names = _write_site(tmp_path)
+    write_group_tables(tmp_path)
+    with open(tmp_path / "group_T1w.csv", newline="") as fh:
+        rows = {r["bids_name"]: r for r in csv.DictReader(fh)}
+    art = next(n for n in names if "art" in n)
+    assert rows[art]["engine_flagged"] == "1"
+    assert "site_anomaly_fraction" in rows[art]["flag_reasons"]
+    assert float(rows[art]["site_anomaly_fraction"]) > 0.005
+    for n in names:
+        if n != art:
+            assert rows[n]["engine_flagged"] == "0" and float(rows[n]["site_anomaly_fraction"]) == 0.0
+    assert (tmp_path / f"sub-{art[4:-4]}" / "anat" / f"{art}_desc-siteanomaly_mask.nii.gz").is_file()
+    with open(tmp_path / "group_T1w_sites.csv", newline="") as fh:
+        site = next(csv.DictReader(fh))
+    assert site["n_engine_flagged"] == "1"
+
+
+def test_small_sites_use_the_pool_and_the_step_can_be_skipped(tmp_path):
+    _write_site(tmp_path, n_clean=6, sub_prefix="a", site="A", artifact=True)
+    _write_site(tmp_path, n_clean=4, sub_prefix="b", site="B", artifact=False, rng=np.random.default_rng(1))
+    write_group_tables(tmp_path)
+    with open(tmp_path / "group_T1w.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert all(r["site_anomaly_fraction"] != "" for r in rows)
+    assert [r["engine_flagged"] for r in rows if "art" in r["bids_name"]] == ["1"]
+    write_group_tables(tmp_path, site_norm_factor=None)
+    with open(tmp_path / "group_T1w.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert all(r["site_anomaly_fraction"] == "" and r["engine_flagged"] == "" for r in rows)
