@@ -613,16 +613,20 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
             return False
         return S(r) > thr if strict else S(r) >= thr
 
-    bg_thr, bg_summary = _background_thresholds(ok, sites, k=mad_k if background_k is None else background_k,
-                                                floor=background_min_fraction, min_site_size=min_site_size)
+    bg_thr, bg_summary = _measure_thresholds(
+        ok, sites, "background_fraction", score="background_artifact_fraction",
+        what="the background statistic", label="background artifact, robust per site", k=mad_k if background_k is None else background_k,
+        floor=background_min_fraction, min_site_size=min_site_size)
 
     def is_bg_flagged(r: QCRecord) -> bool:
         thr = bg_thr[r.site][0]
         x = r.background_fraction
         return bool(r.ok and math.isfinite(thr) and math.isfinite(x) and x > thr)
 
-    en_thr, en_summary = _engine_thresholds(ok, sites, k=mad_k, floor=engine_min_fraction,
-                                            min_site_size=min_site_size)
+    en_thr, en_summary = _measure_thresholds(
+        ok, sites, "site_anomaly_fraction", score="site_anomaly_fraction",
+        what="a site-normative anomaly", label="engine against the site's own scans", k=mad_k,
+        floor=engine_min_fraction, min_site_size=min_site_size)
 
     def is_en_flagged(r: QCRecord) -> bool | None:
         thr, x = en_thr[r.site][0], r.site_anomaly_fraction
@@ -735,8 +739,8 @@ def apply_site_normative(records: list[QCRecord], *, factor: float = DEFAULT_SIT
             g = [it for it in items if it[0].site == site]
             (groups if len(g) >= min_site_size else small).append(g)
         if small and len(items) >= min_site_size:
-            pool = {it[1].key: it for it in items}
-            found = _site_normative_safe(list(pool.values()), factor, min_site_size, model, "pooled")
+            targets = {sm.key for g in small for _, sm in g}
+            found = _site_normative_safe(items, factor, min_site_size, model, "pooled", targets=targets)
             for g in small:
                 n += _assign(g, found)
         for g in groups:
@@ -744,9 +748,10 @@ def apply_site_normative(records: list[QCRecord], *, factor: float = DEFAULT_SIT
     return n
 
 
-def _site_normative_safe(items, factor, min_site_size, model, site) -> dict:
+def _site_normative_safe(items, factor, min_site_size, model, site, targets=None) -> dict:
     try:
-        return site_normative([sm for _, sm in items], factor=factor, min_scans=min_site_size)
+        return site_normative([sm for _, sm in items], factor=factor, min_scans=min_site_size,
+                              targets=targets)
     except SiteNormError as exc:
         LOGGER.warning("site %s (model %s): no site-normative masks: %s", site, model, exc)
         return {}
@@ -825,34 +830,24 @@ def _site_thresholds(by_site: Mapping[str, np.ndarray], pooled: np.ndarray, *, k
     return out
 
 
-def _background_thresholds(ok: list[QCRecord], sites: list[str], *, k: float, floor: float,
-                           min_site_size: int) -> tuple[dict, str]:
-    """Per-site background flag thresholds ``{site: (threshold, rule)}`` and a summary."""
-    have = [r for r in ok if math.isfinite(r.background_fraction)]
-    out = _site_thresholds(
-        {s: np.array([r.background_fraction for r in have if r.site == s], dtype=float) for s in sites},
-        np.array([r.background_fraction for r in have], dtype=float), k=k,
-        min_site_size=min_site_size, score="background_artifact_fraction", floor=floor,
-        none="no scans with a background statistic: nothing to flag")
-    summary = (f"background artifact, robust per site: flag when background_artifact_fraction > "
-               f"max(median + {k:g} x scaled MAD of the site's scans, {floor:g}); sites with fewer than "
-               f"{min_site_size} scans with the statistic use the pooled distribution")
-    return out, summary
+def _measure_thresholds(ok: list[QCRecord], sites: list[str], attr: str, *, score: str, what: str,
+                        label: str, k: float, floor: float, min_site_size: int) -> tuple[dict, str]:
+    """Per-site flag thresholds ``{site: (threshold, rule)}`` of one per-scan measurement
+    (the record attribute ``attr``, named ``score`` in the rule; ``what`` names the measurement
+    in the "nothing to flag" rule) and a summary sentence that starts with ``label``.
 
-
-def _engine_thresholds(ok: list[QCRecord], sites: list[str], *, k: float, floor: float,
-                       min_site_size: int) -> tuple[dict, str]:
-    """Per-site thresholds of the engine's site-normative anomaly ``{site: (threshold, rule)}``
-    and a summary."""
-    have = [r for r in ok if math.isfinite(r.site_anomaly_fraction)]
+    ``max(median + k x scaled MAD, floor)`` over the site's scans that have the
+    measurement (:func:`_site_thresholds`); scans without it never enter the threshold.
+    """
+    have = [r for r in ok if math.isfinite(getattr(r, attr))]
     out = _site_thresholds(
-        {s: np.array([r.site_anomaly_fraction for r in have if r.site == s], dtype=float) for s in sites},
-        np.array([r.site_anomaly_fraction for r in have], dtype=float), k=k,
-        min_site_size=min_site_size, score="site_anomaly_fraction", floor=floor,
-        none="no scans with a site-normative anomaly: nothing to flag")
-    summary = (f"engine against the site's own scans: flag when site_anomaly_fraction > max(median + {k:g} "
-               f"x scaled MAD of the site's scans, {floor:g}); sites with fewer than {min_site_size} such "
-               f"scans use the pooled distribution")
+        {s: np.array([getattr(r, attr) for r in have if r.site == s], dtype=float) for s in sites},
+        np.array([getattr(r, attr) for r in have], dtype=float), k=k,
+        min_site_size=min_site_size, score=score, floor=floor,
+        none=f"no scans with {what}: nothing to flag")
+    summary = (f"{label}: flag when {score} > max(median + {k:g} x scaled MAD of the "
+               f"site's scans, {floor:g}); sites with fewer than {min_site_size} scans with it use the "
+               f"pooled distribution")
     return out, summary
 
 

@@ -22,7 +22,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -169,12 +169,14 @@ def _error_in_template(s: ScanMaps) -> np.ndarray:
 
 
 def site_normative(scans: Sequence[ScanMaps], *, factor: float = DEFAULT_SITE_NORM_FACTOR,
-                   min_scans: int = 8, max_reference: int = MAX_REFERENCE_SCANS) -> dict[str, SiteAnomaly]:
+                   min_scans: int = 8, max_reference: int = MAX_REFERENCE_SCANS,
+                   targets: Collection[str] | None = None) -> dict[str, SiteAnomaly]:
     """Site reference from ``scans`` and each scan's mask against it (written to ``out_mask``).
 
-    A scan whose files cannot be read or resampled is left out with one warning; with fewer
-    than ``min_scans`` usable scans nothing is computed (an empty dict). Returns
-    ``{key: SiteAnomaly}``.
+    ``targets``: the keys of the scans to score (default: all of ``scans``); the others only
+    make the reference (a pool lent to small sites). A scan whose files cannot be read or
+    resampled is left out with one warning; with fewer than ``min_scans`` usable scans
+    nothing is computed (an empty dict). Returns ``{key: SiteAnomaly}``.
     """
     if not (math.isfinite(factor) and factor > 0):
         raise SiteNormError(f"factor must be a positive number, got {factor!r}")
@@ -196,6 +198,8 @@ def site_normative(scans: Sequence[ScanMaps], *, factor: float = DEFAULT_SITE_NO
     ref_t = site_reference(maps)
     out: dict[str, SiteAnomaly] = {}
     for s in usable:
+        if targets is not None and s.key not in targets:
+            continue
         try:
             e_img, m_img = nib.load(str(s.error_map)), nib.load(str(s.mask))
             err = np.asarray(e_img.dataobj, dtype=np.float32)

@@ -162,3 +162,14 @@ def test_small_sites_use_the_pool_and_the_step_can_be_skipped(tmp_path):
     with open(tmp_path / "group_T1w.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert all(r["site_anomaly_fraction"] == "" and r["engine_flagged"] == "" for r in rows)
+
+
+def test_scans_outside_the_targets_only_make_the_reference(tmp_path):
+    names = _write_site(tmp_path)
+    scans = [_scan_maps(tmp_path, n) for n in names]
+    art = next(n for n in names if "art" in n)
+    out = site_normative(scans, factor=3.0, min_scans=8, targets={art})
+    assert list(out) == [art] and out[art].n_reference == len(names)
+    assert out[art].fraction > 0.0
+    written = sorted(p.name for p in tmp_path.glob("sub-*/anat/*_desc-siteanomaly_mask.nii.gz"))
+    assert written == [f"{art}_desc-siteanomaly_mask.nii.gz"]
