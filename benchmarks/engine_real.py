@@ -70,6 +70,29 @@ GRID = (80, 96, 80)
 VOXEL = 2.0
 
 
+def cache_grid_affine(shape, voxel_mm: float = VOXEL) -> np.ndarray:
+    """Grid voxel -> mm of a cached copy: the cache keeps the model-grid arrays, not the scan's
+    world, so the grid is placed centred on the origin (a template fit only needs consistency)."""
+    a = np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0])
+    a[:3, 3] = -voxel_mm * (np.asarray(shape) - 1) / 2.0
+    return a
+
+
+def run_as_the_app(model, image: np.ndarray, brain: np.ndarray, voxel_size):
+    """The participant level's engine step on a cached copy: the test-time loop, then its mask
+    against the model's normal-error map through a template fit of the copy's brain mask
+    (``IterMask3D.against_normal_error``; a model without a map keeps the loop's own mask).
+    Returns ``(the loop's result, the app's result)``."""
+    from qc_pipeline.preprocessing import align_template_prior
+
+    r = model.run(image, brain, voxel_size=voxel_size, seed=0)
+    if model.normal_error is None:
+        return r, model.against_normal_error(r, grid_affine=None, template_to_world=None)
+    aff = cache_grid_affine(brain.shape, float(voxel_size[0]))
+    return r, model.against_normal_error(r, grid_affine=aff,
+                                         template_to_world=align_template_prior(brain, aff)["affine"])
+
+
 def _copy_name(kind: str, v: int) -> str:
     return f"{kind}_v{v:02d}"
 
@@ -333,8 +356,9 @@ def evaluate(args) -> int:
                 with np.load(it["file"]) as z:
                     image = z["image"].astype(np.float32)
                     brain = z["brain_mask"].astype(bool)
-                r = model.run(image, brain, voxel_size=vs, seed=0)
+                _, r = run_as_the_app(model, image, brain, vs)
                 row.update(anomaly_voxels=int(r.anomaly_voxels), anomaly_fraction=float(r.anomaly_fraction),
+                           raw_anomaly_fraction=r.raw_anomaly_fraction, normal_error=r.normal_error,
                            first_pass_mean_error=float(r.first_pass_mean_error), mean_error=float(r.mean_error),
                            t_stop=float(r.fit.t_stop), tau_stop=float(r.tau_stop), fit_path=r.fit.path,
                            fit_r2=float(r.fit.r2), crossed=bool(r.fit.crossed), forward_passes=int(r.forward_passes),

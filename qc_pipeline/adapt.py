@@ -381,6 +381,8 @@ def _adapt_one(settings, plan, rows, options: AdaptOptions, *, bad: set[str]) ->
     new_id = adapted_model_id(plan["base_card"]["model_id"], key, res["steps"])
     card = copy.deepcopy(plan["base_card"])
     card.pop("model_dir", None)
+    # the base model's normal-error map measures the base weights' errors, not the new ones'
+    dropped_normal_error = card.pop("normal_error", None) is not None
     card["model_id"] = new_id
     card["training"] = trained.get("training")  # the fine-tuning; its init_from names the base model
     card["adaptation"] = {
@@ -394,6 +396,8 @@ def _adapt_one(settings, plan, rows, options: AdaptOptions, *, bad: set[str]) ->
         "key": key,
         "steps": res["steps"],
         "resumed_from_step": res["start_step"],
+        "normal_error": ("not carried over: the base model's map measures the base weights' errors"
+                         if dropped_normal_error else "the base model has none"),
         "wall_time_s": (trained.get("training") or {}).get("wall_time_s"),
         "final_loss": (trained.get("training") or {}).get("final_loss"),
         "device": str(resolve_device(settings.device)),
@@ -423,9 +427,9 @@ def _adapt_one(settings, plan, rows, options: AdaptOptions, *, bad: set[str]) ->
 
 
 def _write_card(target: Path, card: Mapping) -> None:
-    from .io import atomic_write_text
+    from .engine.modelio import write_model_card
 
-    atomic_write_text(json.dumps(card, indent=1, default=str) + "\n", target / "model_card.json")
+    write_model_card(target, card)
 
 
 def _summary(recs: Sequence[Mapping]) -> dict:

@@ -33,8 +33,7 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-from .engine.modelio import CARD_NAME
-from .io import atomic_write_text
+from .engine.modelio import CARD_NAME, write_model_card
 from .qcscore import QCScoreError, fit_reference
 
 log = logging.getLogger(__name__)
@@ -57,8 +56,7 @@ def write_card_reference(model_dir, reference: Mapping) -> Path:
         raise CalibrationError(f"{model_dir}: no {CARD_NAME} (expected a model folder)")
     card = json.loads(path.read_text())
     card["qc_score"] = dict(reference)
-    text = json.dumps(card, indent=1) + "\n"
-    atomic_write_text(text, path)
+    write_model_card(path.parent, card)
     return path
 
 
@@ -123,7 +121,7 @@ def rename_calibrated(model_dir) -> str:
     card = json.loads(path.read_text())
     card.setdefault("calibrated_from", uncalibrated_id(card["model_id"]))
     card["model_id"] = calibrated_id(card)
-    atomic_write_text(json.dumps(card, indent=1) + "\n", path)
+    write_model_card(path.parent, card)
     return card["model_id"]
 
 
@@ -136,8 +134,7 @@ def write_card_gamma(model_dir, gamma: Mapping) -> Path:
     card["gamma_mode"] = "absolute"
     card["gamma"] = float(gamma["gamma"])
     card["gamma_calibration"] = dict(gamma["gamma_calibration"])
-    text = json.dumps(card, indent=1) + "\n"
-    atomic_write_text(text, path)
+    write_model_card(path.parent, card)
     return path
 
 

@@ -39,7 +39,8 @@ QC_FIELDS = (
     "status", "error", "warnings",
     "bids_name", "source_file", "source_path", "entities", "site", "metadata",
     "qc_score", "qc_score_driver",
-    "anomaly_voxels", "anomaly_fraction", "anomaly_mm3",
+    "anomaly_voxels", "anomaly_fraction", "anomaly_mm3", "raw_anomaly_voxels", "raw_anomaly_fraction",
+    "normal_error",
     "quality_features", "quality_z", "qc_score_reference",
     "tau_curve", "tau_stop", "fit", "forward_passes", "mean_error",
     "background_artifact_fraction", "background", "spectrum",
@@ -47,7 +48,8 @@ QC_FIELDS = (
     "template_fit", "mask_file", "error_map_file",
 )
 
-RESULT_FIELDS = ("anomaly_voxels", "anomaly_fraction", "anomaly_mm3", "tau_curve", "tau_stop",
+RESULT_FIELDS = ("anomaly_voxels", "anomaly_fraction", "anomaly_mm3", "raw_anomaly_voxels",
+                 "raw_anomaly_fraction", "normal_error", "tau_curve", "tau_stop",
                  "fit", "forward_passes", "mean_error")
 
 

@@ -273,9 +273,11 @@ class _IMOutputSpec(TraitedSpec):
 
 
 class IterMaskRun(SimpleInterface):
-    """Run IterMask3D (:meth:`qc_pipeline.engine.IterMask3D.run`) on a preprocessed scan and
-    combine its result with the image-quality measurements into the QC score
-    (:func:`qc_pipeline.qcscore.scan_quality`, reference from the model card)."""
+    """Run IterMask3D (:meth:`qc_pipeline.engine.IterMask3D.run`) on a preprocessed scan, keep
+    its mask where the error beats the model's normal error
+    (:meth:`~qc_pipeline.engine.IterMask3D.against_normal_error`, through the preprocessing's
+    template fit) and combine the result with the image-quality measurements into the QC
+    score (:func:`qc_pipeline.qcscore.scan_quality`, reference from the model card)."""
 
     input_spec = _IMInputSpec
     output_spec = _IMOutputSpec
@@ -301,6 +303,8 @@ class IterMaskRun(SimpleInterface):
                     schedule=None if self.inputs.schedule == "auto" else self.inputs.schedule,
                     seed=self.inputs.seed,
                 )
+                res = model.against_normal_error(res, grid_affine=prep.info.grid_affine,
+                                                 template_to_world=(prep.info.prior or {}).get("affine"))
                 from .qcscore import scan_quality
 
                 try:

@@ -11,9 +11,16 @@ residual misalignment of an affine fit), and a voxel of a scan's anomaly mask st
 anomaly only where its error exceeds ``factor`` times that normal error. A local artifact is
 not at the same place in most of a site's scans, so the median ignores it.
 
+The same comparison runs at the participant level against the *model's* normal error
+(:func:`normal_error_mask`): a template-space map that travels in the model folder
+(``normal_error.nii.gz``, the card's ``normal_error`` section), the median error of the
+model over normal heads of many people (synthetic and real, none of the held-out heads of
+``docs/benchmarks.md``). It removes what the network gets wrong on every brain; the site's
+reference then removes what it gets wrong on that site's scanner and people.
+
 Pure functions on arrays (:func:`to_template`, :func:`from_template`, :func:`site_reference`,
-:func:`site_anomaly_mask`) and one driver over a site's files (:func:`site_normative`),
-which the group level calls per suffix, model and site.
+:func:`site_anomaly_mask`, :func:`normal_error_mask`) and one driver over a site's files
+(:func:`site_normative`), which the group level calls per suffix, model and site.
 """
 from __future__ import annotations
 
@@ -42,6 +49,8 @@ __all__ = [
     "site_reference",
     "site_anomaly_mask",
     "site_normative",
+    "normal_error_mask",
+    "template_grid",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -59,9 +68,14 @@ class SiteNormError(ValueError):
     """A scan's maps or template fit cannot be used for the site reference."""
 
 
-def _template() -> tuple[tuple[int, int, int], np.ndarray]:
+def template_grid() -> tuple[tuple[int, int, int], np.ndarray]:
+    """Shape and affine (voxel -> MNI mm) of the template grid the normative maps live on
+    (the 2 mm MNI152 brain mask of :func:`qc_pipeline.preprocessing.mni_brain_mask`)."""
     mask, affine = mni_brain_mask()
     return tuple(int(n) for n in mask.shape), np.asarray(affine, dtype=float)
+
+
+_template = template_grid
 
 
 def _check_affine(a, what: str) -> np.ndarray:
@@ -132,6 +146,21 @@ def site_anomaly_mask(error: np.ndarray, mask: np.ndarray, reference: np.ndarray
     if not (error.shape == mask.shape == reference.shape):
         raise SiteNormError(f"shapes differ: error {error.shape}, mask {mask.shape}, reference {reference.shape}")
     return mask & (error > factor * reference)
+
+
+def normal_error_mask(error: np.ndarray, mask: np.ndarray, normal_error_t: np.ndarray, *,
+                      grid_affine: np.ndarray, template_to_world: np.ndarray,
+                      factor: float) -> np.ndarray:
+    """Voxels of an engine ``mask`` (on the model grid) whose error exceeds ``factor`` x the
+    normal error there; ``normal_error_t`` is on :func:`template_grid`, brought to the grid
+    through the scan's template fit (``grid_affine``: grid voxel -> scanner mm;
+    ``template_to_world``: MNI mm -> scanner mm)."""
+    shape, _ = template_grid()
+    if tuple(np.shape(normal_error_t)) != shape:
+        raise SiteNormError(f"normal-error map has shape {tuple(np.shape(normal_error_t))}; "
+                            f"expected the template grid {shape}")
+    ref = from_template(normal_error_t, grid_affine, np.shape(error), template_to_world)
+    return site_anomaly_mask(error, mask, ref, factor)
 
 
 @dataclass(frozen=True)

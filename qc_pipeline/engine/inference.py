@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -19,7 +19,8 @@ import torch
 from .errors import (EngineError, InvalidInputError, ModelCardError, ModelNotFoundError,
                      ShapeMismatchError, VoxelSizeMismatchError)
 from .hf import high_frequency, hf_radius
-from .modelio import CARD_NAME, WEIGHTS_NAME, build_network, default_model_dir, load_model_card
+from .modelio import (CARD_NAME, WEIGHTS_NAME, build_network, default_model_dir, load_model_card,
+                      load_normal_error)
 from .schedules import Schedule, get_schedule
 from .taufit import (DEFAULT_GAMMA, DEFAULT_GAMMA_REFERENCE_T, DEFAULT_Y_LIMIT, GAMMA_MODES, R2_MIN, TauFit,
                      fit_tau_curve, relative_gamma)
@@ -83,6 +84,13 @@ class Result:
         The stopping slope the tau fit used (squared z-units per percent); in "relative" mode
         the card's relative gamma times this scan's typical error.
     gamma_mode : {"absolute", "relative"}
+    raw_anomaly_voxels, raw_anomaly_fraction : int, float or None
+        The test-time loop's own mask before the model's normal-error map removed the voxels
+        where every brain's error is this high (:meth:`IterMask3D.against_normal_error`);
+        None when that step did not run.
+    normal_error : dict
+        How the normal-error step went: ``applied``, ``factor``, and ``reason`` when it
+        did not run (the model has no map, the scan has no template fit).
     """
 
     anomaly_voxels: int
@@ -106,6 +114,9 @@ class Result:
     seed: int = 0
     gamma: float = DEFAULT_GAMMA
     gamma_mode: str = "absolute"
+    raw_anomaly_voxels: int | None = None
+    raw_anomaly_fraction: float | None = None
+    normal_error: dict = field(default_factory=dict)
 
     @property
     def fallback(self) -> bool:
@@ -135,6 +146,9 @@ class Result:
             "seed": int(self.seed),
             "gamma": _jf(self.gamma),
             "gamma_mode": self.gamma_mode,
+            "raw_anomaly_voxels": None if self.raw_anomaly_voxels is None else int(self.raw_anomaly_voxels),
+            "raw_anomaly_fraction": None if self.raw_anomaly_fraction is None else _jf(self.raw_anomaly_fraction),
+            "normal_error": dict(self.normal_error),
         }
 
 
@@ -360,6 +374,9 @@ class IterMask3D:
         self.voxel_size = tuple(float(v) for v in self.card["voxel_size"]) if self.card.get("voxel_size") else None
         self.model_id = str(self.card.get("model_id", "unnamed"))
         self.normative_threshold = normative_threshold(self.card)
+        #: the model's normal error on the template grid and its factor (from_folder loads them)
+        self.normal_error: np.ndarray | None = None
+        self.normal_error_factor: float | None = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -388,7 +405,38 @@ class IterMask3D:
         except Exception as exc:  # noqa: BLE001
             raise ModelCardError(f"weights in {folder} do not load into the card's network: {exc}") from exc
         card.setdefault("model_dir", str(folder))
-        return cls(net, card, device=device, batch_size=batch_size, micro_batch=micro_batch)
+        model = cls(net, card, device=device, batch_size=batch_size, micro_batch=micro_batch)
+        model.normal_error, model.normal_error_factor = load_normal_error(folder, card)
+        return model
+
+    # ------------------------------------------------------------------ normal error
+    def against_normal_error(self, res: Result, *, grid_affine, template_to_world) -> Result:
+        """``res`` with its mask kept only where the error exceeds the model's normal error.
+
+        The network leaves a high error on the same anatomy of every brain (ventricles,
+        sulcal CSF, deep grey matter); the model folder's normal-error map (median error of
+        normal heads, template grid; :mod:`qc_pipeline.sitenorm`) says how high, and a voxel
+        stays in the mask only where its error exceeds the card's ``normal_error.factor``
+        times that. ``grid_affine``: the model grid's voxel -> scanner mm; ``template_to_world``:
+        the scan's template fit (MNI mm -> scanner mm), None when the preprocessing made none.
+        Without a map or a fit the result is returned as it is, saying why.
+        """
+        if self.normal_error is None:
+            return replace(res, normal_error={"applied": False, "reason": "the model has no normal-error map"})
+        if template_to_world is None:
+            return replace(res, normal_error={"applied": False, "factor": self.normal_error_factor,
+                                              "reason": "the scan has no template fit"})
+        from ..sitenorm import normal_error_mask
+
+        mask = normal_error_mask(res.error_map, res.mask, self.normal_error, grid_affine=grid_affine,
+                                 template_to_world=template_to_world, factor=self.normal_error_factor)
+        n = int(mask.sum())
+        vox_mm3 = abs(float(np.linalg.det(np.asarray(grid_affine, dtype=float)[:3, :3])))
+        return replace(res, mask=mask, anomaly_voxels=n,
+                       anomaly_fraction=n / res.brain_voxels if res.brain_voxels else 0.0,
+                       anomaly_mm3=n * vox_mm3, raw_anomaly_voxels=int(res.anomaly_voxels),
+                       raw_anomaly_fraction=float(res.anomaly_fraction),
+                       normal_error={"applied": True, "factor": self.normal_error_factor})
 
     # ------------------------------------------------------------------ checks
     def _check(self, image, brain_mask, voxel_size) -> tuple[np.ndarray, np.ndarray]:

@@ -29,6 +29,8 @@ __all__ = [
 
 WEIGHTS_NAME = "weights.pt"
 CARD_NAME = "model_card.json"
+#: the model's normal error on the template grid (optional; the card's ``normal_error`` section)
+NORMAL_ERROR_NAME = "normal_error.nii.gz"
 DEFAULT_GRID = (80, 96, 80)
 DEFAULT_VOXEL_SIZE = (2.0, 2.0, 2.0)
 NORMALISATION = ("iterative z-score inside the brain mask (paper 4.1.1: z-score, re-estimate mean/SD "
@@ -114,8 +116,14 @@ def save_model_folder(path, net: torch.nn.Module, card: Mapping[str, Any]) -> Pa
         card["macs_per_pass"] = count_macs(net, tuple(card["grid"]))
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     atomic_write_file(path / WEIGHTS_NAME, lambda tmp: torch.save(state, tmp))
-    text = json.dumps(card, indent=2, sort_keys=False, default=str) + "\n"
-    atomic_write_text(text, path / CARD_NAME)
+    write_model_card(path, card)
+    return path
+
+
+def write_model_card(folder, card: Mapping[str, Any]) -> Path:
+    """Write ``model_card.json`` into ``folder`` (atomic; the one card writer)."""
+    path = Path(folder) / CARD_NAME
+    atomic_write_text(json.dumps(card, indent=1, default=str) + "\n", path)
     return path
 
 
@@ -156,3 +164,58 @@ def make_random_model_folder(path, *, grid=(32, 32, 32), voxel_size=(2, 2, 2), f
                         "steps": 0, "wall_time_s": 0.0, "machine": platform.platform()}
     card["network"] = net.config()
     return save_model_folder(path, net, card)
+
+
+def load_normal_error(folder, card: Mapping[str, Any]):
+    """The model's normal-error map (float32, template grid) named by the card's
+    ``normal_error`` section, with its ``factor``; ``(None, None)`` when the card has none.
+
+    Raises
+    ------
+    ModelCardError
+        The section names a file that is missing or unreadable, or a factor that is not
+        a positive number.
+    """
+    import math
+
+    import nibabel as nib
+    import numpy as np
+
+    sec = card.get("normal_error")
+    if not sec:
+        return None, None
+    f = Path(folder) / str(sec.get("file", NORMAL_ERROR_NAME))
+    try:
+        factor = float(sec["factor"])
+    except (KeyError, TypeError, ValueError):
+        factor = math.nan
+    if not (math.isfinite(factor) and factor > 0):
+        raise ModelCardError(f"model card in {folder}: normal_error.factor must be a positive number, "
+                             f"got {sec.get('factor')!r}")
+    try:
+        data = np.asarray(nib.load(str(f)).dataobj, dtype=np.float32)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same card error
+        raise ModelCardError(f"model card in {folder} names the normal-error map {f.name}, which cannot "
+                             f"be read: {exc}") from exc
+    if data.ndim != 3 or not np.all(np.isfinite(data)) or (data < 0).any():
+        raise ModelCardError(f"normal-error map {f} must be a finite, non-negative 3D volume, "
+                             f"got shape {data.shape}")
+    return data, factor
+
+
+def save_normal_error(folder, volume_t, affine, section: Mapping[str, Any]) -> Path:
+    """Write the normal-error map (template grid, ``affine``) into a model folder and the
+    card's ``normal_error`` section (``section`` plus the file name), both atomically."""
+    import nibabel as nib
+    import numpy as np
+
+    from ..io import atomic_write_nifti
+
+    folder = Path(folder)
+    card = load_model_card(folder)
+    img = nib.Nifti1Image(np.asarray(volume_t, dtype=np.float32), np.asarray(affine, dtype=float))
+    img.header.set_data_dtype(np.float32)
+    atomic_write_nifti(img, folder / NORMAL_ERROR_NAME)
+    card["normal_error"] = {**dict(section), "file": NORMAL_ERROR_NAME}
+    write_model_card(folder, card)
+    return folder / NORMAL_ERROR_NAME

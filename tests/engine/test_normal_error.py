@@ -1,0 +1,111 @@
+"""The model's normal-error map: the engine's mask kept where the error beats every brain's."""
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from engine_testlib import SHAPE, Oracle, sphere
+from qc_pipeline.engine import IterMask3D, ModelCardError, default_card
+from qc_pipeline.engine.modelio import CARD_NAME, load_normal_error, save_normal_error
+from qc_pipeline.sitenorm import SiteNormError, normal_error_mask, template_grid
+
+COMMON = (14, 20, 20)     # where the network errs on every brain (the "ventricles")
+ARTIFACT = (26, 20, 20)   # this scan's own artifact
+GRID_AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
+GRID_AFFINE[:3, 3] = [-40.0, -50.0, -30.0]   # the 40^3 grid sits inside the MNI template, in MNI mm
+IDENTITY = np.eye(4)                          # template fit: the scan is in MNI space already
+
+
+def _normal_error_on_template(level: float) -> np.ndarray:
+    """``level`` around COMMON's position (in MNI mm), a low floor elsewhere."""
+    shape, t_aff = template_grid()
+    world = GRID_AFFINE[:3, :3] @ np.asarray(COMMON, float) + GRID_AFFINE[:3, 3]
+    centre = np.linalg.solve(t_aff[:3, :3], world - t_aff[:3, 3])
+    out = np.full(shape, 0.01, np.float32)
+    out[sphere(shape, centre, 5)] = level
+    return out
+
+
+def _scan(brain_volume):
+    clean, brain = brain_volume
+    common = sphere(SHAPE, COMMON, 4) & brain
+    artifact = sphere(SHAPE, ARTIFACT, 4) & brain
+    x = clean + 3.0 * common + 3.0 * artifact
+    return clean, brain, x, common, artifact
+
+
+def _model(oracle, normal_error=None, factor=3.0):
+    card = {**default_card(SHAPE), "schedule": "normative", "normative": {"threshold": 1.0}}
+    m = IterMask3D(oracle, card, device="cpu")
+    m.normal_error, m.normal_error_factor = normal_error, factor
+    return m
+
+
+def test_the_map_removes_what_every_brain_shares_and_keeps_the_artifact(brain_volume):
+    clean, brain, x, common, artifact = _scan(brain_volume)
+    model = _model(Oracle(clean, x), _normal_error_on_template(level=20.0))
+    raw = model.run(x, brain, seed=0)
+    assert raw.mask[common].mean() > 0.8 and raw.mask[artifact].mean() > 0.8
+    res = model.against_normal_error(raw, grid_affine=GRID_AFFINE, template_to_world=IDENTITY)
+    assert res.mask[artifact].mean() > 0.8 and not res.mask[common].any()
+    assert not (res.mask & ~raw.mask).any()  # it only ever removes voxels
+    assert res.anomaly_voxels == int(res.mask.sum()) < raw.anomaly_voxels
+    assert res.anomaly_fraction == pytest.approx(res.anomaly_voxels / brain.sum())
+    assert res.anomaly_mm3 == pytest.approx(8.0 * res.anomaly_voxels)
+    d = res.to_dict()
+    assert d["raw_anomaly_voxels"] == raw.anomaly_voxels and d["normal_error"] == {"applied": True, "factor": 3.0}
+    # a map that is low everywhere keeps the whole raw mask
+    flat = _model(Oracle(clean, x), np.full(template_grid()[0], 1e-3, np.float32))
+    low = flat.against_normal_error(raw, grid_affine=GRID_AFFINE, template_to_world=IDENTITY)
+    assert low.anomaly_voxels == raw.anomaly_voxels
+
+
+def test_without_a_map_or_a_template_fit_the_mask_stays_and_says_why(brain_volume):
+    clean, brain, x, _, _ = _scan(brain_volume)
+    raw = _model(Oracle(clean, x)).run(x, brain, seed=0)
+    a = _model(Oracle(clean, x)).against_normal_error(raw, grid_affine=GRID_AFFINE, template_to_world=IDENTITY)
+    assert a.anomaly_voxels == raw.anomaly_voxels and a.normal_error["applied"] is False
+    assert "no normal-error map" in a.normal_error["reason"] and a.raw_anomaly_voxels is None
+    b = _model(Oracle(clean, x), _normal_error_on_template(20.0)).against_normal_error(
+        raw, grid_affine=GRID_AFFINE, template_to_world=None)
+    assert b.anomaly_voxels == raw.anomaly_voxels and "no template fit" in b.normal_error["reason"]
+
+
+def test_a_map_on_another_grid_is_named():
+    with pytest.raises(SiteNormError, match="template grid"):
+        normal_error_mask(np.zeros(SHAPE), np.zeros(SHAPE, bool), np.zeros((10, 10, 10)),
+                          grid_affine=GRID_AFFINE, template_to_world=IDENTITY, factor=3.0)
+
+
+def test_the_model_folder_carries_the_map(random_model):
+    shape, t_aff = template_grid()
+    assert load_normal_error(random_model, json.loads((random_model / CARD_NAME).read_text())) == (None, None)
+    vol = _normal_error_on_template(2.0)
+    save_normal_error(random_model, vol, t_aff, {"factor": 4.0, "n_scans": 3})
+    model = IterMask3D.from_folder(random_model, device="cpu")
+    assert model.normal_error_factor == 4.0 and model.normal_error.shape == shape
+    assert np.allclose(model.normal_error, vol)
+    card = json.loads((random_model / CARD_NAME).read_text())
+    assert card["normal_error"] == {"factor": 4.0, "n_scans": 3, "file": "normal_error.nii.gz"}
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", "cannot be read"),
+    ("factor", "factor must be a positive number"),
+    ("nan", "finite, non-negative"),
+])
+def test_a_broken_map_is_a_card_error_naming_it(random_model, damage, message):
+    shape, t_aff = template_grid()
+    save_normal_error(random_model, np.ones(shape, np.float32), t_aff, {"factor": 4.0})
+    card = json.loads((random_model / CARD_NAME).read_text())
+    if damage == "missing":
+        (random_model / "normal_error.nii.gz").unlink()
+    elif damage == "factor":
+        card["normal_error"]["factor"] = -1
+    else:
+        bad = np.ones(shape, np.float32)
+        bad[0, 0, 0] = np.nan
+        nib.save(nib.Nifti1Image(bad, t_aff), str(random_model / "normal_error.nii.gz"))
+    with pytest.raises(ModelCardError, match=message):
+        load_normal_error(random_model, card)
