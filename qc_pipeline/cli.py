@@ -27,6 +27,7 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import errno  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -115,6 +116,16 @@ def _fraction(text: str) -> float:
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
     return value
+
+
+def _site_norm_factor(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a factor > 0 (or 0 to skip the site reference), got {text!r}")
+    return value or None
 
 
 def _path(text: str) -> Path:
@@ -224,6 +235,10 @@ def get_parser() -> argparse.ArgumentParser:
     g_grp.add_argument("--flag-at-fnr", type=_fraction, metavar="FNR",
                        help="calibrate the flag threshold on the labelled scans at this "
                             "false-negative rate (needs --labels); default: robust per-site rule")
+    g_grp.add_argument("--site-norm-factor", type=_site_norm_factor, default=3.0, metavar="F",
+                       help="keep an anomaly-mask voxel where its error exceeds F x the median "
+                            "error of the site's scans there (desc-siteanomaly_mask, "
+                            "site_anomaly_* and engine_flagged columns); 0 skips it (default: 3)")
 
     g_other = parser.add_argument_group("Other options")
     g_other.add_argument("-w", "--work-dir", type=_path, metavar="DIR",
@@ -755,7 +770,7 @@ def run_group_level(settings: Settings, suffixes: Optional[Sequence[str]]) -> in
         raise CLIError(f"--labels {settings.labels}: no such file or folder")
     try:
         written = run_group(out, labels=settings.labels, site_column=settings.site_column,
-                            flag_at_fnr=settings.flag_at_fnr,
+                            flag_at_fnr=settings.flag_at_fnr, site_norm_factor=settings.site_norm_factor,
                             suffixes=list(suffixes) if suffixes else None)
     except (GroupError, LabelsError) as exc:
         raise CLIError(str(exc)) from None
@@ -785,6 +800,7 @@ def build_settings(args, argv: Sequence[str]) -> Settings:
         labels=Path(os.path.abspath(args.labels)) if args.labels else None,
         site_column=args.site_column,
         flag_at_fnr=args.flag_at_fnr,
+        site_norm_factor=args.site_norm_factor,
         adapt_minutes=args.adapt_minutes,
         adapt_steps=args.adapt_steps,
         adapt_exclude=args.adapt_exclude,

@@ -63,6 +63,9 @@ class Settings:
     labels: Optional[Path] = None
     site_column: str = "site"
     flag_at_fnr: Optional[float] = None
+    #: group level: keep an engine-mask voxel where its error exceeds this multiple of the
+    #: site's normal error (qc_pipeline.sitenorm); None skips the site reference
+    site_norm_factor: Optional[float] = 3.0
     adapt_minutes: float = 20.0
     adapt_steps: int = 400
     adapt_exclude: float = 0.2

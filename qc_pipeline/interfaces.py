@@ -303,8 +303,9 @@ class IterMaskRun(SimpleInterface):
                     schedule=None if self.inputs.schedule == "auto" else self.inputs.schedule,
                     seed=self.inputs.seed,
                 )
-                res = model.against_normal_error(res, grid_affine=prep.info.grid_affine,
-                                                 template_to_world=(prep.info.prior or {}).get("affine"))
+                res = model.against_normal_error(
+                    res, grid_affine=getattr(prep.info, "grid_affine", None),
+                    template_to_world=(getattr(prep.info, "prior", None) or {}).get("affine"))
                 from .qcscore import scan_quality
 
                 try:

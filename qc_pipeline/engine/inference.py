@@ -423,7 +423,7 @@ class IterMask3D:
         """
         if self.normal_error is None:
             return replace(res, normal_error={"applied": False, "reason": "the model has no normal-error map"})
-        if template_to_world is None:
+        if template_to_world is None or grid_affine is None:
             return replace(res, normal_error={"applied": False, "factor": self.normal_error_factor,
                                               "reason": "the scan has no template fit"})
         from ..sitenorm import normal_error_mask

@@ -25,7 +25,7 @@ def test_help_and_version(capsys):
     for opt in ("--participant-label", "--session-label", "--suffix", "--bids-filter-file",
                 "--work-dir", "--nprocs", "--omp-nthreads", "--use-plugin", "--device",
                 "--model-dir", "--schedule", "--skull-strip", "--reports-only", "--labels",
-                "--site-column", "--flag-at-fnr", "--seed", "--verbose"):
+                "--site-column", "--flag-at-fnr", "--site-norm-factor", "--seed", "--verbose"):
         assert opt in text
     assert main(["--version"]) == 0
     assert "itermask-qc v" in capsys.readouterr().out
@@ -129,3 +129,15 @@ def test_parser_accepts_bids_app_spellings():
                                     "--n_procs", "3", "-w", "/tmp/w", "-vv"])
     assert args.participant_label == ["01", "02"] and args.nprocs == 3 and args.verbose == 2
     assert args.work_dir == Path("/tmp/w")
+
+
+def test_site_norm_factor_parses_and_zero_skips_the_site_reference(ds, tmp_path):
+    from qc_pipeline.cli import build_settings
+
+    base = [str(ds["root"]), str(tmp_path / "o"), "group"]
+    assert build_settings(get_parser().parse_args(base), base).site_norm_factor == 3.0
+    for text, want in (("2.5", 2.5), ("0", None)):
+        argv = base + ["--site-norm-factor", text]
+        assert build_settings(get_parser().parse_args(argv), argv).site_norm_factor == want
+    for bad in ("-1", "nan", "three"):
+        assert main(base + ["--site-norm-factor", bad]) == 64
