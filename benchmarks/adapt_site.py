@@ -45,20 +45,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def build_site(name: str, src_path: Path, root: Path, *, n_clean: int, types, severity, seed: int) -> dict:
     """Write the BIDS site of one head; returns ``{bids_name: (label, kind)}``."""
+    if (root / "truth.json").is_file():
+        return json.loads((root / "truth.json").read_text())
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text(json.dumps({"Name": f"adapt-{name}", "BIDSVersion": "1.9.0"}))
+    truth = write_copies(src_path, root, n_clean=n_clean, types=types, severity=severity, seed=seed)
+    (root / "participants.tsv").write_text("participant_id\tsite\n" + "".join(
+        f"{n.rsplit('_', 1)[0]}\t{name}\n" for n in truth))
+    (root / "truth.json").write_text(json.dumps(truth, indent=1))
+    return truth
+
+
+def write_copies(src_path: Path, root: Path, *, n_clean: int, types, severity, seed: int,
+                 prefix: str = "") -> dict:
+    """Write the copies of one real head into the BIDS folder ``root`` as subjects
+    ``<prefix>cNN`` (clean scanner-variation copies) and ``<prefix>aNN`` (one per artifact type);
+    returns ``{bids_name: (label, kind)}``."""
     import nibabel as nib
 
     from qc_pipeline.synth import ARTIFACTS, apply_artifact
     from real_scan import variant
 
     truth = {}
-    if (root / "truth.json").is_file():
-        return json.loads((root / "truth.json").read_text())
     src = nib.load(str(src_path))
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "dataset_description.json").write_text(json.dumps({"Name": f"adapt-{name}", "BIDSVersion": "1.9.0"}))
-    rows = []
-    jobs = [(f"c{v:02d}", v, None) for v in range(n_clean)]
-    jobs += [(f"a{i:02d}", n_clean + list(ARTIFACTS).index(kind), kind) for i, kind in enumerate(types)]
+    jobs = [(f"{prefix}c{v:02d}", v, None) for v in range(n_clean)]
+    jobs += [(f"{prefix}a{i:02d}", n_clean + list(ARTIFACTS).index(kind), kind) for i, kind in enumerate(types)]
     for sub, v, kind in jobs:
         img, _ = variant(src, v, seed)
         if kind is not None:
@@ -69,9 +80,6 @@ def build_site(name: str, src_path: Path, root: Path, *, n_clean: int, types, se
         path.parent.mkdir(parents=True, exist_ok=True)
         nib.save(img, str(path))
         truth[f"sub-{sub}_T1w"] = [int(kind is not None), kind or "clean"]
-        rows.append(f"sub-{sub}\t{name}\n")
-    (root / "participants.tsv").write_text("participant_id\tsite\n" + "".join(rows))
-    (root / "truth.json").write_text(json.dumps(truth, indent=1))
     return truth
 
 

@@ -381,8 +381,17 @@ def _adapt_one(settings, plan, rows, options: AdaptOptions, *, bad: set[str]) ->
     new_id = adapted_model_id(plan["base_card"]["model_id"], key, res["steps"])
     card = copy.deepcopy(plan["base_card"])
     card.pop("model_dir", None)
-    # the base model's normal-error map measures the base weights' errors, not the new ones'
-    dropped_normal_error = card.pop("normal_error", None) is not None
+    # the base model's normal-error map goes with the new weights: fine-tuning on the site
+    # lowers the network's error on the site's normal anatomy, so the base map errs toward
+    # removing more (the loop's mask without it keeps a tenth of a clean brain); its
+    # fitted_for_model_id names the base weights
+    carried = bool(card.get("normal_error"))
+    if carried:
+        from .engine.modelio import NORMAL_ERROR_NAME
+
+        shutil.copyfile(Path(plan["base_dir"]) / card["normal_error"].get("file", NORMAL_ERROR_NAME),
+                        target / NORMAL_ERROR_NAME)
+        card["normal_error"] = {**card["normal_error"], "file": NORMAL_ERROR_NAME}
     card["model_id"] = new_id
     card["training"] = trained.get("training")  # the fine-tuning; its init_from names the base model
     card["adaptation"] = {
@@ -396,8 +405,8 @@ def _adapt_one(settings, plan, rows, options: AdaptOptions, *, bad: set[str]) ->
         "key": key,
         "steps": res["steps"],
         "resumed_from_step": res["start_step"],
-        "normal_error": ("not carried over: the base model's map measures the base weights' errors"
-                         if dropped_normal_error else "the base model has none"),
+        "normal_error": ("the base model's map, carried over (fitted for the base weights)"
+                         if carried else "the base model has none"),
         "wall_time_s": (trained.get("training") or {}).get("wall_time_s"),
         "final_loss": (trained.get("training") or {}).get("final_loss"),
         "device": str(resolve_device(settings.device)),

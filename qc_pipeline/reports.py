@@ -925,7 +925,7 @@ def render_subject_report(output_dir, subject: str, *, site_column: str = "site"
             "site_plots": _site_plots(suffix_rows, verdict, rec.bids_name, rec.site) if rec.ok else [],
             "fig": scan_figures(rec, output_dir),
             "details": [(k, d.get(k)) for k in ("model_id", "model_adapted_from", "schedule", "device", "forward_passes",
-                                                 "tau_stop", "mean_error", "runtime_s",
+                                                 "tau_stop", "mean_error", "raw_anomaly_fraction", "runtime_s",
                                                  "package_version", "input_sha256", "source_file",
                                                  "mask_file", "error_map_file") if d.get(k) not in (None, "")],
             "fit": d.get("fit") or {},

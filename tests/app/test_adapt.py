@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,8 @@ from qc_pipeline.adapt import (AdaptError, AdaptOptions, adaptation_key, adapted
                                select_training_scans)
 from qc_pipeline.cli import main
 from qc_pipeline.engine import load_model_card
+from qc_pipeline.engine.modelio import save_normal_error
+from qc_pipeline.sitenorm import template_grid
 from qc_pipeline.synth.artifacts import apply_artifact
 
 N_SUBJECTS = 12
@@ -60,9 +63,14 @@ def site(tmp_path_factory, model_dir):
     labels = tmp / "ratings.tsv"
     labels.write_text(f"bids_name\trating\nsub-{RATED_BAD}_T1w\tbad\nsub-01_T1w\tgood\n")
     out, work = tmp / "out", tmp / "work"
-    rc = main(_args(root, out, work, model_dir, "--labels", str(labels), "--nprocs", "2"))
+    # the base model carries a (flat, low) normal-error map, which the adapted model must carry too
+    model = tmp / "base_model"
+    shutil.copytree(model_dir, model)
+    shape, t_aff = template_grid()
+    save_normal_error(model, np.full(shape, 1e-3, np.float32), t_aff, {"factor": 4.0})
+    rc = main(_args(root, out, work, model, "--labels", str(labels), "--nprocs", "2"))
     return {"rc": rc, "root": root, "out": out, "work": work, "labels": labels, "tmp": tmp,
-            "base": load_model_card(model_dir), "model": model_dir}
+            "base": load_model_card(model), "model": model}
 
 
 def test_adapt_screens_every_scan_with_the_adapted_model(site):
@@ -103,6 +111,8 @@ def test_card_records_the_adaptation(site):
     ad = card["adaptation"]
     assert ad["base_model_id"] == site["base"]["model_id"]
     assert ad["complete"] and ad["reference_refit"]
+    assert card["normal_error"]["factor"] == 4.0 and "carried over" in ad["normal_error"]
+    assert (site["out"] / "models" / "T1w" / card["normal_error"]["file"]).is_file()
     assert ad["steps"] == STEPS and ad["resumed_from_step"] == 0
     assert ad["device"] == "cpu" and ad["wall_time_s"] > 0 and ad["seconds"] > 0
     assert ad["options"]["exclude_fraction"] == 0.2 and ad["options"]["steps"] == STEPS
