@@ -798,7 +798,7 @@ def preprocess(img: nib.spatialimages.SpatialImage, *, voxel_size=DEFAULT_VOXEL_
             "scales": np.round(prior_fit["scales"], 4).tolist(),
             "rotation_deg": np.round(prior_fit["rotation_deg"], 3).tolist(),
             "surface_agreement": round(prior_fit["surface_agreement"], 4),
-            "template_to_subject": np.round(prior_fit["affine"], 5).tolist(),
+            "affine": np.round(prior_fit["affine"], 5).tolist(),  # MNI mm -> scanner mm
         },
     )
     warns.extend(mask_img.extra.get("qc_warnings", []))

@@ -65,6 +65,10 @@ def test_good_scans_have_all_outputs_in_native_space(run):
         qc = qc_of(out, rel)
         assert qc["status"] == "ok", (rel, qc["error"])
         assert list(qc) == list(QC_FIELDS)
+        # the template fit reaches the qc.json (the group level's site reference and the engine's
+        # normal-error step both need it); the wiring model has no map, and says so
+        assert np.asarray(qc["template_fit"]["affine"]).shape == (4, 4), rel
+        assert qc["normal_error"] == {"applied": False, "reason": "the model has no normal-error map"}
         stem = Path(rel).name.replace(".nii.gz", "")
         folder = out / Path(rel).parent
         mask = nib.load(folder / f"{stem}_desc-anomaly_mask.nii.gz")
