@@ -44,15 +44,11 @@ from qc_pipeline.io import atomic_write_npz
 from qc_pipeline.qcscore import fit_reference, largest_component_fraction
 from qc_pipeline.sitenorm import (normal_error_mask, site_reference, template_grid, to_template)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/engine_real.py
+from engine_real import cache_grid_affine  # noqa: E402
+
 LOCAL = ("chunk_top", "susceptibility", "spike", "ghosting")
 GRID_MM = 2.0
-
-
-def _centred_affine(shape) -> np.ndarray:
-    """The grid affine ``engine_real.py prepare`` fits its template in (centred, 2 mm)."""
-    a = np.diag([GRID_MM, GRID_MM, GRID_MM, 1.0])
-    a[:3, 3] = -GRID_MM * (np.asarray(shape) - 1) / 2.0
-    return a
 
 
 def _engine_runs(args) -> list[dict]:
@@ -81,7 +77,7 @@ def _engine_runs(args) -> list[dict]:
                     t2w = np.asarray(prior.get("affine", prior.get("template_to_subject")), dtype=float)
                 else:
                     image, brain = z["image"].astype(np.float32), z["brain_mask"].astype(bool)
-                    grid_aff = _centred_affine(brain.shape)
+                    grid_aff = cache_grid_affine(brain.shape)
                     t2w = align_template_prior(brain, grid_aff)["affine"]
             r = model.run(image, brain, voxel_size=(GRID_MM,) * 3, seed=0)
             atomic_write_npz(dst, mask=r.mask, error=r.error_map.astype(np.float32), brain=brain,

@@ -30,16 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/engine_real.py
+from engine_real import cache_grid_affine  # noqa: E402
 
 LOCAL = ("chunk_top", "susceptibility", "spike", "ghosting")
 GRID_MM = 2.0
-
-
-def _grid_affine(shape) -> np.ndarray:
-    a = np.diag([GRID_MM, GRID_MM, GRID_MM, 1.0])
-    a[:3, 3] = -GRID_MM * (np.asarray(shape) - 1) / 2.0
-    return a
 
 
 def _engine_outputs(caches, work: Path, model_dir):
@@ -58,7 +53,7 @@ def _engine_outputs(caches, work: Path, model_dir):
                 with np.load(f) as z:
                     image, brain = z["image"].astype(np.float32), z["brain_mask"].astype(bool)
                 r = model.run(image, brain, voxel_size=(GRID_MM,) * 3, seed=0)
-                fit = align_template_prior(brain, _grid_affine(brain.shape))
+                fit = align_template_prior(brain, cache_grid_affine(brain.shape))
                 np.savez_compressed(dst, mask=r.mask, error=r.error_map.astype(np.float32), brain=brain,
                                     fraction=r.anomaly_fraction, t2w=fit["affine"])
                 print(f"{head} {copy}: engine {100 * r.anomaly_fraction:.1f}%", file=sys.stderr, flush=True)
@@ -73,14 +68,14 @@ def _site_scores(items, factor: float) -> dict:
     for it in items:
         with np.load(it["file"]) as z:
             err = np.where(z["brain"], z["error"], -1.0)
-            t = to_template(err, _grid_affine(err.shape), z["t2w"])
+            t = to_template(err, cache_grid_affine(err.shape), z["t2w"])
         t[~(t >= 0)] = np.nan
         maps[it["file"]] = t
     ref_t = site_reference(list(maps.values()))
     out = {}
     for it in items:
         with np.load(it["file"]) as z:
-            ref = from_template(ref_t, _grid_affine(z["error"].shape), z["error"].shape, z["t2w"])
+            ref = from_template(ref_t, cache_grid_affine(z["error"].shape), z["error"].shape, z["t2w"])
             m = site_anomaly_mask(z["error"], z["mask"], ref, factor)
             out[it["file"]] = float(m.sum()) / float(z["brain"].sum())
     return out

@@ -75,8 +75,6 @@ def template_grid() -> tuple[tuple[int, int, int], np.ndarray]:
     return tuple(int(n) for n in mask.shape), np.asarray(affine, dtype=float)
 
 
-_template = template_grid
-
 
 def _check_affine(a, what: str) -> np.ndarray:
     a = np.asarray(a, dtype=float)
@@ -96,7 +94,7 @@ def to_template(volume: np.ndarray, affine: np.ndarray, template_to_world: np.nd
     template_to_world : (4, 4) array
         MNI world -> scanner world (the preprocessing's ``template_fit["affine"]``).
     """
-    shape, t_aff = _template()
+    shape, t_aff = template_grid()
     m = np.linalg.inv(_check_affine(affine, "scan affine")) @ _check_affine(
         template_to_world, "template_fit affine") @ t_aff
     return ndi.affine_transform(np.asarray(volume, dtype=np.float32), m[:3, :3], m[:3, 3],
@@ -107,7 +105,7 @@ def to_template(volume: np.ndarray, affine: np.ndarray, template_to_world: np.nd
 def from_template(volume_t: np.ndarray, affine: np.ndarray, shape: Sequence[int],
                   template_to_world: np.ndarray) -> np.ndarray:
     """Inverse of :func:`to_template`: a template-grid volume on the scan's grid (linear)."""
-    _, t_aff = _template()
+    _, t_aff = template_grid()
     m = np.linalg.inv(t_aff) @ np.linalg.inv(_check_affine(template_to_world, "template_fit affine")) \
         @ _check_affine(affine, "scan affine")
     return ndi.affine_transform(np.asarray(volume_t, dtype=np.float32), m[:3, :3], m[:3, 3],
