@@ -70,7 +70,7 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     try:
-        if args.nprocs < 1:
+        if getattr(args, "nprocs", 1) < 1:  # the bank command has no --nprocs
             raise SynthError(f"--nprocs must be >= 1; got {args.nprocs}")
         if args.command == "bank":
             from .bank import build_anatomy_bank, save_bank

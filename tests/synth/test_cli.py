@@ -87,3 +87,15 @@ def test_cli_plain_anatomy_gives_the_template_heads(tmp_path):
     ref, meta = make_subject(seed, "T1w", site="A", work_mm=4.0, voxel_size=3.0, cortex_detail=False)
     assert meta["cortex_detail"]["sulci"] == 0.0
     assert np.allclose(plain, ref.get_fdata())
+
+
+def test_bank_command_writes_a_loadable_bank(tmp_path, capsys):
+    from qc_pipeline.engine.domainrand import BANK_CHANNELS, load_bank
+
+    out = tmp_path / "bank.npz"
+    assert main(["bank", str(out), "--voxel-mm", "4"]) == 0
+    bank = load_bank(out)
+    assert bank["voxel_mm"] == 4.0
+    assert all(bank[c].ndim == 3 and bank[c].shape == bank["gm"].shape for c in BANK_CHANNELS)
+    assert bank["wm"].max() > 0.5  # tissue, not an empty canvas
+    assert "wrote" in capsys.readouterr().out
