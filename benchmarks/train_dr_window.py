@@ -2,8 +2,10 @@
 on fresh heads it has not seen.
 
 Phase 1 trains one network on heads of every contrast (T1w/T2w/FLAIR priors and a share of
-uniformly random contrasts); phase 2 continues it on T1w-prior heads only. Both model folders
-are written (``<out>/mixed``, ``<out>/t1w``). Each phase has a wall-clock budget; a phase that
+uniformly random contrasts); phase 2 continues it on T1w-prior heads only; with four
+``--minutes``, phases 3 and 4 continue the phase-1 network on T2w-prior and FLAIR-prior heads
+(the T2w and FLAIR models). Each model folder is written (``<out>/mixed``, ``<out>/t1w``,
+``<out>/t2w``, ``<out>/flair``). A phase with a budget of 0 is skipped. Each phase has a wall-clock budget; a phase that
 finds its checkpoint continues it (any device), so a CPU session can carry a run on.
 
 The table: for each model and each contrast, the engine (IterMask3D, fast schedule) on
@@ -15,6 +17,11 @@ stopping point, passes; and, with ``--real-cache``, the same on preprocessed rea
 Usage (the GPU window of 2026-12-04; ``PYTHONPATH=.`` on a machine without the package)::
 
     python benchmarks/train_dr_window.py --bank bank1mm.npz --out OUT --minutes 5.5 2.0
+
+T2w and FLAIR from a phase-1 network already in ``OUT/mixed`` (a later window; on this
+project's 2-core CPU one step of batch 2 takes about 24 s, so these need a GPU)::
+
+    python benchmarks/train_dr_window.py --bank bank1mm.npz --out OUT --minutes 0 0 4 4
 
 CPU smoke run (tiny)::
 
@@ -38,6 +45,7 @@ from qc_pipeline.engine.inference import IterMask3D
 from qc_pipeline.engine.train_synth import train_synthetic
 
 MIX = {"T1w": 0.5, "T2w": 0.25, "FLAIR": 0.25}
+SEEDS = {"mixed": 1, "t1w": 2, "t2w": 3, "flair": 4}
 
 
 def _summary(rows):
@@ -86,9 +94,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bank", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--minutes", type=float, nargs=2, default=[5.5, 2.0], help="phase 1 and phase 2 budgets")
+    p.add_argument("--minutes", type=float, nargs="+", default=[5.5, 2.0],
+                   help="budgets of the phases mixed, t1w[, t2w, flair] (0 skips a phase)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, nargs=2, default=[1e-3, 3e-4])
+    p.add_argument("--lr", type=float, nargs=2, default=[1e-3, 3e-4],
+                   help="learning rate of phase 1 and of the phases that continue it")
     p.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     p.add_argument("--grid", type=int, nargs=3, default=[80, 96, 80])
     p.add_argument("--voxel-size", type=float, default=2.0)
@@ -96,6 +106,8 @@ def main(argv=None) -> int:
     p.add_argument("--n-eval", type=int, default=8)
     p.add_argument("--real-cache", type=Path, default=None)
     args = p.parse_args(argv)
+    if len(args.minutes) not in (2, 4):
+        p.error(f"--minutes takes 2 or 4 budgets, got {len(args.minutes)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
         "cpu" if args.device == "auto" else args.device)
@@ -111,12 +123,17 @@ def main(argv=None) -> int:
                                  contrast_probs={"T1w": 1.0}, p_random_contrast=0.1),
          args.minutes[1], args.lr[1], args.out / "mixed"),
     ]
+    for name, contrast, minutes in zip(("t2w", "flair"), ("T2w", "FLAIR"), args.minutes[2:]):
+        phases.append((name, DomainRandConfig(grid=tuple(args.grid), voxel_mm=args.voxel_size,
+                                              contrast_probs={contrast: 1.0}, p_random_contrast=0.1),
+                       minutes, args.lr[1], args.out / "mixed"))
     results = {}
     for name, cfg, minutes, lr, init in phases:
         if minutes <= 0:
             continue
-        res = train_synthetic(bank, args.out / name, contrast="T1w", config=cfg, minutes=minutes, lr=lr,
-                              lr_final=lr / 50, init_from=init, seed=1 if name == "mixed" else 2, **common)
+        contrast = next(iter(cfg.contrast_probs)) if len(cfg.contrast_probs) == 1 else "T1w"
+        res = train_synthetic(bank, args.out / name, contrast=contrast, config=cfg, minutes=minutes, lr=lr,
+                              lr_final=lr / 50, init_from=init, seed=SEEDS[name], **common)
         results[name] = res
         print(f"phase {name}: {res['steps']} steps, {res['samples']} heads, loss {res['final_loss']:.4f}, "
               f"{res['wall_time_s']:.0f} s", flush=True)
