@@ -21,7 +21,8 @@ Usage (the GPU window of 2026-12-04; ``PYTHONPATH=.`` on a machine without the p
 T2w and FLAIR from a phase-1 network already in ``OUT/mixed`` (a later window; on this
 project's 2-core CPU one step of batch 2 takes about 24 s, so these need a GPU)::
 
-    python benchmarks/train_dr_window.py --bank bank1mm.npz --out OUT --minutes 0 0 4 4
+    python benchmarks/train_dr_window.py --bank bank1mm.npz --out OUT --minutes 0 0 4 4 \\
+        --continue-from models/t1w
 
 CPU smoke run (tiny)::
 
@@ -103,6 +104,9 @@ def main(argv=None) -> int:
     p.add_argument("--grid", type=int, nargs=3, default=[80, 96, 80])
     p.add_argument("--voxel-size", type=float, default=2.0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--continue-from", type=Path, default=None,
+                   help="model folder the t1w/t2w/flair phases start from (default OUT/mixed; e.g. "
+                        "models/t1w, whose first phase was mixed)")
     p.add_argument("--n-eval", type=int, default=8)
     p.add_argument("--real-cache", type=Path, default=None)
     args = p.parse_args(argv)
@@ -116,17 +120,18 @@ def main(argv=None) -> int:
     t0 = time.time()
     bank = load_bank(args.bank)
     common = dict(features=args.features, device=device, batch_size=args.batch_size, checkpoint_minutes=3.0)
+    start = args.continue_from or args.out / "mixed"
     phases = [
         ("mixed", DomainRandConfig(grid=tuple(args.grid), voxel_mm=args.voxel_size, contrast_probs=MIX,
                                    p_random_contrast=0.15), args.minutes[0], args.lr[0], None),
         ("t1w", DomainRandConfig(grid=tuple(args.grid), voxel_mm=args.voxel_size,
                                  contrast_probs={"T1w": 1.0}, p_random_contrast=0.1),
-         args.minutes[1], args.lr[1], args.out / "mixed"),
+         args.minutes[1], args.lr[1], start),
     ]
     for name, contrast, minutes in zip(("t2w", "flair"), ("T2w", "FLAIR"), args.minutes[2:]):
         phases.append((name, DomainRandConfig(grid=tuple(args.grid), voxel_mm=args.voxel_size,
                                               contrast_probs={contrast: 1.0}, p_random_contrast=0.1),
-                       minutes, args.lr[1], args.out / "mixed"))
+                       minutes, args.lr[1], start))
     results = {}
     for name, cfg, minutes, lr, init in phases:
         if minutes <= 0:
