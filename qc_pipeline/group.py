@@ -24,8 +24,17 @@ says which. Below, "score" is whichever is used.
 
 Flag rules
 ----------
+A scan's verdict, ``flagged``, is true when any of three flags fires: the score's flag
+(``score_flagged``, one of the rules ``site z``, ``robust``, ``fnr`` below), the background
+flag (``background_flagged``) and the engine's flag against the site's own scans
+(``engine_flagged``, :mod:`qc_pipeline.sitenorm`); ``flag_reasons`` names each that fired.
+The engine and the measurements see different things (a compact region no longer like its
+neighbours in the site's normal heads, against a measurement beyond the site's clean
+spread), so either alone is a reason to look at the scan. The labelled metrics (AUROC ...
+FNR90) are of the score.
+
 ``site z`` (default when ranking by ``qc_score_site``)
-    A scan is flagged when ``qc_score_site > site_z`` (default 5): some measurement lies
+    The score flags a scan when ``qc_score_site > site_z`` (default 5): some measurement lies
     more than ``site_z`` robust SDs beyond the site's clean scans. The site score is
     already a z against the clean side of the site, so the cut needs no second robust
     estimate, and it does not move when many of a site's scans carry artifacts (a
@@ -50,7 +59,7 @@ Flag rules
     background), because on most clean scans the fraction is exactly 0 and the MAD rule
     alone would flag any non-zero value. Scans without the statistic (older qc.json,
     ``available: false``) are never background-flagged and do not enter the thresholds.
-    It never changes the ``anomaly_fraction`` flag; ``flag_reasons`` lists both.
+    It never changes the score's flag.
 ``fnr`` (``flag_at_fnr=0.2`` with labels)
     One threshold calibrated on all labelled scans of the suffix (pooled over sites, since
     few artifact scans per site make per-site calibration unstable): the highest
@@ -135,7 +144,7 @@ ROW_COLUMNS = [
     "bids_name", "subject", "session", "acquisition", "run", "suffix", "site", "status",
     "anomaly_voxels", "anomaly_fraction", "anomaly_mm3", "rank", "percentile_in_site",
     "flagged", "error", "qc_score", "qc_score_driver", "qc_score_site", "qc_score_site_driver",
-    "threshold", "label", "rated_artifacts", "warnings", "model_id", "model_adapted_from",
+    "threshold", "score_flagged", "label", "rated_artifacts", "warnings", "model_id", "model_adapted_from",
     "report",
     "background_artifact_fraction", "background_ghost_ratio", "background_snr",
     "background_flagged", "background_threshold", "background_note",
@@ -146,8 +155,9 @@ SITE_COLUMNS = [
     "threshold_rule", "n_flagged", "n_labelled", "n_artifact", "AUROC", "AUPRC",
     "FPR80", "FPR90", "FNR80", "FNR90", "metrics_note",
 ]
-#: per-site columns of the background flag (after the anomaly and metric columns)
+#: per-site columns of the three flags (after the anomaly and metric columns)
 BACKGROUND_SITE_COLUMNS = [
+    "n_score_flagged",
     "median_background_fraction", "background_threshold", "background_rule", "n_background_flagged",
     "median_site_anomaly_fraction", "engine_threshold", "engine_rule", "n_engine_flagged",
 ]
@@ -607,7 +617,7 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
                         f"{mad_k:g} x scaled MAD (1.4826 x MAD) of the site's scores; sites with "
                         f"fewer than {min_site_size} successful scans use the pooled distribution")
 
-    def is_flagged(r: QCRecord) -> bool:
+    def is_score_flagged(r: QCRecord) -> bool:
         thr = site_thr[r.site][0]
         if not math.isfinite(thr):
             return False
@@ -634,6 +644,10 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
             return None
         return bool(math.isfinite(thr) and x > thr)
 
+    def is_flagged(r: QCRecord) -> bool:
+        """The scan's verdict: any flag."""
+        return bool(r.ok and (is_score_flagged(r) or is_bg_flagged(r) or is_en_flagged(r)))
+
     # ---- rows
     ok_sorted = sorted(ok, key=lambda r: (-S(r), r.bids_name))
     # rank 1 = the highest score; tied scores share the smallest rank of the tie. Every
@@ -646,11 +660,12 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
         xs = site_scores[r.site]
         pct = 100.0 * float(np.mean(xs <= S(r)))
         rows.append(_row(r, lab, tags, rank=rank, pct=pct, flagged=is_flagged(r),
-                         thr=site_thr[r.site][0], bg_flagged=is_bg_flagged(r),
+                         score_flagged=is_score_flagged(r), thr=site_thr[r.site][0], bg_flagged=is_bg_flagged(r),
                          bg_thr=bg_thr[r.site][0], strict=strict, score_name=score_name, score=S(r),
                          en_flagged=is_en_flagged(r), en_thr=en_thr[r.site][0]))
     for r in sorted(failed, key=lambda r: r.bids_name):
-        rows.append(_row(r, lab, tags, rank=None, pct=None, flagged=None, thr=site_thr[r.site][0],
+        rows.append(_row(r, lab, tags, rank=None, pct=None, flagged=None, score_flagged=None,
+                         thr=site_thr[r.site][0],
                          bg_flagged=None, bg_thr=bg_thr[r.site][0], strict=strict, score_name=score_name))
 
     # ---- sites
@@ -669,7 +684,8 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
             "median_fraction": float(np.median(xs)) if xs.size else math.nan,
             "p95_fraction": float(np.percentile(xs, 95)) if xs.size else math.nan,
             "threshold": thr, "threshold_rule": rule,
-            "n_flagged": sum(1 for r in recs if r.ok and is_flagged(r)),
+            "n_flagged": sum(1 for r in recs if is_flagged(r)),
+            "n_score_flagged": sum(1 for r in recs if r.ok and is_score_flagged(r)),
         }
         bx = np.array([r.background_fraction for r in recs if r.ok], dtype=float)
         bx = bx[np.isfinite(bx)]
@@ -700,6 +716,8 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
                "n_background_flagged": sum(1 for r in ok if is_bg_flagged(r)),
                "engine_rule": en_summary, "engine_thresholds": en_thr,
                "n_engine_flagged": sum(1 for r in ok if is_en_flagged(r)),
+               "n_flagged": sum(1 for r in ok if is_flagged(r)),
+               "n_score_flagged": sum(1 for r in ok if is_score_flagged(r)),
                "n_scans": len(records), "n_failed": len(failed), "sites": sites,
                "score": score_name,
                "labels": labels is not None}
@@ -851,14 +869,15 @@ def _measure_thresholds(ok: list[QCRecord], sites: list[str], attr: str, *, scor
     return out, summary
 
 
-def _row(r: QCRecord, lab: Mapping, tags: Mapping, *, rank, pct, flagged, thr, bg_flagged=None, bg_thr=math.nan,
+def _row(r: QCRecord, lab: Mapping, tags: Mapping, *, rank, pct, flagged, score_flagged, thr, bg_flagged=None,
+         bg_thr=math.nan,
          strict: bool = True, score_name: str = "anomaly_fraction", score: float = math.nan,
          en_flagged=None, en_thr=math.nan) -> dict:
     e = r.entities
     reasons = []
     driver = r.data.get("qc_score_driver") if r.ok else None
     site_driver = r.site_driver if r.ok else None
-    if flagged:
+    if score_flagged:
         d = site_driver if score_name == "qc_score_site" else driver if score_name == "qc_score" else None
         why = f" (driven by {d})" if d else ""
         reasons.append(f"{score_name} {score:.4g} {'>' if strict else '>='} threshold {thr:.4g}{why}")
@@ -882,7 +901,8 @@ def _row(r: QCRecord, lab: Mapping, tags: Mapping, *, rank, pct, flagged, thr, b
         "anomaly_voxels": int(r.voxels) if r.ok and math.isfinite(r.voxels) else None,
         "anomaly_fraction": r.fraction if r.ok else None,
         "anomaly_mm3": r.mm3 if r.ok and math.isfinite(r.mm3) else None,
-        "rank": rank, "percentile_in_site": pct, "flagged": flagged, "error": r.error or "",
+        "rank": rank, "percentile_in_site": pct, "flagged": flagged, "score_flagged": score_flagged,
+        "error": r.error or "",
         "threshold": thr if r.ok else None,
         "label": lab.get(r.bids_name), "rated_artifacts": tags.get(r.bids_name, ""),
         "warnings": "; ".join(r.warnings),
@@ -1048,7 +1068,8 @@ def write_group_tables(output_dir, *, labels=None, site_column: str = "site",
             min_site_size=min_site_size, background_k=background_k,
             background_min_fraction=background_min_fraction, site_z=site_z, artifacts=tag_map,
             engine_min_fraction=engine_min_fraction)
-        site_cols = (SITE_COLUMNS if label_map is not None else SITE_COLUMNS[:8]) + BACKGROUND_SITE_COLUMNS
+        site_cols = (SITE_COLUMNS if label_map is not None
+                     else SITE_COLUMNS[:SITE_COLUMNS.index("n_labelled")]) + BACKGROUND_SITE_COLUMNS
         row_cols = (ROW_COLUMNS if label_map is not None
                     else [c for c in ROW_COLUMNS if c not in ("label", "rated_artifacts")])
         p_rows = output_dir / f"group_{suffix}.csv"
@@ -1056,8 +1077,8 @@ def write_group_tables(output_dir, *, labels=None, site_column: str = "site",
         atomic_write_text(_csv_text(rows, row_cols), p_rows)
         atomic_write_text(_csv_text(site_rows, site_cols), p_sites)
         out.append(SuffixTables(suffix, rows, site_rows, summary, site_cols, [p_rows, p_sites]))
-        LOGGER.info("group %s: %d scans (%d failed), %d flagged, %d flagged for background artifact",
-                    suffix, summary["n_scans"], summary["n_failed"], sum(1 for r in rows if r["flagged"]),
-                    summary["n_background_flagged"])
+        LOGGER.info("group %s: %d scans (%d failed), %d flagged (score %d, background %d, engine %d)",
+                    suffix, summary["n_scans"], summary["n_failed"], summary["n_flagged"],
+                    summary["n_score_flagged"], summary["n_background_flagged"], summary["n_engine_flagged"])
     return GroupTables(output_dir, out, sorted({r.subject for r in records if r.subject}), labels_source,
                        mad_k, flag_at_fnr)

@@ -80,6 +80,8 @@ MEASURE_WORDS: dict[str, tuple[str, str]] = {
     "snr": ("low signal-to-noise ratio", "noise"),
     "spectral_peak": ("spike / zipper stripes (a k-space spike)", "spike/zipper"),
     "line_comb": ("ghosting along the phase-encode direction (motion or pulsation)", "ghosting/wrap-around"),
+    "site_anomaly_fraction": ("a region unlike the same place in this site's other scans (the model, "
+                              "against the site)", "other"),
 }
 
 
@@ -793,6 +795,7 @@ def _group_info(output_dir: Path, rec: QCRecord) -> dict | None:
             "page": f"group_{rec.suffix}.html", "score": key, "score_value": row.get(key),
             "driver": driver, "driver_words": describe_measure(driver),
             "background_flagged": row.get("background_flagged") == "1",
+            "engine_flagged": row.get("engine_flagged") == "1",
             "background_threshold": row.get("background_threshold"), "background_rule": bg_rule,
             "flag_reasons": row.get("flag_reasons", "") or ""}
 
@@ -837,19 +840,23 @@ def scan_verdict(data: dict, group: dict | None) -> dict:
     if ranked:
         score, value, driver = group["score"], group["score_value"], group["driver"]
         flagged, bg_flagged = group["flagged"], group["background_flagged"]
+        en_flagged = bool(group.get("engine_flagged"))
     else:
         score, value, driver = "qc_score", data.get("qc_score"), data.get("qc_score_driver") or ""
-        flagged = bg_flagged = False
+        flagged = bg_flagged = en_flagged = False
         if value is None:
             score, value, driver = "anomaly_fraction", data.get("anomaly_fraction"), ""
     reasons = [describe_measure(driver)] if driver else []
     if bg_flagged and driver != "background_artifact_fraction":
         reasons.append(describe_measure("background_artifact_fraction"))
+    if en_flagged:
+        reasons.append(describe_measure("site_anomaly_fraction"))
     pointers = ([driver] if driver else []) + (["background_artifact_fraction"] if bg_flagged else [])
     tags = [MEASURE_WORDS[d][1] for d in pointers
             if d in MEASURE_WORDS]
     return {"ranked": ranked, "score": score, "value": value, "driver": driver, "reasons": reasons,
             "basis": _SCORE_BASIS[score], "flagged": flagged, "background_flagged": bg_flagged,
+            "engine_flagged": en_flagged,
             "tags": sorted(set(tags))}
 
 
@@ -995,7 +1002,8 @@ def _overview_cards(output_dir: Path, table, records: dict) -> list[dict]:
             "href": f"{r['report']}#{scan_anchor(r['bids_name'])}", "site": r["site"], "status": r["status"],
             "error": r.get("error") or "", "rank": r.get("rank"), "score": r.get(key), "score_name": key,
             "driver": driver, "words": describe_measure(driver), "flagged": bool(r.get("flagged")),
-            "background_flagged": bool(r.get("background_flagged")), "label": r.get("label"),
+            "background_flagged": bool(r.get("background_flagged")),
+            "engine_flagged": bool(r.get("engine_flagged")), "label": r.get("label"),
             "thumb": fig.get("thumb"), "mosaic": mosaic,
             "tags": sorted({MEASURE_WORDS[d][1] for d in (driver, "background_artifact_fraction"
                                                             if r.get("background_flagged") else "")

@@ -332,7 +332,9 @@ def test_background_flag_is_separate_and_robust_per_site(derivs):
     from qc_pipeline.group import DEFAULT_BACKGROUND_MIN_FRACTION
 
     run_group(derivs.root, subject_reports=False)
-    before = {r["bids_name"]: r["flagged"] for r in _read(derivs.root / "group_T1w.csv")}
+    before_rows = _read(derivs.root / "group_T1w.csv")
+    before = {r["bids_name"]: r["score_flagged"] for r in before_rows}
+    assert all(r["flagged"] == r["score_flagged"] for r in before_rows)  # no other flag fired yet
     rng = np.random.default_rng(0)
     ok_t1 = [s for s in derivs.scans if s.suffix == "T1w" and s.kind != "failed"]
     clean_a = [s for s in ok_t1 if s.site == "A" and s.kind == "clean"]
@@ -353,8 +355,11 @@ def test_background_flag_is_separate_and_robust_per_site(derivs):
     run_group(derivs.root, subject_reports=False)
     rows = {r["bids_name"]: r for r in _read(derivs.root / "group_T1w.csv")}
     sites = {r["site"]: r for r in _read(derivs.root / "group_T1w_sites.csv")}
-    # the anomaly flag did not move
-    assert {n: r["flagged"] for n, r in rows.items()} == before
+    # the score's flag did not move; the verdict took the background flag in
+    assert {n: r["score_flagged"] for n, r in rows.items()} == before
+    for n, r in rows.items():
+        want = "1" if before[n] == "1" or n == ghost else "0" if r["status"] == "ok" else ""
+        assert r["flagged"] == want, n
     # site A: median + 3 x scaled MAD of its scans with the statistic (floor not binding)
     a = np.array([v for n, v in values.items() if rows[n]["site"] == "A"])
     med = np.median(a)

@@ -81,7 +81,7 @@ def test_mask_keeps_only_voxels_above_the_site_level():
         site_anomaly_mask(err, mask, ref[:2], 3.0)
 
 
-def _write_site(root, n_clean=9, sub_prefix="c", site="A", artifact=True, rng=None):
+def _write_site(root, n_clean=9, sub_prefix="c", site="A", artifact=True, rng=None, art_count_like_clean=False):
     rng = rng or np.random.default_rng(0)
     names = []
     for i in range(n_clean + int(artifact)):
@@ -99,6 +99,9 @@ def _write_site(root, n_clean=9, sub_prefix="c", site="A", artifact=True, rng=No
                "template_fit": {"affine": IDENTITY.tolist(), "surface_agreement": 0.9},
                "mask_file": f"{name}_desc-anomaly_mask.nii.gz",
                "error_map_file": f"{name}_desc-error_map.nii.gz"}
+        if is_art and art_count_like_clean:  # its loop counted as many voxels as a clean scan's
+            rec["anomaly_voxels"] = int(_ball(COMMON, 3).sum())
+            rec["anomaly_fraction"] = rec["anomaly_voxels"] / float(BRAIN.sum())
         (d / f"{name}_qc.json").write_text(json.dumps(rec))
         names.append(name)
     return names
@@ -148,6 +151,29 @@ def test_group_table_flags_the_artifact_by_the_engine_against_its_site(tmp_path)
     with open(tmp_path / "group_T1w_sites.csv", newline="") as fh:
         site = next(csv.DictReader(fh))
     assert site["n_engine_flagged"] == "1"
+    assert rows[art]["flagged"] == "1"
+    assert int(site["n_flagged"]) == sum(r["flagged"] == "1" for r in rows.values())
+
+
+def test_the_engines_flag_alone_makes_the_verdict(tmp_path):
+    """A scan whose loop counted as many voxels as every clean scan's (so the score, its
+    count, does not flag it) but whose error map stands out against the site's scans where
+    theirs does not: the engine's flag alone flags it, and the reason says so."""
+    names = _write_site(tmp_path, art_count_like_clean=True)
+    write_group_tables(tmp_path, engine_min_fraction=0.001)
+    with open(tmp_path / "group_T1w.csv", newline="") as fh:
+        rows = {r["bids_name"]: r for r in csv.DictReader(fh)}
+    art = next(n for n in names if "art" in n)
+    assert rows[art]["score_flagged"] == "0" and rows[art]["engine_flagged"] == "1"
+    assert rows[art]["flagged"] == "1"
+    assert rows[art]["flag_reasons"].startswith("engine, against the site's scans")
+    for n in names:
+        if n != art:
+            assert rows[n]["flagged"] == rows[n]["score_flagged"]
+    with open(tmp_path / "group_T1w_sites.csv", newline="") as fh:
+        site = next(csv.DictReader(fh))
+    assert site["n_flagged"] == str(sum(r["flagged"] == "1" for r in rows.values()))
+    assert site["n_score_flagged"] == str(sum(r["score_flagged"] == "1" for r in rows.values()))
 
 
 def test_small_sites_use_the_pool_and_the_step_can_be_skipped(tmp_path):
