@@ -37,8 +37,7 @@ FNR90) are of the score.
     The score flags a scan when ``qc_score_site > site_z`` (default 5): some measurement lies
     more than ``site_z`` robust SDs beyond the site's clean scans. The site score is
     already a z against the clean side of the site, so the cut needs no second robust
-    estimate, and it does not move when many of a site's scans carry artifacts (a
-    median + MAD of the scores does: with half a site bad it flags almost nothing). On
+    estimate. On
     20 held-out synthetic normal T1w heads 5 % of the clean scans exceed 5
     (``docs/benchmarks.md``).
 ``robust`` (default when ranking by ``qc_score`` or ``anomaly_fraction``)

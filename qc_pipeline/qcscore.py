@@ -497,13 +497,20 @@ def _signed(spec: FeatureSpec, d: float) -> float:
 
 
 def _clean_side(y: np.ndarray, floor: float) -> tuple[float, float]:
-    """Location and scale of the clean scans among oriented values ``y`` (bad = high),
-    from the good side of the distribution, so that up to about three quarters of the scans
-    may carry artifacts that raise ``y``: the background statistic's noise model
-    (:func:`qc_pipeline.background.lower_side_location_scale`: ``S = (q25 - q05) / 0.9704``,
-    ``scale = max(S, floor)``, location ``q25 + 0.6745 scale``), the location at most the
-    median."""
-    loc, scale = lower_side_location_scale(y, floor)
+    """Location and scale of the clean scans among oriented values ``y`` (bad = high).
+
+    The location comes from the good side of the distribution, so that up to about three
+    quarters of the scans may carry artifacts that raise ``y``: the background statistic's
+    noise model (:func:`qc_pipeline.background.lower_side_location_scale`:
+    ``S = (q25 - q05) / 0.9704``, location ``q25 + 0.6745 S``), at most the median. The
+    scale is the largest of ``S``, ``floor`` (the reference's) and the normal-consistent MAD
+    of all the values: the good side alone is one subgroup's spread when the site's clean
+    scans differ among themselves (different people, protocols or scanners pooled as one
+    site), and against it another subgroup's clean scans look like artifacts. Where a
+    minority of scans moves a measurement the MAD is the clean scans' and changes nothing.
+    """
+    loc, s_low = lower_side_location_scale(y, floor)
+    scale = max(s_low, float(median_abs_deviation(y, scale="normal")))
     return min(float(np.median(y)), loc), scale
 
 
@@ -514,12 +521,15 @@ def relative_scores(features: list[Mapping[str, float | None]], reference: Mappi
     For every measurement of ``reference["features"]``: transform as the reference says,
     orient it so that bad is high (``up``/``down``), and take the location and scale of the
     clean scans from the good side of these scans' distribution (:func:`_clean_side`: lower
-    quartiles, the scale at least the reference's); a scan's score is its largest signed
+    quartiles, the scale at least the reference's and the scans' own MAD); a scan's score is its largest signed
     robust z. (A ``both`` measurement uses median and ``max(1.4826 MAD, reference scale)``.)
     This is the group level's per-site score: it follows the site's own clean scans when
     they differ from the reference scans (another scanner, real instead of synthetic
-    anatomy), and it stays anchored on the clean scans when many of a site's scans carry
-    the same artifact (a median would move with them once they are half the site). A
+    anatomy); its location stays on the clean scans when many of a site's scans carry the
+    same artifact, and its scale widens when the site's clean scans differ among themselves
+    (different people or scanners as one site). The price of the second: when more than
+    about half of a site shares one artifact, the MAD is theirs and the site score ranks
+    them first without flagging them (the reference score ``qc_score`` still does). A
     measurement with fewer than ``min_scans`` values is left out. Returns
     ``(score, driver)`` per scan (``(None, None)`` when no measurement is left).
     """

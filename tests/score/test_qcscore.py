@@ -302,34 +302,64 @@ def test_relative_scores_follow_the_scans_own_distribution():
     assert relative_scores(feats[:5], ref, min_scans=8) == [(None, None)] * 5
 
 
-def test_site_score_stays_on_the_clean_scans_when_most_of_a_site_is_bad(tmp_path):
-    """10 clean + 14 scans with the same artifact in one site: a median would sit among the
-    bad scans; the clean-side location keeps them high, the clean ones low, and the group
-    level flags exactly the bad ones (a median + 3 MAD cut of the scores flags none)."""
-    import csv
+def _write_noise_site(root, noise, ref, site="A"):
     import json
+
+    for k, v in enumerate(noise, start=1):
+        d = root / f"sub-{k:02d}" / "anat"
+        d.mkdir(parents=True)
+        (d / f"sub-{k:02d}_T1w_qc.json").write_text(json.dumps({
+            "status": "ok", "bids_name": f"sub-{k:02d}_T1w", "site": site,
+            "entities": {"subject": f"{k:02d}", "suffix": "T1w"}, "anomaly_voxels": 10,
+            "anomaly_fraction": 0.1, "anomaly_mm3": 80.0,
+            **combine({"noise": v}, ref).to_dict()}))
+
+
+NOISE_REF = {"features": {
+    "noise": {"median": 0.0, "scale": 0.05, "direction": "up", "transform": "log", "offset": 0.0}}}
+
+
+def test_site_score_when_most_of_a_site_is_bad():
+    """10 clean + 14 scans with the same artifact in one site: the location stays on the
+    clean scans (they score low, every bad scan ranks above every clean one); the spread is
+    the site's own, so the bad scans are not 8 SDs out as against the clean scans alone."""
+    from qc_pipeline.qcscore import relative_scores
+
+    rng = np.random.default_rng(3)
+    noise = [float(np.exp(0.5 + 0.04 * rng.normal() + (0.8 * rng.uniform(0.7, 1.0) if k >= 10 else 0.0)))
+             for k in range(24)]
+    rel = [s for s, _ in relative_scores([{"noise": v} for v in noise], NOISE_REF)]
+    assert max(rel[:10]) < 1.0 < 2.0 < min(rel[10:])
+    assert max(rel[10:]) < 8.0
+
+
+def test_site_of_different_people_flags_the_artifact_not_the_people(tmp_path):
+    """Clean scans of three people whose noise levels differ by 3 and 6 reference scales (a
+    site of different people or scanners) plus one artifact per person far beyond its own
+    person: the group level flags the three artifacts and no clean scan. Against the good
+    side alone (the lowest person's spread, the reference scale) the third person's clean
+    scans would be more than 5 SDs out."""
+    import csv
 
     from qc_pipeline.grouplevel import run_group
     from qc_pipeline.qcscore import relative_scores
 
-    ref = {"features": {
-        "noise": {"median": 0.0, "scale": 0.05, "direction": "up", "transform": "log", "offset": 0.0}}}
-    rng = np.random.default_rng(3)
-    noise = [float(np.exp(0.5 + 0.04 * rng.normal() + (0.8 * rng.uniform(0.7, 1.0) if k >= 10 else 0.0)))
-             for k in range(24)]
-    rel = [s for s, _ in relative_scores([{"noise": v} for v in noise], ref)]
-    assert max(rel[:10]) < 3.0 and min(rel[10:]) > 8.0
-    for k, v in enumerate(noise, start=1):
-        d = tmp_path / f"sub-{k:02d}" / "anat"
-        d.mkdir(parents=True)
-        (d / f"sub-{k:02d}_T1w_qc.json").write_text(json.dumps({
-            "status": "ok", "bids_name": f"sub-{k:02d}_T1w", "site": "A",
-            "entities": {"subject": f"{k:02d}", "suffix": "T1w"}, "anomaly_voxels": 10,
-            "anomaly_fraction": 0.1, "anomaly_mm3": 80.0,
-            **combine({"noise": v}, ref).to_dict()}))
+    rng = np.random.default_rng(5)
+    people = (0.3, 0.45, 0.6)  # log noise level of each person's clean scans
+    noise, bad = [], []
+    for level in people:
+        noise += [float(np.exp(level + 0.02 * rng.normal())) for _ in range(8)]
+        bad.append(len(noise))
+        noise.append(float(np.exp(level + 1.6)))
+    rel = [s for s, _ in relative_scores([{"noise": v} for v in noise], NOISE_REF)]
+    clean = [s for i, s in enumerate(rel) if i not in bad]
+    assert max(clean) < 5.0 < min(rel[i] for i in bad)
+    lo = np.log(noise[:8])
+    assert (np.log(noise[18]) - np.percentile(lo, 50)) / NOISE_REF["features"]["noise"]["scale"] > 5.0
+    _write_noise_site(tmp_path, noise, NOISE_REF)
     run_group(tmp_path, subject_reports=False)
     rows = list(csv.DictReader(open(tmp_path / "group_T1w.csv", newline="")))
-    assert {r["bids_name"] for r in rows if r["flagged"] == "1"} == {f"sub-{k:02d}_T1w" for k in range(11, 25)}
+    assert {r["bids_name"] for r in rows if r["flagged"] == "1"} == {f"sub-{i + 1:02d}_T1w" for i in bad}
     site = next(csv.DictReader(open(tmp_path / "group_T1w_sites.csv", newline="")))
     assert "qc_score_site > 5" in site["threshold_rule"]
 
