@@ -61,6 +61,9 @@ def main(argv=None) -> int:
             print(f"{f}: missing (prepare it with benchmarks/detection.py --prepare-only)", file=sys.stderr)
             continue
         z = np.load(f)
+        if "image" not in z.files:  # detection.py keeps a failed preprocessing as its error
+            print(f"{f.name}: preprocessing failed, left out", file=sys.stderr)
+            continue
         heads.append((z["image"].astype(np.float32), z["mask"].astype(bool)))
         tau50.append(model.typical_error(*heads[-1], voxel_size=vs))
         print(f"{f.name}: tau(50) = {tau50[-1]:.4f}", flush=True)
