@@ -26,6 +26,8 @@ fitted without the evaluated heads.
 
     python benchmarks/normal_error.py eval  --synthetic SYN --real RG RGH --work W \\
         --fit-heads itk robex s1 --eval-heads colin bb1 bb2 --factor 2 3 4
+    python benchmarks/normal_error.py eval  --synthetic SYN --real RG6 --work W --leave-one-out \\
+        --fit-heads itk robex s1 colin bb1 bb2 --eval-heads itk robex s1 colin bb1 bb2 --factor 3 4
     python benchmarks/normal_error.py build --synthetic SYN --real RG --work W \\
         --fit-heads itk robex s1 --factor 4 --model-dir models/t1w
 """
@@ -119,23 +121,36 @@ def _auc(clean, bad) -> float:
 
 
 def cmd_eval(args, items, tmaps) -> None:
-    fit_items = [it for it in items if it["kind"] == "clean" and
-                 (it["head"] == "syn" or it["head"] in args.fit_heads)]
-    ref_t = _fit(fit_items, tmaps)
     heads = [h for h in args.eval_heads]
-    print(f"map fitted on {len(fit_items)} normal scans "
-          f"({sum(it['head'] == 'syn' for it in fit_items)} synthetic, clean copies of "
-          f"{', '.join(args.fit_heads) or 'no real head'}); evaluated on {', '.join(heads)}\n")
+
+    def fit_without(skip):
+        fit_items = [it for it in items if it["kind"] == "clean" and
+                     (it["head"] == "syn" or (it["head"] in args.fit_heads and it["head"] != skip))]
+        return fit_items, _fit(fit_items, tmaps)
+
+    if args.leave_one_out:
+        maps = {h: fit_without(h)[1] for h in heads}
+        print(f"each head against a map fitted on the synthetic normals and the clean copies of the "
+              f"other heads of {', '.join(args.fit_heads)}; evaluated on {', '.join(heads)}\n")
+    else:
+        fit_items, ref_t = fit_without(None)
+        if set(heads) & set(args.fit_heads):
+            raise SystemExit("an evaluated head is in --fit-heads: use --leave-one-out")
+        maps = {h: ref_t for h in heads}
+        print(f"map fitted on {len(fit_items)} normal scans "
+              f"({sum(it['head'] == 'syn' for it in fit_items)} synthetic, clean copies of "
+              f"{', '.join(args.fit_heads) or 'no real head'}); evaluated on {', '.join(heads)}\n")
     print("| mask | factor | " + " | ".join(f"{h}: AUROC all / local / clean %" for h in heads)
           + " | pooled: AUROC all / local / clean % |")
     print("|---|---|" + "---|" * (len(heads) + 1))
     ev = [it for it in items if it["head"] in heads]
     data = {it["file"]: _load(it) for it in ev}
-    for label, factor, ref in [("engine's own", "-", None)] + [("against the normal-error map", f, ref_t)
-                                                               for f in args.factor]:
+    for label, factor, use in [("engine's own", "-", False)] + [("against the normal-error map", f, True)
+                                                                 for f in args.factor]:
         frac = {}
         for it in ev:
             z = data[it["file"]]
+            ref = maps[it["head"]] if use else None
             frac[it["file"]] = float(_masked(z, ref, factor).sum()) / float(z["brain"].sum())
         cells = []
         for group in [[h] for h in heads] + [heads]:
@@ -186,7 +201,8 @@ def cmd_build(args, items, tmaps) -> None:
     }
     save_normal_error(args.model_dir, ref_t, t_aff, section)
     card = load_model_card(args.model_dir)
-    card["model_id"] = f"{base_id}-ne{factor:g}"
+    # the id names the map's data too: results of another map are never reused under it
+    card["model_id"] = f"{base_id}-ne{factor:g}" + (f"r{len(args.fit_heads)}" if args.fit_heads else "")
     feats = fit_reference(rows, features=["anomaly_fraction", "anomaly_cluster_fraction"])["features"]
     card["qc_score"]["features"].update(feats)
     card["qc_score"]["normal_error_features_source"] = (
@@ -208,6 +224,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fit-heads", nargs="*", default=[], help="real heads whose clean copies join the map")
     ap.add_argument("--eval-heads", nargs="*", default=[], help="real heads to evaluate (eval)")
     ap.add_argument("--factor", nargs="+", type=float, default=[4.0])
+    ap.add_argument("--leave-one-out", action="store_true",
+                    help="eval: each evaluated head against a map fitted without its own copies "
+                         "(evaluated heads may then be in --fit-heads)")
     args = ap.parse_args(argv)
     if set(args.fit_heads) & set(args.eval_heads):
         raise SystemExit(f"heads both fitted and evaluated: {sorted(set(args.fit_heads) & set(args.eval_heads))}")

@@ -37,8 +37,7 @@ FNR90) are of the score.
     The score flags a scan when ``qc_score_site > site_z`` (default 5): some measurement lies
     more than ``site_z`` robust SDs beyond the site's clean scans. The site score is
     already a z against the clean side of the site, so the cut needs no second robust
-    estimate. On
-    20 held-out synthetic normal T1w heads 5 % of the clean scans exceed 5
+    estimate. On 20 held-out synthetic normal T1w heads 5 % of the clean scans exceed 5
     (``docs/benchmarks.md``).
 ``robust`` (default when ranking by ``qc_score`` or ``anomaly_fraction``)
     Per site, a scan is flagged when ``score > median + k * s`` where ``s`` is
@@ -121,7 +120,7 @@ __all__ = [
     "DEFAULT_BACKGROUND_MIN_FRACTION",
     "DEFAULT_ENGINE_MIN_FRACTION",
     "apply_site_normative",
-    "BACKGROUND_SITE_COLUMNS",
+    "FLAG_SITE_COLUMNS",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -155,7 +154,7 @@ SITE_COLUMNS = [
     "FPR80", "FPR90", "FNR80", "FNR90", "metrics_note",
 ]
 #: per-site columns of the three flags (after the anomaly and metric columns)
-BACKGROUND_SITE_COLUMNS = [
+FLAG_SITE_COLUMNS = [
     "n_score_flagged",
     "median_background_fraction", "background_threshold", "background_rule", "n_background_flagged",
     "median_site_anomaly_fraction", "engine_threshold", "engine_rule", "n_engine_flagged",
@@ -659,13 +658,13 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
         xs = site_scores[r.site]
         pct = 100.0 * float(np.mean(xs <= S(r)))
         rows.append(_row(r, lab, tags, rank=rank, pct=pct, flagged=is_flagged(r),
-                         score_flagged=is_score_flagged(r), thr=site_thr[r.site][0], bg_flagged=is_bg_flagged(r),
-                         bg_thr=bg_thr[r.site][0], strict=strict, score_name=score_name, score=S(r),
+                         score_flagged=is_score_flagged(r), thr=site_thr[r.site][0],
+                         bg_flagged=is_bg_flagged(r), bg_thr=bg_thr[r.site][0], strict=strict, score_name=score_name, score=S(r),
                          en_flagged=is_en_flagged(r), en_thr=en_thr[r.site][0]))
     for r in sorted(failed, key=lambda r: r.bids_name):
         rows.append(_row(r, lab, tags, rank=None, pct=None, flagged=None, score_flagged=None,
-                         thr=site_thr[r.site][0],
-                         bg_flagged=None, bg_thr=bg_thr[r.site][0], strict=strict, score_name=score_name))
+                         thr=site_thr[r.site][0], bg_flagged=None, bg_thr=bg_thr[r.site][0], strict=strict,
+                         score_name=score_name))
 
     # ---- sites
     site_rows = []
@@ -868,10 +867,9 @@ def _measure_thresholds(ok: list[QCRecord], sites: list[str], attr: str, *, scor
     return out, summary
 
 
-def _row(r: QCRecord, lab: Mapping, tags: Mapping, *, rank, pct, flagged, score_flagged, thr, bg_flagged=None,
-         bg_thr=math.nan,
-         strict: bool = True, score_name: str = "anomaly_fraction", score: float = math.nan,
-         en_flagged=None, en_thr=math.nan) -> dict:
+def _row(r: QCRecord, lab: Mapping, tags: Mapping, *, rank, pct, flagged, score_flagged, thr,
+         bg_flagged=None, bg_thr=math.nan, strict: bool = True, score_name: str = "anomaly_fraction",
+         score: float = math.nan, en_flagged=None, en_thr=math.nan) -> dict:
     e = r.entities
     reasons = []
     driver = r.data.get("qc_score_driver") if r.ok else None
@@ -1068,7 +1066,7 @@ def write_group_tables(output_dir, *, labels=None, site_column: str = "site",
             background_min_fraction=background_min_fraction, site_z=site_z, artifacts=tag_map,
             engine_min_fraction=engine_min_fraction)
         site_cols = (SITE_COLUMNS if label_map is not None
-                     else SITE_COLUMNS[:SITE_COLUMNS.index("n_labelled")]) + BACKGROUND_SITE_COLUMNS
+                     else SITE_COLUMNS[:SITE_COLUMNS.index("n_labelled")]) + FLAG_SITE_COLUMNS
         row_cols = (ROW_COLUMNS if label_map is not None
                     else [c for c in ROW_COLUMNS if c not in ("label", "rated_artifacts")])
         p_rows = output_dir / f"group_{suffix}.csv"
