@@ -78,14 +78,15 @@ def cache_grid_affine(shape, voxel_mm: float = VOXEL) -> np.ndarray:
     return a
 
 
-def run_as_the_app(model, image: np.ndarray, brain: np.ndarray, voxel_size):
+def run_as_the_app(model, image: np.ndarray, brain: np.ndarray, voxel_size, schedule=None):
     """The participant level's engine step on a cached copy: the test-time loop, then its mask
     against the model's normal-error map through a template fit of the copy's brain mask
     (``IterMask3D.against_normal_error``; a model without a map keeps the loop's own mask).
-    Returns ``(the loop's result, the app's result)``."""
+    ``schedule``: the card's (None) or another of its schedules. Returns ``(the loop's result,
+    the app's result)``."""
     from qc_pipeline.preprocessing import align_template_prior
 
-    r = model.run(image, brain, voxel_size=voxel_size, seed=0)
+    r = model.run(image, brain, voxel_size=voxel_size, seed=0, schedule=schedule)
     if model.normal_error is None:
         return r, model.against_normal_error(r, grid_affine=None, template_to_world=None)
     aff = cache_grid_affine(brain.shape, float(voxel_size[0]))

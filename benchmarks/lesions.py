@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json-out", type=Path, default=None)
+    p.add_argument("--schedule", default=None, help="one of the card's schedules (default: the card's own)")
     args = p.parse_args(argv)
 
     import torch
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
                 continue
             edited, look = paint(image, lesion, rng)
             t0 = time.perf_counter()
-            raw, r = run_as_the_app(model, edited, brain, vs)
+            raw, r = run_as_the_app(model, edited, brain, vs, schedule=args.schedule)
             lab, n = ndi.label(r.mask)
             largest_on = False
             if n:
