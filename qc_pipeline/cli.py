@@ -517,12 +517,12 @@ def _load_plugin(path: Optional[Path], nprocs: int) -> tuple[str, dict]:
 def _resolve_device(device: str) -> str:
     if device == "cpu":
         return "cpu"
-    import torch
+    from .engine.inference import cuda_problem
 
-    has_cuda = torch.cuda.is_available()
-    if device == "cuda" and not has_cuda:
-        raise CLIError("--device cuda: no CUDA device is available here; use --device cpu or auto")
-    return "cuda" if has_cuda else "cpu"
+    problem = cuda_problem()
+    if device == "cuda" and problem:
+        raise CLIError(f"--device cuda: {problem}; or use --device cpu or auto")
+    return "cpu" if problem else "cuda"
 
 
 def _model_spec(folder: Optional[Path], contrast: str) -> dict:

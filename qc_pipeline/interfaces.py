@@ -85,12 +85,14 @@ def get_model(model_dir: Optional[str], contrast: str, device: str, *, expect_id
     """
     from .engine import IterMask3D
     from .engine.errors import ModelCardError
+    from .engine.inference import torch_build
 
     key = (str(model_dir) if model_dir else f"<packaged:{contrast}>", str(device))
     with _MODEL_LOCK:
         model = _MODEL_CACHE.get(key)
         if model is None or (expect_id and model.model_id != expect_id):
-            LOGGER.info("loading IterMask3D model %s on %s (pid %d)", key[0], device, os.getpid())
+            LOGGER.info("loading IterMask3D model %s on %s with %s (pid %d)", key[0], device, torch_build(),
+                        os.getpid())
             model = IterMask3D.from_folder(model_dir or None, device=device, contrast=contrast)
             _MODEL_CACHE[key] = model
     if expect_id and model.model_id != expect_id:

@@ -833,15 +833,10 @@ def _cuda_problem() -> Optional[str]:
     """Why the jobs of ``--gpu`` (``--device cuda``) would fail with the installed torch, or
     ``None``. A build without CUDA fails on every node; a CUDA build on a submit host without
     a GPU is fine (the jobs' nodes have one), so only the build is judged here."""
-    try:
-        import torch
-    except ImportError as exc:  # pragma: no cover - torch is a dependency
-        return f"torch cannot be imported ({exc})"
-    if getattr(torch.version, "cuda", None) is None:
-        return (f"the installed torch {torch.__version__} was built without CUDA, so every "
-                f"job would stop at --device cuda; install a CUDA build of torch (see "
-                f"https://pytorch.org) or leave out --gpu")
-    return None
+    from .engine.inference import cuda_problem
+
+    problem = cuda_problem(build_only=True)
+    return f"{problem}, or leave out --gpu (every job would stop at --device cuda)" if problem else None
 
 
 def _dry_limit() -> int:

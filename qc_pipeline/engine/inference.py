@@ -25,7 +25,8 @@ from .schedules import Schedule, get_schedule
 from .taufit import (DEFAULT_GAMMA, DEFAULT_GAMMA_REFERENCE_T, DEFAULT_Y_LIMIT, GAMMA_MODES, R2_MIN, TauFit,
                      fit_tau_curve, relative_gamma)
 
-__all__ = ["IterMask3D", "Result", "normative_threshold", "resolve_device", "threshold_at"]
+__all__ = ["IterMask3D", "Result", "cuda_problem", "normative_threshold", "resolve_device", "threshold_at",
+           "torch_build"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,25 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         return torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise EngineError(f"unknown device {device!r}; expected 'auto', 'cpu' or 'cuda[:N]'") from exc
+
+
+def torch_build() -> str:
+    """The installed torch in words, for logs: ``"torch 2.13.0 (CUDA 12.8)"`` or ``"... (CPU-only build)"``."""
+    cuda = getattr(torch.version, "cuda", None)
+    return f"torch {torch.__version__} ({f'CUDA {cuda}' if cuda else 'CPU-only build'})"
+
+
+def cuda_problem(*, build_only: bool = False) -> str | None:
+    """Why ``--device cuda`` cannot run here, or ``None``: the build (a CPU-only torch fails on
+    every machine, GPU nodes included) or, unless ``build_only``, this machine (a CUDA build
+    that sees no device: no GPU, driver, ``CUDA_VISIBLE_DEVICES``)."""
+    if getattr(torch.version, "cuda", None) is None:
+        return (f"the installed torch {torch.__version__} was built without CUDA and cannot use a GPU "
+                f"on any machine; install a CUDA build of torch==2.13.0 (docs/usage.md, 'On a GPU machine')")
+    if not build_only and not torch.cuda.is_available():
+        return (f"the installed {torch_build()} sees no CUDA device on this machine (no GPU, "
+                f"driver, or CUDA_VISIBLE_DEVICES)")
+    return None
 
 
 def _jf(v) -> float | None:

@@ -115,10 +115,11 @@ def _check_args(args) -> str | None:
     if args.features is not None and (len(args.features) < 2 or any(f < 1 for f in args.features)):
         return f"--features needs two or more positive widths, got {args.features}"
     if args.device == "cuda":
-        import torch
+        from qc_pipeline.engine.inference import cuda_problem
 
-        if not torch.cuda.is_available():
-            return "--device cuda: the installed torch sees no CUDA device"
+        problem = cuda_problem()
+        if problem:
+            return f"--device cuda: {problem}"
     if args.init_from is not None:
         from qc_pipeline.engine.errors import EngineError
         from qc_pipeline.engine.modelio import load_model_card
