@@ -496,7 +496,16 @@ def _signed(spec: FeatureSpec, d: float) -> float:
     return d if spec.direction == "up" else -d if spec.direction == "down" else abs(d)
 
 
-def _clean_side(y: np.ndarray, floor: float) -> tuple[float, float]:
+def _shortest_half_scale(y: np.ndarray) -> float:
+    """The width of the shortest interval holding half of ``y`` (plus one), as a normal SD
+    (/ 1.349, the IQR of a unit normal): the densest half's spread, whichever side the rest
+    lies on (Rousseeuw's shorth)."""
+    v = np.sort(np.asarray(y, dtype=float))
+    h = v.size // 2 + 1
+    return float((v[h - 1:] - v[:v.size - h + 1]).min()) / 1.349
+
+
+def _clean_side(y: np.ndarray, floor: float, *, both_sides_move: bool = False) -> tuple[float, float]:
     """Location and scale of the clean scans among oriented values ``y`` (bad = high).
 
     The location comes from the good side of the distribution, so that up to about three
@@ -508,9 +517,16 @@ def _clean_side(y: np.ndarray, floor: float) -> tuple[float, float]:
     scans differ among themselves (different people, protocols or scanners pooled as one
     site), and against it another subgroup's clean scans look like artifacts. Where a
     minority of scans moves a measurement the MAD is the clean scans' and changes nothing.
+
+    ``both_sides_move``: artifacts also push some scans to the good side (noise, spikes and
+    ringing add fine-scale gradient energy, so they look *sharper*), where they widen the
+    lower-quantile spread ``S``; it is then at most the spread of the site's densest half
+    (:func:`_shortest_half_scale`, floored by ``floor``).
     """
     loc, s_low = lower_side_location_scale(y, floor)
-    scale = max(s_low, float(median_abs_deviation(y, scale="normal")))
+    if both_sides_move and y.size >= 4:
+        s_low = min(s_low, max(_shortest_half_scale(y), float(floor)))
+    scale = max(s_low, float(floor), float(median_abs_deviation(y, scale="normal")))
     return min(float(np.median(y)), loc), scale
 
 
@@ -547,7 +563,9 @@ def relative_scores(features: list[Mapping[str, float | None]], reference: Mappi
             cols[name] = [None if not np.isfinite(v) else abs(v - med) / scale for v in t]
             continue
         y = np.array([_signed(spec, v) if np.isfinite(v) else np.nan for v in t])
-        loc, scale = _clean_side(y[ok], ref["scale"])
+        # only low values are bad for a "down" measurement (sharpness, SNR), yet noise-like
+        # artifacts raise sharpness: they sit on its good side
+        loc, scale = _clean_side(y[ok], ref["scale"], both_sides_move=spec.direction == "down")
         cols[name] = [None if not np.isfinite(v) else (v - loc) / scale for v in y]
     return [_worst({k: c[i] for k, c in cols.items()}) for i in range(len(features))]
 

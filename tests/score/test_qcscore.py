@@ -453,3 +453,20 @@ def test_itermask_interface_writes_quality_and_survives_a_failing_measurement(tm
     monkeypatch.setattr(qcscore, "scan_quality", boom)
     out = run(tmp_path / "b")
     assert out.error == "" and out.out_file and out.quality == {}  # the scan still has its score
+
+
+def test_site_score_finds_blur_when_noisy_scans_look_sharper():
+    """Sharpness is a "down" measurement, but noise-like artifacts make a scan look sharper:
+    three such scans on the good side must not widen the clean spread so much that a blurred
+    scan (12 % less sharp) hides among the clean ones."""
+    from qc_pipeline.qcscore import relative_scores
+
+    ref = {"features": {"sharpness": {"median": 0.85, "scale": 0.02, "direction": "down",
+                                      "transform": "log", "offset": 0.0}}}
+    rng = np.random.default_rng(7)
+    sharp = [float(np.exp(0.85 + 0.01 * rng.normal())) for _ in range(12)]
+    sharp += [float(np.exp(1.15 + 0.05 * rng.normal())) for _ in range(3)]  # noisy: "too sharp"
+    sharp.append(float(np.exp(0.85 - 0.13)))  # blurred
+    rel = [s for s, _ in relative_scores([{"sharpness": v} for v in sharp], ref)]
+    assert rel[-1] > 5.0
+    assert max(rel[:15]) < 3.0
