@@ -537,8 +537,8 @@ def relative_scores(features: list[Mapping[str, float | None]], reference: Mappi
     For every measurement of ``reference["features"]``: transform as the reference says,
     orient it so that bad is high (``up``/``down``), and take the location and scale of the
     clean scans from the good side of these scans' distribution (:func:`_clean_side`: lower
-    quartiles, the scale at least the reference's and the scans' own MAD); a scan's score is its largest signed
-    robust z. (A ``both`` measurement uses median and ``max(1.4826 MAD, reference scale)``.)
+    quartiles, the scale at least the reference's and the scans' own MAD); a scan's score is
+    its largest signed robust z. (A ``both`` measurement uses median and ``max(1.4826 MAD, reference scale)``.)
     This is the group level's per-site score: it follows the site's own clean scans when
     they differ from the reference scans (another scanner, real instead of synthetic
     anatomy); its location stays on the clean scans when many of a site's scans carry the
