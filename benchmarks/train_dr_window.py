@@ -19,7 +19,7 @@ Usage (the GPU window of 2026-12-04; ``PYTHONPATH=.`` on a machine without the p
     python benchmarks/train_dr_window.py --bank bank1mm.npz --out OUT --minutes 5.5 2.0
 
 T2w and FLAIR continuing the shipped T1w network, whose first phase was mixed (a later window; on this
-project's 2-core CPU one step of batch 2 takes about 24 s, so these need a GPU)::
+project's 2-core CPU one step of batch 2 takes about 9 s, so these need a GPU)::
 
     python benchmarks/train_dr_window.py --bank bank1mm.npz --out OUT --minutes 0 0 4 4 \\
         --continue-from models/t1w
