@@ -545,8 +545,8 @@ def relative_scores(features: list[Mapping[str, float | None]], reference: Mappi
     same artifact, and its scale widens when the site's clean scans differ among themselves
     (different people or scanners as one site). The price of the second: when more than
     about half of a site shares one artifact, the MAD is theirs and the site score ranks
-    them first without flagging them (the reference score ``qc_score`` still does). A
-    measurement with fewer than ``min_scans`` values is left out. Returns
+    them first without flagging them (their ``qc_score`` against the model's reference stays
+    high). A measurement with fewer than ``min_scans`` values is left out. Returns
     ``(score, driver)`` per scan (``(None, None)`` when no measurement is left).
     """
     refs = (reference or {}).get("features") or {}

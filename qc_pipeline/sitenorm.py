@@ -75,7 +75,6 @@ def template_grid() -> tuple[tuple[int, int, int], np.ndarray]:
     return tuple(int(n) for n in mask.shape), np.asarray(affine, dtype=float)
 
 
-
 def _check_affine(a, what: str) -> np.ndarray:
     a = np.asarray(a, dtype=float)
     if a.shape != (4, 4) or not np.all(np.isfinite(a)) or abs(np.linalg.det(a[:3, :3])) < 1e-6:

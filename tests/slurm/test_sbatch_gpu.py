@@ -22,4 +22,3 @@ def test_gpu_with_a_cuda_build_goes_on_without_a_gpu_here(tmp_path, monkeypatch,
     # past the check, the missing dataset is the next (and only) complaint
     assert main([str(tmp_path / "bids"), str(tmp_path / "out"), "--gpu"]) == 66
     assert "CUDA" not in capsys.readouterr().err
-
