@@ -84,14 +84,20 @@ def run_as_the_app(model, image: np.ndarray, brain: np.ndarray, voxel_size, sche
     (``IterMask3D.against_normal_error``; a model without a map keeps the loop's own mask).
     ``schedule``: the card's (None) or another of its schedules. Returns ``(the loop's result,
     the app's result)``."""
-    from qc_pipeline.preprocessing import align_template_prior
-
     r = model.run(image, brain, voxel_size=voxel_size, seed=0, schedule=schedule)
     if model.normal_error is None:
         return r, model.against_normal_error(r, grid_affine=None, template_to_world=None)
-    aff = cache_grid_affine(brain.shape, float(voxel_size[0]))
-    return r, model.against_normal_error(r, grid_affine=aff,
-                                         template_to_world=align_template_prior(brain, aff)["affine"])
+    aff, t2w = template_fit(brain, float(voxel_size[0]))
+    return r, model.against_normal_error(r, grid_affine=aff, template_to_world=t2w)
+
+
+def template_fit(brain: np.ndarray, voxel_mm: float = VOXEL):
+    """A cached copy's grid affine and the template fit of its brain mask (MNI mm -> grid
+    world), as the app's preprocessing fits it."""
+    from qc_pipeline.preprocessing import align_template_prior
+
+    aff = cache_grid_affine(brain.shape, float(voxel_mm))
+    return aff, align_template_prior(brain, aff)["affine"]
 
 
 def _copy_name(kind: str, v: int) -> str:

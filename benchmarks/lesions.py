@@ -17,6 +17,12 @@ covered, and the median fraction of the brain masked outside the lesion, for the
 (the loop's mask against the model's normal-error map, ``engine_real.run_as_the_app``) and, in
 the last column, for the test-time loop's own mask.
 
+``--site-reference`` adds the group level's mask (``qc_pipeline.sitenorm``): each head's clean
+copies and its lesion copies make one site, the voxel-wise median of their error maps in
+template space is the site's normal error, and a voxel of the app's mask stays where its error
+exceeds ``DEFAULT_SITE_NORM_FACTOR`` times it (the median ignores a lesion, which sits
+elsewhere in every copy).
+
 Usage::
 
     python benchmarks/lesions.py --cache CACHE --model-dir models/t1w --per-scan 2 --json-out lesions.json
@@ -35,7 +41,10 @@ from scipy import ndimage as ndi
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/engine_real.py
-from engine_real import run_as_the_app  # noqa: E402
+from engine_real import run_as_the_app, template_fit  # noqa: E402
+
+from qc_pipeline.sitenorm import (DEFAULT_SITE_NORM_FACTOR, error_to_template, from_template,  # noqa: E402
+                                  site_anomaly_mask, site_reference)
 
 
 def draw_lesion(brain: np.ndarray, rng: np.random.Generator, voxel_mm: float = 2.0,
@@ -91,6 +100,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument("--schedule", default=None, help="one of the card's schedules (default: the card's own)")
+    p.add_argument("--site-reference", action="store_true",
+                   help="also score the group level's mask against each head's site (its clean and lesion copies)")
     args = p.parse_args(argv)
 
     import torch
@@ -110,6 +121,7 @@ def main(argv=None) -> int:
         if meta.get("kind", "clean") != "clean":
             continue
         files.append((head, f))
+    all_clean = list(files)
     if args.max_scans:
         per: dict[str, int] = {}
         keep = []
@@ -119,9 +131,11 @@ def main(argv=None) -> int:
                 keep.append((head, f))
         files = keep
     rows = []
+    site = {}  # head -> {"maps": template error maps, "pending": (row, error, mask, affine, t2w, lesion, brain)}
     for k, (head, f) in enumerate(files):
         z = np.load(f)
         image, brain = z["image"].astype(np.float32), z["brain_mask"].astype(bool)
+        aff, t2w = template_fit(brain, vs[0]) if args.site_reference else (None, None)
         for j in range(args.per_scan):
             rng = np.random.default_rng([args.seed, k, j])
             lesion, info = draw_lesion(brain, rng, voxel_mm=vs[0])
@@ -145,17 +159,36 @@ def main(argv=None) -> int:
                    "largest_on_lesion": largest_on, "anomaly_fraction": float(r.anomaly_fraction),
                    "seconds": time.perf_counter() - t0}
             rows.append(row)
+            if args.site_reference:
+                entry = site.setdefault(head, {"maps": [], "pending": []})
+                entry["maps"].append(error_to_template(r.error_map, aff, t2w))
+                entry["pending"].append((row, r.error_map, r.mask, aff, t2w, lesion, brain))
             print(f"[{len(rows)}] {head} {f.name} lesion {j}: {row['voxels']} vox "
                   f"{'hyper' if look['hyper'] else 'hypo'} {look['level']:+.1f}: dice {row['dice']:.3f}, "
                   f"covered {row['covered']:.2f}, outside {100 * row['outside_fraction']:.1f} %, "
                   f"largest on lesion {largest_on}", flush=True)
+    for head, entry in site.items():
+        for f in [f for h, f in all_clean if h == head]:
+            z = np.load(f)
+            image, brain = z["image"].astype(np.float32), z["brain_mask"].astype(bool)
+            aff, t2w = template_fit(brain, vs[0])
+            _, r = run_as_the_app(model, image, brain, vs, schedule=args.schedule)
+            entry["maps"].append(error_to_template(r.error_map, aff, t2w))
+        ref_t = site_reference(entry["maps"])
+        for row, err, mask, aff, t2w, lesion, brain in entry["pending"]:
+            m = site_anomaly_mask(err, mask, from_template(ref_t, aff, err.shape, t2w), DEFAULT_SITE_NORM_FACTOR)
+            row.update({"site_scans": len(entry["maps"]), "dice_site": dice(m, lesion),
+                        "outside_fraction_site": float((m & ~lesion).sum() / brain.sum()),
+                        "covered_site": float((m & lesion).sum() / lesion.sum())})
+        print(f"{head}: site reference of {len(entry['maps'])} error maps", file=sys.stderr, flush=True)
     if args.json_out:
         args.json_out.write_text(json.dumps({"model": str(args.model_dir), "model_id": model.card.get("model_id"),
                                              "rows": rows}, indent=1))
     print(f"\n### lesions: {model.card.get('model_id')}\n")
     print("| head | lesions | median Dice | mean Dice | largest component on lesion | median covered | "
-          "median masked outside (% of brain) | loop's own mask: median Dice / masked outside % |")
-    print("|---|---|---|---|---|---|---|---|")
+          "median masked outside (% of brain) | loop's own mask: median Dice / masked outside % |"
+          + (" against the site: median / mean Dice, masked outside % |" if args.site_reference else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if args.site_reference else ""))
     groups = sorted({r["head"] for r in rows}) + ["all"]
     for g in groups:
         sel = [r for r in rows if g == "all" or r["head"] == g]
@@ -167,7 +200,9 @@ def main(argv=None) -> int:
               f"{np.median([r['covered'] for r in sel]):.2f} | "
               f"{100 * np.median([r['outside_fraction'] for r in sel]):.1f} | "
               f"{np.median([r['dice_loop_only'] for r in sel]):.3f} / "
-              f"{100 * np.median([r['outside_fraction_loop_only'] for r in sel]):.1f} |")
+              f"{100 * np.median([r['outside_fraction_loop_only'] for r in sel]):.1f} |"
+              + (f" {np.median([r['dice_site'] for r in sel]):.3f} / {np.mean([r['dice_site'] for r in sel]):.3f}, "
+                 f"{100 * np.median([r['outside_fraction_site'] for r in sel]):.1f} |" if args.site_reference else ""))
     return 0
 
 

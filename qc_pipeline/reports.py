@@ -796,6 +796,7 @@ def _group_info(output_dir: Path, rec: QCRecord) -> dict | None:
             "driver": driver, "driver_words": describe_measure(driver),
             "background_flagged": row.get("background_flagged") == "1",
             "engine_flagged": row.get("engine_flagged") == "1",
+            "score_flagged": row.get("score_flagged") == "1",
             "background_threshold": row.get("background_threshold"), "background_rule": bg_rule,
             "flag_reasons": row.get("flag_reasons", "") or ""}
 
@@ -841,16 +842,17 @@ def scan_verdict(data: dict, group: dict | None) -> dict:
         score, value, driver = group["score"], group["score_value"], group["driver"]
         flagged, bg_flagged = group["flagged"], group["background_flagged"]
         en_flagged = bool(group.get("engine_flagged"))
+        # a table without the column (older group level): the score's flag is what is left
+        score_flagged = bool(group.get("score_flagged", flagged and not (bg_flagged or en_flagged)))
     else:
         score, value, driver = "qc_score", data.get("qc_score"), data.get("qc_score_driver") or ""
-        flagged = bg_flagged = en_flagged = False
+        flagged = bg_flagged = en_flagged = score_flagged = False
         if value is None:
             score, value, driver = "anomaly_fraction", data.get("anomaly_fraction"), ""
-    reasons = [describe_measure(driver)] if driver else []
-    if bg_flagged and driver != "background_artifact_fraction":
-        reasons.append(describe_measure("background_artifact_fraction"))
-    if en_flagged:
-        reasons.append(describe_measure("site_anomaly_fraction"))
+    # the flags that fired lead; the score's driver then says why the scan ranks where it does
+    fired = ([driver] if score_flagged and driver else []) + \
+        (["background_artifact_fraction"] if bg_flagged else []) + (["site_anomaly_fraction"] if en_flagged else [])
+    reasons = [describe_measure(d) for d in dict.fromkeys(fired + ([driver] if driver else []))]
     pointers = ([driver] if driver else []) + (["background_artifact_fraction"] if bg_flagged else [])
     tags = [MEASURE_WORDS[d][1] for d in pointers
             if d in MEASURE_WORDS]

@@ -18,9 +18,9 @@ model over normal heads of many people (synthetic and real, none of the held-out
 ``docs/benchmarks.md``). It removes what the network gets wrong on every brain; the site's
 reference then removes what it gets wrong on that site's scanner and people.
 
-Pure functions on arrays (:func:`to_template`, :func:`from_template`, :func:`site_reference`,
-:func:`site_anomaly_mask`, :func:`normal_error_mask`) and one driver over a site's files
-(:func:`site_normative`), which the group level calls per suffix, model and site.
+Pure functions on arrays (:func:`to_template`, :func:`from_template`, :func:`error_to_template`,
+:func:`site_reference`, :func:`site_anomaly_mask`, :func:`normal_error_mask`) and one driver
+over a site's files (:func:`site_normative`), which the group level calls per suffix, model and site.
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ __all__ = [
     "SiteAnomaly",
     "to_template",
     "from_template",
+    "error_to_template",
     "site_reference",
     "site_anomaly_mask",
     "site_normative",
@@ -184,14 +185,19 @@ class SiteAnomaly:
     n_reference: int
 
 
-def _error_in_template(s: ScanMaps) -> np.ndarray:
-    img = nib.load(str(s.error_map))
-    err = np.asarray(img.dataobj, dtype=np.float32)
-    # the error map is 0 outside the scan's brain: that is "not covered", not "no error"
-    err = np.where(err > 0, err, np.float32(-1.0))
-    t = to_template(err, img.affine, s.template_to_world)
+def error_to_template(error: np.ndarray, affine: np.ndarray, template_to_world: np.ndarray) -> np.ndarray:
+    """One scan's error map on the template grid, as :func:`site_reference` takes it: NaN
+    where the scan has no brain (the error map is 0 there, which means "not covered", not
+    "no error")."""
+    err = np.where(np.asarray(error, dtype=np.float32) > 0, error, np.float32(-1.0))
+    t = to_template(err, affine, template_to_world)
     t[~(t >= 0)] = np.nan
     return t
+
+
+def _error_in_template(s: ScanMaps) -> np.ndarray:
+    img = nib.load(str(s.error_map))
+    return error_to_template(np.asarray(img.dataobj, dtype=np.float32), img.affine, s.template_to_world)
 
 
 def site_normative(scans: Sequence[ScanMaps], *, factor: float = DEFAULT_SITE_NORM_FACTOR,

@@ -248,3 +248,14 @@ def test_verdict_is_drawn_against_the_site(derivs, with_quality):
         assert sorted(re.findall(r'data-scan="([^"]+)"', svg)) == sorted(n.replace("<", "&lt;").replace(">", "&gt;")
                                                                         for n in site_a)
         assert re.search(r'class="flag me"[^>]*data-scan="sub-05_T1w"', svg)
+
+
+def test_verdict_leads_with_the_flags_that_fired():
+    data = {"qc_score": 2.0, "qc_score_driver": "axis_sharpness", "anomaly_fraction": 0.01}
+    group = {"score": "qc_score_site", "score_value": 2.0, "driver": "axis_sharpness", "flagged": True,
+             "background_flagged": False, "engine_flagged": True, "score_flagged": False}
+    v = scan_verdict(data, group)
+    assert v["reasons"][0].startswith("a region unlike the same place in this site's other scans")
+    assert len(v["reasons"]) == 2 and "blurring along one axis" in v["reasons"][1]  # the ranking's driver, after
+    v = scan_verdict(data, {**group, "score_flagged": True, "engine_flagged": False})
+    assert v["reasons"] == ["blurring along one axis (thick slices or through-plane motion)"]

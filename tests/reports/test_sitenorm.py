@@ -13,6 +13,7 @@ from qc_pipeline.group import write_group_tables
 from qc_pipeline.sitenorm import (
     ScanMaps,
     SiteNormError,
+    error_to_template,
     from_template,
     site_anomaly_mask,
     site_normative,
@@ -50,6 +51,16 @@ def test_template_round_trip_keeps_a_smooth_volume():
     back = from_template(np.nan_to_num(to_template(vol, AFF, IDENTITY)), AFF, SHAPE, IDENTITY)
     inner = _ball((20, 24, 20), 10)
     assert np.allclose(back[inner], vol[inner], atol=0.05)
+
+
+def test_error_map_in_template_space_is_uncovered_outside_the_brain():
+    err, _ = _maps(np.random.default_rng(0), artifact=False)
+    t = error_to_template(err, AFF, IDENTITY)
+    back = from_template(np.nan_to_num(t, nan=-1.0), AFF, SHAPE, IDENTITY)
+    inner, outside = _ball((20, 24, 20), 10), ~_ball((20, 24, 20), 16)
+    assert np.all(back[outside] < 0)  # NaN: no scan's brain, not "no error"
+    assert np.all(back[inner & ~_ball(COMMON, 4)] > 0.15)
+    assert np.isfinite(t).sum() > 0
 
 
 def test_template_fit_that_is_not_an_affine_is_named():
