@@ -266,9 +266,9 @@ def build_layout(
         reset_database=reset,
     )
     if database_path is not None and reset:
-        tmp = fp_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"root": str(root), "fingerprint": fingerprint}))
-        os.replace(tmp, fp_file)
+        from .io import atomic_write_json
+
+        atomic_write_json({"root": str(root), "fingerprint": fingerprint}, fp_file)
     return layout
 
 

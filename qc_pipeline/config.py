@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
-import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,12 +116,9 @@ class Settings:
 
     def snapshot(self) -> Path:
         """Write the settings to ``OUTPUT_DIR/logs/config-<runid>.json`` (atomically)."""
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        target = self.config_file
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, target)
-        return target
+        from .io import atomic_write_text
+
+        return atomic_write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", self.config_file)
 
 
 def _jsonable(value: Any) -> Any:

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 from . import __version__
 from .bids import ScanRecord
+from .io import atomic_write_json
 
 LOGGER = logging.getLogger(__name__)
 
@@ -78,17 +79,7 @@ def output_paths(output_dir: str | os.PathLike, scan: ScanRecord | Mapping) -> d
 
 
 def _atomic_json(obj: Any, path: Path) -> Path:
-    try:
-        from .io import atomic_write_json
-    except ImportError:  # pragma: no cover - io always ships with the package
-        atomic_write_json = None
-    if atomic_write_json is not None:
-        return atomic_write_json(obj, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(obj, path)
 
 
 #: the qc.json fields that the QC score (``qcscore.combine(...).to_dict()``) fills

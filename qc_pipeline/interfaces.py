@@ -36,6 +36,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from .io import atomic_write_bytes
 from .derivatives import one_line, output_paths, write_error_qc, write_ok_qc, write_subject_report
 from .qcscore import native_measurements
 
@@ -63,11 +64,7 @@ def describe_error(exc: BaseException, stage: str) -> str:
 
 
 def _dump(obj: Any, path: Path) -> str:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        pickle.dump(obj, fh, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, path)
-    return str(path)
+    return str(atomic_write_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), path))
 
 
 def _load(path: str) -> Any:

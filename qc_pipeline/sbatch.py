@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from . import __version__
+from .io import atomic_write_file, atomic_write_json
 
 LOGGER = logging.getLogger(__name__)
 
@@ -393,10 +394,7 @@ def collect_derivatives(src: str | os.PathLike, dst: str | os.PathLike) -> int:
         target = dst / rel
         if rel.as_posix() == "dataset_description.json" and target.exists():
             continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        shutil.copyfile(f, tmp)
-        os.replace(tmp, target)
+        atomic_write_file(target, lambda tmp, f=f: shutil.copyfile(f, tmp))
         n += 1
     return n
 
@@ -666,9 +664,7 @@ def submit(sub: Submission, *, group: bool = True) -> Submission:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(data, path)
 
 
 def still_running(output_dir) -> list[str]:

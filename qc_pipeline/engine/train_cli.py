@@ -71,7 +71,7 @@ def prepare_volumes(scans, work_dir: Path, *, voxel_size: float, grid, skull_str
     import numpy as np
 
     from qc_pipeline.errors import InputError
-    from qc_pipeline.io import load_image
+    from qc_pipeline.io import atomic_write_npz, load_image
     from qc_pipeline.preprocessing import preprocess
 
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -91,9 +91,7 @@ def prepare_volumes(scans, work_dir: Path, *, voxel_size: float, grid, skull_str
             log.warning("skipping %s: %s", scan.relpath, exc)
             skipped.append((scan.bids_name, str(exc)))
             continue
-        tmp = cache.with_name(cache.name + ".tmp.npz")
-        np.savez_compressed(tmp, image=res.image.astype("float32"), mask=res.brain_mask)
-        os.replace(tmp, cache)
+        atomic_write_npz(cache, image=res.image.astype("float32"), mask=res.brain_mask)
         pairs.append((res.image.astype("float32"), res.brain_mask))
         used.append(scan.bids_name)
         log.info("preprocessed %d/%d %s", i, len(scans), scan.relpath)

@@ -28,6 +28,7 @@ import nibabel as nib
 import numpy as np
 
 from .. import __version__
+from ..io import atomic_write_nifti, atomic_write_text
 from .artifacts import ARTIFACTS, apply_artifact
 from .errors import OutputExistsError, SynthError
 from .subject import CONTRASTS, SEQUENCE_META, SITES, finalize_dtype, make_subject
@@ -82,17 +83,11 @@ def _check_out(out: Path, overwrite: bool):
 
 
 def _atomic_text(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(text, path)
 
 
 def _atomic_nifti(path: Path, img):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    nib.save(img, str(tmp))
-    os.replace(tmp, path)
+    atomic_write_nifti(img, path)
 
 
 def _sidecar(meta: dict, suffix: str) -> dict:
