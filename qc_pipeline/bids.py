@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from .io import atomic_write_json, to_jsonable
+
 LOGGER = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii")
@@ -266,8 +268,6 @@ def build_layout(
         reset_database=reset,
     )
     if database_path is not None and reset:
-        from .io import atomic_write_json
-
         atomic_write_json({"root": str(root), "fingerprint": fingerprint}, fp_file)
     return layout
 
@@ -326,14 +326,6 @@ class _MetadataTables:
         rel_to_base = str(Path(self.root / relpath).relative_to(base))
         meta.update(scans.get(rel_to_base, {}))
         return meta
-
-
-def _jsonable(value: Any) -> Any:
-    if value is None or isinstance(value, (str, bool, int)):
-        return value
-    if isinstance(value, float):
-        return None if not math.isfinite(value) else value
-    return str(value)
 
 
 # --------------------------------------------------------------------------- filters
@@ -598,7 +590,7 @@ def _record(root: Path, filename: str, ents: dict, tables: _MetadataTables,
         LOGGER.warning("%s: subject label %r is not a BIDS label (letters and digits only); "
                        "screened under it as written", relpath, ents["subject"])
     try:
-        meta = {k: _jsonable(v) for k, v in tables.lookup(relpath, ents).items()}
+        meta = {k: to_jsonable(v) for k, v in tables.lookup(relpath, ents).items()}
     except (ValueError, OSError) as exc:  # a table the scan's folders do not lead to
         LOGGER.warning("%s: no participants/sessions/scans metadata (%s)", relpath, exc)
         meta = {}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from . import __version__
+from .io import atomic_write_text, to_jsonable
 
 #: contrasts (BIDS suffixes) the app knows how to screen
 SUFFIXES = ("T1w", "T2w", "FLAIR")
@@ -102,7 +103,7 @@ class Settings:
         """JSON-safe view (paths as strings)."""
         out = {}
         for f in dataclasses.fields(self):
-            out[f.name] = _jsonable(getattr(self, f.name))
+            out[f.name] = to_jsonable(getattr(self, f.name))
         return out
 
     @classmethod
@@ -116,16 +117,6 @@ class Settings:
 
     def snapshot(self) -> Path:
         """Write the settings to ``OUTPUT_DIR/logs/config-<runid>.json`` (atomically)."""
-        from .io import atomic_write_text
-
         return atomic_write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", self.config_file)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value

@@ -54,6 +54,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "atomic_write_bytes",
+    "to_jsonable",
     "sha256_file",
     "MIN_VOXEL_MM",
     "MAX_VOXEL_MM",
@@ -487,6 +488,27 @@ def atomic_write_bytes(data: bytes, path) -> Path:
 def atomic_write_text(text: str, path, encoding: str = "utf-8") -> Path:
     """Write text atomically."""
     return atomic_write_bytes(text.encode(encoding), path)
+
+
+def to_jsonable(obj):
+    """``obj`` as plain JSON values: containers recursively, NumPy arrays and scalars as Python
+    ones, non-finite floats as None (JSON has no NaN), paths and anything else as text."""
+    if obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    return str(obj)
 
 
 def _json_default(obj):

@@ -35,7 +35,7 @@ from scipy import ndimage as ndi
 from scipy import optimize
 
 from .errors import NoBrainError
-from .io import validate_image, voxel_sizes
+from .io import to_jsonable, validate_image, voxel_sizes
 from .morphology import close as close_mask
 from .morphology import fill_holes, largest_component
 
@@ -154,7 +154,7 @@ class PrepInfo:
         d["crop"] = self.crop.to_dict()
         for k in ("voxel_size", "grid", "native_shape", "native_voxel_size", "lattice_shape"):
             d[k] = [float(v) if isinstance(v, (float, np.floating)) else int(v) for v in getattr(self, k)]
-        return _jsonable(d)
+        return to_jsonable(d)
 
 
 @dataclass
@@ -192,23 +192,6 @@ class PreprocResult:
     @property
     def affine(self) -> np.ndarray:
         return self.info.grid_affine
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.bool_, bool)):
-        return bool(obj)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating, float)):
-        v = float(obj)
-        return v if np.isfinite(v) else None
-    return obj
 
 
 # --------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -19,6 +20,7 @@ from qc_pipeline.io import (
     atomic_write_text,
     load_image,
     sha256_file,
+    to_jsonable,
 )
 
 
@@ -405,3 +407,14 @@ def test_ordinary_or_unset_slope_is_not_warned(tmp_path):
     out = load_image(p)
     assert out.extra["qc_warnings"] == []
     np.testing.assert_allclose(out.get_fdata(), 2.0 * d + 1.0)
+
+
+def test_to_jsonable_gives_plain_json_values():
+    import json
+
+    out = to_jsonable({"a": np.float32(1.5), 1: [np.int64(3), float("nan"), np.inf], "p": Path("/x"),
+                       "m": np.array([True, False]), "n": None, "s": "n/a", "t": (np.bool_(True),)})
+    assert out == {"a": 1.5, "1": [3, None, None], "p": "/x", "m": [True, False], "n": None, "s": "n/a",
+                   "t": [True]}
+    assert isinstance(out["1"][0], int) and type(out["m"][0]) is bool
+    json.dumps(out, allow_nan=False)  # no NaN, no NumPy type left
