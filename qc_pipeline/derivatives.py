@@ -63,6 +63,11 @@ def _jf(v) -> Optional[float]:
     return v if math.isfinite(v) else None
 
 
+def site_mask_path(qc_json: str | os.PathLike, bids_name: str) -> Path:
+    """The group level's ``desc-siteanomaly_mask`` of a scan, beside its qc.json."""
+    return Path(qc_json).parent / f"{bids_name}_{SITE_MASK_DESC}.nii.gz"
+
+
 def output_paths(output_dir: str | os.PathLike, scan: ScanRecord | Mapping) -> dict[str, Path]:
     """Where the derivatives of ``scan`` go: ``{"dir", "mask", "error_map", "site_mask", "qc_json"}``."""
     if isinstance(scan, Mapping):

@@ -97,7 +97,7 @@ import numpy as np
 from scipy.stats import median_abs_deviation, rankdata
 
 from . import metrics as _metrics
-from .derivatives import SITE_MASK_DESC
+from .derivatives import site_mask_path
 from .io import atomic_write_text
 from .sitenorm import DEFAULT_SITE_NORM_FACTOR, ScanMaps, SiteNormError, site_normative
 
@@ -729,7 +729,7 @@ def _scan_maps(r: QCRecord) -> ScanMaps | None:
     if not (r.ok and isinstance(fit, dict) and fit.get("affine") is not None and err and mask):
         return None
     return ScanMaps(key=r.bids_name, error_map=err, mask=mask,
-                    out_mask=r.path.parent / f"{r.bids_name}_{SITE_MASK_DESC}.nii.gz",
+                    out_mask=site_mask_path(r.path, r.bids_name),
                     template_to_world=np.asarray(fit["affine"], dtype=float),
                     anomaly_voxels=r.voxels, anomaly_fraction=r.fraction)
 

@@ -31,6 +31,7 @@ from markupsafe import Markup
 from . import __version__
 from . import metrics as _metrics
 from .group import POOLED_SITE, GroupTables, QCRecord, load_qc_records, normalise_bids_name, read_group_csv
+from .derivatives import site_mask_path
 from .io import atomic_write_bytes, atomic_write_text
 from .morphology import largest_component
 
@@ -531,17 +532,35 @@ def air_window(background: np.ndarray, head: np.ndarray) -> tuple[float, float]:
     return 0.0, top if top > 0 else 1.0
 
 
-def scan_figures(rec: QCRecord, output_dir: Path) -> dict:
+def site_mask_of(rec: QCRecord, site_anomaly_fraction) -> Path | None:
+    """The scan's mask against its site's scans when the group table has its
+    ``site_anomaly_fraction`` (a file left from an earlier group run is not used)."""
+    try:
+        ok = math.isfinite(float(site_anomaly_fraction))
+    except (TypeError, ValueError):
+        return None
+    p = site_mask_path(rec.path, rec.bids_name)
+    return p if ok and p.is_file() else None
+
+
+def scan_figures(rec: QCRecord, output_dir: Path, *, site_mask: Path | None = None) -> dict:
     """Figures of one scan as PNG data URIs, plus notes.
 
     ``mosaic`` (the anomaly overlaid), ``plain`` (the same slices without overlay), ``air``
     (the scan with the window raised to show the background; only when the scan itself is
     the background), ``error`` (error map), ``tau`` (the curve) and ``thumb`` (one axial
     slice through the worst place, for the overview).
+
+    The overlay is the participant level's mask, or ``site_mask`` (:func:`site_mask_of`)
+    after the group level: the engine against the site's own scans, which leaves a clean
+    brain empty and outlines a lesion (``docs/benchmarks.md``) where the participant mask
+    also keeps what the network gets wrong on every brain of the site.
     """
     kinds = ("mosaic", "plain", "air", "error", "thumb")
     out = {"tau": None, "notes": [], "background": None, **{k: None for k in kinds}}
-    mask_p, err_p = rec.resolve("mask_file"), rec.resolve("error_map_file")
+    err_p = rec.resolve("error_map_file")
+    overlay = "site" if site_mask is not None else "scan"
+    mask_p = site_mask if site_mask is not None else rec.resolve("mask_file")
     bg_p = rec.resolve("background_file") or rec.resolve("source_file") or rec.resolve("source_path")
     figdir, name = _figure_place(output_dir, rec)
     out["tau"] = _cached(figdir / f"{name}_desc-tau.png", [rec.path], lambda: tau_curve_png(rec.data)) \
@@ -556,7 +575,7 @@ def scan_figures(rec: QCRecord, output_dir: Path) -> dict:
     if _fresh(meta_p, inputs):
         try:
             meta = json.loads(meta_p.read_text(encoding="utf-8"))
-            if meta.get("figure_version") != FIGURE_VERSION:
+            if meta.get("figure_version") != FIGURE_VERSION or meta.get("overlay", "scan") != overlay:
                 raise KeyError("figure_version")
             out.update({k: meta[k] for k in ("notes", "background", "through_anomaly")})
             for k in meta["drawn"]:
@@ -600,6 +619,10 @@ def scan_figures(rec: QCRecord, output_dir: Path) -> dict:
         sl = choose_slices(mask, head)
         title = {"scan": "scan with anomaly mask", "error map": "error map (grey) with anomaly mask",
                  "mask": "anomaly mask"}[out["background"]]
+        if overlay == "site":
+            title += " against this site's scans"
+            out["notes"].append("overlay: the engine's mask against this site's other scans (group level); "
+                                "the participant level's own mask is the mask_file below")
         plain = {"scan": "scan", "error map": "error map (grey)", "mask": "anomaly mask"}[out["background"]]
         make = {
             "mosaic": lambda: mosaic_png(bg, mask, zooms, title=title, slices=sl),
@@ -616,7 +639,7 @@ def scan_figures(rec: QCRecord, output_dir: Path) -> dict:
         out["through_anomaly"] = sl[2]
         if all(out[k] for k in drawn):
             try:
-                atomic_write_text(json.dumps({"figure_version": FIGURE_VERSION, "drawn": drawn,
+                atomic_write_text(json.dumps({"figure_version": FIGURE_VERSION, "drawn": drawn, "overlay": overlay,
                                               **{k: out[k] for k in ("notes", "background", "through_anomaly")}}),
                                   meta_p)
             except OSError:
@@ -797,6 +820,7 @@ def _group_info(output_dir: Path, rec: QCRecord) -> dict | None:
             "background_flagged": row.get("background_flagged") == "1",
             "engine_flagged": row.get("engine_flagged") == "1",
             "score_flagged": row.get("score_flagged") == "1",
+            "site_mask": site_mask_of(rec, row.get("site_anomaly_fraction")),
             "background_threshold": row.get("background_threshold"), "background_rule": bg_rule,
             "flag_reasons": row.get("flag_reasons", "") or ""}
 
@@ -932,7 +956,7 @@ def render_subject_report(output_dir, subject: str, *, site_column: str = "site"
             "group": group, "verdict": verdict, "nav": _scan_nav(output_dir, rec),
             "measurements": _measurements(d, verdict["driver"]),
             "site_plots": _site_plots(suffix_rows, verdict, rec.bids_name, rec.site) if rec.ok else [],
-            "fig": scan_figures(rec, output_dir),
+            "fig": scan_figures(rec, output_dir, site_mask=(group or {}).get("site_mask")),
             "details": [(k, d.get(k)) for k in ("model_id", "model_adapted_from", "schedule", "device", "forward_passes",
                                                  "tau_stop", "mean_error", "raw_anomaly_fraction", "runtime_s",
                                                  "package_version", "input_sha256", "source_file",
@@ -990,7 +1014,8 @@ def _overview_cards(output_dir: Path, table, records: dict) -> list[dict]:
     cards = []
     for r in table.rows:
         rec = records.get((table.suffix, r["bids_name"]))
-        fig = scan_figures(rec, output_dir) if rec is not None and r["status"] == "ok" else {}
+        fig = scan_figures(rec, output_dir, site_mask=site_mask_of(rec, r.get("site_anomaly_fraction"))) \
+            if rec is not None and r["status"] == "ok" else {}
         mosaic = None
         if rec is not None:
             figdir, stem = _figure_place(output_dir, rec)

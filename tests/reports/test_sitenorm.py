@@ -210,3 +210,41 @@ def test_scans_outside_the_targets_only_make_the_reference(tmp_path):
     assert out[art].fraction > 0.0
     written = sorted(p.name for p in tmp_path.glob("sub-*/anat/*_desc-siteanomaly_mask.nii.gz"))
     assert written == [f"{art}_desc-siteanomaly_mask.nii.gz"]
+
+
+def _red_pixels(data_uri: str) -> int:
+    import base64
+    import io
+
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(io.BytesIO(base64.b64decode(data_uri.split(",", 1)[1]))).convert("RGB")).astype(int)
+    return int(((rgb[..., 0] - rgb[..., 1] > 60) & (rgb[..., 0] - rgb[..., 2] > 60)).sum())
+
+
+def test_after_the_group_level_the_overlay_is_the_mask_against_the_site(tmp_path):
+    """The participant mask of every scan keeps the error all of them share; once the group
+    level has the site's reference, the figures overlay the mask against it: empty on a
+    clean scan, the artifact on the other."""
+    from qc_pipeline.group import load_qc_records
+    from qc_pipeline.reports import scan_figures, site_mask_of
+
+    names = _write_site(tmp_path)
+    art = next(n for n in names if "art" in n)
+    recs = {r.bids_name: r for r in load_qc_records(tmp_path)}
+    before = {n: scan_figures(recs[n], tmp_path) for n in (names[0], art)}
+    assert _red_pixels(before[names[0]]["thumb"]) > 0  # the shared error, on a clean scan
+    write_group_tables(tmp_path)
+    with open(tmp_path / "group_T1w.csv", newline="") as fh:
+        rows = {r["bids_name"]: r for r in csv.DictReader(fh)}
+    after = {}
+    for n in (names[0], art):
+        site_mask = site_mask_of(recs[n], rows[n]["site_anomaly_fraction"])
+        assert site_mask is not None
+        after[n] = scan_figures(recs[n], tmp_path, site_mask=site_mask)
+        assert any("against this site's other scans" in note for note in after[n]["notes"])
+    assert _red_pixels(after[names[0]]["mosaic"]) == 0
+    assert _red_pixels(after[art]["mosaic"]) > 0
+    # a table without the scan's site anomaly (an earlier file left behind) is not used
+    assert site_mask_of(recs[art], "") is None
+    assert _red_pixels(scan_figures(recs[names[0]], tmp_path)["thumb"]) > 0  # redrawn, not the cached one
