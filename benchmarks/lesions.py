@@ -21,7 +21,9 @@ the last column, for the test-time loop's own mask.
 copies and its lesion copies make one site, the voxel-wise median of their error maps in
 template space is the site's normal error, and a voxel of the app's mask stays where its error
 exceeds ``DEFAULT_SITE_NORM_FACTOR`` times it (the median ignores a lesion, which sits
-elsewhere in every copy).
+elsewhere in every copy). Copies of one head are one person's anatomy, which a real site never
+has; ``--pool NAME=HEAD,HEAD`` also scores each lesion against the site made of the copies of
+several heads (different people, as a real site).
 
 Usage::
 
@@ -83,6 +85,23 @@ def paint(image: np.ndarray, lesion: np.ndarray, rng: np.random.Generator):
     return np.where(image != 0, out, 0.0).astype(np.float32), {"level": level, "hyper": hyper}
 
 
+def largest_on_lesion(mask: np.ndarray, lesion: np.ndarray) -> bool:
+    """Whether the mask's largest connected component touches the lesion."""
+    lab, n = ndi.label(mask)
+    if not n:
+        return False
+    return bool(((lab == (np.argmax(np.bincount(lab.ravel())[1:]) + 1)) & lesion).any())
+
+
+def _site_cells(sel: list[dict], kind: str) -> str:
+    sel = [r for r in sel if f"dice_{kind}" in r]
+    if not sel:
+        return " |"
+    d = [r[f"dice_{kind}"] for r in sel]
+    return (f" {np.median(d):.3f} / {np.mean(d):.3f}, {100 * np.mean([r[f'largest_on_lesion_{kind}'] for r in sel]):.0f} %, "
+            f"{100 * np.median([r[f'outside_fraction_{kind}'] for r in sel]):.1f} |")
+
+
 def dice(a, b) -> float:
     return float(2.0 * (a & b).sum() / max(int(a.sum()) + int(b.sum()), 1))
 
@@ -102,6 +121,8 @@ def main(argv=None) -> int:
     p.add_argument("--schedule", default=None, help="one of the card's schedules (default: the card's own)")
     p.add_argument("--site-reference", action="store_true",
                    help="also score the group level's mask against each head's site (its clean and lesion copies)")
+    p.add_argument("--pool", action="append", default=[], metavar="NAME=HEAD,HEAD",
+                   help="with --site-reference: also against a site of these heads' copies (repeatable)")
     args = p.parse_args(argv)
 
     import torch
@@ -145,11 +166,7 @@ def main(argv=None) -> int:
             edited, look = paint(image, lesion, rng)
             t0 = time.perf_counter()
             raw, r = run_as_the_app(model, edited, brain, vs, schedule=args.schedule)
-            lab, n = ndi.label(r.mask)
-            largest_on = False
-            if n:
-                big = lab == (np.argmax(np.bincount(lab.ravel())[1:]) + 1)
-                largest_on = bool((big & lesion).any())
+            largest_on = largest_on_lesion(r.mask, lesion)
             row = {"head": head, "file": f.name, "lesion": j, **info, **look,
                    "lesion_fraction": float(lesion.sum() / brain.sum()), "dice": dice(r.mask, lesion),
                    "covered": float((r.mask & lesion).sum() / lesion.sum()),
@@ -174,21 +191,33 @@ def main(argv=None) -> int:
             aff, t2w = template_fit(brain, vs[0])
             _, r = run_as_the_app(model, image, brain, vs, schedule=args.schedule)
             entry["maps"].append(error_to_template(r.error_map, aff, t2w))
-        ref_t = site_reference(entry["maps"])
-        for row, err, mask, aff, t2w, lesion, brain in entry["pending"]:
-            m = site_anomaly_mask(err, mask, from_template(ref_t, aff, err.shape, t2w), DEFAULT_SITE_NORM_FACTOR)
-            row.update({"site_scans": len(entry["maps"]), "dice_site": dice(m, lesion),
-                        "outside_fraction_site": float((m & ~lesion).sum() / brain.sum()),
-                        "covered_site": float((m & lesion).sum() / lesion.sum())})
-        print(f"{head}: site reference of {len(entry['maps'])} error maps", file=sys.stderr, flush=True)
+        print(f"{head}: {len(entry['maps'])} error maps", file=sys.stderr, flush=True)
+    sites = {("site", h): [h] for h in site}
+    for spec in args.pool:
+        name, heads = spec.split("=", 1)
+        sites[("pool", name)] = [h for h in heads.split(",") if h in site]
+    for (kind, name), members in sites.items():
+        if not members:
+            continue
+        ref_t = site_reference([m for h in members for m in site[h]["maps"]])
+        for h in members:
+            for row, err, mask, aff, t2w, lesion, brain in site[h]["pending"]:
+                m = site_anomaly_mask(err, mask, from_template(ref_t, aff, err.shape, t2w), DEFAULT_SITE_NORM_FACTOR)
+                row.update({f"{kind}": name, f"{kind}_scans": sum(len(site[x]["maps"]) for x in members),
+                            f"dice_{kind}": dice(m, lesion),
+                            f"outside_fraction_{kind}": float((m & ~lesion).sum() / brain.sum()),
+                            f"largest_on_lesion_{kind}": largest_on_lesion(m, lesion)})
     if args.json_out:
         args.json_out.write_text(json.dumps({"model": str(args.model_dir), "model_id": model.card.get("model_id"),
                                              "rows": rows}, indent=1))
+    extra = [(k, w) for k, w in (("site", "its head's copies"), ("pool", "the pool of heads"))
+             if any(f"dice_{k}" in r for r in rows)]
     print(f"\n### lesions: {model.card.get('model_id')}\n")
     print("| head | lesions | median Dice | mean Dice | largest component on lesion | median covered | "
           "median masked outside (% of brain) | loop's own mask: median Dice / masked outside % |"
-          + (" against the site: median / mean Dice, masked outside % |" if args.site_reference else ""))
-    print("|---|---|---|---|---|---|---|---|" + ("---|" if args.site_reference else ""))
+          + "".join(f" against {w}: median / mean Dice, largest component on lesion, masked outside % |"
+                    for _, w in extra))
+    print("|---|---|---|---|---|---|---|---|" + "---|" * len(extra))
     groups = sorted({r["head"] for r in rows}) + ["all"]
     for g in groups:
         sel = [r for r in rows if g == "all" or r["head"] == g]
@@ -201,8 +230,7 @@ def main(argv=None) -> int:
               f"{100 * np.median([r['outside_fraction'] for r in sel]):.1f} | "
               f"{np.median([r['dice_loop_only'] for r in sel]):.3f} / "
               f"{100 * np.median([r['outside_fraction_loop_only'] for r in sel]):.1f} |"
-              + (f" {np.median([r['dice_site'] for r in sel]):.3f} / {np.mean([r['dice_site'] for r in sel]):.3f}, "
-                 f"{100 * np.median([r['outside_fraction_site'] for r in sel]):.1f} |" if args.site_reference else ""))
+              + "".join(_site_cells(sel, k) for k, _ in extra))
     return 0
 
 
