@@ -20,8 +20,9 @@ the last column, for the test-time loop's own mask.
 ``--site-reference`` adds the group level's mask (``qc_pipeline.sitenorm``): each head's clean
 copies and its lesion copies make one site, the voxel-wise median of their error maps in
 template space is the site's normal error, and a voxel of the app's mask stays where its error
-exceeds ``DEFAULT_SITE_NORM_FACTOR`` times it (the median ignores a lesion, which sits
-elsewhere in every copy). Copies of one head are one person's anatomy, which a real site never
+exceeds ``DEFAULT_SITE_NORM_FACTOR`` times it and it plus ``DEFAULT_SITE_SPREAD_K`` times the
+site's voxel-wise robust SD, as the group level keeps it (the median ignores a lesion, which
+sits elsewhere in every copy). Copies of one head are one person's anatomy, which a real site never
 has; ``--pool NAME=HEAD,HEAD`` also scores each lesion against the site made of the copies of
 several heads (different people, as a real site).
 
@@ -46,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/engine_re
 from engine_real import run_as_the_app, template_fit  # noqa: E402
 
 from qc_pipeline.sitenorm import (DEFAULT_SITE_NORM_FACTOR, error_to_template, from_template,  # noqa: E402
-                                  site_anomaly_mask, site_reference)
+                                  site_anomaly_mask, site_reference_and_spread)
 
 
 def draw_lesion(brain: np.ndarray, rng: np.random.Generator, voxel_mm: float = 2.0,
@@ -199,10 +200,11 @@ def main(argv=None) -> int:
     for (kind, name), members in sites.items():
         if not members:
             continue
-        ref_t = site_reference([m for h in members for m in site[h]["maps"]])
+        ref_t, spread_t = site_reference_and_spread([m for h in members for m in site[h]["maps"]])
         for h in members:
             for row, err, mask, aff, t2w, lesion, brain in site[h]["pending"]:
-                m = site_anomaly_mask(err, mask, from_template(ref_t, aff, err.shape, t2w), DEFAULT_SITE_NORM_FACTOR)
+                m = site_anomaly_mask(err, mask, from_template(ref_t, aff, err.shape, t2w), DEFAULT_SITE_NORM_FACTOR,
+                                      spread=from_template(spread_t, aff, err.shape, t2w))
                 row.update({f"{kind}": name, f"{kind}_scans": sum(len(site[x]["maps"]) for x in members),
                             f"dice_{kind}": dice(m, lesion),
                             f"outside_fraction_{kind}": float((m & ~lesion).sum() / brain.sum()),

@@ -135,6 +135,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-dir", type=Path, default=None)
     p.add_argument("--nprocs", type=int, default=2)
+    p.add_argument("--group-option", action="append", default=[], metavar="OPT",
+                   help="an option for the group level, e.g. --group-option=--site-norm-spread=0 (repeatable)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--json-out", type=Path, default=None)
     a = p.parse_args(argv)
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
     minutes = (time.time() - t0) / 60
     tables = {}
     for column in ("pool", "site"):
-        _cli(a.out / "bids", out, "group", "--site-column", column)
+        _cli(a.out / "bids", out, "group", "--site-column", column, *a.group_option)
         shutil.copyfile(out / "group_T1w.csv", a.out / f"group_T1w_by_{column}.csv")
         tables[column] = _read(a.out / f"group_T1w_by_{column}.csv")
     results = {"minutes_participant": minutes, "n_scans": len(truth), "heads": {}, "pools": {}}

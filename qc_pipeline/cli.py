@@ -118,6 +118,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _site_norm_spread(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0: the factor alone), got {text!r}")
+    return value or None
+
+
 def _site_norm_factor(text: str) -> float | None:
     try:
         value = float(text)
@@ -239,6 +249,10 @@ def get_parser() -> argparse.ArgumentParser:
                        help="keep an anomaly-mask voxel where its error exceeds F x the median "
                             "error of the site's scans there (desc-siteanomaly_mask, "
                             "site_anomaly_* and engine_flagged columns); 0 skips it (default: 3)")
+    g_grp.add_argument("--site-norm-spread", type=_site_norm_spread, default=5.0, metavar="K",
+                       help="... and exceeds that median by K x the site's voxel-wise robust SD "
+                            "there (where the site's people differ most); 0: the factor alone "
+                            "(default: 5)")
 
     g_other = parser.add_argument_group("Other options")
     g_other.add_argument("-w", "--work-dir", type=_path, metavar="DIR",
@@ -771,6 +785,7 @@ def run_group_level(settings: Settings, suffixes: Optional[Sequence[str]]) -> in
     try:
         written = run_group(out, labels=settings.labels, site_column=settings.site_column,
                             flag_at_fnr=settings.flag_at_fnr, site_norm_factor=settings.site_norm_factor,
+                            site_norm_spread=settings.site_norm_spread,
                             suffixes=list(suffixes) if suffixes else None)
     except (GroupError, LabelsError) as exc:
         raise CLIError(str(exc)) from None
@@ -801,6 +816,7 @@ def build_settings(args, argv: Sequence[str]) -> Settings:
         site_column=args.site_column,
         flag_at_fnr=args.flag_at_fnr,
         site_norm_factor=args.site_norm_factor,
+        site_norm_spread=args.site_norm_spread,
         adapt_minutes=args.adapt_minutes,
         adapt_steps=args.adapt_steps,
         adapt_exclude=args.adapt_exclude,

@@ -66,6 +66,8 @@ class Settings:
     #: group level: keep an engine-mask voxel where its error exceeds this multiple of the
     #: site's normal error (qc_pipeline.sitenorm); None skips the site reference
     site_norm_factor: Optional[float] = 3.0
+    #: ... and exceeds it by this many of the site's voxel-wise robust SDs; None: factor alone
+    site_norm_spread: Optional[float] = 5.0
     adapt_minutes: float = 20.0
     adapt_steps: int = 400
     adapt_exclude: float = 0.2

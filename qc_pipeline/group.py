@@ -99,7 +99,7 @@ from scipy.stats import median_abs_deviation, rankdata
 from . import metrics as _metrics
 from .derivatives import site_mask_path
 from .io import atomic_write_text
-from .sitenorm import DEFAULT_SITE_NORM_FACTOR, ScanMaps, SiteNormError, site_normative
+from .sitenorm import DEFAULT_SITE_NORM_FACTOR, DEFAULT_SITE_SPREAD_K, ScanMaps, SiteNormError, site_normative
 
 __all__ = [
     "write_group_tables",
@@ -735,7 +735,8 @@ def _scan_maps(r: QCRecord) -> ScanMaps | None:
 
 
 def apply_site_normative(records: list[QCRecord], *, factor: float = DEFAULT_SITE_NORM_FACTOR,
-                         min_site_size: int = DEFAULT_MIN_SITE_SIZE) -> int:
+                         min_site_size: int = DEFAULT_MIN_SITE_SIZE,
+                         spread_k: float | None = DEFAULT_SITE_SPREAD_K) -> int:
     """Set ``site_anomaly_fraction`` / ``site_anomaly_voxels`` of the records of ONE suffix
     (and write their ``desc-siteanomaly_mask``) against the reference of their model and site
     (:func:`qc_pipeline.sitenorm.site_normative`); a site with fewer than ``min_site_size``
@@ -756,18 +757,18 @@ def apply_site_normative(records: list[QCRecord], *, factor: float = DEFAULT_SIT
             (groups if len(g) >= min_site_size else small).append(g)
         if small and len(items) >= min_site_size:
             targets = {sm.key for g in small for _, sm in g}
-            found = _site_normative_safe(items, factor, min_site_size, model, "pooled", targets=targets)
+            found = _site_normative_safe(items, factor, spread_k, min_site_size, model, "pooled", targets=targets)
             for g in small:
                 n += _assign(g, found)
         for g in groups:
-            n += _assign(g, _site_normative_safe(g, factor, min_site_size, model, g[0][0].site))
+            n += _assign(g, _site_normative_safe(g, factor, spread_k, min_site_size, model, g[0][0].site))
     return n
 
 
-def _site_normative_safe(items, factor, min_site_size, model, site, targets=None) -> dict:
+def _site_normative_safe(items, factor, spread_k, min_site_size, model, site, targets=None) -> dict:
     try:
         return site_normative([sm for _, sm in items], factor=factor, min_scans=min_site_size,
-                              targets=targets)
+                              targets=targets, spread_k=spread_k)
     except SiteNormError as exc:
         LOGGER.warning("site %s (model %s): no site-normative masks: %s", site, model, exc)
         return {}
@@ -963,6 +964,7 @@ def write_group_tables(output_dir, *, labels=None, site_column: str = "site",
                        background_min_fraction: float = DEFAULT_BACKGROUND_MIN_FRACTION,
                        site_z: float = DEFAULT_SITE_Z,
                        site_norm_factor: float | None = DEFAULT_SITE_NORM_FACTOR,
+                       site_norm_spread: float | None = DEFAULT_SITE_SPREAD_K,
                        engine_min_fraction: float = DEFAULT_ENGINE_MIN_FRACTION) -> GroupTables:
     """Write ``group_<suffix>.csv`` and ``group_<suffix>_sites.csv`` (the pages are
     :func:`qc_pipeline.reports.write_group_pages`; both: :func:`qc_pipeline.grouplevel.run_group`).
@@ -998,6 +1000,9 @@ def write_group_tables(output_dir, *, labels=None, site_column: str = "site",
         Keep an engine mask voxel where its error exceeds this multiple of the site's normal
         error there (:mod:`qc_pipeline.sitenorm`; default 3); None skips the site reference
         (no ``desc-siteanomaly_mask``, empty ``site_anomaly_*`` columns).
+    site_norm_spread : float or None
+        ... and exceeds the site's normal error by this many of the site's voxel-wise robust
+        SDs (default 5); None: the factor alone.
     engine_min_fraction : float
         Floor of the engine flag's threshold on ``site_anomaly_fraction`` (default 0.005).
 
@@ -1023,6 +1028,8 @@ def write_group_tables(output_dir, *, labels=None, site_column: str = "site",
         raise GroupError(f"background_min_fraction must be in [0, 1), got {background_min_fraction!r}")
     if site_norm_factor is not None and not (math.isfinite(site_norm_factor) and site_norm_factor > 0):
         raise GroupError(f"site_norm_factor must be a positive number (or None to skip), got {site_norm_factor!r}")
+    if site_norm_spread is not None and not (math.isfinite(site_norm_spread) and site_norm_spread >= 0):
+        raise GroupError(f"site_norm_spread must be a number >= 0 (or None), got {site_norm_spread!r}")
     if not (math.isfinite(engine_min_fraction) and 0.0 <= engine_min_fraction < 1.0):
         raise GroupError(f"engine_min_fraction must be in [0, 1), got {engine_min_fraction!r}")
     tag_map: dict = {}
@@ -1059,7 +1066,8 @@ def write_group_tables(output_dir, *, labels=None, site_column: str = "site",
     out = []
     for suffix, recs in sorted(by_suffix.items()):
         if site_norm_factor is not None:
-            apply_site_normative(recs, factor=site_norm_factor, min_site_size=min_site_size)
+            apply_site_normative(recs, factor=site_norm_factor, min_site_size=min_site_size,
+                                 spread_k=site_norm_spread)
         rows, site_rows, summary = compute_suffix_tables(
             recs, labels=label_map, flag_at_fnr=flag_at_fnr, mad_k=mad_k,
             min_site_size=min_site_size, background_k=background_k,

@@ -8,8 +8,10 @@ own scans tell what is usual: each scan's error map is brought into MNI space wi
 template fit of its preprocessing (``template_fit`` in the qc.json), the voxel-wise median
 over the site's scans is the site's normal error (grey-dilated by one voxel to absorb the
 residual misalignment of an affine fit), and a voxel of a scan's anomaly mask stays an
-anomaly only where its error exceeds ``factor`` times that normal error. A local artifact is
-not at the same place in most of a site's scans, so the median ignores it.
+anomaly only where its error exceeds ``factor`` times that normal error and that normal
+error plus ``spread_k`` times the site's voxel-wise robust SD (where the site's people differ
+most, one person's anatomy is not an anomaly). A local artifact is not at the same place in
+most of a site's scans, so the median and the MAD ignore it.
 
 The same comparison runs at the participant level against the *model's* normal error
 (:func:`normal_error_mask`): a template-space map that travels in the model folder
@@ -40,6 +42,7 @@ from .preprocessing import mni_brain_mask
 
 __all__ = [
     "DEFAULT_SITE_NORM_FACTOR",
+    "DEFAULT_SITE_SPREAD_K",
     "MAX_REFERENCE_SCANS",
     "SiteNormError",
     "ScanMaps",
@@ -48,6 +51,7 @@ __all__ = [
     "from_template",
     "error_to_template",
     "site_reference",
+    "site_reference_and_spread",
     "site_anomaly_mask",
     "site_normative",
     "normal_error_mask",
@@ -63,6 +67,12 @@ DEFAULT_SITE_NORM_FACTOR = 3.0
 MAX_REFERENCE_SCANS = 100
 #: grey dilation of the reference, in 2 mm template voxels (3 = one voxel each way)
 REFERENCE_DILATION = 3
+#: a voxel stays anomalous only where its error also exceeds the site's normal error by this
+#: many of the site's voxel-wise robust SDs (normal-consistent MAD over the site's scans): in
+#: a site of different people the error of one person's anatomy (a wide sulcus, large
+#: ventricles) lies above the site's median where people differ most. Chosen on the pooled
+#: development heads, checked on the held-out pool (docs/benchmarks.md)
+DEFAULT_SITE_SPREAD_K = 5.0
 
 
 class SiteNormError(ValueError):
@@ -113,37 +123,71 @@ def from_template(volume_t: np.ndarray, affine: np.ndarray, shape: Sequence[int]
                                 prefilter=False)
 
 
-def site_reference(maps_t: Sequence[np.ndarray], *, dilation: int = REFERENCE_DILATION) -> np.ndarray:
-    """The site's normal error per template voxel: the median over the scans that cover the
-    voxel (NaN = outside a scan's brain), 0 where none does, grey-dilated by ``dilation``.
-
-    The median runs over slabs of the template so that memory stays at one float16 stack.
-    """
+def _median_and_mad(maps_t: Sequence[np.ndarray], *, with_mad: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Voxel-wise median (and normal-consistent MAD) over the maps that cover each voxel
+    (NaN = outside a scan's brain); 0 where none does. Runs over slabs of the template so
+    that memory stays at one float16 stack."""
     if len(maps_t) == 0:
         raise SiteNormError("site_reference needs at least one error map")
     stack = np.stack([np.asarray(m, dtype=np.float16) for m in maps_t])
     ref = np.zeros(stack.shape[1:], dtype=np.float32)
+    mad = np.zeros(stack.shape[1:], dtype=np.float32) if with_mad else None
     for i in range(0, stack.shape[1], 8):
         slab = stack[:, i:i + 8].astype(np.float32)
         cover = np.isfinite(slab).any(axis=0)
+        if not cover.any():
+            continue
         with warnings.catch_warnings():  # voxels no scan covers: NaN, set to 0 below
             warnings.simplefilter("ignore", RuntimeWarning)
-            med = np.nanmedian(slab, axis=0) if cover.any() else 0.0
-        ref[i:i + 8] = np.where(cover, med, 0.0)
+            med = np.nanmedian(slab, axis=0)
+            ref[i:i + 8] = np.where(cover, med, 0.0)
+            if with_mad:
+                dev = 1.482602218505602 * np.nanmedian(np.abs(slab - med), axis=0)
+                mad[i:i + 8] = np.where(cover, dev, 0.0)
+    return ref, mad
+
+
+def site_reference(maps_t: Sequence[np.ndarray], *, dilation: int = REFERENCE_DILATION) -> np.ndarray:
+    """The site's normal error per template voxel: the median over the scans that cover the
+    voxel (NaN = outside a scan's brain), 0 where none does, grey-dilated by ``dilation``."""
+    ref, _ = _median_and_mad(maps_t, with_mad=False)
     if dilation and dilation > 1:
         ref = ndi.grey_dilation(ref, size=(dilation,) * 3)
     return ref
 
 
+def site_reference_and_spread(maps_t: Sequence[np.ndarray], *,
+                              dilation: int = REFERENCE_DILATION) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`site_reference` and the site's voxel-wise spread (normal-consistent MAD over the
+    same scans, ``scipy.stats.median_abs_deviation(..., scale="normal")`` per voxel), both
+    grey-dilated by ``dilation``."""
+    ref, mad = _median_and_mad(maps_t, with_mad=True)
+    if dilation and dilation > 1:
+        ref = ndi.grey_dilation(ref, size=(dilation,) * 3)
+        mad = ndi.grey_dilation(mad, size=(dilation,) * 3)
+    return ref, mad
+
+
 def site_anomaly_mask(error: np.ndarray, mask: np.ndarray, reference: np.ndarray,
-                      factor: float = DEFAULT_SITE_NORM_FACTOR) -> np.ndarray:
-    """Voxels of the engine's ``mask`` whose error exceeds ``factor`` x the site's normal error."""
+                      factor: float = DEFAULT_SITE_NORM_FACTOR, *, spread: np.ndarray | None = None,
+                      spread_k: float = DEFAULT_SITE_SPREAD_K) -> np.ndarray:
+    """Voxels of the engine's ``mask`` whose error exceeds ``factor`` x the site's normal error
+    and, with ``spread`` (the site's voxel-wise robust SD), the normal error + ``spread_k`` x
+    the spread."""
     if not (math.isfinite(factor) and factor > 0):
         raise SiteNormError(f"factor must be a positive number, got {factor!r}")
     error, mask, reference = np.asarray(error), np.asarray(mask, dtype=bool), np.asarray(reference)
     if not (error.shape == mask.shape == reference.shape):
         raise SiteNormError(f"shapes differ: error {error.shape}, mask {mask.shape}, reference {reference.shape}")
-    return mask & (error > factor * reference)
+    out = mask & (error > factor * reference)
+    if spread is not None:
+        if not (math.isfinite(spread_k) and spread_k >= 0):
+            raise SiteNormError(f"spread_k must be a number >= 0, got {spread_k!r}")
+        spread = np.asarray(spread)
+        if spread.shape != error.shape:
+            raise SiteNormError(f"shapes differ: error {error.shape}, spread {spread.shape}")
+        out &= error > reference + spread_k * spread
+    return out
 
 
 def normal_error_mask(error: np.ndarray, mask: np.ndarray, normal_error_t: np.ndarray, *,
@@ -202,8 +246,13 @@ def _error_in_template(s: ScanMaps) -> np.ndarray:
 
 def site_normative(scans: Sequence[ScanMaps], *, factor: float = DEFAULT_SITE_NORM_FACTOR,
                    min_scans: int = 8, max_reference: int = MAX_REFERENCE_SCANS,
-                   targets: Collection[str] | None = None) -> dict[str, SiteAnomaly]:
+                   targets: Collection[str] | None = None,
+                   spread_k: float | None = DEFAULT_SITE_SPREAD_K) -> dict[str, SiteAnomaly]:
     """Site reference from ``scans`` and each scan's mask against it (written to ``out_mask``).
+
+    A mask voxel stays where the scan's error exceeds ``factor`` x the site's normal error
+    and the normal error + ``spread_k`` x the site's voxel-wise robust SD
+    (:func:`site_reference_and_spread`; ``spread_k=None``: the factor alone).
 
     ``targets``: the keys of the scans to score (default: all of ``scans``); the others only
     make the reference (a pool lent to small sites). A scan whose files cannot be read or
@@ -227,7 +276,10 @@ def site_normative(scans: Sequence[ScanMaps], *, factor: float = DEFAULT_SITE_NO
     if len(maps) < min_scans:
         LOGGER.warning("only %d usable error maps (< %d): no site reference", len(maps), min_scans)
         return {}
-    ref_t = site_reference(maps)
+    if spread_k is None:
+        ref_t, spread_t = site_reference(maps), None
+    else:
+        ref_t, spread_t = site_reference_and_spread(maps)
     out: dict[str, SiteAnomaly] = {}
     for s in usable:
         if targets is not None and s.key not in targets:
@@ -237,7 +289,10 @@ def site_normative(scans: Sequence[ScanMaps], *, factor: float = DEFAULT_SITE_NO
             err = np.asarray(e_img.dataobj, dtype=np.float32)
             mask = np.asarray(m_img.dataobj) > 0
             ref = from_template(ref_t, e_img.affine, err.shape, s.template_to_world)
-            site_mask = site_anomaly_mask(err, mask, ref, factor)
+            spread = None if spread_t is None else from_template(spread_t, e_img.affine, err.shape,
+                                                                 s.template_to_world)
+            site_mask = site_anomaly_mask(err, mask, ref, factor, spread=spread,
+                                          spread_k=DEFAULT_SITE_SPREAD_K if spread_k is None else spread_k)
             atomic_write_nifti(nib.Nifti1Image(site_mask.astype(np.uint8), m_img.affine), s.out_mask)
         except Exception as exc:  # noqa: BLE001
             LOGGER.warning("%s: no site-normative mask: %s", s.key, exc)

@@ -25,7 +25,8 @@ def test_help_and_version(capsys):
     for opt in ("--participant-label", "--session-label", "--suffix", "--bids-filter-file",
                 "--work-dir", "--nprocs", "--omp-nthreads", "--use-plugin", "--device",
                 "--model-dir", "--schedule", "--skull-strip", "--reports-only", "--labels",
-                "--site-column", "--flag-at-fnr", "--site-norm-factor", "--seed", "--verbose"):
+                "--site-column", "--flag-at-fnr", "--site-norm-factor", "--site-norm-spread", "--seed",
+                "--verbose"):
         assert opt in text
     assert main(["--version"]) == 0
     assert "itermask-qc v" in capsys.readouterr().out
@@ -141,3 +142,9 @@ def test_site_norm_factor_parses_and_zero_skips_the_site_reference(ds, tmp_path)
         assert build_settings(get_parser().parse_args(argv), argv).site_norm_factor == want
     for bad in ("-1", "nan", "three"):
         assert main(base + ["--site-norm-factor", bad]) == 64
+    assert build_settings(get_parser().parse_args(base), base).site_norm_spread == 5.0
+    for text, want in (("3", 3.0), ("0", None)):
+        argv = base + ["--site-norm-spread", text]
+        assert build_settings(get_parser().parse_args(argv), argv).site_norm_spread == want
+    for bad in ("-1", "inf", "five"):
+        assert main(base + ["--site-norm-spread", bad]) == 64

@@ -18,6 +18,7 @@ from qc_pipeline.sitenorm import (
     site_anomaly_mask,
     site_normative,
     site_reference,
+    site_reference_and_spread,
     to_template,
 )
 
@@ -210,6 +211,35 @@ def test_scans_outside_the_targets_only_make_the_reference(tmp_path):
     assert out[art].fraction > 0.0
     written = sorted(p.name for p in tmp_path.glob("sub-*/anat/*_desc-siteanomaly_mask.nii.gz"))
     assert written == [f"{art}_desc-siteanomaly_mask.nii.gz"]
+
+
+def test_where_the_sites_people_differ_one_persons_anatomy_is_not_an_anomaly():
+    """At one place the error differs from person to person (skewed, as the error of a sulcus
+    or a ventricle's edge does); one person's lies above three times the site's median, so
+    the factor alone keeps it in the mask; within the site's spread it is not an anomaly. An
+    artifact where nobody differs stays."""
+    rng = np.random.default_rng(1)
+    person = _ball((28, 20, 20), 3)
+    levels = [0.12, 1.5, 0.18, 0.22, 0.26, 0.3, 0.34, 0.4, 0.5, 0.65, 0.9, 1.2]  # scan 1: 1.5
+    maps, masks = [], []
+    for i, level in enumerate(levels):
+        err, _ = _maps(rng, artifact=(i == 11))
+        err[person] = level
+        maps.append(err)
+        masks.append(BRAIN & (err > 1.0))
+    t = [error_to_template(e, AFF, IDENTITY) for e in maps]
+    ref_t, spread_t = site_reference_and_spread(t)
+    assert np.allclose(ref_t, site_reference(t))
+    ref, spread = (from_template(x, AFF, SHAPE, IDENTITY) for x in (ref_t, spread_t))
+    inner = _ball((28, 20, 20), 1)
+    with_factor = site_anomaly_mask(maps[1], masks[1], ref, 3.0)
+    assert with_factor[inner].all()  # the factor alone: this person's anatomy is an anomaly
+    with_spread = site_anomaly_mask(maps[1], masks[1], ref, 3.0, spread=spread)
+    assert not with_spread[person].any()
+    art = site_anomaly_mask(maps[11], masks[11], ref, 3.0, spread=spread)
+    assert art[ARTIFACT] and art.sum() >= 0.8 * _ball(ARTIFACT, 3).sum()
+    with pytest.raises(SiteNormError, match="spread_k"):
+        site_anomaly_mask(maps[1], masks[1], ref, 3.0, spread=spread, spread_k=-1.0)
 
 
 def _red_pixels(data_uri: str) -> int:
