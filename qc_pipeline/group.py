@@ -30,8 +30,10 @@ flag (``background_flagged``) and the engine's flag against the site's own scans
 (``engine_flagged``, :mod:`qc_pipeline.sitenorm`); ``flag_reasons`` names each that fired.
 The engine and the measurements see different things (a compact region no longer like its
 neighbours in the site's normal heads, against a measurement beyond the site's clean
-spread), so either alone is a reason to look at the scan. The labelled metrics (AUROC ...
-FNR90) are of the score.
+spread), so either alone is a reason to look at the scan. A scan that could not be screened
+(``status`` error: unreadable, no brain found) is flagged as well, with ``flag_reasons``
+"not screened: <error>": it needs a person's look as much as a bad one does; it has no rank.
+The labelled metrics (AUROC ... FNR90) are of the score, over the screened scans.
 
 ``site z`` (default when ranking by ``qc_score_site``)
     The score flags a scan when ``qc_score_site > site_z`` (default 5): some measurement lies
@@ -643,8 +645,8 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
         return bool(math.isfinite(thr) and x > thr)
 
     def is_flagged(r: QCRecord) -> bool:
-        """The scan's verdict: any flag."""
-        return bool(r.ok and (is_score_flagged(r) or is_bg_flagged(r) or is_en_flagged(r)))
+        """The scan's verdict: any flag; a scan that could not be screened needs a look too."""
+        return bool(not r.ok or is_score_flagged(r) or is_bg_flagged(r) or is_en_flagged(r))
 
     # ---- rows
     ok_sorted = sorted(ok, key=lambda r: (-S(r), r.bids_name))
@@ -662,7 +664,7 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
                          bg_flagged=is_bg_flagged(r), bg_thr=bg_thr[r.site][0], strict=strict, score_name=score_name, score=S(r),
                          en_flagged=is_en_flagged(r), en_thr=en_thr[r.site][0]))
     for r in sorted(failed, key=lambda r: r.bids_name):
-        rows.append(_row(r, lab, tags, rank=None, pct=None, flagged=None, score_flagged=None,
+        rows.append(_row(r, lab, tags, rank=None, pct=None, flagged=True, score_flagged=None,
                          thr=site_thr[r.site][0], bg_flagged=None, bg_thr=bg_thr[r.site][0], strict=strict,
                          score_name=score_name))
 
@@ -714,7 +716,7 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
                "n_background_flagged": sum(1 for r in ok if is_bg_flagged(r)),
                "engine_rule": en_summary, "engine_thresholds": en_thr,
                "n_engine_flagged": sum(1 for r in ok if is_en_flagged(r)),
-               "n_flagged": sum(1 for r in ok if is_flagged(r)),
+               "n_flagged": sum(1 for r in records if is_flagged(r)),
                "n_score_flagged": sum(1 for r in ok if is_score_flagged(r)),
                "n_scans": len(records), "n_failed": len(failed), "sites": sites,
                "score": score_name,
@@ -875,6 +877,8 @@ def _row(r: QCRecord, lab: Mapping, tags: Mapping, *, rank, pct, flagged, score_
     reasons = []
     driver = r.data.get("qc_score_driver") if r.ok else None
     site_driver = r.site_driver if r.ok else None
+    if not r.ok:
+        reasons.append(f"not screened: {r.error or r.status}")
     if score_flagged:
         d = site_driver if score_name == "qc_score_site" else driver if score_name == "qc_score" else None
         why = f" (driven by {d})" if d else ""
@@ -1082,8 +1086,9 @@ def write_group_tables(output_dir, *, labels=None, site_column: str = "site",
         atomic_write_text(_csv_text(rows, row_cols), p_rows)
         atomic_write_text(_csv_text(site_rows, site_cols), p_sites)
         out.append(SuffixTables(suffix, rows, site_rows, summary, site_cols, [p_rows, p_sites]))
-        LOGGER.info("group %s: %d scans (%d failed), %d flagged (score %d, background %d, engine %d)",
-                    suffix, summary["n_scans"], summary["n_failed"], summary["n_flagged"],
-                    summary["n_score_flagged"], summary["n_background_flagged"], summary["n_engine_flagged"])
+        LOGGER.info("group %s: %d scans (%d failed), %d flagged (score %d, background %d, engine %d, "
+                    "not screened %d)", suffix, summary["n_scans"], summary["n_failed"], summary["n_flagged"],
+                    summary["n_score_flagged"], summary["n_background_flagged"], summary["n_engine_flagged"],
+                    summary["n_failed"])
     return GroupTables(output_dir, out, sorted({r.subject for r in records if r.subject}), labels_source,
                        mad_k, flag_at_fnr)

@@ -99,7 +99,11 @@ def test_robust_flagging_per_site_and_pooled_fallback(group_run):
     assert flagged == {s.bids_name for s in dv.scans if s.kind == "artifact" and s.suffix == "T1w"}
     for r in ok:
         assert (r["flagged"] == "1") == (float(r["anomaly_fraction"]) > float(sites[r["site"]]["threshold"]))
-    assert sites["A"]["n_flagged"] == "2" and sites["B"]["n_flagged"] == "1"
+    # each site's failed scan needs a look too: flagged, with the reason, never ranked
+    assert sites["A"]["n_flagged"] == "3" and sites["B"]["n_flagged"] == "2"
+    for r in rows:
+        if r["status"] == "error":
+            assert r["flagged"] == "1" and r["flag_reasons"] == f"not screened: {r['error']}" and r["rank"] == ""
     assert (sites["A"]["n_scans"], sites["A"]["n_failed"]) == ("11", "1")
     x = a
     assert float(sites["A"]["median_fraction"]) == pytest.approx(np.median(x), rel=1e-5)
@@ -334,7 +338,7 @@ def test_background_flag_is_separate_and_robust_per_site(derivs):
     run_group(derivs.root, subject_reports=False)
     before_rows = _read(derivs.root / "group_T1w.csv")
     before = {r["bids_name"]: r["score_flagged"] for r in before_rows}
-    assert all(r["flagged"] == r["score_flagged"] for r in before_rows)  # no other flag fired yet
+    assert all(r["flagged"] == r["score_flagged"] for r in before_rows if r["status"] == "ok")  # no other flag yet
     rng = np.random.default_rng(0)
     ok_t1 = [s for s in derivs.scans if s.suffix == "T1w" and s.kind != "failed"]
     clean_a = [s for s in ok_t1 if s.site == "A" and s.kind == "clean"]
@@ -358,7 +362,7 @@ def test_background_flag_is_separate_and_robust_per_site(derivs):
     # the score's flag did not move; the verdict took the background flag in
     assert {n: r["score_flagged"] for n, r in rows.items()} == before
     for n, r in rows.items():
-        want = "1" if before[n] == "1" or n == ghost else "0" if r["status"] == "ok" else ""
+        want = "1" if before[n] == "1" or n == ghost or r["status"] != "ok" else "0"
         assert r["flagged"] == want, n
     # site A: median + 3 x scaled MAD of its scans with the statistic (floor not binding)
     a = np.array([v for n, v in values.items() if rows[n]["site"] == "A"])
