@@ -244,6 +244,18 @@ def _error_in_template(s: ScanMaps) -> np.ndarray:
     return error_to_template(np.asarray(img.dataobj, dtype=np.float32), img.affine, s.template_to_world)
 
 
+def _write_if_changed(mask: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    """Write the mask unless the file already holds it: a group level run again over the same
+    scans leaves the file, and the figures drawn from it, as they are."""
+    try:
+        old = nib.load(str(path))
+        if np.array_equal(np.asarray(old.dataobj) > 0, mask) and np.allclose(old.affine, affine):
+            return
+    except Exception:  # noqa: BLE001 - absent or unreadable: (re)write it
+        pass
+    atomic_write_nifti(nib.Nifti1Image(mask.astype(np.uint8), affine), path)
+
+
 def site_normative(scans: Sequence[ScanMaps], *, factor: float = DEFAULT_SITE_NORM_FACTOR,
                    min_scans: int = 8, max_reference: int = MAX_REFERENCE_SCANS,
                    targets: Collection[str] | None = None,
@@ -293,7 +305,7 @@ def site_normative(scans: Sequence[ScanMaps], *, factor: float = DEFAULT_SITE_NO
                                                                  s.template_to_world)
             site_mask = site_anomaly_mask(err, mask, ref, factor, spread=spread,
                                           spread_k=DEFAULT_SITE_SPREAD_K if spread_k is None else spread_k)
-            atomic_write_nifti(nib.Nifti1Image(site_mask.astype(np.uint8), m_img.affine), s.out_mask)
+            _write_if_changed(site_mask, m_img.affine, s.out_mask)
         except Exception as exc:  # noqa: BLE001
             LOGGER.warning("%s: no site-normative mask: %s", s.key, exc)
             continue

@@ -278,3 +278,16 @@ def test_after_the_group_level_the_overlay_is_the_mask_against_the_site(tmp_path
     # a table without the scan's site anomaly (an earlier file left behind) is not used
     assert site_mask_of(recs[art], "") is None
     assert _red_pixels(scan_figures(recs[names[0]], tmp_path)["thumb"]) > 0  # redrawn, not the cached one
+
+
+def test_a_second_group_run_leaves_an_unchanged_site_mask_file_alone(tmp_path):
+    names = _write_site(tmp_path)
+    write_group_tables(tmp_path)
+    art = next(n for n in names if "art" in n)
+    path = next(tmp_path.rglob(f"{art}_desc-siteanomaly_mask.nii.gz"))
+    first = path.stat().st_mtime_ns
+    write_group_tables(tmp_path)
+    assert path.stat().st_mtime_ns == first  # the cached figures drawn from it stay fresh
+    path.write_bytes(b"not a nifti")
+    write_group_tables(tmp_path)
+    assert (np.asarray(nib.load(str(path)).dataobj) > 0).any()
