@@ -53,8 +53,9 @@ The labelled metrics (AUROC ... FNR90) are of the score, over the screened scans
 ``background`` (always robust, a separate flag)
     The out-of-head ``background_artifact_fraction`` (``qc_pipeline.background``) gets its
     own per-site flag with the same robust rule (median + ``background_k`` x scaled MAD,
-    ``background_k`` = ``mad_k`` by default, the same MAD fallbacks and pooling of small
-    sites) and a floor: a scan is background-flagged when its fraction exceeds
+    ``background_k`` = 4 by default: the background of clean scans differs between people
+    and scanners, and at 3 a site of three real heads flagged 3 of its 30 clean copies,
+    ``docs/benchmarks.md``; the same MAD fallbacks and pooling of small sites) and a floor: a scan is background-flagged when its fraction exceeds
     ``max(median + k x s, background_min_fraction)`` (default 0.002 = 0.2 % of the
     background), because on most clean scans the fraction is exactly 0 and the MAD rule
     alone would flag any non-zero value. Scans without the statistic (older qc.json,
@@ -120,6 +121,7 @@ __all__ = [
     "DEFAULT_SITE_Z",
     "DEFAULT_MIN_SITE_SIZE",
     "DEFAULT_BACKGROUND_MIN_FRACTION",
+    "DEFAULT_BACKGROUND_K",
     "DEFAULT_ENGINE_MIN_FRACTION",
     "apply_site_normative",
     "FLAG_SITE_COLUMNS",
@@ -133,6 +135,7 @@ DEFAULT_SITE_Z = 5.0
 DEFAULT_MIN_SITE_SIZE = 8
 #: floor of the background flag threshold (share of the background volume)
 DEFAULT_BACKGROUND_MIN_FRACTION = 0.002
+DEFAULT_BACKGROUND_K = 4.0
 #: floor of the engine's site-normative flag threshold (share of the brain)
 DEFAULT_ENGINE_MIN_FRACTION = 0.005
 #: ``sqrt(pi / 2)``: mean absolute deviation to SD for normal data (the MAD-is-0 fallback)
@@ -560,7 +563,7 @@ def _fnr_fallback(flag_at_fnr: float | None) -> str:
 
 def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] | None,
                           flag_at_fnr: float | None, mad_k: float,
-                          min_site_size: int, background_k: float | None = None,
+                          min_site_size: int, background_k: float | None = DEFAULT_BACKGROUND_K,
                           background_min_fraction: float = DEFAULT_BACKGROUND_MIN_FRACTION,
                           site_z: float = DEFAULT_SITE_Z, artifacts: Mapping[str, list] | None = None,
                           engine_min_fraction: float = DEFAULT_ENGINE_MIN_FRACTION,
@@ -964,7 +967,7 @@ def write_group_tables(output_dir, *, labels=None, site_column: str = "site",
                        flag_at_fnr: float | None = None, mad_k: float = DEFAULT_MAD_K,
                        suffixes: Iterable[str] | None = None,
                        min_site_size: int = DEFAULT_MIN_SITE_SIZE, questionable: str = "exclude",
-                       background_k: float | None = None,
+                       background_k: float | None = DEFAULT_BACKGROUND_K,
                        background_min_fraction: float = DEFAULT_BACKGROUND_MIN_FRACTION,
                        site_z: float = DEFAULT_SITE_Z,
                        site_norm_factor: float | None = DEFAULT_SITE_NORM_FACTOR,

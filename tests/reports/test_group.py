@@ -333,7 +333,7 @@ def test_robust_threshold_when_mad_is_zero():
 def test_background_flag_is_separate_and_robust_per_site(derivs):
     """background_artifact_fraction gets its own per-site robust flag (with a floor); the
     anomaly flag is unchanged; unavailable statistics are explained, never flagged."""
-    from qc_pipeline.group import DEFAULT_BACKGROUND_MIN_FRACTION
+    from qc_pipeline.group import DEFAULT_BACKGROUND_K, DEFAULT_BACKGROUND_MIN_FRACTION
 
     run_group(derivs.root, subject_reports=False)
     before_rows = _read(derivs.root / "group_T1w.csv")
@@ -367,9 +367,9 @@ def test_background_flag_is_separate_and_robust_per_site(derivs):
     # site A: median + 3 x scaled MAD of its scans with the statistic (floor not binding)
     a = np.array([v for n, v in values.items() if rows[n]["site"] == "A"])
     med = np.median(a)
-    thr = max(med + DEFAULT_MAD_K * 1.4826 * np.median(np.abs(a - med)), DEFAULT_BACKGROUND_MIN_FRACTION)
+    thr = max(med + DEFAULT_BACKGROUND_K * 1.4826 * np.median(np.abs(a - med)), DEFAULT_BACKGROUND_MIN_FRACTION)
     assert float(sites["A"]["background_threshold"]) == pytest.approx(thr, rel=1e-5)
-    assert "max(median + 3 x scaled MAD" in sites["A"]["background_rule"]
+    assert "max(median + 4 x scaled MAD" in sites["A"]["background_rule"]
     assert "pooled" in sites["B"]["background_rule"]  # 4 scans < 8
     flagged = {n for n, r in rows.items() if r["background_flagged"] == "1"}
     assert flagged == {ghost}
