@@ -66,9 +66,10 @@ def variant(src, v: int, seed: int):
     """Variant ``v`` of the real scan ``src``: voxel size, orientation, tilt, scale, dtype, noise."""
     import nibabel as nib
     from scipy import ndimage as ndi
+    from scipy.spatial.transform import Rotation
 
     from qc_pipeline.synth import finalize_dtype
-    from qc_pipeline.synth.subject import _rotation, axcodes_matrix
+    from qc_pipeline.synth.subject import axcodes_matrix
 
     rng = np.random.default_rng([seed, v])
     data = np.asarray(src.dataobj, dtype=np.float32)
@@ -76,7 +77,7 @@ def variant(src, v: int, seed: int):
     vox = np.array(VOXELS[v % len(VOXELS)])
     codes = ORIENTATIONS[(v // len(VOXELS) + v) % len(ORIENTATIONS)]
     tilt_deg = rng.uniform(-8, 8, 3) * (v % 3 != 0)  # two in three oblique
-    direc = _rotation(tilt_deg) @ axcodes_matrix(codes)
+    direc = Rotation.from_euler("xyz", tilt_deg, degrees=True).as_matrix() @ axcodes_matrix(codes)
     # field of view: the source's extent in the new axes (+ a little margin)
     corners = np.array([[i, j, k, 1] for i in (0, data.shape[0] - 1) for j in (0, data.shape[1] - 1)
                         for k in (0, data.shape[2] - 1)], float)

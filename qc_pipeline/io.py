@@ -98,8 +98,7 @@ def _warn(img_warnings: list, source: str, msg: str) -> None:
 
 def voxel_sizes(affine: np.ndarray) -> np.ndarray:
     """Voxel sizes (mm) implied by an affine: the column norms of its 3x3 part."""
-    a = np.asarray(affine, dtype=float)[:3, :3]
-    return np.sqrt((a**2).sum(axis=0))
+    return nib.affines.voxel_sizes(np.asarray(affine, dtype=float))
 
 
 def canonical_data(img) -> tuple[np.ndarray, tuple]:

@@ -33,6 +33,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 from scipy import optimize
+from scipy.spatial.transform import Rotation
 
 from .errors import NoBrainError
 from .io import to_jsonable, validate_image, voxel_sizes
@@ -44,8 +45,6 @@ __all__ = [
     "PreprocResult",
     "CropInfo",
     "is_oblique",
-    "reorient_ras",
-    "resample_to_voxel_size",
     "crop_pad_to_grid",
     "apply_crop_pad",
     "iterative_zscore",
@@ -262,37 +261,6 @@ def _fov_mask(in_shape, vox_to_vox, out_shape):
     return inside
 
 
-def reorient_ras(img: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
-    """Reorient to RAS.
-
-    Non-oblique scans: ``nib.as_closest_canonical`` (an exact axis permutation/flip).
-    Oblique scans: resampled (linear) onto an axis-aligned RAS lattice with the scan's
-    own voxel sizes, so the result's affine is diagonal.
-    """
-    img = _as_3d_nifti(img)
-    can = nib.as_closest_canonical(img)
-    if not is_oblique(can.affine):
-        return can
-    zooms = voxel_sizes(can.affine)
-    aff, shape = _lattice_for(can.affine, can.shape, zooms)
-    out, _ = _resample(can.get_fdata(dtype=np.float32), can.affine, aff, shape, order=1)
-    res = nib.Nifti1Image(out, aff)
-    res.extra.update(getattr(img, "extra", {}) or {})
-    return res
-
-
-def resample_to_voxel_size(img: nib.spatialimages.SpatialImage, voxel_size=DEFAULT_VOXEL_SIZE, order: int = 1,
-                           *, antialias: bool = True) -> nib.Nifti1Image:
-    """Resample any-orientation image onto the world-aligned RAS lattice ``x = k*voxel_size``.
-
-    One interpolation from the input grid (order ``order``); Gaussian pre-smoothing along
-    input axes finer than ``voxel_size`` when ``antialias``. Voxels outside the input's
-    field of view are 0.
-    """
-    out, _, aff = _to_lattice(img, voxel_size, order=order, antialias=antialias)
-    return nib.Nifti1Image(out, aff)
-
-
 def _to_lattice(img, voxel_size, order=1, antialias=True):
     img = _as_3d_nifti(img)
     vs = _as_vs3(voxel_size)
@@ -433,19 +401,10 @@ def _mni_surface_points(n_points: int = 2500):
     return world, centre, cov, float(m.sum() * abs(np.linalg.det(aff[:3, :3])))
 
 
-def _rotation(r):
-    cx, cy, cz = np.cos(r)
-    sx, sy, sz = np.sin(r)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
 def _params_to_affine(p, c_tmpl, c_subj):
     """4x4 template-world -> subject-world affine from 9 parameters."""
     t, r, s = p[:3], p[3:6], p[6:9]
-    a = _rotation(r) @ np.diag(np.exp(s))
+    a = Rotation.from_euler("xyz", r).as_matrix() @ np.diag(np.exp(s))
     out = np.eye(4)
     out[:3, :3] = a
     out[:3, 3] = c_subj + t - a @ c_tmpl

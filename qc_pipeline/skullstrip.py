@@ -104,7 +104,8 @@ def strip_deepbet(img: nib.spatialimages.SpatialImage, *, device: str = "cpu", t
     bet = _deepbet_model(device)
     can = nib.as_closest_canonical(img)
     if not np.allclose(can.affine, img.affine):
-        raise ValueError("strip_deepbet expects an RAS image (use preprocessing.reorient_ras first)")
+        raise ValueError("strip_deepbet expects an image in RAS orientation (nibabel.as_closest_canonical), "
+                         f"got axes {''.join(nib.aff2axcodes(img.affine))}")
     x = _data3d(can)
     try:
         with torch.no_grad(), warnings.catch_warnings():

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
+from scipy.spatial.transform import Rotation
 
 from . import template as tpl
 from .errors import SynthError
@@ -136,12 +137,8 @@ def _rng(seed, *stream):
 
 
 def _rotation(deg_xyz):
-    rx, ry, rz = np.radians(deg_xyz)
-    cx, sx, cy, sy, cz, sz = np.cos(rx), np.sin(rx), np.cos(ry), np.sin(ry), np.cos(rz), np.sin(rz)
-    r_x = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    r_y = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    r_z = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return r_z @ r_y @ r_x
+    """Rotation about x, then y, then z (fixed axes), angles in degrees."""
+    return Rotation.from_euler("xyz", deg_xyz, degrees=True).as_matrix()
 
 
 def axcodes_matrix(codes: str) -> np.ndarray:
