@@ -51,6 +51,7 @@ __all__ = [
     "expected_brain_mask",
     "align_template_prior",
     "mni_brain_mask",
+    "air_in_mask",
     "check_brain",
     "to_native",
     "preprocess",
@@ -71,6 +72,10 @@ TEMPLATE_SCALE_RANGE = (0.72, 1.35)
 MIN_SURFACE_AGREEMENT = 0.5
 #: minimum Dice between the signal mask (holes filled) and the aligned prior (inside the FOV)
 MIN_PRIOR_DICE = 0.75
+#: air inside the skull-strip mask (mL) above which the mask is not trusted as it is
+AIR_IN_MASK_ML = 20.0
+#: how far (mm) beyond the aligned template an untrusted skull-strip mask may reach
+UNTRUSTED_MASK_MARGIN_MM = 10.0
 
 
 # --------------------------------------------------------------------------------------
@@ -401,6 +406,39 @@ def _mni_surface_points(n_points: int = 2500):
     return world, centre, cov, float(m.sum() * abs(np.linalg.det(aff[:3, :3])))
 
 
+def air_in_mask(image: np.ndarray, mask: np.ndarray, fov: np.ndarray) -> np.ndarray:
+    """Voxels of ``mask`` at the air's intensity that are connected to the air around the head.
+
+    A skull-strip network shown a head whose top was cut away or blanked (a missing chunk)
+    can label the empty space as brain. Brain tissue, CSF included, is brighter than air in
+    T1w, T2w and FLAIR, and the air around the head reaches the edge of the array. The air's
+    level and spread are the median and scaled MAD of the field of view's outer two-voxel
+    shell (mostly air in a head scan); a voxel is air-like at or below that level plus the
+    larger of 3 spreads and 5 % of the way to the brain's level. Air-like voxels connected
+    (6-neighbourhood) to the array's faces through air-like voxels or through voxels outside
+    the field of view are the air around the head; their overlap with ``mask`` is returned.
+    """
+    from scipy.stats import median_abs_deviation
+
+    fov = np.asarray(fov, dtype=bool)
+    mask = np.asarray(mask, dtype=bool)
+    shell = fov & ~ndi.binary_erosion(fov, iterations=2, border_value=0)
+    if not shell.any() or not mask.any():
+        return np.zeros_like(mask)
+    air = image[shell]
+    level = float(np.median(air))
+    spread = float(median_abs_deviation(air, scale="normal"))
+    above = image[mask & (image > level + 3.0 * spread)]
+    if above.size == 0:
+        return np.zeros_like(mask)
+    threshold = level + max(3.0 * spread, 0.05 * (float(np.median(above)) - level))
+    dark = (image <= threshold) | ~fov
+    labels, _ = ndi.label(dark)
+    faces = np.concatenate([labels[[0, -1]].ravel(), labels[:, [0, -1]].ravel(), labels[:, :, [0, -1]].ravel()])
+    outside = np.unique(faces[faces > 0])
+    return mask & np.isin(labels, outside)
+
+
 def _params_to_affine(p, c_tmpl, c_subj):
     """4x4 template-world -> subject-world affine from 9 parameters."""
     t, r, s = p[:3], p[3:6], p[6:9]
@@ -411,7 +449,8 @@ def _params_to_affine(p, c_tmpl, c_subj):
     return out
 
 
-def align_template_prior(signal_mask: np.ndarray, affine: np.ndarray, fov: np.ndarray | None = None) -> dict:
+def align_template_prior(signal_mask: np.ndarray, affine: np.ndarray, fov: np.ndarray | None = None, *,
+                         extra_tissue: bool = False) -> dict:
     """Fit the MNI152 brain mask to a (hole-filled) subject brain mask, robustly.
 
     9-dof (translation, rotation, per-axis scale) fit of the template's surface points to
@@ -422,6 +461,10 @@ def align_template_prior(signal_mask: np.ndarray, affine: np.ndarray, fov: np.nd
     void) pays at most (3 mm)^2, so missing brain cannot drag the template in. Template
     points outside the field of view pay a small constant. Weak priors keep the scales
     near 0.95 (MNI152 is larger than most brains) and rotations small.
+
+    With ``extra_tissue`` the mask is also expected to hold non-brain (a skull-strip mask
+    that spilled into the face or neck): a template point inside the mask then pays no
+    more than one outside it, so neither missing brain nor extra tissue drags the fit.
 
     Returns a dict with ``affine`` (template world -> subject world, 4x4), ``scales``,
     ``rotation_deg``, ``surface_agreement`` (fraction of in-FOV template surface points
@@ -467,7 +510,8 @@ def align_template_prior(signal_mask: np.ndarray, affine: np.ndarray, fov: np.nd
         return float(c.mean()) + 0.3 * reg
 
     p = np.r_[np.zeros(6), np.full(3, s0)]
-    for cap_in, cap_out in ((12.0, 6.0), (8.0, 3.0)):
+    stages = ((6.0, 6.0), (3.0, 3.0)) if extra_tissue else ((12.0, 6.0), (8.0, 3.0))
+    for cap_in, cap_out in stages:
         res = optimize.minimize(cost, p, args=(cap_in, cap_out), method="Powell",
                                 options={"xtol": 1e-3, "ftol": 1e-4, "maxfev": 4000})
         p = res.x
@@ -480,7 +524,7 @@ def align_template_prior(signal_mask: np.ndarray, affine: np.ndarray, fov: np.nd
         "rotation_deg": np.degrees(p[3:6]),
         "surface_agreement": agree,
         "in_fov_fraction": float(in_fov.mean()),
-        "cost": float(cost(p, 8.0, 3.0)),
+        "cost": float(cost(p, *stages[-1])),
     }
 
 
@@ -661,12 +705,30 @@ def preprocess(img: nib.spatialimages.SpatialImage, *, voxel_size=DEFAULT_VOXEL_
     if not sig.any():
         raise NoBrainError(src, "no brain found: the skull-strip mask is empty")
     sig = largest_component(sig)
+    air = air_in_mask(lat, sig, fov)
+    air_ml = float(np.count_nonzero(air) * np.prod(vs) / 1e3)
+    untrusted = air_ml > AIR_IN_MASK_ML
+    if untrusted:
+        sig = sig & ~air
+        if not sig.any():
+            raise NoBrainError(src, "no brain found: the skull-strip mask holds only air")
+        sig = largest_component(sig)
+        warns.append(f"the skull-strip mask held {air_ml:.0f} mL of the air around the head (a missing "
+                     f"part of the head?); the air was left out")
 
     # 3. expected brain (where brain should be) on the lattice, prior fitted in world space
-    filled = fill_holes(sig)
-    filled = fill_holes(close_mask(filled, int(round(6.0 / float(vs.mean())))))
-    prior_fit = align_template_prior(filled, lat_aff, fov) if use_prior else None
+    close_vox = int(round(6.0 / float(vs.mean())))
+    filled = fill_holes(close_mask(fill_holes(sig), close_vox))
+    prior_fit = align_template_prior(filled, lat_aff, fov, extra_tissue=untrusted) if use_prior else None
     prior_lat = _warp_template(prior_fit["affine"], lat_aff, lat.shape) if use_prior else None
+    if untrusted and use_prior:
+        # a mask that took in air may also have taken in the face or neck: it is kept near
+        # the brain template fitted to it (robust to missing brain), then the fit is redone
+        near = ndi.distance_transform_edt(~prior_lat, sampling=vs) <= UNTRUSTED_MASK_MARGIN_MM
+        sig = largest_component(sig & near)
+        filled = fill_holes(close_mask(fill_holes(sig), close_vox))
+        prior_fit = align_template_prior(filled, lat_aff, fov, extra_tissue=True)
+        prior_lat = _warp_template(prior_fit["affine"], lat_aff, lat.shape)
     if check:
         check_brain(sig, lat_aff, prior_fit, fov=fov, source=src,
                     prior_on_input=None if prior_lat is None else prior_lat)

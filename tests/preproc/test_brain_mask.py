@@ -56,6 +56,52 @@ def test_cut_off_fov_top_stays_inside_expected_mask(stripped, geo):
     assert any("outside the field of view" in w for w in r.warnings)
 
 
+def test_skull_strip_mask_that_took_in_air_is_trimmed(head, geo, monkeypatch):
+    """A skull-strip network shown a head whose top is blanked can call the empty space brain
+    (deepbet does on real heads): the air is left out of the signal mask and the missing
+    brain stays inside the expected mask, instead of 'no brain found' for a too-large mask."""
+    from nibabel.processing import resample_from_to
+
+    import qc_pipeline.skullstrip as skullstrip
+
+    img, gt = head
+    top = geo.brain_top_world(gt)
+    region = lambda x, y, z: z > top - 25  # scalp, skull and the top 25 mm of the brain
+    bad, sel = geo.blank_region(img, region)
+
+    def ballooning_strip(lat_img, **kwargs):
+        brain = np.asarray(resample_from_to(gt, lat_img, order=0).dataobj) > 0
+        above = geo.world_coords(lat_img)[2] > top - 25
+        return nib.Nifti1Image((brain | above).astype(np.uint8), lat_img.affine)
+
+    monkeypatch.setattr(skullstrip, "skull_strip", ballooning_strip)
+    r = preprocess(bad, skull_strip="deepbet")
+    assert any("air around the head" in w for w in r.warnings), r.warnings
+    g, reg, cover, sig_cover = _coverage(r, gt, nib.Nifti1Image(sel.astype(np.float32), img.affine), geo)
+    assert reg.sum() > 2000
+    assert sig_cover < 0.2, sig_cover  # the blanked brain is no signal ...
+    assert cover >= 0.90, cover  # ... but brain that should be there
+    assert np.count_nonzero(r.signal_brain_mask & ~g) / g.sum() <= 0.15  # no air left in it
+    assert np.count_nonzero(r.brain_mask & ~g) / g.sum() <= 0.15
+
+
+def test_clean_skull_strip_mask_is_not_trimmed(head):
+    """A brain mask on a clean head holds (almost) no air; grown into the air, the air is found."""
+    from qc_pipeline.preprocessing import AIR_IN_MASK_ML, air_in_mask
+
+    img, gt = head
+    data = img.get_fdata(dtype=np.float32)
+    m = np.asarray(gt.dataobj) > 0
+    voxel_ml = float(np.prod(gt.header.get_zooms()[:3])) / 1e3
+    assert np.count_nonzero(air_in_mask(data, m, np.ones_like(m))) * voxel_ml < 0.05 * AIR_IN_MASK_ML
+    # the same mask grown into the air around the head: the grown part is found
+    grown = np.zeros_like(m)
+    grown[:, :, : m.shape[2] // 2] = True
+    air = air_in_mask(data, m | grown, np.ones_like(m))
+    assert np.count_nonzero(air & m) * voxel_ml < 0.05 * AIR_IN_MASK_ML
+    assert np.count_nonzero(air) > 0.3 * np.count_nonzero(grown & (data <= np.percentile(data, 20)))
+
+
 def _phantom(kind, rng):
     aff = np.diag([2.0, 2.0, 2.0, 1.0])
     aff[:3, 3] = [-100, -120, -90]
