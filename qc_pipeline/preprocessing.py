@@ -48,7 +48,6 @@ __all__ = [
     "crop_pad_to_grid",
     "apply_crop_pad",
     "iterative_zscore",
-    "expected_brain_mask",
     "align_template_prior",
     "mni_brain_mask",
     "air_in_mask",
@@ -535,34 +534,6 @@ def _warp_template(t2s: np.ndarray, out_affine: np.ndarray, out_shape) -> np.nda
     w = ndi.affine_transform(m.astype(np.float32), vox[:3, :3], vox[:3, 3], output_shape=tuple(out_shape),
                              order=1, mode="constant", cval=0.0, prefilter=False)
     return w >= 0.5
-
-
-def expected_brain_mask(signal_mask: np.ndarray, affine: np.ndarray, fov: np.ndarray | None = None, *,
-                        close_mm: float = 6.0, use_prior: bool = True, prior_fit: dict | None = None,
-                        out_affine: np.ndarray | None = None, out_shape=None):
-    """Where brain should be: filled/closed signal mask UNION the aligned MNI prior.
-
-    Computed on ``out_affine``/``out_shape`` (default: the input grid), which may extend
-    beyond the scan's field of view; the prior covers the part outside it.
-
-    Returns ``(expected, filled_signal_on_out_grid, prior_fit)``.
-    """
-    vs = voxel_sizes(affine)
-    filled = fill_holes(signal_mask)
-    filled = fill_holes(close_mask(filled, int(round(close_mm / float(np.mean(vs))))))
-    if out_affine is None:
-        out_affine, out_shape = affine, signal_mask.shape
-    # move filled mask onto the output grid (an integer shift on the same lattice)
-    vox = np.linalg.inv(affine) @ out_affine
-    filled_out = ndi.affine_transform(filled.astype(np.float32), vox[:3, :3], vox[:3, 3],
-                                      output_shape=tuple(out_shape), order=0, mode="constant",
-                                      cval=0.0, prefilter=False) > 0.5
-    if not use_prior:
-        return filled_out, filled_out, None
-    if prior_fit is None:
-        prior_fit = align_template_prior(filled, affine, fov)
-    prior = _warp_template(prior_fit["affine"], out_affine, out_shape)
-    return filled_out | prior, filled_out, prior_fit
 
 
 def check_brain(signal_mask: np.ndarray, affine: np.ndarray, prior_fit: dict | None, fov=None,

@@ -36,6 +36,7 @@ from typing import Collection, Sequence
 import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
+from scipy.special import ndtri
 
 from .io import atomic_write_nifti
 from .preprocessing import mni_brain_mask
@@ -142,7 +143,7 @@ def _median_and_mad(maps_t: Sequence[np.ndarray], *, with_mad: bool) -> tuple[np
             med = np.nanmedian(slab, axis=0)
             ref[i:i + 8] = np.where(cover, med, 0.0)
             if with_mad:
-                dev = 1.482602218505602 * np.nanmedian(np.abs(slab - med), axis=0)
+                dev = np.nanmedian(np.abs(slab - med), axis=0) / ndtri(0.75)  # scaled MAD, NaN-aware
                 mad[i:i + 8] = np.where(cover, dev, 0.0)
     return ref, mad
 
