@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 from . import __version__
 from .bids import ScanRecord
-from .io import atomic_write_json
+from .io import atomic_write_json, atomic_write_text
 
 LOGGER = logging.getLogger(__name__)
 
@@ -292,23 +292,16 @@ def fallback_subject_report(output_dir, subject: str) -> Path:
     page = env.from_string(_FALLBACK_TEMPLATE).render(subject=subject, records=records,
                                                       version=__version__)
     path = output_dir / f"sub-{subject}.html"
-    try:
-        from .io import atomic_write_text
-        atomic_write_text(page, path)
-    except ImportError:  # pragma: no cover
-        path.write_text(page)
+    atomic_write_text(page, path)
     return path
 
 
 def write_subject_report(output_dir, subject: str, *, site_column: str = "site") -> Path:
     """Write ``sub-<label>.html`` with :func:`qc_pipeline.reports.write_subject_report`;
-    fall back to :func:`fallback_subject_report` if the report module is missing or fails
-    (a report problem never fails the run; it is logged)."""
-    try:
-        from .reports import write_subject_report as _write
-    except ImportError as exc:
-        LOGGER.warning("report module unavailable (%s); writing a minimal report", exc)
-        return fallback_subject_report(output_dir, subject)
+    fall back to :func:`fallback_subject_report` if it fails (a report problem never fails
+    the run; it is logged)."""
+    from .reports import write_subject_report as _write  # pages come after the derivatives
+
     try:
         return _write(output_dir, subject, site_column=site_column)
     except Exception as exc:  # noqa: BLE001 - reports must not fail the run

@@ -49,16 +49,12 @@ _MODEL_LOCK = threading.Lock()
 # --------------------------------------------------------------------------- helpers
 def describe_error(exc: BaseException, stage: str) -> str:
     """One line for the ``_qc.json``: typed input errors as they are, others labelled."""
+    from .engine.errors import InvalidInputError, ShapeMismatchError
     from .errors import InputError, MissingDependencyError
 
-    try:
-        from .engine.errors import InvalidInputError, ShapeMismatchError
-        engine_input = (InvalidInputError, ShapeMismatchError)
-    except ImportError:  # pragma: no cover
-        engine_input = ()
     if isinstance(exc, (InputError, MissingDependencyError)):
         return one_line(exc)
-    if engine_input and isinstance(exc, engine_input):
+    if isinstance(exc, (InvalidInputError, ShapeMismatchError)):
         return one_line(f"{stage}: {exc}")
     return one_line(f"unexpected error in {stage}: {type(exc).__name__}: {exc}")
 
