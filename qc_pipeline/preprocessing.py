@@ -71,8 +71,10 @@ TEMPLATE_SCALE_RANGE = (0.72, 1.35)
 MIN_SURFACE_AGREEMENT = 0.5
 #: minimum Dice between the signal mask (holes filled) and the aligned prior (inside the FOV)
 MIN_PRIOR_DICE = 0.75
-#: air inside the skull-strip mask (mL) above which the mask is not trusted as it is
+#: air inside the skull-strip mask (mL), in a body at least ``AIR_THICKNESS_MM`` thick, above
+#: which the mask is not trusted as it is
 AIR_IN_MASK_ML = 20.0
+AIR_THICKNESS_MM = 8.0
 #: how far (mm) beyond the aligned template an untrusted skull-strip mask may reach
 UNTRUSTED_MASK_MARGIN_MM = 10.0
 
@@ -677,8 +679,11 @@ def preprocess(img: nib.spatialimages.SpatialImage, *, voxel_size=DEFAULT_VOXEL_
         raise NoBrainError(src, "no brain found: the skull-strip mask is empty")
     sig = largest_component(sig)
     air = air_in_mask(lat, sig, fov)
+    # only a thick body of air says the mask is wrong: in a noisy scan the CSF and skull at
+    # the brain's surface sit at the air's level too, in a layer a few millimetres thin
+    thick = ndi.binary_opening(air, iterations=max(1, int(round(AIR_THICKNESS_MM / 2.0 / float(vs.mean())))))
     air_ml = float(np.count_nonzero(air) * np.prod(vs) / 1e3)
-    untrusted = air_ml > AIR_IN_MASK_ML
+    untrusted = float(np.count_nonzero(thick) * np.prod(vs) / 1e3) > AIR_IN_MASK_ML
     if untrusted:
         sig = sig & ~air
         if not sig.any():
