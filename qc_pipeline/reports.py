@@ -188,7 +188,8 @@ def _load_canonical(path: Path):
     if len(img.shape) > 3:
         img = img.slicer[..., 0]
     img = nib.as_closest_canonical(img)
-    return np.asarray(img.dataobj, dtype=np.float32), img
+    # contiguous: the canonical view may be flipped, and slicing a flipped view is slow
+    return np.ascontiguousarray(img.dataobj, dtype=np.float32), img
 
 
 def head_mask(background: np.ndarray, error: np.ndarray | None = None,
@@ -235,8 +236,8 @@ def choose_slices(mask: np.ndarray | None, brain: np.ndarray, n: int = 5) -> tup
     shape = brain.shape
     has_anomaly = mask is not None and bool(mask.any())
     if has_anomaly:
-        centre = tuple(int(round(c)) for c in ndimage.center_of_mass(largest_component(mask)))
         comp = largest_component(mask)
+        centre = tuple(int(round(c)) for c in ndimage.center_of_mass(comp))
         # snap to a voxel of the component so the slice really cuts the anomaly
         idx = np.argwhere(comp)
         centre = tuple(idx[np.argmin(((idx - np.array(centre)) ** 2).sum(1))])
@@ -255,6 +256,15 @@ def choose_slices(mask: np.ndarray | None, brain: np.ndarray, n: int = 5) -> tup
         sl = sorted({int(round(v)) for v in below} | {c} | {int(round(v)) for v in above})
         out.append(sl)
     return out, tuple(int(c) for c in centre), has_anomaly
+
+
+def display_window(background: np.ndarray, head: np.ndarray) -> tuple[float, float]:
+    """Grey-level window of a scan: its 1st to 99.5th percentile inside the head."""
+    vals = background[head] if head.any() else background.ravel()
+    if not vals.size:
+        return 0.0, 1.0
+    lo, hi = (float(v) for v in np.percentile(vals, [1, 99.5]))
+    return lo, hi if hi > lo else lo + 1.0
 
 
 def _tile_index(n_vox: int, zoom: float, scale: float) -> np.ndarray:
@@ -331,10 +341,8 @@ def thumbnail_png(background: np.ndarray, mask: np.ndarray | None, zooms, k: int
     from PIL import Image, ImageDraw
 
     background = np.nan_to_num(np.asarray(background, dtype=np.float32))
-    head = head_mask(background, mask=mask)
     if window is None:
-        vals = background[head] if head.any() else background.ravel()
-        window = (float(np.percentile(vals, 1)), float(np.percentile(vals, 99.5))) if vals.size else (0.0, 1.0)
+        window = display_window(background, head_mask(background, mask=mask))
     lo, hi = window
     if hi <= lo:
         hi = lo + 1.0
@@ -366,14 +374,13 @@ def mosaic_png(background: np.ndarray, mask: np.ndarray | None, zooms, *, title:
     from PIL import Image, ImageDraw
 
     background = np.nan_to_num(np.asarray(background, dtype=np.float32))
-    brain = head_mask(background, mask=mask)
+    brain = head_mask(background, mask=mask) if slices is None or window is None else None
     if slices is None:
         slices, centre, through = choose_slices(mask, brain)
     else:
         slices, centre, through = slices
-    vals = background[brain] if brain.any() else background.ravel()
     if window is None:
-        window = (float(np.percentile(vals, 1)), float(np.percentile(vals, 99.5))) if vals.size else (0.0, 1.0)
+        window = display_window(background, brain)
     lo, hi = window
     if hi <= lo:
         hi = lo + 1.0
@@ -617,6 +624,8 @@ def scan_figures(rec: QCRecord, output_dir: Path, *, site_mask: Path | None = No
                 out["notes"].append("source scan not available: the error map is the background")
         head = head_mask(bg, err, mask)
         sl = choose_slices(mask, head)
+        # one window for the scan's figures (the head in the scan's own grey levels)
+        win = display_window(bg, head_mask(bg, mask=mask)) if out["background"] == "scan" else None
         title = {"scan": "scan with anomaly mask", "error map": "error map (grey) with anomaly mask",
                  "mask": "anomaly mask"}[out["background"]]
         if overlay == "site":
@@ -625,13 +634,13 @@ def scan_figures(rec: QCRecord, output_dir: Path, *, site_mask: Path | None = No
                                 "the participant level's own mask is the mask_file below")
         plain = {"scan": "scan", "error map": "error map (grey)", "mask": "anomaly mask"}[out["background"]]
         make = {
-            "mosaic": lambda: mosaic_png(bg, mask, zooms, title=title, slices=sl),
-            "plain": lambda: mosaic_png(bg, None, zooms, title=f"{plain}, no overlay", slices=sl),
+            "mosaic": lambda: mosaic_png(bg, mask, zooms, title=title, slices=sl, window=win),
+            "plain": lambda: mosaic_png(bg, None, zooms, title=f"{plain}, no overlay", slices=sl, window=win),
             "error": (lambda: error_map_png(err, mask, zooms, sl)) if err is not None else None,
             "air": ((lambda: mosaic_png(bg, None, zooms, slices=sl, window=air_window(bg, head),
                                         title="scan, window raised to show the background"))
                     if out["background"] == "scan" else None),
-            "thumb": lambda: thumbnail_png(bg, mask, zooms, worst_slice(mask, err, head)),
+            "thumb": lambda: thumbnail_png(bg, mask, zooms, worst_slice(mask, err, head), window=win),
         }
         drawn = [k for k in kinds if make[k] is not None]
         for k in drawn:
