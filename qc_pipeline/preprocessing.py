@@ -553,9 +553,10 @@ def check_brain(signal_mask: np.ndarray, affine: np.ndarray, prior_fit: dict | N
     out = {"signal_volume_l": vol_l}
     lo, hi = BRAIN_VOLUME_RANGE_L
     if not (lo <= vol_l <= hi):
+        why = ("not a brain, or not skull-stripped with --skull-strip none?" if vol_l > hi else
+               "not a brain, or an artifact that hides the brain from the skull strip?")
         raise NoBrainError(source, f"no brain found: brain-mask volume {vol_l:.2f} L is outside the "
-                                   f"plausible {lo}-{hi} L (not a brain, or not skull-stripped with "
-                                   f"--skull-strip none?)")
+                                   f"plausible {lo}-{hi} L ({why})")
     if prior_fit is None:
         return out
     sc = np.asarray(prior_fit["scales"])
@@ -691,6 +692,9 @@ def preprocess(img: nib.spatialimages.SpatialImage, *, voxel_size=DEFAULT_VOXEL_
         sig = largest_component(sig)
         warns.append(f"the skull-strip mask held {air_ml:.0f} mL of the air around the head (a missing "
                      f"part of the head?); the air was left out")
+
+    if check:  # the volume first: no template fit for a mask that cannot be a brain
+        check_brain(sig, lat_aff, None, source=src)
 
     # 3. expected brain (where brain should be) on the lattice, prior fitted in world space
     close_vox = int(round(6.0 / float(vs.mean())))
