@@ -456,7 +456,8 @@ def _summary(recs: Sequence[Mapping]) -> dict:
 def _refit_reference(settings, plan, options: AdaptOptions) -> None:
     """QC-score reference of the adapted model from its training scans' measurements; the
     stored scores of every scan screened with it are recomputed (atomically, per file)."""
-    from .derivatives import output_paths, read_qc, rescore_qc, write_subject_report
+    from .derivatives import output_paths, read_qc, rescore_qc
+    from .reports import write_subject_page
     from .qcscore import QCScoreError, fit_reference
 
     target = plan["target"]
@@ -487,7 +488,7 @@ def _refit_reference(settings, plan, options: AdaptOptions) -> None:
         rescore_qc(output_paths(out, scan)["qc_json"], card.get("qc_score"))
         subjects.add(scan.subject)
     for sub in sorted(subjects):
-        write_subject_report(out, sub, site_column=settings.site_column)
+        write_subject_page(out, sub, site_column=settings.site_column)
     log.info("adapt: %s: QC-score reference from %d training scans; %d scans rescored "
              "(median anomaly share of the training scans %s -> %s)", card["model_id"], len(rows),
              len(recs), (ad.get("before") or {}).get("median_anomaly_fraction"),

@@ -613,8 +613,8 @@ def _check_skull_strip(method: str, suffixes: Sequence[str]) -> None:
 
 # --------------------------------------------------------------------------- levels
 def run_participant(settings: Settings, scans) -> int:
-    from .derivatives import (is_done, output_paths, read_qc, write_dataset_description,
-                              write_error_qc, write_subject_report)
+    from .derivatives import is_done, output_paths, read_qc, write_dataset_description, write_error_qc
+    from .reports import write_subject_page
     from .errors import InputError
     from .io import check_image_file, sha256_file
 
@@ -629,7 +629,7 @@ def run_participant(settings: Settings, scans) -> int:
         for sub in subjects:
             if any(output_paths(settings.output_dir, s)["qc_json"].is_file()
                    for s in scans if s.subject == sub):
-                out = write_subject_report(settings.output_dir, sub,
+                out = write_subject_page(settings.output_dir, sub,
                                            site_column=settings.site_column)
                 LOGGER.info("report: %s", out)
             else:
@@ -681,7 +681,7 @@ def run_participant(settings: Settings, scans) -> int:
                            device=settings.device)
     for sub in subjects:
         if not (Path(settings.output_dir) / f"sub-{sub}.html").is_file():
-            write_subject_report(settings.output_dir, sub, site_column=settings.site_column)
+            write_subject_page(settings.output_dir, sub, site_column=settings.site_column)
 
     failed = []
     n_ok = 0

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 from . import __version__
 from .bids import ScanRecord
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json
 
 LOGGER = logging.getLogger(__name__)
 
@@ -260,52 +260,4 @@ def write_dataset_description(output_dir, *, model_ids: Iterable[str] = (),
     if source_dataset:
         desc["SourceDatasets"] = [{"URL": Path(source_dataset).resolve().as_uri()}]
     return _atomic_json(desc, path)
-
-
-# --------------------------------------------------------------------------- reports
-_FALLBACK_TEMPLATE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>itermask-qc: sub-{{ subject }}</title>
-<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}
-td,th{border:1px solid #999;padding:2px 6px}.error{color:#a00}</style></head>
-<body><h1>itermask-qc report: sub-{{ subject }}</h1>
-<p>itermask-qc {{ version }} &mdash; minimal report (the full report module was not available).</p>
-<table><tr><th>scan</th><th>site</th><th>status</th><th>anomaly voxels</th>
-<th>anomaly fraction</th><th>anomaly mm&sup3;</th><th>error / warnings</th></tr>
-{% for r in records %}<tr><td>{{ r.bids_name }}</td><td>{{ r.site }}</td><td>{{ r.status }}</td>
-<td>{{ r.anomaly_voxels }}</td><td>{{ r.anomaly_fraction }}</td><td>{{ r.anomaly_mm3 }}</td>
-<td class="{{ 'error' if r.status != 'ok' else '' }}">{{ r.error or '' }}
-{{ (r.warnings or [])|join('; ') }}</td></tr>
-{% endfor %}</table></body></html>
-"""
-
-
-def fallback_subject_report(output_dir, subject: str) -> Path:
-    """A minimal, escaped jinja2 page listing the subject's ``_qc.json`` records."""
-    import jinja2
-
-    output_dir = Path(output_dir)
-    subject = str(subject)
-    subject = subject[4:] if subject.startswith("sub-") else subject
-    files = sorted((output_dir / f"sub-{subject}").glob("**/anat/*_qc.json"))
-    records = [r for r in (read_qc(f) for f in files) if r]
-    env = jinja2.Environment(autoescape=True)
-    page = env.from_string(_FALLBACK_TEMPLATE).render(subject=subject, records=records,
-                                                      version=__version__)
-    path = output_dir / f"sub-{subject}.html"
-    atomic_write_text(page, path)
-    return path
-
-
-def write_subject_report(output_dir, subject: str, *, site_column: str = "site") -> Path:
-    """Write ``sub-<label>.html`` with :func:`qc_pipeline.reports.write_subject_report`;
-    fall back to :func:`fallback_subject_report` if it fails (a report problem never fails
-    the run; it is logged)."""
-    from .reports import write_subject_report as _write  # pages come after the derivatives
-
-    try:
-        return _write(output_dir, subject, site_column=site_column)
-    except Exception as exc:  # noqa: BLE001 - reports must not fail the run
-        LOGGER.warning("sub-%s: report failed (%s: %s); writing a minimal report",
-                       subject, type(exc).__name__, one_line(exc))
-        return fallback_subject_report(output_dir, subject)
 

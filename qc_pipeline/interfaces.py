@@ -37,7 +37,7 @@ from nipype.interfaces.base import (
 )
 
 from .io import atomic_write_bytes
-from .derivatives import one_line, output_paths, write_error_qc, write_ok_qc, write_subject_report
+from .derivatives import one_line, output_paths, write_error_qc, write_ok_qc
 from .qcscore import native_measurements
 
 LOGGER = logging.getLogger(__name__)
@@ -417,7 +417,7 @@ class _ReportOutputSpec(TraitedSpec):
 
 
 class SubjectReport(SimpleInterface):
-    """Write ``sub-<label>.html`` (:func:`qc_pipeline.reports.write_subject_report`, with a
+    """Write ``sub-<label>.html`` (:func:`qc_pipeline.reports.write_subject_page`: the full page or a
     minimal fallback page); a report problem is logged, never raised."""
 
     input_spec = _ReportInputSpec
@@ -425,8 +425,10 @@ class SubjectReport(SimpleInterface):
     _always_run = True
 
     def _run_interface(self, runtime):
+        from .reports import write_subject_page  # the pages' stack loads only where pages are drawn
+
         try:
-            out = write_subject_report(self.inputs.output_dir, self.inputs.subject,
+            out = write_subject_page(self.inputs.output_dir, self.inputs.subject,
                                        site_column=self.inputs.site_column)
             self._results["out_report"] = str(out)
         except Exception as exc:  # noqa: BLE001

@@ -135,6 +135,19 @@ def test_subject_page_before_group_level(derivs):
     assert "no group statistics yet: run the group level" in html
 
 
+def test_a_page_that_cannot_be_drawn_falls_back_to_a_minimal_one(derivs, monkeypatch, caplog):
+    import qc_pipeline.reports as reports
+
+    def broken(*args, **kwargs):
+        raise ValueError("figure engine exploded")
+
+    monkeypatch.setattr(reports, "write_subject_report", broken)
+    p = reports.write_subject_page(derivs.root, "sub-05")
+    html = p.read_text()
+    assert p.name == "sub-05.html" and "minimal report" in html and "sub-05_" in html
+    assert any("figure engine exploded" in r.getMessage() for r in caplog.records)
+
+
 def test_stale_group_tables_are_not_shown(group_run, tmp_path):
     import json
     import shutil
