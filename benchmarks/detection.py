@@ -239,6 +239,10 @@ def main(argv=None) -> int:
                 row["from_saved_maps"] = True
             for k, sch in enumerate(schedules if "features" not in row else []):
                 r = model.run(image, mask, voxel_size=card["voxel_size"], schedule=sch, seed=0)
+                # as the app: the loop's mask against the model's normal-error map, when it has one
+                r = model.against_normal_error(
+                    r, grid_affine=vols.info_dict.get("grid_affine"),
+                    template_to_world=(vols.info_dict.get("prior") or {}).get("affine"))
                 if k == 0:
                     row["features"] = _features(vols, r.mask, r.anomaly_fraction, r.first_pass_mean_error)
                 if args.save_maps is not None and sch == schedules[0]:
