@@ -18,7 +18,6 @@ rec, run, ..., suffix) is carried over. The ``_qc.json`` fields are listed in
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 from pathlib import Path
@@ -28,7 +27,6 @@ from . import __version__
 from .bids import ScanRecord
 from .io import atomic_write_json
 
-LOGGER = logging.getLogger(__name__)
 
 MASK_DESC = "desc-anomaly_mask"
 ERROR_MAP_DESC = "desc-error_map"

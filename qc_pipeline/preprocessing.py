@@ -51,6 +51,7 @@ __all__ = [
     "align_template_prior",
     "mni_brain_mask",
     "air_in_mask",
+    "thick_air_ml",
     "check_brain",
     "to_native",
     "preprocess",
@@ -440,6 +441,21 @@ def air_in_mask(image: np.ndarray, mask: np.ndarray, fov: np.ndarray) -> np.ndar
     return mask & np.isin(labels, outside)
 
 
+def thick_air_ml(air: np.ndarray, voxel_size) -> float:
+    """mL of ``air`` (:func:`air_in_mask`) in bodies at least ``AIR_THICKNESS_MM`` thick.
+
+    Only a thick body of air says a skull-strip mask is wrong: in a noisy scan the CSF and
+    skull at the brain's surface reach the air's level too, in a layer a few mm thin, which
+    a morphological opening removes.
+    """
+    vs = np.asarray(voxel_size, dtype=float)
+    voxel_ml = float(np.prod(vs)) / 1e3
+    if np.count_nonzero(air) * voxel_ml <= AIR_IN_MASK_ML:  # the common case: nothing to open
+        return float(np.count_nonzero(air)) * voxel_ml
+    radius = max(1, int(round(AIR_THICKNESS_MM / 2.0 / float(vs.mean()))))
+    return float(np.count_nonzero(ndi.binary_opening(air, iterations=radius))) * voxel_ml
+
+
 def _params_to_affine(p, c_tmpl, c_subj):
     """4x4 template-world -> subject-world affine from 9 parameters."""
     t, r, s = p[:3], p[3:6], p[6:9]
@@ -680,11 +696,8 @@ def preprocess(img: nib.spatialimages.SpatialImage, *, voxel_size=DEFAULT_VOXEL_
         raise NoBrainError(src, "no brain found: the skull-strip mask is empty")
     sig = largest_component(sig)
     air = air_in_mask(lat, sig, fov)
-    # only a thick body of air says the mask is wrong: in a noisy scan the CSF and skull at
-    # the brain's surface sit at the air's level too, in a layer a few millimetres thin
-    thick = ndi.binary_opening(air, iterations=max(1, int(round(AIR_THICKNESS_MM / 2.0 / float(vs.mean())))))
     air_ml = float(np.count_nonzero(air) * np.prod(vs) / 1e3)
-    untrusted = float(np.count_nonzero(thick) * np.prod(vs) / 1e3) > AIR_IN_MASK_ML
+    untrusted = thick_air_ml(air, vs) > AIR_IN_MASK_ML
     if untrusted:
         sig = sig & ~air
         if not sig.any():

@@ -6,7 +6,6 @@ import os
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 
-import nibabel as nib
 import numpy as np
 import pytest
 

@@ -85,7 +85,7 @@ def test_skull_strip_mask_that_took_in_air_is_trimmed(head, geo, monkeypatch):
     assert np.count_nonzero(r.brain_mask & ~g) / g.sum() <= 0.15
 
 
-def test_clean_skull_strip_mask_is_not_trimmed(head):
+def test_air_in_mask_finds_the_air_and_not_the_brain(head):
     """A brain mask on a clean head holds (almost) no air; grown into the air, the air is found."""
     from qc_pipeline.preprocessing import AIR_IN_MASK_ML, air_in_mask
 
@@ -100,6 +100,20 @@ def test_clean_skull_strip_mask_is_not_trimmed(head):
     air = air_in_mask(data, m | grown, np.ones_like(m))
     assert np.count_nonzero(air & m) * voxel_ml < 0.05 * AIR_IN_MASK_ML
     assert np.count_nonzero(air) > 0.3 * np.count_nonzero(grown & (data <= np.percentile(data, 20)))
+
+
+def test_only_a_thick_body_of_air_makes_a_mask_untrusted():
+    """A thin sheet of air-level voxels (CSF and skull in a noisy scan) is not counted; a
+    blanked block of the same volume is."""
+    from qc_pipeline.preprocessing import AIR_IN_MASK_ML, thick_air_ml
+
+    sheet = np.zeros((80, 80, 80), bool)
+    sheet[5:75, 5:75, 40:42] = True  # 4 mm thick at 2 mm voxels: 78 mL
+    block = np.zeros_like(sheet)
+    block[20:35, 20:35, 20:35] = True  # 30 mm cube: 27 mL
+    assert np.count_nonzero(sheet) * 8e-3 > np.count_nonzero(block) * 8e-3 > AIR_IN_MASK_ML
+    assert thick_air_ml(sheet, (2.0, 2.0, 2.0)) < AIR_IN_MASK_ML
+    assert thick_air_ml(block, (2.0, 2.0, 2.0)) > AIR_IN_MASK_ML
 
 
 def _phantom(kind, rng):
