@@ -172,6 +172,9 @@ def main(argv=None) -> int:
                         "(scored with another --seed) instead of taking the card's")
     p.add_argument("--calibration-seed", type=int, default=3000,
                    help="base seed of --calibration-json rows that do not record theirs (default 3000)")
+    p.add_argument("--engine-only", action="store_true",
+                   help="score the engine alone: no image-quality measurements, no QC-score columns "
+                        "(the engine's seconds per scan only)")
     p.add_argument("--features-from-maps", action="store_true",
                    help="rows without quality measurements (older or merged runs) get them from "
                         "--cache and --save-maps")
@@ -243,7 +246,7 @@ def main(argv=None) -> int:
                 r = model.against_normal_error(
                     r, grid_affine=vols.info_dict.get("grid_affine"),
                     template_to_world=(vols.info_dict.get("prior") or {}).get("affine"))
-                if k == 0:
+                if k == 0 and not args.engine_only:
                     row["features"] = _features(vols, r.mask, r.anomaly_fraction, r.first_pass_mean_error)
                 if args.save_maps is not None and sch == schedules[0]:
                     args.save_maps.mkdir(parents=True, exist_ok=True)

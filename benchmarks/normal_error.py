@@ -44,7 +44,7 @@ import numpy as np
 from qc_pipeline.engine.modelio import load_model_card, save_normal_error, write_model_card
 from qc_pipeline.io import atomic_write_npz
 from qc_pipeline.qcscore import fit_reference, largest_component_fraction
-from qc_pipeline.sitenorm import (normal_error_mask, site_reference, template_grid, to_template)
+from qc_pipeline.sitenorm import normal_error_mask, site_reference_and_spread, template_grid, to_template
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/engine_real.py
 from engine_real import cache_grid_affine  # noqa: E402
@@ -101,15 +101,18 @@ def _template_map(z) -> np.ndarray:
     return t
 
 
-def _fit(items, cache) -> np.ndarray:
-    return site_reference([cache[it["file"]] for it in items])
+def _fit(items, cache) -> tuple[np.ndarray, np.ndarray]:
+    """The normal-error map (median) and the normal heads' spread around it (robust SD)."""
+    return site_reference_and_spread([cache[it["file"]] for it in items])
 
 
-def _masked(z, ref_t, factor) -> np.ndarray:
-    if ref_t is None:
+def _masked(z, maps, factor, spread_k=None) -> np.ndarray:
+    if maps is None:
         return z["mask"].astype(bool)
+    ref_t, spread_t = maps
+    kw = {} if spread_k is None else {"spread_t": spread_t, "spread_k": spread_k}
     return normal_error_mask(z["error"], z["mask"], ref_t, grid_affine=z["grid_affine"],
-                             template_to_world=z["t2w"], factor=factor)
+                             template_to_world=z["t2w"], factor=factor, **kw)
 
 
 def _auc(clean, bad) -> float:
@@ -133,8 +136,8 @@ def cmd_eval(args, items, tmaps) -> None:
         print(f"each head against a map fitted on the synthetic normals and the clean copies of the "
               f"other heads of {', '.join(args.fit_heads)}; evaluated on {', '.join(heads)}\n")
     else:
-        fit_items, ref_t = fit_without(None)
-        maps = {h: ref_t for h in heads}
+        fit_items, both = fit_without(None)
+        maps = {h: both for h in heads}
         print(f"map fitted on {len(fit_items)} normal scans "
               f"({sum(it['head'] == 'syn' for it in fit_items)} synthetic, clean copies of "
               f"{', '.join(args.fit_heads) or 'no real head'}); evaluated on {', '.join(heads)}\n")
@@ -143,13 +146,15 @@ def cmd_eval(args, items, tmaps) -> None:
     print("|---|---|" + "---|" * (len(heads) + 1))
     ev = [it for it in items if it["head"] in heads]
     data = {it["file"]: _load(it) for it in ev}
-    for label, factor, use in [("engine's own", "-", False)] + [("against the normal-error map", f, True)
-                                                                 for f in args.factor]:
+    rows = [("engine's own", "-", None, False)] + [
+        ("against the normal-error map" + ("" if k is None else f" and {k:g} x its spread"), f, k, True)
+        for f in args.factor for k in (args.spread_k or [None])]
+    for label, factor, spread_k, use in rows:
         frac = {}
         for it in ev:
             z = data[it["file"]]
             ref = maps[it["head"]] if use else None
-            frac[it["file"]] = float(_masked(z, ref, factor).sum()) / float(z["brain"].sum())
+            frac[it["file"]] = float(_masked(z, ref, factor, spread_k).sum()) / float(z["brain"].sum())
         cells = []
         for group in [[h] for h in heads] + [heads]:
             g = [it for it in ev if it["head"] in group]
@@ -161,14 +166,15 @@ def cmd_eval(args, items, tmaps) -> None:
 
 
 def cmd_build(args, items, tmaps) -> None:
-    if len(args.factor) != 1:
-        raise SystemExit("build takes one --factor")
+    if len(args.factor) != 1 or len(args.spread_k or [None]) != 1:
+        raise SystemExit("build takes one --factor and at most one --spread-k")
     factor = float(args.factor[0])
+    spread_k = args.spread_k[0] if args.spread_k else None
     syn = [it for it in items if it["head"] == "syn"]
     real = [it for it in items if it["head"] in args.fit_heads and it["kind"] == "clean"]
     if len(syn) < 8:
         raise SystemExit(f"build needs >= 8 synthetic normals, found {len(syn)}")
-    ref_t = _fit(syn + real, tmaps)
+    maps = _fit(syn + real, tmaps)
     # the QC-score reference: each synthetic normal against a map fitted without it
     rows = []
     for k in range(2):
@@ -176,7 +182,7 @@ def cmd_build(args, items, tmaps) -> None:
         ref_k = _fit([it for it in syn if it not in held] + real, tmaps)
         for it in held:
             z = _load(it)
-            m = _masked(z, ref_k, factor)
+            m = _masked(z, ref_k, factor, spread_k)
             n = int(z["brain"].sum())
             rows.append({"anomaly_fraction": float(m.sum()) / n,
                          "anomaly_cluster_fraction": largest_component_fraction(m, n)})
@@ -188,7 +194,9 @@ def cmd_build(args, items, tmaps) -> None:
         "space": "MNI152 brain-mask grid, 2 mm (qc_pipeline.sitenorm.template_grid)",
         "statistic": "voxel-wise median of the engine's squared error over the normal scans that cover the "
                      "voxel (template fit of each scan's preprocessing), grey-dilated by one voxel",
-        "rule": "a mask voxel stays where error > factor x normal_error (IterMask3D.against_normal_error)",
+        "rule": "a mask voxel stays where error > factor x normal_error" + (
+            "" if spread_k is None else " and error > normal_error + spread_k x spread")
+                + " (IterMask3D.against_normal_error)",
         "n_scans": len(syn) + len(real),
         "training_data": {"synthetic_normals": len(syn), "real_heads": list(args.fit_heads),
                           "real_clean_copies": len(real),
@@ -197,10 +205,15 @@ def cmd_build(args, items, tmaps) -> None:
         "date": _dt.date.today().isoformat(),
         "command": "python benchmarks/normal_error.py build " + " ".join(sys.argv[2:]),
     }
-    save_normal_error(args.model_dir, ref_t, t_aff, section)
+    if spread_k is not None:
+        section["spread_k"] = spread_k
+        section["spread_statistic"] = ("voxel-wise normal-consistent MAD of the same scans' errors around that "
+                                       "median, grey-dilated by one voxel")
+    save_normal_error(args.model_dir, maps[0], t_aff, section, spread_t=None if spread_k is None else maps[1])
     card = load_model_card(args.model_dir)
     # the id names the map's data too: results of another map are never reused under it
-    card["model_id"] = f"{base_id}-ne{factor:g}" + (f"r{len(args.fit_heads)}" if args.fit_heads else "")
+    card["model_id"] = (f"{base_id}-ne{factor:g}" + ("" if spread_k is None else f"s{spread_k:g}")
+                        + (f"r{len(args.fit_heads)}" if args.fit_heads else ""))
     feats = fit_reference(rows, features=["anomaly_fraction", "anomaly_cluster_fraction"])["features"]
     card["qc_score"]["features"].update(feats)
     card["qc_score"]["normal_error_features_source"] = (
@@ -222,6 +235,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fit-heads", nargs="*", default=[], help="real heads whose clean copies join the map")
     ap.add_argument("--eval-heads", nargs="*", default=[], help="real heads to evaluate (eval)")
     ap.add_argument("--factor", nargs="+", type=float, default=[4.0])
+    ap.add_argument("--spread-k", nargs="*", type=float, default=[],
+                    help="also require error > map + k x the normal heads' spread (eval: each k; "
+                         "build: one k, written into the model folder)")
     ap.add_argument("--leave-one-out", action="store_true",
                     help="eval: each evaluated head against a map fitted without its own copies "
                          "(evaluated heads may then be in --fit-heads)")

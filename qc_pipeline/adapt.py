@@ -387,11 +387,15 @@ def _adapt_one(settings, plan, rows, options: AdaptOptions, *, bad: set[str]) ->
     # fitted_for_model_id names the base weights
     carried = bool(card.get("normal_error"))
     if carried:
-        from .engine.modelio import NORMAL_ERROR_NAME
+        from .engine.modelio import NORMAL_ERROR_NAME, NORMAL_ERROR_SPREAD_NAME
 
-        shutil.copyfile(Path(plan["base_dir"]) / card["normal_error"].get("file", NORMAL_ERROR_NAME),
-                        target / NORMAL_ERROR_NAME)
-        card["normal_error"] = {**card["normal_error"], "file": NORMAL_ERROR_NAME}
+        sec = dict(card["normal_error"])
+        shutil.copyfile(Path(plan["base_dir"]) / sec.get("file", NORMAL_ERROR_NAME), target / NORMAL_ERROR_NAME)
+        sec["file"] = NORMAL_ERROR_NAME
+        if sec.get("spread_file"):
+            shutil.copyfile(Path(plan["base_dir"]) / sec["spread_file"], target / NORMAL_ERROR_SPREAD_NAME)
+            sec["spread_file"] = NORMAL_ERROR_SPREAD_NAME
+        card["normal_error"] = sec
     card["model_id"] = new_id
     card["training"] = trained.get("training")  # the fine-tuning; its init_from names the base model
     card["adaptation"] = {

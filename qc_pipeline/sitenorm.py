@@ -193,17 +193,21 @@ def site_anomaly_mask(error: np.ndarray, mask: np.ndarray, reference: np.ndarray
 
 def normal_error_mask(error: np.ndarray, mask: np.ndarray, normal_error_t: np.ndarray, *,
                       grid_affine: np.ndarray, template_to_world: np.ndarray,
-                      factor: float) -> np.ndarray:
+                      factor: float, spread_t: np.ndarray | None = None,
+                      spread_k: float = DEFAULT_SITE_SPREAD_K) -> np.ndarray:
     """Voxels of an engine ``mask`` (on the model grid) whose error exceeds ``factor`` x the
-    normal error there; ``normal_error_t`` is on :func:`template_grid`, brought to the grid
-    through the scan's template fit (``grid_affine``: grid voxel -> scanner mm;
+    normal error there and, with ``spread_t`` (the normal heads' voxel-wise robust SD), the
+    normal error + ``spread_k`` x that spread. The maps are on :func:`template_grid`, brought
+    to the grid through the scan's template fit (``grid_affine``: grid voxel -> scanner mm;
     ``template_to_world``: MNI mm -> scanner mm)."""
     shape, _ = template_grid()
-    if tuple(np.shape(normal_error_t)) != shape:
-        raise SiteNormError(f"normal-error map has shape {tuple(np.shape(normal_error_t))}; "
-                            f"expected the template grid {shape}")
+    for what, vol in (("normal-error map", normal_error_t), ("normal-error spread map", spread_t)):
+        if vol is not None and tuple(np.shape(vol)) != shape:
+            raise SiteNormError(f"{what} has shape {tuple(np.shape(vol))}; expected the template grid {shape}")
     ref = from_template(normal_error_t, grid_affine, np.shape(error), template_to_world)
-    return site_anomaly_mask(error, mask, ref, factor)
+    spread = None if spread_t is None else from_template(spread_t, grid_affine, np.shape(error),
+                                                         template_to_world)
+    return site_anomaly_mask(error, mask, ref, factor, spread=spread, spread_k=spread_k)
 
 
 @dataclass(frozen=True)

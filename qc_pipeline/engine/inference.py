@@ -20,7 +20,7 @@ from .errors import (EngineError, InvalidInputError, ModelCardError, ModelNotFou
                      ShapeMismatchError, VoxelSizeMismatchError)
 from .hf import high_frequency, hf_radius
 from .modelio import (CARD_NAME, WEIGHTS_NAME, build_network, default_model_dir, load_model_card,
-                      load_normal_error)
+                      load_normal_error, load_normal_error_spread)
 from .schedules import Schedule, get_schedule
 from .taufit import (DEFAULT_GAMMA, DEFAULT_GAMMA_REFERENCE_T, DEFAULT_Y_LIMIT, GAMMA_MODES, R2_MIN, TauFit,
                      fit_tau_curve, relative_gamma)
@@ -109,8 +109,9 @@ class Result:
         where every brain's error is this high (:meth:`IterMask3D.against_normal_error`);
         None when that step did not run.
     normal_error : dict
-        How the normal-error step went: ``applied``, ``factor``, and ``reason`` when it
-        did not run (the model has no map, the scan has no template fit).
+        How the normal-error step went: ``applied``, ``factor``, ``spread_k`` (when the model
+        carries the normal heads' spread), and ``reason`` when it did not run (the model has
+        no map, the scan has no template fit).
     """
 
     anomaly_voxels: int
@@ -397,6 +398,9 @@ class IterMask3D:
         #: the model's normal error on the template grid and its factor (from_folder loads them)
         self.normal_error: np.ndarray | None = None
         self.normal_error_factor: float | None = None
+        #: normal heads' voxel-wise spread around that map and its multiple (optional)
+        self.normal_error_spread: np.ndarray | None = None
+        self.normal_error_spread_k: float | None = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -427,6 +431,7 @@ class IterMask3D:
         card.setdefault("model_dir", str(folder))
         model = cls(net, card, device=device, batch_size=batch_size, micro_batch=micro_batch)
         model.normal_error, model.normal_error_factor = load_normal_error(folder, card)
+        model.normal_error_spread, model.normal_error_spread_k = load_normal_error_spread(folder, card)
         return model
 
     # ------------------------------------------------------------------ normal error
@@ -437,7 +442,11 @@ class IterMask3D:
         sulcal CSF, deep grey matter); the model folder's normal-error map (median error of
         normal heads, template grid; :mod:`qc_pipeline.sitenorm`) says how high, and a voxel
         stays in the mask only where its error exceeds the card's ``normal_error.factor``
-        times that. ``grid_affine``: the model grid's voxel -> scanner mm; ``template_to_world``:
+        times that. Where the folder also carries the normal heads' spread (their voxel-wise
+        robust SD around that median), the error must also exceed the median by
+        ``normal_error.spread_k`` spreads: where people differ most (ventricle size, sulcal
+        width) one person's anatomy is not an anomaly. ``grid_affine``: the model grid's
+        voxel -> scanner mm; ``template_to_world``:
         the scan's template fit (MNI mm -> scanner mm), None when the preprocessing made none.
         Without a map or a fit the result is returned as it is, saying why.
         """
@@ -448,15 +457,20 @@ class IterMask3D:
                                               "reason": "the scan has no template fit"})
         from ..sitenorm import normal_error_mask
 
+        spread = self.normal_error_spread
+        kw = {} if spread is None else {"spread_t": spread, "spread_k": self.normal_error_spread_k}
         mask = normal_error_mask(res.error_map, res.mask, self.normal_error, grid_affine=grid_affine,
-                                 template_to_world=template_to_world, factor=self.normal_error_factor)
+                                 template_to_world=template_to_world, factor=self.normal_error_factor, **kw)
+        applied = {"applied": True, "factor": self.normal_error_factor}
+        if spread is not None:
+            applied["spread_k"] = self.normal_error_spread_k
         n = int(mask.sum())
         vox_mm3 = abs(float(np.linalg.det(np.asarray(grid_affine, dtype=float)[:3, :3])))
         return replace(res, mask=mask, anomaly_voxels=n,
                        anomaly_fraction=n / res.brain_voxels if res.brain_voxels else 0.0,
                        anomaly_mm3=n * vox_mm3, raw_anomaly_voxels=int(res.anomaly_voxels),
                        raw_anomaly_fraction=float(res.anomaly_fraction),
-                       normal_error={"applied": True, "factor": self.normal_error_factor})
+                       normal_error=applied)
 
     # ------------------------------------------------------------------ checks
     def _check(self, image, brain_mask, voxel_size) -> tuple[np.ndarray, np.ndarray]:

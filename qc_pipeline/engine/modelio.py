@@ -23,6 +23,8 @@ from .taufit import DEFAULT_GAMMA, R2_MIN
 
 __all__ = [
     "WEIGHTS_NAME", "CARD_NAME", "DEFAULT_GRID", "DEFAULT_VOXEL_SIZE", "NORMALISATION",
+    "NORMAL_ERROR_NAME", "NORMAL_ERROR_SPREAD_NAME", "load_normal_error", "load_normal_error_spread",
+    "save_normal_error",
     "save_model_folder", "load_model_card", "make_random_model_folder", "default_model_dir",
     "default_card", "build_network", "code_version",
 ]
@@ -31,6 +33,8 @@ WEIGHTS_NAME = "weights.pt"
 CARD_NAME = "model_card.json"
 #: the model's normal error on the template grid (optional; the card's ``normal_error`` section)
 NORMAL_ERROR_NAME = "normal_error.nii.gz"
+#: how much normal heads differ from that median, voxel by voxel (optional, same section)
+NORMAL_ERROR_SPREAD_NAME = "normal_error_spread.nii.gz"
 DEFAULT_GRID = (80, 96, 80)
 DEFAULT_VOXEL_SIZE = (2.0, 2.0, 2.0)
 NORMALISATION = ("iterative z-score inside the brain mask (paper 4.1.1: z-score, re-estimate mean/SD "
@@ -178,9 +182,6 @@ def load_normal_error(folder, card: Mapping[str, Any]):
     """
     import math
 
-    import nibabel as nib
-    import numpy as np
-
     sec = card.get("normal_error")
     if not sec:
         return None, None
@@ -192,20 +193,57 @@ def load_normal_error(folder, card: Mapping[str, Any]):
     if not (math.isfinite(factor) and factor > 0):
         raise ModelCardError(f"model card in {folder}: normal_error.factor must be a positive number, "
                              f"got {sec.get('factor')!r}")
+    return _read_template_volume(folder, f, "normal-error map"), factor
+
+
+def load_normal_error_spread(folder, card: Mapping[str, Any]):
+    """The normal heads' voxel-wise spread around the normal-error map (float32, template
+    grid; the card's ``normal_error.spread_file``) and its multiple ``spread_k``; ``(None,
+    None)`` when the card names none.
+
+    Raises
+    ------
+    ModelCardError
+        The file is missing or unreadable, or ``spread_k`` is not a number >= 0.
+    """
+    import math
+
+    sec = card.get("normal_error") or {}
+    if not sec.get("spread_file"):
+        return None, None
+    try:
+        k = float(sec["spread_k"])
+    except (KeyError, TypeError, ValueError):
+        k = math.nan
+    if not (math.isfinite(k) and k >= 0):
+        raise ModelCardError(f"model card in {folder}: normal_error.spread_k must be a number >= 0, "
+                             f"got {sec.get('spread_k')!r}")
+    return _read_template_volume(folder, Path(folder) / str(sec["spread_file"]), "normal-error spread map"), k
+
+
+def _read_template_volume(folder, f: Path, what: str):
+    """A finite, non-negative 3D float32 volume from a model folder, or a card error naming it."""
+    import nibabel as nib
+    import numpy as np
+
     try:
         data = np.asarray(nib.load(str(f)).dataobj, dtype=np.float32)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same card error
-        raise ModelCardError(f"model card in {folder} names the normal-error map {f.name}, which cannot "
+        raise ModelCardError(f"model card in {folder} names the {what} {f.name}, which cannot "
                              f"be read: {exc}") from exc
     if data.ndim != 3 or not np.all(np.isfinite(data)) or (data < 0).any():
-        raise ModelCardError(f"normal-error map {f} must be a finite, non-negative 3D volume, "
+        raise ModelCardError(f"{what} {f} must be a finite, non-negative 3D volume, "
                              f"got shape {data.shape}")
-    return data, factor
+    return data
 
 
-def save_normal_error(folder, volume_t, affine, section: Mapping[str, Any]) -> Path:
+def save_normal_error(folder, volume_t, affine, section: Mapping[str, Any], *,
+                      spread_t=None) -> Path:
     """Write the normal-error map (template grid, ``affine``) into a model folder and the
-    card's ``normal_error`` section (``section`` plus the file name), both atomically."""
+    card's ``normal_error`` section (``section`` plus the file name), both atomically.
+    With ``spread_t`` (the normal heads' voxel-wise spread; ``section`` then carries
+    ``spread_k``) that map is written too and named as ``spread_file``; without it the
+    section names none and an older spread file is removed."""
     import nibabel as nib
     import numpy as np
 
@@ -213,9 +251,19 @@ def save_normal_error(folder, volume_t, affine, section: Mapping[str, Any]) -> P
 
     folder = Path(folder)
     card = load_model_card(folder)
-    img = nib.Nifti1Image(np.asarray(volume_t, dtype=np.float32), np.asarray(affine, dtype=float))
-    img.header.set_data_dtype(np.float32)
-    atomic_write_nifti(img, folder / NORMAL_ERROR_NAME)
-    card["normal_error"] = {**dict(section), "file": NORMAL_ERROR_NAME}
+    sec = {**dict(section), "file": NORMAL_ERROR_NAME}
+    for name, vol in ((NORMAL_ERROR_NAME, volume_t), (NORMAL_ERROR_SPREAD_NAME, spread_t)):
+        if vol is None:
+            continue
+        img = nib.Nifti1Image(np.asarray(vol, dtype=np.float32), np.asarray(affine, dtype=float))
+        img.header.set_data_dtype(np.float32)
+        atomic_write_nifti(img, folder / name)
+    if spread_t is not None:
+        sec["spread_file"] = NORMAL_ERROR_SPREAD_NAME
+    else:
+        sec.pop("spread_file", None)
+        sec.pop("spread_k", None)
+        (folder / NORMAL_ERROR_SPREAD_NAME).unlink(missing_ok=True)
+    card["normal_error"] = sec
     write_model_card(folder, card)
     return folder / NORMAL_ERROR_NAME

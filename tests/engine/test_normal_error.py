@@ -7,7 +7,7 @@ import pytest
 
 from engine_testlib import SHAPE, Oracle, sphere
 from qc_pipeline.engine import IterMask3D, ModelCardError, default_card
-from qc_pipeline.engine.modelio import CARD_NAME, load_normal_error, save_normal_error
+from qc_pipeline.engine.modelio import CARD_NAME, load_normal_error, load_normal_error_spread, save_normal_error
 from qc_pipeline.sitenorm import SiteNormError, normal_error_mask, template_grid
 
 COMMON = (14, 20, 20)     # where the network errs on every brain (the "ventricles")
@@ -109,3 +109,61 @@ def test_a_broken_map_is_a_card_error_naming_it(random_model, damage, message):
         nib.save(nib.Nifti1Image(bad, t_aff), str(random_model / "normal_error.nii.gz"))
     with pytest.raises(ModelCardError, match=message):
         load_normal_error(random_model, card)
+
+
+def _spread_on_template(level: float) -> np.ndarray:
+    """The normal heads' spread: ``level`` where COMMON lies (people differ there), 0 elsewhere."""
+    return np.where(_normal_error_on_template(1.0) == 1.0, np.float32(level), np.float32(0.0))
+
+
+def test_the_spread_keeps_where_people_differ_out_of_the_mask(brain_volume):
+    clean, brain, x, common, artifact = _scan(brain_volume)
+    # the median normal error is low everywhere: one person's large error at COMMON passes it ...
+    low_median = np.full(template_grid()[0], 1e-3, np.float32)
+    plain = _model(Oracle(clean, x), low_median)
+    raw = plain.run(x, brain, seed=0)
+    without = plain.against_normal_error(raw, grid_affine=GRID_AFFINE, template_to_world=IDENTITY)
+    assert without.mask[common].mean() > 0.8
+    # ... but normal heads differ widely there, so with their spread it is not an anomaly
+    model = _model(Oracle(clean, x), low_median)
+    model.normal_error_spread, model.normal_error_spread_k = _spread_on_template(5.0), 5.0
+    res = model.against_normal_error(raw, grid_affine=GRID_AFFINE, template_to_world=IDENTITY)
+    assert not res.mask[common].any() and res.mask[artifact].mean() > 0.8
+    assert res.normal_error == {"applied": True, "factor": 3.0, "spread_k": 5.0}
+    # k = 0: the spread asks for nothing beyond the median
+    model.normal_error_spread_k = 0.0
+    zero = model.against_normal_error(raw, grid_affine=GRID_AFFINE, template_to_world=IDENTITY)
+    assert zero.anomaly_voxels == without.anomaly_voxels
+
+
+def test_the_model_folder_carries_the_spread_and_drops_it_when_rebuilt_without(random_model):
+    shape, t_aff = template_grid()
+    spread = _spread_on_template(2.0)
+    save_normal_error(random_model, _normal_error_on_template(2.0), t_aff, {"factor": 4.0, "spread_k": 5.0},
+                      spread_t=spread)
+    model = IterMask3D.from_folder(random_model, device="cpu")
+    assert model.normal_error_spread_k == 5.0 and np.allclose(model.normal_error_spread, spread)
+    card = json.loads((random_model / CARD_NAME).read_text())
+    assert card["normal_error"]["spread_file"] == "normal_error_spread.nii.gz"
+    save_normal_error(random_model, _normal_error_on_template(2.0), t_aff, {"factor": 4.0, "spread_k": 5.0})
+    card = json.loads((random_model / CARD_NAME).read_text())
+    assert "spread_file" not in card["normal_error"] and "spread_k" not in card["normal_error"]
+    assert not (random_model / "normal_error_spread.nii.gz").exists()
+    assert load_normal_error_spread(random_model, card) == (None, None)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", "spread map normal_error_spread.nii.gz, which cannot be read"),
+    ("k", "spread_k must be a number >= 0"),
+])
+def test_a_broken_spread_is_a_card_error_naming_it(random_model, damage, message):
+    shape, t_aff = template_grid()
+    save_normal_error(random_model, np.ones(shape, np.float32), t_aff, {"factor": 4.0, "spread_k": 5.0},
+                      spread_t=np.ones(shape, np.float32))
+    card = json.loads((random_model / CARD_NAME).read_text())
+    if damage == "missing":
+        (random_model / "normal_error_spread.nii.gz").unlink()
+    else:
+        card["normal_error"]["spread_k"] = "lots"
+    with pytest.raises(ModelCardError, match=message):
+        load_normal_error_spread(random_model, card)
