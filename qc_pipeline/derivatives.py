@@ -9,6 +9,8 @@ Layout (``OUTPUT_DIR``)::
     sub-<label>/[ses-<label>/]anat/
         <source>_desc-anomaly_mask.nii.gz    anomaly mask, native space and affine (uint8)
         <source>_desc-error_map.nii.gz       error map, native space and affine (float32)
+        <source>_desc-candidate_mask.nii.gz  the mask before the model's spread rule (uint8;
+                                             only models with a spread map): the group level's start
         <source>_qc.json                     the scan's record (status ok | error)
 
 ``<source>`` is the scan's file name without extension, so every entity (sub, ses, acq, ce,
@@ -29,6 +31,8 @@ from .io import atomic_write_json
 
 
 MASK_DESC = "desc-anomaly_mask"
+#: the mask against the model's median normal error alone (models with a spread map)
+CANDIDATE_MASK_DESC = "desc-candidate_mask"
 ERROR_MAP_DESC = "desc-error_map"
 #: written by the group level (qc_pipeline.sitenorm): the anomaly mask against the site's scans
 SITE_MASK_DESC = "desc-siteanomaly_mask"
@@ -39,16 +43,17 @@ QC_FIELDS = (
     "bids_name", "source_file", "source_path", "entities", "site", "metadata",
     "qc_score", "qc_score_driver",
     "anomaly_voxels", "anomaly_fraction", "anomaly_mm3", "raw_anomaly_voxels", "raw_anomaly_fraction",
-    "normal_error",
+    "normal_error", "candidate_anomaly_voxels", "candidate_anomaly_fraction",
     "quality_features", "quality_z", "qc_score_reference",
     "tau_curve", "tau_stop", "fit", "forward_passes", "mean_error",
     "background_artifact_fraction", "background", "spectrum",
     "model_id", "model_adapted_from", "schedule", "device", "input_sha256", "package_version", "runtime_s",
-    "template_fit", "mask_file", "error_map_file",
+    "template_fit", "mask_file", "error_map_file", "candidate_mask_file",
 )
 
 RESULT_FIELDS = ("anomaly_voxels", "anomaly_fraction", "anomaly_mm3", "raw_anomaly_voxels",
-                 "raw_anomaly_fraction", "normal_error", "tau_curve", "tau_stop",
+                 "raw_anomaly_fraction", "normal_error", "candidate_anomaly_voxels",
+                 "candidate_anomaly_fraction", "tau_curve", "tau_stop",
                  "fit", "forward_passes", "mean_error")
 
 
@@ -67,7 +72,8 @@ def site_mask_path(qc_json: str | os.PathLike, bids_name: str) -> Path:
 
 
 def output_paths(output_dir: str | os.PathLike, scan: ScanRecord | Mapping) -> dict[str, Path]:
-    """Where the derivatives of ``scan`` go: ``{"dir", "mask", "error_map", "site_mask", "qc_json"}``."""
+    """Where the derivatives of ``scan`` go: ``{"dir", "mask", "candidate_mask", "error_map",
+    "site_mask", "qc_json"}``."""
     if isinstance(scan, Mapping):
         scan = ScanRecord.from_dict(dict(scan))
     folder = Path(output_dir) / scan.out_reldir
@@ -75,6 +81,7 @@ def output_paths(output_dir: str | os.PathLike, scan: ScanRecord | Mapping) -> d
     return {
         "dir": folder,
         "mask": folder / f"{stem}_{MASK_DESC}.nii.gz",
+        "candidate_mask": folder / f"{stem}_{CANDIDATE_MASK_DESC}.nii.gz",
         "error_map": folder / f"{stem}_{ERROR_MAP_DESC}.nii.gz",
         "site_mask": folder / f"{stem}_{SITE_MASK_DESC}.nii.gz",
         "qc_json": folder / f"{stem}_qc.json",
@@ -188,6 +195,8 @@ def write_ok_qc(output_dir, scan, result: Mapping[str, Any], *, model_id, schedu
     rec["runtime_s"] = None if runtime_s is None else round(float(runtime_s), 3)
     rec["mask_file"] = paths["mask"].name
     rec["error_map_file"] = paths["error_map"].name
+    rec["candidate_mask_file"] = (paths["candidate_mask"].name
+                                  if result.get("candidate_anomaly_voxels") is not None else None)
     return _atomic_json(rec, paths["qc_json"])
 
 

@@ -728,15 +728,27 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
 
 
 def _scan_maps(r: QCRecord) -> ScanMaps | None:
-    """The participant-level files of ``r`` for the site reference (None when missing)."""
+    """The participant-level files of ``r`` for the site reference (None when missing).
+
+    A model with a spread map writes the mask before its spread rule as the candidate: the
+    site brings its own spread, so the site's mask starts from that one."""
     fit = r.data.get("template_fit")
     err, mask = r.resolve("error_map_file"), r.resolve("mask_file")
+    voxels, fraction = r.voxels, r.fraction
+    candidate = r.resolve("candidate_mask_file")
+    if candidate:
+        try:
+            voxels = float(r.data["candidate_anomaly_voxels"])
+            fraction = float(r.data["candidate_anomaly_fraction"])
+            mask = candidate
+        except (KeyError, TypeError, ValueError):
+            pass  # an incomplete record: the anomaly mask itself
     if not (r.ok and isinstance(fit, dict) and fit.get("affine") is not None and err and mask):
         return None
     return ScanMaps(key=r.bids_name, error_map=err, mask=mask,
                     out_mask=site_mask_path(r.path, r.bids_name),
                     template_to_world=np.asarray(fit["affine"], dtype=float),
-                    anomaly_voxels=r.voxels, anomaly_fraction=r.fraction)
+                    anomaly_voxels=voxels, anomaly_fraction=fraction)
 
 
 def apply_site_normative(records: list[QCRecord], *, factor: float = DEFAULT_SITE_NORM_FACTOR,

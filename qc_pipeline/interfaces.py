@@ -395,6 +395,10 @@ class WriteDerivatives(SimpleInterface):
         err = to_native(res.error_map.astype("float32"), prep.info, ref)
         atomic_write_nifti(mask, paths["mask"])
         atomic_write_nifti(err, paths["error_map"])
+        if getattr(res, "candidate_mask", None) is not None:
+            atomic_write_nifti(to_native(res.candidate_mask.astype(bool), prep.info, ref), paths["candidate_mask"])
+        else:
+            paths["candidate_mask"].unlink(missing_ok=True)
         runtime_s = sum(i.seconds) + (time.perf_counter() - t0)
         return write_ok_qc(i.output_dir, i.scan, res.to_dict(), warnings=warnings,
                            runtime_s=runtime_s,

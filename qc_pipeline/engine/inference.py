@@ -108,6 +108,12 @@ class Result:
         The test-time loop's own mask before the model's normal-error map removed the voxels
         where every brain's error is this high (:meth:`IterMask3D.against_normal_error`);
         None when that step did not run.
+    candidate_mask : (X, Y, Z) bool array or None
+        With a spread map: the loop's mask against the median map alone, before the spread
+        rule; the group level compares it with the site's scans, whose own spread replaces
+        the model's (:mod:`qc_pipeline.sitenorm`). None when no spread rule ran.
+    candidate_voxels, candidate_fraction : int, float or None
+        Its size, as ``anomaly_voxels`` / ``anomaly_fraction``.
     normal_error : dict
         How the normal-error step went: ``applied``, ``factor``, ``spread_k`` (when the model
         carries the normal heads' spread), and ``reason`` when it did not run (the model has
@@ -138,6 +144,9 @@ class Result:
     raw_anomaly_voxels: int | None = None
     raw_anomaly_fraction: float | None = None
     normal_error: dict = field(default_factory=dict)
+    candidate_mask: np.ndarray | None = None
+    candidate_voxels: int | None = None
+    candidate_fraction: float | None = None
 
     @property
     def fallback(self) -> bool:
@@ -170,6 +179,8 @@ class Result:
             "raw_anomaly_voxels": None if self.raw_anomaly_voxels is None else int(self.raw_anomaly_voxels),
             "raw_anomaly_fraction": None if self.raw_anomaly_fraction is None else _jf(self.raw_anomaly_fraction),
             "normal_error": dict(self.normal_error),
+            "candidate_anomaly_voxels": None if self.candidate_voxels is None else int(self.candidate_voxels),
+            "candidate_anomaly_fraction": None if self.candidate_fraction is None else _jf(self.candidate_fraction),
         }
 
 
@@ -457,12 +468,19 @@ class IterMask3D:
                                               "reason": "the scan has no template fit"})
         from ..sitenorm import normal_error_mask
 
-        spread = self.normal_error_spread
-        kw = {} if spread is None else {"spread_t": spread, "spread_k": self.normal_error_spread_k}
         mask = normal_error_mask(res.error_map, res.mask, self.normal_error, grid_affine=grid_affine,
-                                 template_to_world=template_to_world, factor=self.normal_error_factor, **kw)
+                                 template_to_world=template_to_world, factor=self.normal_error_factor)
         applied = {"applied": True, "factor": self.normal_error_factor}
-        if spread is not None:
+        candidate = {}
+        if self.normal_error_spread is not None:
+            spread_mask = normal_error_mask(
+                res.error_map, mask, self.normal_error, grid_affine=grid_affine,
+                template_to_world=template_to_world, factor=self.normal_error_factor,
+                spread_t=self.normal_error_spread, spread_k=self.normal_error_spread_k)
+            c = int(mask.sum())
+            candidate = {"candidate_mask": mask, "candidate_voxels": c,
+                         "candidate_fraction": c / res.brain_voxels if res.brain_voxels else 0.0}
+            mask = spread_mask
             applied["spread_k"] = self.normal_error_spread_k
         n = int(mask.sum())
         vox_mm3 = abs(float(np.linalg.det(np.asarray(grid_affine, dtype=float)[:3, :3])))
@@ -470,7 +488,7 @@ class IterMask3D:
                        anomaly_fraction=n / res.brain_voxels if res.brain_voxels else 0.0,
                        anomaly_mm3=n * vox_mm3, raw_anomaly_voxels=int(res.anomaly_voxels),
                        raw_anomaly_fraction=float(res.anomaly_fraction),
-                       normal_error=applied)
+                       normal_error=applied, **candidate)
 
     # ------------------------------------------------------------------ checks
     def _check(self, image, brain_mask, voxel_size) -> tuple[np.ndarray, np.ndarray]:

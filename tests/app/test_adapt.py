@@ -15,6 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -67,7 +68,8 @@ def site(tmp_path_factory, model_dir):
     model = tmp / "base_model"
     shutil.copytree(model_dir, model)
     shape, t_aff = template_grid()
-    save_normal_error(model, np.full(shape, 1e-3, np.float32), t_aff, {"factor": 4.0})
+    save_normal_error(model, np.full(shape, 1e-3, np.float32), t_aff, {"factor": 4.0, "spread_k": 5.0},
+                      spread_t=np.full(shape, 1e-3, np.float32))
     rc = main(_args(root, out, work, model, "--labels", str(labels), "--nprocs", "2"))
     return {"rc": rc, "root": root, "out": out, "work": work, "labels": labels, "tmp": tmp,
             "base": load_model_card(model), "model": model}
@@ -113,6 +115,15 @@ def test_card_records_the_adaptation(site):
     assert ad["complete"] and ad["reference_refit"]
     assert card["normal_error"]["factor"] == 4.0 and "carried over" in ad["normal_error"]
     assert (site["out"] / "models" / "T1w" / card["normal_error"]["file"]).is_file()
+    assert card["normal_error"]["spread_k"] == 5.0
+    assert (site["out"] / "models" / "T1w" / card["normal_error"]["spread_file"]).is_file()
+    # with a spread map every scan keeps the mask before the spread rule for the group level
+    for name, qc in _qcs(site["out"]).items():
+        assert qc["normal_error"]["spread_k"] == 5.0, name
+        assert qc["candidate_anomaly_voxels"] >= qc["anomaly_voxels"], name
+        cand = next(site["out"].glob(f"sub-*/anat/{qc['candidate_mask_file']}"))
+        assert np.asarray(nib.load(str(cand)).dataobj).sum() >= np.asarray(
+            nib.load(str(cand.parent / qc["mask_file"])).dataobj).sum(), name
     assert ad["steps"] == STEPS and ad["resumed_from_step"] == 0
     assert ad["device"] == "cpu" and ad["wall_time_s"] > 0 and ad["seconds"] > 0
     assert ad["options"]["exclude_fraction"] == 0.2 and ad["options"]["steps"] == STEPS

@@ -130,6 +130,10 @@ def test_the_spread_keeps_where_people_differ_out_of_the_mask(brain_volume):
     res = model.against_normal_error(raw, grid_affine=GRID_AFFINE, template_to_world=IDENTITY)
     assert not res.mask[common].any() and res.mask[artifact].mean() > 0.8
     assert res.normal_error == {"applied": True, "factor": 3.0, "spread_k": 5.0}
+    # the mask before the spread rule travels with it (the group level starts from it)
+    assert np.array_equal(res.candidate_mask, without.mask) and without.candidate_mask is None
+    assert res.to_dict()["candidate_anomaly_voxels"] == without.anomaly_voxels
+    assert without.to_dict()["candidate_anomaly_voxels"] is None
     # k = 0: the spread asks for nothing beyond the median
     model.normal_error_spread_k = 0.0
     zero = model.against_normal_error(raw, grid_affine=GRID_AFFINE, template_to_world=IDENTITY)

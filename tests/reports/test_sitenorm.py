@@ -291,3 +291,31 @@ def test_a_second_group_run_leaves_an_unchanged_site_mask_file_alone(tmp_path):
     path.write_bytes(b"not a nifti")
     write_group_tables(tmp_path)
     assert (np.asarray(nib.load(str(path)).dataobj) > 0).any()
+
+
+def test_the_site_mask_starts_from_the_candidate_mask_before_the_models_spread_rule(tmp_path):
+    names = _write_site(tmp_path)
+    art = next(n for n in names if "art" in n)
+    d = next(tmp_path.glob(f"sub-*/anat/{art}_qc.json")).parent
+    rec = json.loads((d / f"{art}_qc.json").read_text())
+    # the model's spread rule emptied this scan's mask; the mask before it holds the artifact
+    (d / f"{art}_desc-anomaly_mask.nii.gz").rename(d / f"{art}_desc-candidate_mask.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros(BRAIN.shape, np.uint8), AFF), str(d / f"{art}_desc-anomaly_mask.nii.gz"))
+    rec.update(candidate_mask_file=f"{art}_desc-candidate_mask.nii.gz",
+               candidate_anomaly_voxels=rec["anomaly_voxels"], candidate_anomaly_fraction=rec["anomaly_fraction"],
+               anomaly_voxels=0, anomaly_fraction=0.0)
+    (d / f"{art}_qc.json").write_text(json.dumps(rec))
+    write_group_tables(tmp_path)
+    with open(tmp_path / "group_T1w.csv", newline="") as fh:
+        rows = {r["bids_name"]: r for r in csv.DictReader(fh)}
+    assert rows[art]["engine_flagged"] == "1" and float(rows[art]["site_anomaly_fraction"]) > 0.005
+    m = np.asarray(nib.load(str(d / f"{art}_desc-siteanomaly_mask.nii.gz")).dataobj) > 0
+    assert m[ARTIFACT] and not m[COMMON]
+    # a record that names no candidate: the site starts from the (empty) anomaly mask
+    for key in ("candidate_mask_file", "candidate_anomaly_voxels", "candidate_anomaly_fraction"):
+        rec.pop(key)
+    (d / f"{art}_qc.json").write_text(json.dumps(rec))
+    write_group_tables(tmp_path)
+    with open(tmp_path / "group_T1w.csv", newline="") as fh:
+        rows = {r["bids_name"]: r for r in csv.DictReader(fh)}
+    assert rows[art]["engine_flagged"] == "0"
