@@ -180,7 +180,9 @@ def main(argv=None) -> int:
             if args.site_reference:
                 entry = site.setdefault(head, {"maps": [], "pending": []})
                 entry["maps"].append(error_to_template(r.error_map, aff, t2w))
-                entry["pending"].append((row, r.error_map, r.mask, aff, t2w, lesion, brain))
+                # as the group level: the site mask starts from the mask before the model's spread rule
+                start = r.mask if r.candidate_mask is None else r.candidate_mask
+                entry["pending"].append((row, r.error_map, start, aff, t2w, lesion, brain))
             print(f"[{len(rows)}] {head} {f.name} lesion {j}: {row['voxels']} vox "
                   f"{'hyper' if look['hyper'] else 'hypo'} {look['level']:+.1f}: dice {row['dice']:.3f}, "
                   f"covered {row['covered']:.2f}, outside {100 * row['outside_fraction']:.1f} %, "
