@@ -34,7 +34,8 @@ MASK_DESC = "desc-anomaly_mask"
 #: the mask against the model's median normal error alone (models with a spread map)
 CANDIDATE_MASK_DESC = "desc-candidate_mask"
 ERROR_MAP_DESC = "desc-error_map"
-#: written by the group level (qc_pipeline.sitenorm): the anomaly mask against the site's scans
+#: written by the group level (qc_pipeline.sitenorm): the engine's mask (the candidate mask
+#: when there is one) against the site's scans
 SITE_MASK_DESC = "desc-siteanomaly_mask"
 
 #: every field of ``<source>_qc.json``, in the order written

@@ -7,8 +7,9 @@ clean scans too, so the participant level's mask is never empty on a real brain.
 own scans tell what is usual: each scan's error map is brought into MNI space with the
 template fit of its preprocessing (``template_fit`` in the qc.json), the voxel-wise median
 over the site's scans is the site's normal error (grey-dilated by one voxel to absorb the
-residual misalignment of an affine fit), and a voxel of a scan's anomaly mask stays an
-anomaly only where its error exceeds ``factor`` times that normal error and that normal
+residual misalignment of an affine fit), and a voxel of a scan's anomaly mask (its
+candidate mask, from before the model's spread rule, when the participant level wrote one:
+the site's spread takes the place of the model's) stays an anomaly only where its error exceeds ``factor`` times that normal error and that normal
 error plus ``spread_k`` times the site's voxel-wise robust SD (where the site's people differ
 most, one person's anatomy is not an anomaly). A local artifact is not at the same place in
 most of a site's scans, so the median and the MAD ignore it.

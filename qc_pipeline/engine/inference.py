@@ -456,9 +456,10 @@ class IterMask3D:
         times that. Where the folder also carries the normal heads' spread (their voxel-wise
         robust SD around that median), the error must also exceed the median by
         ``normal_error.spread_k`` spreads: where people differ most (ventricle size, sulcal
-        width) one person's anatomy is not an anomaly. ``grid_affine``: the model grid's
-        voxel -> scanner mm; ``template_to_world``:
-        the scan's template fit (MNI mm -> scanner mm), None when the preprocessing made none.
+        width) one person's anatomy is not an anomaly; the mask before that rule is kept as
+        ``candidate_mask``. ``grid_affine``: the model grid's voxel -> scanner mm;
+        ``template_to_world``: the scan's template fit (MNI mm -> scanner mm), None when the
+        preprocessing made none.
         Without a map or a fit the result is returned as it is, saying why.
         """
         if self.normal_error is None:
