@@ -19,7 +19,9 @@ into ``--model-dir`` (``normal_error.nii.gz`` and the card's ``normal_error`` se
 ``model_id``) and refits the card's QC-score reference for the two measurements the map changes
 (``anomaly_fraction``, ``anomaly_cluster_fraction``) on the synthetic normals, each normal's mask
 taken against a map fitted without it (two folds), so the reference sees what an unseen normal
-head gets. ``eval`` prints, per real head and pooled (one site of different people): AUROC
+head gets. With ``--spread-k K`` it also writes the same scans' voxel-wise robust SD around the
+median (``normal_error_spread.nii.gz``), and a mask voxel must then exceed the median by K of
+them too; ``eval --spread-k K [K ...]`` adds a row per K. ``eval`` prints, per real head and pooled (one site of different people): AUROC
 (percent) of the clean copies against all artifact types and against the local ones, and the
 clean copies' median masked share of the brain, for the engine's own mask and against maps
 fitted without the evaluated heads.
