@@ -738,7 +738,7 @@ def _run_workflow(settings: Settings, scans, *, first: int = 0,
                                                f"{Path(settings.work_dir) / 'crash'})")
 
     plugin_args = dict(settings.plugin_args)
-    from .sbatch import BATCH_PLUGINS, prepare_batch_workflow
+    from .workflows.batch import BATCH_PLUGINS, prepare_batch_workflow
     if settings.plugin in BATCH_PLUGINS:
         # per-node memory/CPU requests, merge nodes run locally, sane queue polling
         plugin_args = prepare_batch_workflow(wf, settings.plugin, plugin_args,

@@ -97,7 +97,7 @@ def _mem_mb(text: str) -> float:
 def test_pattern_a_nipype_slurm_plugin(local_slurm, screening, tmp_path):
     """One subject through Nipype's SLURM plugin with workflows/slurm.yml: same scores
     as the local run, every node a SLURM job with the requests slurm.yml/docs give."""
-    from qc_pipeline import sbatch
+    from qc_pipeline.workflows import batch
 
     shipped = yaml.safe_load((REPO / "workflows" / "slurm.yml").read_text())
     assert shipped["plugin"] == "SLURM"
@@ -126,7 +126,7 @@ def test_pattern_a_nipype_slurm_plugin(local_slurm, screening, tmp_path):
     base_mem = next(a for a in shipped["plugin_args"]["sbatch_args"].split()
                     if a.startswith("--mem="))[len("--mem="):]
     for node, job in by_node.items():
-        want = sbatch.NODE_MEM_MB.get(node)
+        want = batch.NODE_MEM_MB.get(node)
         want = want if want is not None else _mem_mb(base_mem)
         assert _mem_mb(job["MinMemoryNode"]) == want, (node, job["MinMemoryNode"])
         assert job["NumCPUs"] == "1" and job["TimeLimit"] == "00:30:00"

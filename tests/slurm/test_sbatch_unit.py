@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from qc_pipeline import sbatch as sb
+from qc_pipeline.workflows import batch
 
 
 def _touch(root: Path, rel: str) -> None:
@@ -295,7 +296,7 @@ def test_prepare_batch_workflow_sets_node_requests(bids_tree, tmp_path, monkeypa
     settings.model_specs = {}
     wf = init_itermask_qc_wf(scans=scans, settings=settings)
     monkeypatch.delenv("LOGNAME", raising=False)
-    left = sb.prepare_batch_workflow(wf, "SLURM", {"sbatch_args": "--mem=3G",
+    left = batch.prepare_batch_workflow(wf, "SLURM", {"sbatch_args": "--mem=3G",
                                                    "poll_sleep_duration": 1.5},
                                      omp_nthreads=2)
     assert left == {"sbatch_args": "--mem=3G"}
@@ -314,7 +315,7 @@ def test_prepare_batch_workflow_sets_node_requests(bids_tree, tmp_path, monkeypa
     assert seen["timings"] == {(None, True)}  # Merge: no job of its own
     # a GPU partition for the IterMask3D nodes only
     wf_gpu = init_itermask_qc_wf(scans=scans, settings=settings)
-    left = sb.prepare_batch_workflow(
+    left = batch.prepare_batch_workflow(
         wf_gpu, "SLURM", {"itermask_sbatch_args": "--partition=gpu --gres=gpu:1"})
     assert left == {}
     for node in wf_gpu._get_all_nodes():
@@ -322,15 +323,15 @@ def test_prepare_batch_workflow_sets_node_requests(bids_tree, tmp_path, monkeypa
         assert ("--gres=gpu:1" in args) == (node.name == "itermask"), node.fullname
     # MultiProc/Linear runs are left alone
     wf2 = init_itermask_qc_wf(scans=scans, settings=settings)
-    assert sb.prepare_batch_workflow(wf2, "MultiProc", {"n_procs": 2}) == {"n_procs": 2}
+    assert batch.prepare_batch_workflow(wf2, "MultiProc", {"n_procs": 2}) == {"n_procs": 2}
     assert not any(n.run_without_submitting for n in wf2._get_all_nodes())
 
 
 def test_node_sbatch_args_table():
-    assert sb.node_sbatch_args("preprocess") == "--mem=3072M --cpus-per-task=1"
-    assert sb.node_sbatch_args("report_sub_0042") == "--mem=1024M --cpus-per-task=1"
-    assert sb.node_sbatch_args("load", omp_nthreads=4) == "--mem=1024M --cpus-per-task=1"
-    assert sb.node_sbatch_args("timings") is None
+    assert batch.node_sbatch_args("preprocess") == "--mem=3072M --cpus-per-task=1"
+    assert batch.node_sbatch_args("report_sub_0042") == "--mem=1024M --cpus-per-task=1"
+    assert batch.node_sbatch_args("load", omp_nthreads=4) == "--mem=1024M --cpus-per-task=1"
+    assert batch.node_sbatch_args("timings") is None
 
 
 # --------------------------------------------------------------------------- docs
@@ -357,11 +358,11 @@ def test_docs_match_pattern_a_requests():
     import yaml
 
     rows = _doc_table("node (pattern A)")
-    for node, mb in sb.NODE_MEM_MB.items():
+    for node, mb in batch.NODE_MEM_MB.items():
         cpus, mem = rows[node][0], rows[node][1]
         assert mem == f"{mb}M", node
-        assert cpus == ("omp-nthreads" if node in sb.THREADED_NODES else "1"), node
-        assert sb.node_sbatch_args(node) == f"--mem={mem} --cpus-per-task=1"
+        assert cpus == ("omp-nthreads" if node in batch.THREADED_NODES else "1"), node
+        assert batch.node_sbatch_args(node) == f"--mem={mem} --cpus-per-task=1"
     yml = yaml.safe_load((Path(sb.__file__).parent.parent / "workflows" / "slurm.yml")
                          .read_text())
     args = dict(a[2:].split("=", 1) for a in yml["plugin_args"]["sbatch_args"].split())
