@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/screen_re
 
 from screen_real import LOCAL, _auc  # noqa: E402
 
-from qc_pipeline.group import DEFAULT_ENGINE_MIN_FRACTION, DEFAULT_MAD_K, _scan_maps, load_qc_records  # noqa: E402
+from qc_pipeline.group import DEFAULT_ENGINE_MIN_FRACTION, DEFAULT_MAD_K, load_qc_records, scan_maps  # noqa: E402
 from qc_pipeline.sitenorm import DEFAULT_SITE_NORM_FACTOR, site_normative  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def measure(run: Path, column: str, spread_k: float | None, tmp: Path) -> list[d
     out = []
     for site in sorted({r.site for r in recs}):
         maps = [dataclasses.replace(sm, out_mask=tmp / f"{sm.key}.nii.gz")
-                for r in recs if r.site == site for sm in [_scan_maps(r)] if sm is not None]
+                for r in recs if r.site == site for sm in [scan_maps(r)] if sm is not None]
         found = site_normative(maps, factor=DEFAULT_SITE_NORM_FACTOR, spread_k=spread_k)
         x = np.array([found[m.key].fraction if m.key in found else np.nan for m in maps])
         y = np.array([truth[m.key][0] for m in maps])

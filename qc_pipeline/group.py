@@ -109,6 +109,7 @@ __all__ = [
     "GroupTables",
     "SuffixTables",
     "load_qc_records",
+    "scan_maps",
     "load_labels",
     "load_ratings",
     "Ratings",
@@ -727,7 +728,7 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
     return rows, site_rows, summary
 
 
-def _scan_maps(r: QCRecord) -> ScanMaps | None:
+def scan_maps(r: QCRecord) -> ScanMaps | None:
     """The participant-level files of ``r`` for the site reference (None when missing).
 
     A model with a spread map writes the mask before its spread rule as the candidate: the
@@ -762,7 +763,7 @@ def apply_site_normative(records: list[QCRecord], *, factor: float = DEFAULT_SIT
     by_model: dict[str, list[tuple[QCRecord, ScanMaps]]] = {}
     for r in records:
         r.site_anomaly_fraction = r.site_anomaly_voxels = math.nan
-        sm = _scan_maps(r)
+        sm = scan_maps(r)
         if sm is not None:
             by_model.setdefault(str(r.data.get("model_id") or ""), []).append((r, sm))
     n = 0
