@@ -630,7 +630,7 @@ def run_participant(settings: Settings, scans) -> int:
             if any(output_paths(settings.output_dir, s)["qc_json"].is_file()
                    for s in scans if s.subject == sub):
                 out = write_subject_page(settings.output_dir, sub,
-                                           site_column=settings.site_column)
+                                         site_column=settings.site_column)
                 LOGGER.info("report: %s", out)
             else:
                 LOGGER.warning("sub-%s: no results in %s; run the participant level first",

@@ -395,7 +395,7 @@ class WriteDerivatives(SimpleInterface):
         err = to_native(res.error_map.astype("float32"), prep.info, ref)
         atomic_write_nifti(mask, paths["mask"])
         atomic_write_nifti(err, paths["error_map"])
-        if getattr(res, "candidate_mask", None) is not None:
+        if res.candidate_mask is not None:
             atomic_write_nifti(to_native(res.candidate_mask.astype(bool), prep.info, ref), paths["candidate_mask"])
         else:
             paths["candidate_mask"].unlink(missing_ok=True)
@@ -433,7 +433,7 @@ class SubjectReport(SimpleInterface):
 
         try:
             out = write_subject_page(self.inputs.output_dir, self.inputs.subject,
-                                       site_column=self.inputs.site_column)
+                                     site_column=self.inputs.site_column)
             self._results["out_report"] = str(out)
         except Exception as exc:  # noqa: BLE001
             LOGGER.warning("sub-%s: no report written (%s)", self.inputs.subject, one_line(exc))

@@ -57,6 +57,7 @@ __all__ = [
     "site_anomaly_mask",
     "site_normative",
     "normal_error_mask",
+    "normal_error_masks",
     "template_grid",
 ]
 
@@ -201,14 +202,27 @@ def normal_error_mask(error: np.ndarray, mask: np.ndarray, normal_error_t: np.nd
     normal error + ``spread_k`` x that spread. The maps are on :func:`template_grid`, brought
     to the grid through the scan's template fit (``grid_affine``: grid voxel -> scanner mm;
     ``template_to_world``: MNI mm -> scanner mm)."""
+    return normal_error_masks(error, mask, normal_error_t, grid_affine=grid_affine,
+                              template_to_world=template_to_world, factor=factor,
+                              spread_t=spread_t, spread_k=spread_k)[1]
+
+
+def normal_error_masks(error: np.ndarray, mask: np.ndarray, normal_error_t: np.ndarray, *,
+                       grid_affine: np.ndarray, template_to_world: np.ndarray, factor: float,
+                       spread_t: np.ndarray | None = None,
+                       spread_k: float = DEFAULT_SITE_SPREAD_K) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`normal_error_mask` and, first, the mask against the median map alone (the same
+    when there is no ``spread_t``); each map is brought to the grid once."""
     shape, _ = template_grid()
     for what, vol in (("normal-error map", normal_error_t), ("normal-error spread map", spread_t)):
         if vol is not None and tuple(np.shape(vol)) != shape:
             raise SiteNormError(f"{what} has shape {tuple(np.shape(vol))}; expected the template grid {shape}")
     ref = from_template(normal_error_t, grid_affine, np.shape(error), template_to_world)
-    spread = None if spread_t is None else from_template(spread_t, grid_affine, np.shape(error),
-                                                         template_to_world)
-    return site_anomaly_mask(error, mask, ref, factor, spread=spread, spread_k=spread_k)
+    before = site_anomaly_mask(error, mask, ref, factor)
+    if spread_t is None:
+        return before, before
+    spread = from_template(spread_t, grid_affine, np.shape(error), template_to_world)
+    return before, site_anomaly_mask(error, before, ref, factor, spread=spread, spread_k=spread_k)
 
 
 @dataclass(frozen=True)

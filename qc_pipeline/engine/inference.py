@@ -467,21 +467,18 @@ class IterMask3D:
         if template_to_world is None or grid_affine is None:
             return replace(res, normal_error={"applied": False, "factor": self.normal_error_factor,
                                               "reason": "the scan has no template fit"})
-        from ..sitenorm import normal_error_mask
+        from ..sitenorm import normal_error_masks
 
-        mask = normal_error_mask(res.error_map, res.mask, self.normal_error, grid_affine=grid_affine,
-                                 template_to_world=template_to_world, factor=self.normal_error_factor)
+        before, mask = normal_error_masks(
+            res.error_map, res.mask, self.normal_error, grid_affine=grid_affine,
+            template_to_world=template_to_world, factor=self.normal_error_factor,
+            spread_t=self.normal_error_spread, spread_k=self.normal_error_spread_k or 0.0)
         applied = {"applied": True, "factor": self.normal_error_factor}
         candidate = {}
         if self.normal_error_spread is not None:
-            spread_mask = normal_error_mask(
-                res.error_map, mask, self.normal_error, grid_affine=grid_affine,
-                template_to_world=template_to_world, factor=self.normal_error_factor,
-                spread_t=self.normal_error_spread, spread_k=self.normal_error_spread_k)
-            c = int(mask.sum())
-            candidate = {"candidate_mask": mask, "candidate_voxels": c,
+            c = int(before.sum())
+            candidate = {"candidate_mask": before, "candidate_voxels": c,
                          "candidate_fraction": c / res.brain_voxels if res.brain_voxels else 0.0}
-            mask = spread_mask
             applied["spread_k"] = self.normal_error_spread_k
         n = int(mask.sum())
         vox_mm3 = abs(float(np.linalg.det(np.asarray(grid_affine, dtype=float)[:3, :3])))
