@@ -251,7 +251,7 @@ def adapt_dataset(settings, scans, *, screen: Callable, options: AdaptOptions) -
     screen, so the run's config snapshot names them.
     """
     from .derivatives import output_paths, read_qc
-    from .engine.modelio import load_model_card
+    from .engine.modelio import load_model_card, model_content_key
     from .engine import default_model_dir
 
     from .group import load_labels
@@ -302,7 +302,8 @@ def adapt_dataset(settings, scans, *, screen: Callable, options: AdaptOptions) -
                 continue
         card = load_model_card(plan["target"])
         settings.model_specs[suffix] = {**plan["spec"], "model_dir": str(plan["target"].resolve()),
-                                        "model_id": card["model_id"]}
+                                        "model_id": card["model_id"],
+                                        "model_key": model_content_key(plan["target"])}
     settings.snapshot()
     from .interfaces import clear_model_cache
 

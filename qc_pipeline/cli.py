@@ -541,6 +541,7 @@ def _resolve_device(device: str) -> str:
 
 def _model_spec(folder: Optional[Path], contrast: str) -> dict:
     from .engine import default_model_dir, load_model_card
+    from .engine.modelio import model_content_key
 
     path = Path(folder) if folder is not None else default_model_dir(contrast)
     card = load_model_card(path)  # raises ModelNotFoundError / ModelCardError
@@ -549,6 +550,7 @@ def _model_spec(folder: Optional[Path], contrast: str) -> dict:
     return {
         "model_dir": str(path.resolve()) if folder is not None else None,
         "model_id": str(card.get("model_id", "unnamed")),
+        "model_key": model_content_key(path),
         "contrast": card.get("contrast"),
         "grid": [int(g) for g in card["grid"]],
         "voxel_size": [float(v) for v in (card["voxel_size"] if not isinstance(card["voxel_size"], (int, float))
@@ -651,18 +653,20 @@ def run_participant(settings: Settings, scans) -> int:
             reason = str(exc) if isinstance(exc, InputError) else \
                 f"{scan.relpath}: cannot be read ({exc.strerror or exc})"
             write_error_qc(settings.output_dir, scan, reason, model_id=spec.get("model_id"),
-                           schedule=settings.schedule, device=settings.device)
+                           model_key=spec.get("model_key"), schedule=settings.schedule,
+                           device=settings.device)
             refused.append(scan)
             LOGGER.warning("[%d/%d] %s: error: %s", len(refused), len(scans), scan.bids_name,
                            reason)
             continue
-        if is_done(settings.output_dir, scan, input_sha256=sha,
-                   model_id=spec.get("model_id"), schedule=settings.schedule):
+        if is_done(settings.output_dir, scan, input_sha256=sha, model_id=spec.get("model_id"),
+                   model_key=spec.get("model_key"), schedule=settings.schedule):
             done.append(scan)
         else:
             todo.append(scan)
     if done:
-        LOGGER.info("%d of %d scans already have results for this input, model and schedule; "
+        LOGGER.info("%d of %d scans already have results for this input, model, schedule and "
+                    "package version; "
                     "skipping them", len(done), len(scans))
 
     if todo:
@@ -677,8 +681,8 @@ def run_participant(settings: Settings, scans) -> int:
             write_error_qc(settings.output_dir, scan,
                            f"unexpected failure: the workflow did not finish this scan (see "
                            f"{Path(settings.work_dir) / 'crash'})",
-                           model_id=spec.get("model_id"), schedule=settings.schedule,
-                           device=settings.device)
+                           model_id=spec.get("model_id"), model_key=spec.get("model_key"),
+                           schedule=settings.schedule, device=settings.device)
     for sub in subjects:
         if not (Path(settings.output_dir) / f"sub-{sub}.html").is_file():
             write_subject_page(settings.output_dir, sub, site_column=settings.site_column)

@@ -48,7 +48,7 @@ QC_FIELDS = (
     "quality_features", "quality_z", "qc_score_reference",
     "tau_curve", "tau_stop", "fit", "forward_passes", "mean_error",
     "background_artifact_fraction", "background", "spectrum",
-    "model_id", "model_adapted_from", "schedule", "device", "input_sha256", "package_version", "runtime_s",
+    "model_id", "model_key", "model_adapted_from", "schedule", "device", "input_sha256", "package_version", "runtime_s",
     "template_fit", "mask_file", "error_map_file", "candidate_mask_file",
 )
 
@@ -105,8 +105,10 @@ def one_line(text: Any, limit: int = 400) -> str:
 
 def base_record(scan: ScanRecord | Mapping, *, model_id: Optional[str], schedule: str,
                 device: str, input_sha256: Optional[str],
-                model_adapted_from: Optional[str] = None) -> dict[str, Any]:
-    """The fields every ``_qc.json`` has, scores empty."""
+                model_adapted_from: Optional[str] = None,
+                model_key: Optional[str] = None) -> dict[str, Any]:
+    """The fields every ``_qc.json`` has, scores empty. ``model_key``: the model folder's
+    content key (:func:`qc_pipeline.engine.modelio.model_content_key`)."""
     if isinstance(scan, Mapping):
         scan = ScanRecord.from_dict(dict(scan))
     rec: dict[str, Any] = {k: None for k in QC_FIELDS}
@@ -120,6 +122,7 @@ def base_record(scan: ScanRecord | Mapping, *, model_id: Optional[str], schedule
         site=scan.site,
         metadata=dict(scan.metadata),
         model_id=model_id,
+        model_key=model_key or None,
         model_adapted_from=model_adapted_from or None,
         schedule=schedule,
         device=device,
@@ -131,7 +134,7 @@ def base_record(scan: ScanRecord | Mapping, *, model_id: Optional[str], schedule
 
 def write_error_qc(output_dir, scan, reason: str, *, model_id=None, schedule="auto", device="cpu",
                    input_sha256=None, warnings: Iterable[str] = (), runtime_s=None,
-                   model_adapted_from=None) -> Path:
+                   model_adapted_from=None, model_key=None) -> Path:
     """Write ``<source>_qc.json`` with ``status: "error"`` and a one-line ``error``.
 
     Stale images of an earlier successful run are removed so that the folder never pairs
@@ -139,7 +142,8 @@ def write_error_qc(output_dir, scan, reason: str, *, model_id=None, schedule="au
     """
     paths = output_paths(output_dir, scan)
     rec = base_record(scan, model_id=model_id, schedule=schedule, device=device,
-                      input_sha256=input_sha256, model_adapted_from=model_adapted_from)
+                      input_sha256=input_sha256, model_adapted_from=model_adapted_from,
+                      model_key=model_key)
     rec["error"] = one_line(reason)
     rec["warnings"] = [one_line(w) for w in warnings]
     rec["runtime_s"] = None if runtime_s is None else round(float(runtime_s), 3)
@@ -154,6 +158,7 @@ def write_error_qc(output_dir, scan, reason: str, *, model_id=None, schedule="au
 def write_ok_qc(output_dir, scan, result: Mapping[str, Any], *, model_id, schedule, device,
                 input_sha256, warnings: Iterable[str] = (), runtime_s=None,
                 model_adapted_from: Optional[str] = None,
+                model_key: Optional[str] = None,
                 background: Optional[Mapping[str, Any]] = None,
                 quality: Optional[Mapping[str, Any]] = None,
                 spectrum: Optional[Mapping[str, Any]] = None,
@@ -175,7 +180,8 @@ def write_ok_qc(output_dir, scan, result: Mapping[str, Any], *, model_id, schedu
     """
     paths = output_paths(output_dir, scan)
     rec = base_record(scan, model_id=model_id, schedule=schedule, device=device,
-                      input_sha256=input_sha256, model_adapted_from=model_adapted_from)
+                      input_sha256=input_sha256, model_adapted_from=model_adapted_from,
+                      model_key=model_key)
     rec["status"] = "ok"
     q = dict(quality or {})
     for key in QUALITY_FIELDS:
@@ -224,9 +230,11 @@ def read_qc(path: str | os.PathLike) -> Optional[dict]:
     return data if isinstance(data, dict) else None
 
 
-def is_done(output_dir, scan, *, input_sha256: str, model_id: str, schedule: str) -> bool:
-    """True when the scan already has an ok ``_qc.json`` for this input, model and schedule
-    (and its images exist): the resume rule of the participant level."""
+def is_done(output_dir, scan, *, input_sha256: str, model_id: str, schedule: str,
+            model_key: Optional[str] = None) -> bool:
+    """True when the scan already has an ok ``_qc.json`` for this input, model (its id and,
+    given, its content key), schedule and package version (and its images exist): the
+    resume rule of the participant level. A record without a key never matches a key."""
     paths = output_paths(output_dir, scan)
     rec = read_qc(paths["qc_json"])
     return bool(
@@ -234,6 +242,8 @@ def is_done(output_dir, scan, *, input_sha256: str, model_id: str, schedule: str
         and rec.get("status") == "ok"
         and rec.get("input_sha256") == input_sha256
         and rec.get("model_id") == model_id
+        and (model_key is None or rec.get("model_key") == model_key)
+        and rec.get("package_version") == __version__
         and rec.get("schedule") == schedule
         and paths["mask"].is_file()
         and paths["error_map"].is_file()

@@ -68,12 +68,14 @@ def _load(path: str) -> Any:
         return pickle.load(fh)
 
 
-def get_model(model_dir: Optional[str], contrast: str, device: str, *, expect_id: Optional[str] = None):
+def get_model(model_dir: Optional[str], contrast: str, device: str, *, expect_id: Optional[str] = None,
+              expect_key: Optional[str] = None):
     """The IterMask3D model of ``model_dir`` (``None``: packaged default of ``contrast``),
     loaded once per process and device.
 
-    With ``expect_id``, a cached model of another id (the folder was rewritten, e.g. by the
-    adapt level) is loaded again, and a folder that still holds another id raises
+    With ``expect_id`` / ``expect_key`` (the folder's content key), a cached model of another
+    id or content (the folder was rewritten, e.g. by the adapt level or by hand) is loaded
+    again, and a folder that still holds another one raises
     :class:`~qc_pipeline.engine.errors.ModelCardError`.
     """
     from .engine import IterMask3D
@@ -83,7 +85,8 @@ def get_model(model_dir: Optional[str], contrast: str, device: str, *, expect_id
     key = (str(model_dir) if model_dir else f"<packaged:{contrast}>", str(device))
     with _MODEL_LOCK:
         model = _MODEL_CACHE.get(key)
-        if model is None or (expect_id and model.model_id != expect_id):
+        if (model is None or (expect_id and model.model_id != expect_id)
+                or (expect_key and model.model_key != expect_key)):
             LOGGER.info("loading IterMask3D model %s on %s with %s (pid %d)", key[0], device, torch_build(),
                         os.getpid())
             model = IterMask3D.from_folder(model_dir or None, device=device, contrast=contrast)
@@ -91,6 +94,9 @@ def get_model(model_dir: Optional[str], contrast: str, device: str, *, expect_id
     if expect_id and model.model_id != expect_id:
         raise ModelCardError(f"model folder {key[0]} holds {model.model_id!r}, expected "
                              f"{expect_id!r} (it was replaced after the run started)")
+    if expect_key and model.model_key != expect_key:
+        raise ModelCardError(f"model folder {key[0]} holds content {model.model_key}, expected "
+                             f"{expect_key} (it was rewritten after the run started)")
     return model
 
 
@@ -250,6 +256,12 @@ class _IMInputSpec(BaseInterfaceInputSpec):
                           desc="id the folder's card must carry ('' = any); part of the node's "
                                "cache key, so a new model in the same folder is never served "
                                "an old result")
+    model_key = traits.Str("", usedefault=True,
+                           desc="the folder's content key (card, weights, maps); part of the "
+                                "node's cache key, so a folder rewritten under the same id reruns")
+    package_version = traits.Str("", usedefault=True,
+                                 desc="the package's version; part of the node's cache key, so "
+                                      "an upgraded engine never reuses an old result")
     contrast = traits.Str("T1w", usedefault=True)
     device = traits.Str("cpu", usedefault=True)
     schedule = traits.Enum("auto", "normative", "fast", "reference", usedefault=True,
@@ -286,7 +298,8 @@ class IterMaskRun(SimpleInterface):
             try:
                 _set_threads(self.inputs.omp_nthreads)
                 model = get_model(self.inputs.model_dir or None, self.inputs.contrast,
-                                  self.inputs.device, expect_id=self.inputs.model_id or None)
+                                  self.inputs.device, expect_id=self.inputs.model_id or None,
+                                  expect_key=self.inputs.model_key or None)
                 self._results["model_id"] = model.model_id
                 self._results["model_adapted_from"] = str(
                     (model.card.get("adaptation") or {}).get("base_model_id") or "")
@@ -331,6 +344,7 @@ class _WriteInputSpec(BaseInterfaceInputSpec):
     model_id = traits.Str("", usedefault=True)
     model_adapted_from = traits.Str("", usedefault=True)
     default_model_id = traits.Str("", usedefault=True)
+    model_key = traits.Str("", usedefault=True, desc="the model folder's content key")
     schedule = traits.Str("auto", usedefault=True)
     device = traits.Str("cpu", usedefault=True)
     seconds = traits.List(traits.Float, value=[], usedefault=True)
@@ -360,6 +374,7 @@ class WriteDerivatives(SimpleInterface):
         warnings = list(dict.fromkeys(list(i.load_warnings) + list(i.prep_warnings)))
         common = dict(
             model_id=i.model_id or i.default_model_id or None,
+            model_key=i.model_key or None,
             model_adapted_from=i.model_adapted_from or None,
             schedule=i.schedule,
             device=i.device,

@@ -28,6 +28,7 @@ os.environ.setdefault("NIPYPE_NO_ET", "1")
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
+from qc_pipeline import __version__
 from qc_pipeline.bids import ScanRecord
 from qc_pipeline.interfaces import (IterMaskRun, LoadValidate, Preprocess, SubjectReport,
                                     WriteDerivatives)
@@ -74,6 +75,7 @@ def init_scan_wf(
     output_dir: str,
     model_dir: Optional[str] = None,
     model_id: str = "",
+    model_key: str = "",
     voxel_size: Sequence[float] = DEFAULT_VOXEL_SIZE,
     grid: Sequence[int] = DEFAULT_GRID,
     skull_strip: str = "auto",
@@ -96,6 +98,10 @@ def init_scan_wf(
         Model folder (``None``: the packaged model of the scan's suffix).
     model_id : str
         Model id from the card, recorded when the model cannot be loaded.
+    model_key : str
+        The model folder's content key (:func:`qc_pipeline.engine.modelio.model_content_key`),
+        recorded in the qc.json and, with the package version, part of the engine node's
+        cache key.
     voxel_size, grid
         Model geometry (from the model card).
     skull_strip : {"auto", "deepbet", "robex", "none"}
@@ -139,14 +145,15 @@ def init_scan_wf(
         name="preprocess",
     )
     itermask = pe.Node(
-        IterMaskRun(model_dir=str(model_dir or ""), model_id=model_id or "", contrast=contrast, device=device,
+        IterMaskRun(model_dir=str(model_dir or ""), model_id=model_id or "", model_key=model_key or "",
+                    package_version=__version__, contrast=contrast, device=device,
                     schedule=schedule, seed=int(seed), omp_nthreads=omp_nthreads),
         name="itermask",
     )
     timings = pe.Node(niu.Merge(3), name="timings")
     write = pe.Node(
         WriteDerivatives(scan=scan.to_dict(), output_dir=str(output_dir), schedule=schedule,
-                         device=device, default_model_id=model_id or ""),
+                         device=device, default_model_id=model_id or "", model_key=model_key or ""),
         name="write_derivatives",
     )
 
@@ -198,6 +205,7 @@ def init_itermask_qc_wf(*, scans: Sequence[ScanRecord], settings, name: str = "i
             output_dir=str(settings.output_dir),
             model_dir=spec.get("model_dir"),
             model_id=spec.get("model_id") or "",
+            model_key=spec.get("model_key") or "",
             voxel_size=spec.get("voxel_size") or DEFAULT_VOXEL_SIZE,
             grid=spec.get("grid") or DEFAULT_GRID,
             skull_strip=settings.skull_strip,

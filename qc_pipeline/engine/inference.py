@@ -20,7 +20,7 @@ from .errors import (EngineError, InvalidInputError, ModelCardError, ModelNotFou
                      ShapeMismatchError, VoxelSizeMismatchError)
 from .hf import high_frequency, hf_radius
 from .modelio import (CARD_NAME, WEIGHTS_NAME, build_network, default_model_dir, load_model_card,
-                      load_normal_error, load_normal_error_spread)
+                      load_normal_error, load_normal_error_spread, model_content_key)
 from .schedules import Schedule, get_schedule
 from .taufit import (DEFAULT_GAMMA, DEFAULT_GAMMA_REFERENCE_T, DEFAULT_Y_LIMIT, GAMMA_MODES, R2_MIN, TauFit,
                      fit_tau_curve, relative_gamma)
@@ -405,6 +405,8 @@ class IterMask3D:
         self.grid = tuple(int(g) for g in self.card["grid"]) if self.card.get("grid") else None
         self.voxel_size = tuple(float(v) for v in self.card["voxel_size"]) if self.card.get("voxel_size") else None
         self.model_id = str(self.card.get("model_id", "unnamed"))
+        #: the folder's content key (modelio.model_content_key; from_folder sets it)
+        self.model_key: str | None = None
         self.normative_threshold = normative_threshold(self.card)
         #: the model's normal error on the template grid and its factor (from_folder loads them)
         self.normal_error: np.ndarray | None = None
@@ -441,6 +443,7 @@ class IterMask3D:
             raise ModelCardError(f"weights in {folder} do not load into the card's network: {exc}") from exc
         card.setdefault("model_dir", str(folder))
         model = cls(net, card, device=device, batch_size=batch_size, micro_batch=micro_batch)
+        model.model_key = model_content_key(folder)
         model.normal_error, model.normal_error_factor = load_normal_error(folder, card)
         model.normal_error_spread, model.normal_error_spread_k = load_normal_error_spread(folder, card)
         return model

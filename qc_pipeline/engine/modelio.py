@@ -8,6 +8,7 @@ and an evaluation table.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 from pathlib import Path
@@ -26,7 +27,7 @@ __all__ = [
     "NORMAL_ERROR_NAME", "NORMAL_ERROR_SPREAD_NAME", "load_normal_error", "load_normal_error_spread",
     "save_normal_error",
     "save_model_folder", "load_model_card", "make_random_model_folder", "default_model_dir",
-    "default_card", "build_network", "code_version",
+    "default_card", "build_network", "code_version", "model_content_key",
 ]
 
 WEIGHTS_NAME = "weights.pt"
@@ -168,6 +169,39 @@ def make_random_model_folder(path, *, grid=(32, 32, 32), voxel_size=(2, 2, 2), f
                         "steps": 0, "wall_time_s": 0.0, "machine": platform.platform()}
     card["network"] = net.config()
     return save_model_folder(path, net, card)
+
+
+def model_content_key(folder) -> str:
+    """One short hash of everything a model folder's results depend on: its card, its weights
+    and the maps the card names (sha256 of names and bytes, 16 hex digits).
+
+    Results are keyed by it (resume, the engine node's cache), so a folder rewritten in place
+    under the same ``model_id`` (a hand-edited card, replaced weights or maps) is never served
+    an old result.
+
+    Raises
+    ------
+    ModelNotFoundError, ModelCardError
+        As :func:`load_model_card`.
+    """
+    folder = Path(folder)
+    card = load_model_card(folder)
+    sec = card.get("normal_error") or {}
+    names = [CARD_NAME, WEIGHTS_NAME]
+    if sec:
+        names.append(str(sec.get("file", NORMAL_ERROR_NAME)))
+        if sec.get("spread_file"):
+            names.append(str(sec["spread_file"]))
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode() + b"\0")
+        f = folder / name
+        if f.is_file():
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
 
 
 def load_normal_error(folder, card: Mapping[str, Any]):

@@ -205,6 +205,35 @@ def test_rerun_skips_finished_scans(run, model_dir):
     assert not is_done(out, scan, input_sha256="0" * 64, model_id="t1w-random-seed0", schedule="auto")
 
 
+def test_a_model_rewritten_in_place_is_screened_again(run, model_dir, tmp_path):
+    """Same model id, new weights: neither the resume check nor Nipype's cache in the same -w
+    serves the old result."""
+    import torch
+
+    from qc_pipeline.engine.modelio import model_content_key
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = base_args(run["root"], out, work, model, "--participant-label", "02")
+    rel = GOOD[3]  # sub-02's one good scan; its bad ones fail (rc 1) as in every run
+    assert main(args) == 1
+    first = qc_of(out, rel)
+    assert first["status"] == "ok" and first["model_key"] == model_content_key(model)
+    stem = Path(rel).name.replace(".nii.gz", "")
+    err_file = out / Path(rel).parent / f"{stem}_desc-error_map.nii.gz"
+    err0 = nib.load(err_file).get_fdata()
+    sd = torch.load(model / "weights.pt", weights_only=True)
+    torch.save({k: (v * 1.5 if v.is_floating_point() else v) for k, v in sd.items()}, model / "weights.pt")
+    assert main(args) == 1
+    second = qc_of(out, rel)
+    assert second["status"] == "ok" and second["model_id"] == first["model_id"]
+    assert second["model_key"] == model_content_key(model) != first["model_key"]
+    logs = sorted((out / "logs").glob("itermask-qc-*.log"))
+    assert "already have results" not in logs[-1].read_text()
+    assert not np.allclose(nib.load(err_file).get_fdata(), err0)
+
+
 def _scores(out: Path, rels) -> dict:
     res = {}
     for rel in rels:

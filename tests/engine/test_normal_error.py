@@ -7,7 +7,8 @@ import pytest
 
 from engine_testlib import SHAPE, Oracle, sphere
 from qc_pipeline.engine import IterMask3D, ModelCardError, default_card
-from qc_pipeline.engine.modelio import CARD_NAME, load_normal_error, load_normal_error_spread, save_normal_error
+from qc_pipeline.engine.modelio import (CARD_NAME, load_normal_error, load_normal_error_spread, model_content_key,
+                                       save_normal_error)
 from qc_pipeline.sitenorm import SiteNormError, normal_error_mask, template_grid
 
 COMMON = (14, 20, 20)     # where the network errs on every brain (the "ventricles")
@@ -171,3 +172,31 @@ def test_a_broken_spread_is_a_card_error_naming_it(random_model, damage, message
         card["normal_error"]["spread_k"] = "lots"
     with pytest.raises(ModelCardError, match=message):
         load_normal_error_spread(random_model, card)
+
+
+def test_the_content_key_follows_the_card_the_weights_and_the_maps(random_model):
+    import torch
+
+    shape, t_aff = template_grid()
+    key0 = model_content_key(random_model)
+    assert model_content_key(random_model) == key0 and len(key0) == 16
+    # a map, its spread, then another map under the same id: a new key each time
+    save_normal_error(random_model, _normal_error_on_template(2.0), t_aff, {"factor": 4.0})
+    key1 = model_content_key(random_model)
+    save_normal_error(random_model, _normal_error_on_template(2.0), t_aff, {"factor": 4.0, "spread_k": 5.0},
+                      spread_t=_spread_on_template(2.0))
+    key2 = model_content_key(random_model)
+    save_normal_error(random_model, _normal_error_on_template(3.0), t_aff, {"factor": 4.0, "spread_k": 5.0},
+                      spread_t=_spread_on_template(2.0))
+    key3 = model_content_key(random_model)
+    # weights replaced in place, card untouched
+    sd = torch.load(random_model / "weights.pt", weights_only=True)
+    name = next(k for k, v in sd.items() if v.is_floating_point())
+    sd[name] = sd[name] + 0.01
+    torch.save(sd, random_model / "weights.pt")
+    key4 = model_content_key(random_model)
+    assert json.loads((random_model / CARD_NAME).read_text())["model_id"]
+    assert len({key0, key1, key2, key3, key4}) == 5
+    # a file the card does not name is not part of the model
+    (random_model / "notes.txt").write_text("scratch")
+    assert model_content_key(random_model) == key4
