@@ -155,15 +155,23 @@ def write_error_qc(output_dir, scan, reason: str, *, model_id=None, schedule="au
     return _atomic_json(rec, paths["qc_json"])
 
 
-def write_ok_qc(output_dir, scan, result: Mapping[str, Any], *, model_id, schedule, device,
-                input_sha256, warnings: Iterable[str] = (), runtime_s=None,
-                model_adapted_from: Optional[str] = None,
-                model_key: Optional[str] = None,
-                background: Optional[Mapping[str, Any]] = None,
-                quality: Optional[Mapping[str, Any]] = None,
-                spectrum: Optional[Mapping[str, Any]] = None,
-                template_fit: Optional[Mapping[str, Any]] = None) -> Path:
-    """Write ``<source>_qc.json`` with ``status: "ok"`` (call after the images are written).
+def write_ok_qc(output_dir, scan, result: Mapping[str, Any], **fields) -> Path:
+    """Write ``<source>_qc.json`` with ``status: "ok"`` (call after the images are written):
+    :func:`ok_record` with this output folder's file names, written atomically."""
+    paths = output_paths(output_dir, scan)
+    return _atomic_json(ok_record(scan, result, paths=paths, **fields), paths["qc_json"])
+
+
+def ok_record(scan, result: Mapping[str, Any], *, model_id, schedule, device,
+              input_sha256, warnings: Iterable[str] = (), runtime_s=None,
+              model_adapted_from: Optional[str] = None,
+              model_key: Optional[str] = None,
+              background: Optional[Mapping[str, Any]] = None,
+              quality: Optional[Mapping[str, Any]] = None,
+              spectrum: Optional[Mapping[str, Any]] = None,
+              template_fit: Optional[Mapping[str, Any]] = None,
+              paths: Optional[Mapping[str, Path]] = None) -> dict[str, Any]:
+    """The ``status: "ok"`` record of a screened scan (``result``: ``Result.to_dict()``).
 
     ``background``: the out-of-head statistic
     (:meth:`qc_pipeline.background.BackgroundStats.to_dict`), written as ``background``;
@@ -177,8 +185,9 @@ def write_ok_qc(output_dir, scan, result: Mapping[str, Any], *, model_id, schedu
     (:func:`qc_pipeline.preprocessing.align_template_prior`); its ``affine`` (MNI world ->
     scanner world) and ``surface_agreement`` are written as ``template_fit``, which the group
     level uses to bring a site's error maps into one space (:mod:`qc_pipeline.sitenorm`).
+    ``paths``: :func:`output_paths` of the folder the images were written to; None (nothing
+    written) leaves the ``*_file`` fields None.
     """
-    paths = output_paths(output_dir, scan)
     rec = base_record(scan, model_id=model_id, schedule=schedule, device=device,
                       input_sha256=input_sha256, model_adapted_from=model_adapted_from,
                       model_key=model_key)
@@ -200,11 +209,41 @@ def write_ok_qc(output_dir, scan, result: Mapping[str, Any], *, model_id, schedu
         }
     rec["warnings"] = [one_line(w) for w in warnings]
     rec["runtime_s"] = None if runtime_s is None else round(float(runtime_s), 3)
-    rec["mask_file"] = paths["mask"].name
-    rec["error_map_file"] = paths["error_map"].name
-    rec["candidate_mask_file"] = (paths["candidate_mask"].name
-                                  if result.get("candidate_anomaly_voxels") is not None else None)
-    return _atomic_json(rec, paths["qc_json"])
+    if paths is not None:
+        rec["mask_file"] = paths["mask"].name
+        rec["error_map_file"] = paths["error_map"].name
+        rec["candidate_mask_file"] = (paths["candidate_mask"].name
+                                      if result.get("candidate_anomaly_voxels") is not None else None)
+    return rec
+
+
+def prep_fields(prep) -> dict[str, Any]:
+    """What the record takes from the preprocessing: the native-image measurements
+    (``background``, ``spectrum``) and the template fit, None where there are none."""
+    return {"background": getattr(prep.info, "background", None) or None,
+            "spectrum": getattr(prep.info, "spectrum", None) or None,
+            "template_fit": getattr(prep.info, "prior", None) or None}
+
+
+def write_scan_outputs(output_dir, scan, prep, result, native_img, **fields) -> Path:
+    """Write one screened scan's derivatives: the engine's mask, error map and (when the model
+    has the normal heads' spread) candidate mask, brought back to the scan's native grid
+    (``native_img``: the scan as stored), then the record (:func:`write_ok_qc`; ``fields``
+    as :func:`ok_record` takes them, less what :func:`prep_fields` gives). Returns the
+    ``_qc.json`` path."""
+    from .io import atomic_write_nifti
+    from .preprocessing import to_native
+
+    paths = output_paths(output_dir, scan)
+    paths["dir"].mkdir(parents=True, exist_ok=True)
+    atomic_write_nifti(to_native(result.mask.astype(bool), prep.info, native_img), paths["mask"])
+    atomic_write_nifti(to_native(result.error_map.astype("float32"), prep.info, native_img), paths["error_map"])
+    if result.candidate_mask is not None:
+        atomic_write_nifti(to_native(result.candidate_mask.astype(bool), prep.info, native_img),
+                           paths["candidate_mask"])
+    else:
+        paths["candidate_mask"].unlink(missing_ok=True)
+    return write_ok_qc(output_dir, scan, result.to_dict(), **prep_fields(prep), **fields)
 
 
 def rescore_qc(path, reference: Optional[Mapping[str, Any]]) -> Optional[Path]:

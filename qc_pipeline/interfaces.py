@@ -37,8 +37,7 @@ from nipype.interfaces.base import (
 )
 
 from .io import atomic_write_bytes
-from .derivatives import one_line, output_paths, write_error_qc, write_ok_qc
-from .qcscore import native_measurements
+from .derivatives import one_line, write_error_qc, write_scan_outputs
 
 LOGGER = logging.getLogger(__name__)
 
@@ -169,19 +168,15 @@ class LoadValidate(SimpleInterface):
     output_spec = _LoadOutputSpec
 
     def _run_interface(self, runtime):
-        from .io import DEFAULT_MAX_IMAGE_BYTES, check_image_file, load_image, sha256_file
+        from .screening import load_scan
 
         _bind_to_parent()
         t0 = time.perf_counter()
         self._results.update(input_sha256="", warnings=[], error="")
         try:
-            name = self.inputs.name or None
-            budget = self.inputs.max_image_bytes or DEFAULT_MAX_IMAGE_BYTES
-            # file type and header first: a FIFO or a bomb is never hashed nor inflated
-            check_image_file(self.inputs.in_file, name=name, max_bytes=budget)
-            self._results["input_sha256"] = sha256_file(self.inputs.in_file)
-            img = load_image(self.inputs.in_file, name=name, max_bytes=budget)
-            self._results["warnings"] = [str(w) for w in img.extra.get("qc_warnings", [])]
+            _, sha, warnings = load_scan(self.inputs.in_file, name=self.inputs.name or None,
+                                         max_image_bytes=self.inputs.max_image_bytes)
+            self._results.update(input_sha256=sha, warnings=warnings)
         except Exception as exc:  # noqa: BLE001 - failure is data
             self._results["error"] = describe_error(exc, "load")
         self._results["seconds"] = time.perf_counter() - t0
@@ -221,24 +216,16 @@ class Preprocess(SimpleInterface):
         if not self.inputs.in_error:
             try:
                 from .io import load_image
-                from .preprocessing import preprocess
+                from .screening import preprocess_scan
 
                 _set_threads(self.inputs.omp_nthreads)
                 name = self.inputs.name or None
                 # no budget here: it runs only after LoadValidate checked the header under
                 # the run's budget (in_error is empty)
                 img = load_image(self.inputs.in_file, name=name, max_bytes=None)
-                prep = preprocess(
-                    img,
-                    voxel_size=tuple(self.inputs.voxel_size),
-                    grid=tuple(self.inputs.grid),
-                    skull_strip=self.inputs.skull_strip,
-                    name=name,
-                    contrast=self.inputs.contrast,
-                )
-                # out-of-head statistic; odd data gives available=False, never an exception
-                native = native_measurements(img)
-                prep.info.background, prep.info.spectrum = native["background"], native["spectrum"]
+                prep = preprocess_scan(img, voxel_size=self.inputs.voxel_size, grid=self.inputs.grid,
+                                       skull_strip=self.inputs.skull_strip, contrast=self.inputs.contrast,
+                                       name=name)
                 self._results["warnings"] = [str(w) for w in prep.warnings]
                 self._results["out_file"] = _dump(prep, Path(runtime.cwd) / "preproc.pkl")
             except Exception as exc:  # noqa: BLE001
@@ -303,24 +290,10 @@ class IterMaskRun(SimpleInterface):
                 self._results["model_id"] = model.model_id
                 self._results["model_adapted_from"] = str(
                     (model.card.get("adaptation") or {}).get("base_model_id") or "")
-                prep = _load(self.inputs.in_file)
-                res = model.run(
-                    prep.image,
-                    prep.brain_mask,
-                    voxel_size=tuple(prep.info.voxel_size),
-                    schedule=None if self.inputs.schedule == "auto" else self.inputs.schedule,
-                    seed=self.inputs.seed,
-                )
-                res = model.against_normal_error(
-                    res, grid_affine=getattr(prep.info, "grid_affine", None),
-                    template_to_world=(getattr(prep.info, "prior", None) or {}).get("affine"))
-                from .qcscore import scan_quality
+                from .screening import engine_step
 
-                try:
-                    self._results["quality"] = scan_quality(prep, res, model.card).to_dict()
-                except Exception as exc:  # noqa: BLE001 - a measurement never fails the scan
-                    LOGGER.warning("%s: QC-score measurements failed (%s); the scan keeps its "
-                                   "anomaly score", self.inputs.in_file, one_line(exc))
+                res, self._results["quality"] = engine_step(
+                    model, _load(self.inputs.in_file), schedule=self.inputs.schedule, seed=self.inputs.seed)
                 res.first_pass_error_map = None  # only benchmarks/detection.py saves it: keep the pickle small
                 self._results["out_file"] = _dump(res, Path(runtime.cwd) / "result.pkl")
             except Exception as exc:  # noqa: BLE001
@@ -398,29 +371,9 @@ class WriteDerivatives(SimpleInterface):
     def _write_ok(i, warnings, common, t0):
         import nibabel as nib
 
-        from .io import atomic_write_nifti
-        from .preprocessing import to_native
-
-        prep = _load(i.preproc_file)
-        res = _load(i.result_file)
-        ref = nib.load(i.in_file)
-        paths = output_paths(i.output_dir, i.scan)
-        paths["dir"].mkdir(parents=True, exist_ok=True)
-        mask = to_native(res.mask.astype(bool), prep.info, ref)
-        err = to_native(res.error_map.astype("float32"), prep.info, ref)
-        atomic_write_nifti(mask, paths["mask"])
-        atomic_write_nifti(err, paths["error_map"])
-        if res.candidate_mask is not None:
-            atomic_write_nifti(to_native(res.candidate_mask.astype(bool), prep.info, ref), paths["candidate_mask"])
-        else:
-            paths["candidate_mask"].unlink(missing_ok=True)
-        runtime_s = sum(i.seconds) + (time.perf_counter() - t0)
-        return write_ok_qc(i.output_dir, i.scan, res.to_dict(), warnings=warnings,
-                           runtime_s=runtime_s,
-                           background=getattr(prep.info, "background", None) or None,
-                           spectrum=getattr(prep.info, "spectrum", None) or None,
-                           template_fit=getattr(prep.info, "prior", None) or None,
-                           quality=dict(i.quality) or None, **common)
+        return write_scan_outputs(i.output_dir, i.scan, _load(i.preproc_file), _load(i.result_file),
+                                  nib.load(i.in_file), quality=dict(i.quality) or None, warnings=warnings,
+                                  runtime_s=sum(i.seconds) + (time.perf_counter() - t0), **common)
 
 
 # --------------------------------------------------------------------------- reports

@@ -234,6 +234,49 @@ def test_a_model_rewritten_in_place_is_screened_again(run, model_dir, tmp_path):
     assert not np.allclose(nib.load(err_file).get_fdata(), err0)
 
 
+#: what a scan's record says about the scan itself (not where it lay or how long it took)
+SCAN_FIELDS = ("status", "bids_name", "qc_score", "qc_score_driver", "anomaly_voxels", "anomaly_fraction",
+               "raw_anomaly_voxels", "candidate_anomaly_voxels", "normal_error", "quality_features",
+               "quality_z", "qc_score_reference", "tau_stop", "fit", "forward_passes", "mean_error",
+               "background_artifact_fraction", "background", "spectrum", "template_fit", "model_id",
+               "model_key", "schedule", "input_sha256", "package_version", "warnings")
+
+
+def test_the_library_call_gives_the_apps_answer(run, model_dir, tmp_path):
+    """qc_pipeline.screening.screen on the file alone (no BIDS, no Nipype) == the app's qc.json."""
+    from qc_pipeline.screening import screen
+
+    rel = GOOD[0]
+    app = qc_of(run["out"], rel)
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copyfile(run["root"] / rel, lone / Path(rel).name)
+    rec = screen(lone / Path(rel).name, model_dir=model_dir, skull_strip="none")  # as base_args
+    assert {k: rec[k] for k in SCAN_FIELDS} == {k: app[k] for k in SCAN_FIELDS}
+    assert rec["mask_file"] is None and not list(lone.glob("*_desc-*"))
+    # with an output folder: the same record and the app's images, entity-named
+    rec2 = screen(lone / Path(rel).name, model_dir=model_dir, skull_strip="none", output_dir=tmp_path / "out")
+    assert {k: rec2[k] for k in SCAN_FIELDS} == {k: app[k] for k in SCAN_FIELDS}
+    stem = Path(rel).name.replace(".nii.gz", "")
+    for desc in ("anomaly_mask", "error_map"):
+        a = nib.load(tmp_path / "out" / f"{stem}_desc-{desc}.nii.gz")
+        b = nib.load(run["out"] / Path(rel).parent / f"{stem}_desc-{desc}.nii.gz")
+        np.testing.assert_array_equal(a.get_fdata(), b.get_fdata())
+        np.testing.assert_allclose(a.affine, b.affine)
+    assert json.loads((tmp_path / "out" / f"{stem}_qc.json").read_text())["mask_file"] == \
+        f"{stem}_desc-anomaly_mask.nii.gz"
+
+
+def test_the_library_call_raises_a_typed_error_naming_the_file(tmp_path, model_dir):
+    from qc_pipeline.errors import InputError
+    from qc_pipeline.screening import screen
+
+    bad = tmp_path / "sub-09_T1w.nii.gz"
+    bad.write_bytes(b"")
+    with pytest.raises(InputError, match="sub-09_T1w.nii.gz: file is empty"):
+        screen(bad, model_dir=model_dir)
+
+
 def _scores(out: Path, rels) -> dict:
     res = {}
     for rel in rels:
