@@ -36,11 +36,11 @@ spread), so either alone is a reason to look at the scan. A scan that could not 
 The labelled metrics (AUROC ... FNR90) are of the score, over the screened scans.
 
 ``site z`` (default when ranking by ``qc_score_site``)
-    The score flags a scan when ``qc_score_site > site_z`` (default 5): some measurement lies
-    more than ``site_z`` robust SDs beyond the site's clean scans. The site score is
-    already a z against the clean side of the site, so the cut needs no second robust
-    estimate. On 20 held-out synthetic normal T1w heads 5 % of the clean scans exceed 5
-    (``docs/benchmarks.md``).
+    The score flags a scan when ``qc_score_site > site_z`` (default 5): its measurements lie
+    more than ``site_z`` robust SDs beyond the site's clean scans, one alone or several
+    together (the root of their summed squares). The site score is already a distance from
+    the clean side of the site in robust SDs, so the cut needs no second robust estimate
+    (``docs/benchmarks.md``: how many clean scans exceed it on synthetic and real sites).
 ``robust`` (default when ranking by ``qc_score`` or ``anomaly_fraction``)
     Per site, a scan is flagged when ``score > median + k * s`` where ``s`` is
     the scaled MAD (``median(|x - median|) / 0.67449``, i.e. about ``1.4826 x MAD``: the
@@ -608,8 +608,8 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
             site_thr[s] = (fnr_thr, rule)
     elif use_site:
         prefix = _fnr_fallback(flag_at_fnr)
-        rule_summary = (f"{prefix}site z: flag when qc_score_site > {site_z:g} (a measurement more than "
-                        f"{site_z:g} robust SDs beyond the site's clean scans)")
+        rule_summary = (f"{prefix}site z: flag when qc_score_site > {site_z:g} (the measurements more than "
+                        f"{site_z:g} robust SDs beyond the site's clean scans, alone or together)")
         site_thr = {s: (float(site_z), rule_summary) for s in sites}
     else:
         prefix = _fnr_fallback(flag_at_fnr)

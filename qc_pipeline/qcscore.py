@@ -99,7 +99,7 @@ from .morphology import ball
 __all__ = [
     "FEATURES", "FeatureSpec", "QCScore", "QCScoreError", "combine", "compact_deficit", "fit_reference",
     "nonuniformity", "signal_void",
-    "scan_features", "scan_quality", "native_measurements", "native_measurements_stale",
+    "scan_features", "scan_quality", "native_measurements", "native_measurements_stale", "relative_z",
     "axis_sharpness", "sharpness_and_noise", "relative_scores",
 ]
 
@@ -425,6 +425,18 @@ def _worst(z: Mapping[str, float | None]) -> tuple[float | None, str | None]:
     return float(have[k]), k
 
 
+def _joint(z: Mapping[str, float | None]) -> tuple[float | None, str | None]:
+    """The joint distance of the measurements beyond the clean scans, ``sqrt(sum max(z, 0)^2)``,
+    and the measurement of the largest z (``(None, None)`` when none was measured). One
+    measurement out alone scores its z; several out together (blur lowers sharpness and
+    the slice axis' sharpness, motion those and the reconstruction) score more than any one."""
+    have = {k: v for k, v in z.items() if v is not None}
+    if not have:
+        return None, None
+    k = max(have, key=have.get)
+    return float(math.sqrt(sum(max(v, 0.0) ** 2 for v in have.values()))), k
+
+
 def fit_reference(rows: Iterable[Mapping[str, float | None]], *,
                   features: Iterable[str] | None = None, min_scans: int = 8,
                   source: str = "") -> dict:
@@ -538,7 +550,9 @@ def relative_scores(features: list[Mapping[str, float | None]], reference: Mappi
     orient it so that bad is high (``up``/``down``), and take the location and scale of the
     clean scans from the good side of these scans' distribution (:func:`_clean_side`: lower
     quartiles, the scale at least the reference's and the scans' own MAD); a scan's score is
-    its largest signed robust z. (A ``both`` measurement uses median and ``max(1.4826 MAD, reference scale)``.)
+    the joint distance of its robust z's beyond the clean scans (:func:`_joint`: the root
+    of the summed squares of the positive ones; its driver the largest). (A ``both``
+    measurement uses median and ``max(1.4826 MAD, reference scale)``.)
     This is the group level's per-site score: it follows the site's own clean scans when
     they differ from the reference scans (another scanner, real instead of synthetic
     anatomy); its location stays on the clean scans when many of a site's scans carry the
@@ -549,6 +563,14 @@ def relative_scores(features: list[Mapping[str, float | None]], reference: Mappi
     high). A measurement with fewer than ``min_scans`` values is left out. Returns
     ``(score, driver)`` per scan (``(None, None)`` when no measurement is left).
     """
+    return [_joint(z) for z in relative_z(features, reference, min_scans=min_scans)]
+
+
+def relative_z(features: list[Mapping[str, float | None]], reference: Mapping[str, Any],
+               *, min_scans: int = 8) -> list[dict[str, float | None]]:
+    """Each scan's robust z per measurement against the given scans' clean side, as
+    :func:`relative_scores` takes them (``{name: z or None}``; measurements with fewer than
+    ``min_scans`` values are absent)."""
     refs = (reference or {}).get("features") or {}
     cols: dict[str, list[float | None]] = {}
     for name, ref in refs.items():
@@ -567,7 +589,7 @@ def relative_scores(features: list[Mapping[str, float | None]], reference: Mappi
         # artifacts raise sharpness: they sit on its good side
         loc, scale = _clean_side(y[ok], ref["scale"], both_sides_move=spec.direction == "down")
         cols[name] = [None if not np.isfinite(v) else (v - loc) / scale for v in y]
-    return [_worst({k: c[i] for k, c in cols.items()}) for i in range(len(features))]
+    return [{k: c[i] for k, c in cols.items()} for i in range(len(features))]
 
 
 def _grid_mm(prep) -> float:

@@ -364,6 +364,28 @@ def test_site_of_different_people_flags_the_artifact_not_the_people(tmp_path):
     assert "qc_score_site > 5" in site["threshold_rule"]
 
 
+def test_site_score_adds_measurements_that_move_together():
+    """Blur lowers sharpness and raises nothing else much; motion moves several measurements
+    a little each. A scan with two measurements 4 SDs out scores above the flag cut (5),
+    one with a single measurement 4 SDs out does not, and the driver is the larger one."""
+    from qc_pipeline.qcscore import relative_scores
+
+    ref = {"features": {
+        "noise": {"median": 0.0, "scale": 0.05, "direction": "up", "transform": "log", "offset": 0.0},
+        "sharpness": {"median": 0.5, "scale": 0.05, "direction": "down", "transform": "log", "offset": 0.0}}}
+    rng = np.random.default_rng(11)
+    feats = [{"noise": float(np.exp(0.2 + 0.005 * rng.normal())),
+              "sharpness": float(np.exp(0.6 + 0.005 * rng.normal()))} for _ in range(16)]
+    feats[4]["noise"] *= np.exp(0.2)          # one measurement 4 scales out
+    feats[9]["noise"] *= np.exp(0.2)          # two: 4 and 4.4 scales out
+    feats[9]["sharpness"] /= np.exp(0.22)
+    rel = relative_scores(feats, ref)
+    assert 3.5 < rel[4][0] < 5.0 and rel[4][1] == "noise"
+    assert rel[9][0] > 5.0 and rel[9][1] == "sharpness"
+    assert rel[9][0] == pytest.approx(np.hypot(4.0, 4.4), abs=0.6)  # the root of the summed squares
+    assert max(s for i, (s, _) in enumerate(rel) if i not in (4, 9)) < 1.0
+
+
 def test_relative_scores_both_directions_and_missing_values():
     from qc_pipeline.qcscore import relative_scores
 

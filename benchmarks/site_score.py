@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""The group level's site score: one measurement's largest z against the joint distance.
+
+``qc_pipeline.qcscore.relative_scores`` scores each scan against its site's clean side per
+measurement (``relative_z``) and combines the z's into one number. Two combinations are
+compared on the same z's: ``max`` (the largest z: one measurement far out) and ``joint`` (the
+root of the summed squares of the positive z's, the shipped one: one far out, or several out
+together). Flagged = score above ``--cut`` (the group level's ``site_z``, 5).
+
+Two kinds of site:
+
+``--detection-json``
+    Rows of ``benchmarks/detection.py`` (synthetic normals and artifact copies with their
+    ``features``): ``--draws`` sites, each all the normals plus ``--per-type`` copies of every
+    artifact type drawn at random (numpy seed ``--seed``). Printed: clean scans over the cut,
+    AUROC, each type's share over the cut (means over the draws).
+``--run``
+    A ``benchmarks/screen_real.py`` run (``out`` with the app's qc.json files,
+    ``bids/truth.json``): each head as a site and each ``--pool NAME=HEAD,HEAD`` as one site
+    of different people. Printed per site: AUROC (all types / the local ones), clean and
+    artifact copies over the cut.
+
+The reference (floors of the scales, directions) is the model card's ``qc_score`` section.
+
+    python benchmarks/site_score.py --model-dir models/t1w --detection-json A.json B.json
+    python benchmarks/site_score.py --model-dir models/t1w --run RUN --pool dev=itk,robex,s1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/screen_real.py
+
+from screen_real import LOCAL, _auc  # noqa: E402
+
+from qc_pipeline.qcscore import relative_z  # noqa: E402
+
+HOWS = ("max", "joint")
+
+
+def combine(z: dict, how: str) -> float:
+    v = np.array([x for x in z.values() if x is not None], dtype=float)
+    if v.size == 0:
+        return math.nan
+    return float(v.max()) if how == "max" else float(math.sqrt(np.sum(np.clip(v, 0.0, None) ** 2)))
+
+
+def synthetic(rows: list[dict], ref: dict, *, per_type: int, draws: int, seed: int, cut: float) -> None:
+    rows = [r for r in rows if r.get("features") and not r.get("error")]
+    normals = [r for r in rows if r["kind"] == "normal"]
+    kinds = sorted({r["kind"] for r in rows} - {"normal"})
+    rng = np.random.default_rng(seed)
+    acc: dict[tuple, list] = {}
+    for _ in range(draws):
+        picks = []
+        for k in kinds:
+            pool = [r for r in rows if r["kind"] == k]
+            picks += [pool[i] for i in rng.choice(len(pool), min(per_type, len(pool)), replace=False)]
+        site = normals + picks
+        zs = relative_z([r["features"] for r in site], ref)
+        y = np.array([r["kind"] != "normal" for r in site])
+        kk = np.array([r["kind"] for r in site])
+        for how in HOWS:
+            s = np.array([combine(z, how) for z in zs])
+            acc.setdefault((how, "clean"), []).append(100 * np.mean(s[~y] > cut))
+            acc.setdefault((how, "auc"), []).append(_auc(y.astype(int), s))
+            for k in kinds:
+                acc.setdefault((how, k), []).append(100 * np.mean(s[kk == k] > cut))
+    print(f"\n{len(normals)} normals + {per_type} copies of each of {len(kinds)} types per site, "
+          f"{draws} draws; cut {cut:g}\n")
+    print("| combination | clean over the cut % | AUROC | " + " | ".join(kinds) + " |")
+    print("|---|---|---|" + "---|" * len(kinds))
+    for how in HOWS:
+        print(f"| {how} | {np.mean(acc[(how, 'clean')]):.1f} | {np.mean(acc[(how, 'auc')]):.1f} | "
+              + " | ".join(f"{np.mean(acc[(how, k)]):.0f}" for k in kinds) + " |")
+
+
+def real(run: Path, ref: dict, pools: dict, *, cut: float) -> None:
+    truth = json.loads((run / "bids" / "truth.json").read_text())
+    feats = {}
+    for name, (label, kind, head) in truth.items():
+        sub = name.split("_")[0]
+        q = json.loads(next((run / "out" / sub).rglob(f"{name}_qc.json")).read_text())
+        if q.get("status") == "ok" and q.get("quality_features"):
+            feats[name] = (label, kind, head, q["quality_features"])
+    heads = sorted({h for _, _, h, _ in feats.values()})
+    sites = {h: [h] for h in heads} | {f"pooled {p}": m for p, m in pools.items()}
+    print(f"\ncut {cut:g}; AUROC all / local; over the cut: clean % / artifacts %\n")
+    print("| site | copies | " + " | ".join(f"{h}: AUROC | {h}: over the cut" for h in HOWS) + " |")
+    print("|---|---|" + "---|---|" * len(HOWS))
+    for name, members in sites.items():
+        names = [n for n, v in feats.items() if v[2] in members]
+        zs = relative_z([feats[n][3] for n in names], ref)
+        y = np.array([feats[n][0] for n in names])
+        local = np.array([feats[n][1] == "clean" or feats[n][1] in LOCAL for n in names])
+        cells = []
+        for how in HOWS:
+            s = np.array([combine(z, how) for z in zs])
+            cells.append(f"{_auc(y, s):.1f} / {_auc(y[local], s[local]):.1f} | "
+                         f"{100 * np.mean(s[y == 0] > cut):.0f} / {100 * np.mean(s[y == 1] > cut):.0f}")
+        print(f"| {name} | {len(names)} | " + " | ".join(cells) + " |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-dir", type=Path, required=True, help="model folder whose card holds the reference")
+    p.add_argument("--detection-json", type=Path, nargs="+", default=[])
+    p.add_argument("--per-type", type=int, default=2)
+    p.add_argument("--draws", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run", type=Path, default=None)
+    p.add_argument("--pool", action="append", default=[], metavar="NAME=HEAD,HEAD")
+    p.add_argument("--cut", type=float, default=5.0)
+    a = p.parse_args(argv)
+    ref = json.loads((a.model_dir / "model_card.json").read_text())["qc_score"]
+    if a.detection_json:
+        rows = [r for f in a.detection_json for r in json.loads(f.read_text())]
+        synthetic(rows, ref, per_type=a.per_type, draws=a.draws, seed=a.seed, cut=a.cut)
+    if a.run:
+        pools = {s.split("=", 1)[0]: s.split("=", 1)[1].split(",") for s in a.pool}
+        real(a.run, ref, pools, cut=a.cut)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
