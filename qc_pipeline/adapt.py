@@ -80,6 +80,9 @@ class AdaptOptions:
         At most this many training scans (a random subset of the clean ones) are held in memory.
     gamma_factor
         Stopping slope = this x the median ``tau(50)`` of the training scans.
+    site_normal_error
+        Replace the carried normal-error map by the site's own (the adapted model's error
+        over the training scans, :func:`_site_normal_error`); False keeps the base model's.
     """
 
     minutes: float = 20.0
@@ -92,6 +95,7 @@ class AdaptOptions:
     min_scans: int = 8
     max_scans: int = 200
     gamma_factor: float = 0.5
+    site_normal_error: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -331,6 +335,7 @@ def _finished(target: Path, base_id) -> str | None:
 def _adapt_one(settings, plan, rows, options: AdaptOptions, *, bad: set[str]) -> None:
     from .engine import train_model
     from .engine.inference import resolve_device
+    from .engine.modelio import load_model_card
     from .group import normalise_bids_name
 
     suffix, spec, target = plan["suffix"], plan["spec"], plan["target"]
@@ -433,11 +438,59 @@ def _adapt_one(settings, plan, rows, options: AdaptOptions, *, bad: set[str]) ->
         card["gamma_calibration"] = g["gamma_calibration"]
     except CalibrationError as exc:
         log.warning("adapt: %s: %s; keeping the base model's stopping slope", suffix, exc)
+    if options.site_normal_error:
+        _write_card(target, card)
+        site = _site_normal_error(target, preps, settings, options,
+                                  source=f"{len(kept)} training scans of {settings.bids_dir}")
+        if site is not None:
+            card["normal_error"] = load_model_card(target)["normal_error"]
+            card["adaptation"]["normal_error"] = site
     card["adaptation"]["complete"] = True
     card["adaptation"]["seconds"] = round(time.time() - t0, 1)
     _write_card(target, card)
     log.info("adapt: %s model %s written to %s (%d steps, gamma %.4g)", suffix, new_id, target,
              res["steps"], card.get("gamma"))
+
+
+def _site_normal_error(target: Path, preps, settings, options: AdaptOptions, *, source: str) -> str | None:
+    """The site's own normal error for the adapted model in ``target``: the voxel-wise median
+    and robust spread (template space, :func:`qc_pipeline.sitenorm.site_reference_and_spread`)
+    of its error over the training scans, written as the folder's normal-error map with the
+    group level's rule (factor :data:`~qc_pipeline.sitenorm.DEFAULT_SITE_NORM_FACTOR`, spread
+    :data:`~qc_pipeline.sitenorm.DEFAULT_SITE_SPREAD_K`). The participant level then keeps a
+    mask voxel only where the scan errs beyond the site's normal scans, as the group level's
+    site mask does, and a later run with ``--model-dir`` screens new scans of the site that
+    way. Returns the card's note, or None (fewer than ``min_scans`` scans with a template fit:
+    the carried map stays)."""
+    from .engine import IterMask3D
+    from .engine.modelio import save_normal_error
+    from .sitenorm import (DEFAULT_SITE_NORM_FACTOR, DEFAULT_SITE_SPREAD_K, error_to_template,
+                           site_reference_and_spread, template_grid)
+
+    model = IterMask3D.from_folder(target, device=settings.device)
+    maps = []
+    for p in preps:
+        aff, t2w = getattr(p.info, "grid_affine", None), (getattr(p.info, "prior", None) or {}).get("affine")
+        if aff is None or t2w is None:
+            continue
+        r = model.run(p.image, p.brain_mask, voxel_size=tuple(p.info.voxel_size), seed=settings.seed)
+        maps.append(error_to_template(r.error_map, aff, t2w))
+    if len(maps) < options.min_scans:
+        log.warning("adapt: %s: %d training scans with a template fit, fewer than %d; keeping the "
+                    "base model's normal-error map", model.model_id, len(maps), options.min_scans)
+        return None
+    ref, spread = site_reference_and_spread(maps)
+    _, t_aff = template_grid()
+    save_normal_error(target, ref, t_aff, {
+        "factor": DEFAULT_SITE_NORM_FACTOR, "spread_k": DEFAULT_SITE_SPREAD_K,
+        "space": "MNI152 brain-mask grid, 2 mm (qc_pipeline.sitenorm.template_grid)",
+        "statistic": "voxel-wise median of the adapted model's squared error over the site's training "
+                     "scans, grey-dilated by one voxel",
+        "spread_statistic": "voxel-wise normal-consistent MAD of the same errors, grey-dilated by one voxel",
+        "n_scans": len(maps), "training_data": source, "fitted_for_model_id": model.model_id,
+    }, spread_t=spread)
+    log.info("adapt: %s: the site's normal error from %d training scans", model.model_id, len(maps))
+    return f"the site's own: median and spread of the adapted model's error over {len(maps)} training scans"
 
 
 def _write_card(target: Path, card: Mapping) -> None:

@@ -233,6 +233,9 @@ def get_parser() -> argparse.ArgumentParser:
     g_ad.add_argument("--adapt-exclude", type=_fraction, default=0.2, metavar="FRACTION",
                       help="share of the dataset, worst first by its own QC score, never "
                            "trained on (set it at least to the expected share of bad scans)")
+    g_ad.add_argument("--adapt-base-normal-error", action="store_true",
+                      help="keep the base model's normal-error map (default: the adapted model "
+                           "gets the site's own, from its error over the training scans)")
 
     g_grp = parser.add_argument_group("Group level")
     g_grp.add_argument("--labels", type=_path, metavar="FILE.tsv",
@@ -769,7 +772,8 @@ def run_adapt(settings: Settings, scans) -> int:
     if settings.reports_only:
         raise CLIError("--reports-only is a participant-level option")
     opts = AdaptOptions(minutes=settings.adapt_minutes, steps=settings.adapt_steps,
-                        exclude_fraction=settings.adapt_exclude, seed=settings.seed)
+                        exclude_fraction=settings.adapt_exclude, seed=settings.seed,
+                        site_normal_error=not settings.adapt_base_normal_error)
     try:
         return adapt_dataset(settings, scans, screen=run_participant, options=opts)
     except (AdaptError, EngineError, LabelsError) as exc:
@@ -824,6 +828,7 @@ def build_settings(args, argv: Sequence[str]) -> Settings:
         adapt_minutes=args.adapt_minutes,
         adapt_steps=args.adapt_steps,
         adapt_exclude=args.adapt_exclude,
+        adapt_base_normal_error=args.adapt_base_normal_error,
         seed=args.seed,
         max_image_gb=args.max_image_gb,
         verbose=args.verbose,

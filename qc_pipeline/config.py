@@ -71,6 +71,8 @@ class Settings:
     adapt_minutes: float = 20.0
     adapt_steps: int = 400
     adapt_exclude: float = 0.2
+    #: adapt level: keep the base model's normal-error map instead of the site's own
+    adapt_base_normal_error: bool = False
     seed: int = 0
     max_image_gb: float = 2.0
     verbose: int = 0

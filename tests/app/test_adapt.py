@@ -26,7 +26,7 @@ from qc_pipeline.adapt import (AdaptError, AdaptOptions, adaptation_key, adapted
 from qc_pipeline.cli import main
 from qc_pipeline.engine import load_model_card
 from qc_pipeline.engine.modelio import save_normal_error
-from qc_pipeline.sitenorm import template_grid
+from qc_pipeline.sitenorm import DEFAULT_SITE_NORM_FACTOR, DEFAULT_SITE_SPREAD_K, template_grid
 from qc_pipeline.synth.artifacts import apply_artifact
 
 N_SUBJECTS = 12
@@ -113,13 +113,20 @@ def test_card_records_the_adaptation(site):
     ad = card["adaptation"]
     assert ad["base_model_id"] == site["base"]["model_id"]
     assert ad["complete"] and ad["reference_refit"]
-    assert card["normal_error"]["factor"] == 4.0 and "carried over" in ad["normal_error"]
-    assert (site["out"] / "models" / "T1w" / card["normal_error"]["file"]).is_file()
-    assert card["normal_error"]["spread_k"] == 5.0
-    assert (site["out"] / "models" / "T1w" / card["normal_error"]["spread_file"]).is_file()
+    # the site's own normal error (the adapted model's error over its training scans), with
+    # the group level's rule, replaces the base model's map
+    sec = card["normal_error"]
+    assert "site's own" in ad["normal_error"] and sec["n_scans"] == len(ad["training_scans"])
+    assert sec["factor"] == DEFAULT_SITE_NORM_FACTOR and sec["spread_k"] == DEFAULT_SITE_SPREAD_K
+    assert sec["fitted_for_model_id"] == card["model_id"]
+    site_map = site["out"] / "models" / "T1w" / sec["file"]
+    base_map = site["model"] / site["base"]["normal_error"]["file"]
+    assert not np.array_equal(nib.load(str(site_map)).get_fdata(), nib.load(str(base_map)).get_fdata())
+    assert (site["out"] / "models" / "T1w" / sec["spread_file"]).is_file()
     # with a spread map every scan keeps the mask before the spread rule for the group level
     for name, qc in _qcs(site["out"]).items():
-        assert qc["normal_error"]["spread_k"] == 5.0, name
+        assert qc["normal_error"] == {"applied": True, "factor": DEFAULT_SITE_NORM_FACTOR,
+                                      "spread_k": DEFAULT_SITE_SPREAD_K}, name
         assert qc["candidate_anomaly_voxels"] >= qc["anomaly_voxels"], name
         cand = next(site["out"].glob(f"sub-*/anat/{qc['candidate_mask_file']}"))
         assert np.asarray(nib.load(str(cand)).dataobj).sum() >= np.asarray(
@@ -143,6 +150,22 @@ def test_card_records_the_adaptation(site):
                          AdaptOptions(**ad["options"]))
     assert key == ad["key"]
     assert card["model_id"] == adapted_model_id(site["base"]["model_id"], key, STEPS)
+
+
+def test_the_base_models_normal_error_can_be_kept(site, tmp_path):
+    """--adapt-base-normal-error carries the base map over (same work folder: the
+    preprocessing is reused)."""
+    out = tmp_path / "out"
+    assert main(_args(site["root"], out, site["work"], site["model"], "--labels", str(site["labels"]),
+                      "--adapt-base-normal-error")) == 0
+    card = load_model_card(out / "models" / "T1w")
+    assert "carried over" in card["adaptation"]["normal_error"]
+    assert card["normal_error"]["factor"] == 4.0 and card["normal_error"]["spread_k"] == 5.0
+    folder = out / "models" / "T1w"
+    np.testing.assert_array_equal(nib.load(str(folder / card["normal_error"]["file"])).get_fdata(),
+                                  nib.load(str(site["model"] / site["base"]["normal_error"]["file"])).get_fdata())
+    # another option, another adapted model
+    assert card["model_id"] != load_model_card(site["out"] / "models" / "T1w")["model_id"]
 
 
 def test_group_table_and_report_name_the_adapted_model(site):
