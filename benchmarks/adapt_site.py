@@ -17,7 +17,10 @@ It prints, per site and setting: the clean copies' median masked fraction
 the site-relative QC score (``qc_score_site``) of the artifact copies against the clean ones,
 the group level's flag rates (share of clean copies flagged, share of artifact copies
 flagged; no ratings given, so the flags are the ordinary ones) and failures, and for
-``after`` the training and excluded scans, steps and minutes. Nothing here is tuned on these
+``after`` the training and excluded scans, steps and minutes. ``--variant NAME=ARGS`` adds an
+``after (NAME)`` row: the adapt level again with extra options (e.g. ``--adapt-steps 1``: the
+site's normal error with next to no fine-tuning; ``--adapt-base-normal-error``: fine-tuning
+with the base model's map). Nothing here is tuned on these
 heads; the truth (which copy carries an artifact) is used only for the table.
 
 Usage::
@@ -32,6 +35,7 @@ import argparse
 import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -143,6 +147,9 @@ def main(argv=None) -> int:
     p.add_argument("--nprocs", type=int, default=2)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--json-out", type=Path, default=None)
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                   help="also adapt with these extra level options into OUT/<head>/after_NAME "
+                        "(same work folder), e.g. maponly='--adapt-steps 1' (repeatable)")
     a = p.parse_args(argv)
 
     results = {}
@@ -177,6 +184,15 @@ def main(argv=None) -> int:
             "steps": ad.get("steps"), "fine_tune_min": (ad.get("wall_time_s") or 0) / 60,
             "gamma": card.get("gamma"),
         }
+        for spec in a.variant:
+            vname, extra = spec.split("=", 1)
+            t = time.time()
+            folder = base / f"after_{vname}"
+            _cli(base / "bids", folder, "adapt", *common, "--adapt-minutes", a.adapt_minutes,
+                 "--adapt-steps", a.adapt_steps, "--adapt-exclude", a.adapt_exclude, *shlex.split(extra))
+            _cli(base / "bids", folder, "group")
+            res[f"after ({vname})"] = _metrics(folder, truth)
+            res[f"after ({vname})"]["minutes"] = (time.time() - t) / 60
         results[name] = res
         _print(results)
     if a.json_out:
@@ -190,7 +206,7 @@ def _print(results: dict) -> None:
           "| artifacts flagged % | failed | minutes |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, res in results.items():
-        for setting in ("before", "after"):
+        for setting in [k for k in res if k.startswith(("before", "after"))]:
             m = res[setting]
             print(f"| {name} | {setting} | {m['clean_masked_pct']:.1f} | {m['engine_auroc']:.1f} | "
                   f"{m['site_score_auroc']:.1f} | {m['clean_flagged_pct']:.1f} | {m['artifact_flagged_pct']:.1f} "
