@@ -16,7 +16,9 @@ many scans of its own scanner and protocol and no labels; this level learns from
    selection missed is not learned as normal; bounded by ``steps`` and ``minutes``,
    resumable from ``OUTPUT_DIR/models/<suffix>/checkpoint.pt``.
 4. **Calibrate** the adapted model on the training scans: the stopping slope from their
-   ``tau(50)`` (:func:`qc_pipeline.calibrate.gamma_from_tau50`), then, after step 5, the
+   ``tau(50)`` (:func:`qc_pipeline.calibrate.gamma_from_tau50`), the site's own normal error
+   (median and spread of the adapted model's error over them in template space,
+   :func:`_site_normal_error`), then, after step 5, the
    QC-score reference from their measurements (until then the base reference is kept, so no
    score is ever "n/a"; the stored scores are recomputed with the site's reference).
 5. **Screen again** with the adapted model (``OUTPUT_DIR/models/<suffix>``, a new model id

@@ -293,7 +293,8 @@ class IterMaskRun(SimpleInterface):
                 from .screening import engine_step
 
                 res, self._results["quality"] = engine_step(
-                    model, _load(self.inputs.in_file), schedule=self.inputs.schedule, seed=self.inputs.seed)
+                    model, _load(self.inputs.in_file), schedule=self.inputs.schedule, seed=self.inputs.seed,
+                    name=self.inputs.in_file)
                 res.first_pass_error_map = None  # only benchmarks/detection.py saves it: keep the pickle small
                 self._results["out_file"] = _dump(res, Path(runtime.cwd) / "result.pkl")
             except Exception as exc:  # noqa: BLE001

@@ -65,12 +65,12 @@ def preprocess_scan(img, *, voxel_size, grid, skull_strip: str = "auto", contras
     return prep
 
 
-def engine_step(model, prep, *, schedule: str = "auto", seed: int = 0):
+def engine_step(model, prep, *, schedule: str = "auto", seed: int = 0, name: Optional[str] = None):
     """IterMask3D on a preprocessed scan, its mask kept where the error beats the model's
     normal error, and the QC score: ``(Result, QCScore.to_dict())``.
 
     A failing image-quality measurement never fails the scan: the quality is then ``{}``
-    (a warning says why) and the scan keeps its anomaly score.
+    (a warning naming ``name`` says why) and the scan keeps its anomaly score.
     """
     from .qcscore import scan_quality
 
@@ -82,8 +82,8 @@ def engine_step(model, prep, *, schedule: str = "auto", seed: int = 0):
     try:
         quality = scan_quality(prep, res, model.card).to_dict()
     except Exception as exc:  # noqa: BLE001 - a measurement never fails the scan
-        LOGGER.warning("QC-score measurements failed (%s); the scan keeps its anomaly score",
-                       one_line(exc))
+        LOGGER.warning("%s: QC-score measurements failed (%s); the scan keeps its anomaly score",
+                       name or "scan", one_line(exc))
         quality = {}
     return res, quality
 
@@ -146,7 +146,7 @@ def screen(path, *, model_dir=None, contrast: Optional[str] = None, device: str 
     prep = preprocess_scan(img, voxel_size=model.voxel_size or DEFAULT_VOXEL_SIZE,
                            grid=model.grid or DEFAULT_GRID, skull_strip=skull_strip,
                            contrast=scan.suffix, name=scan.relpath)
-    res, quality = engine_step(model, prep, schedule=schedule, seed=seed)
+    res, quality = engine_step(model, prep, schedule=schedule, seed=seed, name=scan.relpath)
     warnings = list(dict.fromkeys(load_warnings + [str(w) for w in prep.warnings]))
     common = dict(model_id=model.model_id, model_key=model.model_key,
                   model_adapted_from=(model.card.get("adaptation") or {}).get("base_model_id"),
