@@ -39,16 +39,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/screen_re
 
 from screen_real import LOCAL, _auc  # noqa: E402
 
-from qc_pipeline.qcscore import relative_z  # noqa: E402
+from qc_pipeline.qcscore import relative_scores, relative_z  # noqa: E402
 
 HOWS = ("max", "joint")
 
 
-def combine(z: dict, how: str) -> float:
-    v = np.array([x for x in z.values() if x is not None], dtype=float)
-    if v.size == 0:
-        return math.nan
-    return float(v.max()) if how == "max" else float(math.sqrt(np.sum(np.clip(v, 0.0, None) ** 2)))
+def site_scores(features: list, ref: dict) -> dict[str, np.ndarray]:
+    """Both combinations of the same site z's: ``max`` from ``relative_z``, ``joint`` as the
+    group level computes it (``relative_scores``)."""
+    largest = [max((v for v in z.values() if v is not None), default=math.nan)
+               for z in relative_z(features, ref)]
+    joint = [math.nan if s is None else s for s, _ in relative_scores(features, ref)]
+    return {"max": np.array(largest, dtype=float), "joint": np.array(joint, dtype=float)}
 
 
 def synthetic(rows: list[dict], ref: dict, *, per_type: int, draws: int, seed: int, cut: float) -> None:
@@ -63,11 +65,11 @@ def synthetic(rows: list[dict], ref: dict, *, per_type: int, draws: int, seed: i
             pool = [r for r in rows if r["kind"] == k]
             picks += [pool[i] for i in rng.choice(len(pool), min(per_type, len(pool)), replace=False)]
         site = normals + picks
-        zs = relative_z([r["features"] for r in site], ref)
+        scores = site_scores([r["features"] for r in site], ref)
         y = np.array([r["kind"] != "normal" for r in site])
         kk = np.array([r["kind"] for r in site])
         for how in HOWS:
-            s = np.array([combine(z, how) for z in zs])
+            s = scores[how]
             acc.setdefault((how, "clean"), []).append(100 * np.mean(s[~y] > cut))
             acc.setdefault((how, "auc"), []).append(_auc(y.astype(int), s))
             for k in kinds:
@@ -96,12 +98,12 @@ def real(run: Path, ref: dict, pools: dict, *, cut: float) -> None:
     print("|---|---|" + "---|---|" * len(HOWS))
     for name, members in sites.items():
         names = [n for n, v in feats.items() if v[2] in members]
-        zs = relative_z([feats[n][3] for n in names], ref)
+        scores = site_scores([feats[n][3] for n in names], ref)
         y = np.array([feats[n][0] for n in names])
         local = np.array([feats[n][1] == "clean" or feats[n][1] in LOCAL for n in names])
         cells = []
         for how in HOWS:
-            s = np.array([combine(z, how) for z in zs])
+            s = scores[how]
             cells.append(f"{_auc(y, s):.1f} / {_auc(y[local], s[local]):.1f} | "
                          f"{100 * np.mean(s[y == 0] > cut):.0f} / {100 * np.mean(s[y == 1] > cut):.0f}")
         print(f"| {name} | {len(names)} | " + " | ".join(cells) + " |")
