@@ -6,8 +6,9 @@ directory and copying back only the derivatives, then one job for the group leve
 depends on the whole array (``--dependency=afterany:<array id>``).
 
 Resume: every submission first looks at ``OUTPUT_DIR`` and keeps only the units (subjects
-or scans) that still lack a finished ``<source>_qc.json``; a resubmission after some tasks
-failed (or were killed) reruns those and nothing else.
+or scans) that still lack a finished ``<source>_qc.json`` from the model the tasks would
+load (its content key); a resubmission after some tasks failed (or were killed) reruns
+those and nothing else.
 
 Layout of one submission (everything under ``OUTPUT_DIR/logs/slurm/<submission id>/``)::
 
@@ -35,7 +36,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 from . import __version__
 from .io import atomic_write_file, atomic_write_json
@@ -125,33 +126,63 @@ def plan_units(scans: Iterable, per: str = "subject") -> list[Unit]:
     return [units[k] for k in sorted(units)]
 
 
-def scan_finished(qc_json: str | os.PathLike, *, rerun_errors: bool = False) -> bool:
-    """Whether a scan's ``_qc.json`` says it was screened.
+def scan_finished(qc_json: str | os.PathLike, *, rerun_errors: bool = False,
+                  model_key: Optional[str] = None) -> bool:
+    """Whether a scan's ``_qc.json`` says it was screened (by this model, if given).
 
     A missing or unreadable file (a task that crashed, was killed or ran out of memory or
     time) is unfinished. ``status: "error"`` is a finished scan whose *input* is bad (it
-    would fail the same way again) unless ``rerun_errors``.
+    would fail the same way again) unless ``rerun_errors``. With ``model_key`` (the content
+    key of the model the task would load, :func:`qc_pipeline.engine.modelio.model_content_key`)
+    an ok record counts only when it carries that key and this package version: the
+    participant level's own resume rule would screen it again, so it must be submitted.
     """
-    try:
-        data = json.loads(Path(qc_json).read_text())
-    except (OSError, ValueError):
-        return False
-    if not isinstance(data, dict):
+    from .derivatives import read_qc
+
+    data = read_qc(qc_json)
+    if data is None:
         return False
     status = data.get("status")
     if status == "ok":
-        return True
+        return model_key is None or (data.get("model_key") == model_key
+                                     and data.get("package_version") == __version__)
     if status == "error":
         return not rerun_errors
     return False
 
 
 def missing_units(units: Sequence[Unit], output_dir: str | os.PathLike, *,
-                  rerun_errors: bool = False) -> list[Unit]:
-    """The units with at least one scan not finished in ``output_dir``, in input order."""
+                  rerun_errors: bool = False,
+                  model_keys: Optional[Mapping[str, str]] = None) -> list[Unit]:
+    """The units with at least one scan not finished in ``output_dir``, in input order.
+
+    ``model_keys``: suffix -> content key of the model that screens it (see
+    :func:`expected_model_keys`); a scan whose suffix has no key is judged by status alone.
+    """
+    keys = dict(model_keys or {})
     return [u for u in units
-            if not all(scan_finished(p, rerun_errors=rerun_errors)
-                       for p in u.qc_json_paths(output_dir))]
+            if not all(scan_finished(p, rerun_errors=rerun_errors,
+                                     model_key=keys.get(s["entities"].get("suffix")))
+                       for s, p in zip(u.scans, u.qc_json_paths(output_dir)))]
+
+
+def expected_model_keys(cli_args: Sequence[str], suffixes: Sequence[str]) -> dict[str, str]:
+    """The content key of the model ``itermask-qc`` would load for each suffix with these
+    arguments: ``--model-dir``'s for its own contrast, the packaged folder for the others.
+    A folder that cannot be read gives no key (the participant level reports it itself)."""
+    from .engine.modelio import default_model_dir, load_model_card, model_content_key
+
+    given = _option_values(cli_args, ["--model-dir"])
+    keys: dict[str, str] = {}
+    for suffix in suffixes:
+        try:
+            folder = Path(given[0]) if given else default_model_dir(suffix)
+            if given and str(load_model_card(folder).get("contrast", "")).lower() != suffix.lower():
+                continue
+            keys[suffix] = model_content_key(folder)
+        except Exception as exc:  # a bad folder is the participant level's error to report
+            LOGGER.warning("no model key for %s (%s): scans are judged by status alone", suffix, exc)
+    return keys
 
 
 def compress_indices(indices: Iterable[int]) -> str:
@@ -494,7 +525,9 @@ def prepare(bids_dir, output_dir, *, per: str = "subject", resources: Resources 
             bids_filter_file=(_option_values(cli_args, ["--bids-filter-file"]) or [None])[0],
             database_path=slurm_root / "bids_db")
     units = plan_units(scans, per)
-    todo = missing_units(units, output_dir, rerun_errors=rerun_errors)
+    suffixes = sorted({s["entities"].get("suffix") for u in units for s in u.scans} - {None})
+    todo = missing_units(units, output_dir, rerun_errors=rerun_errors,
+                         model_keys=expected_model_keys(cli_args, suffixes))
 
     sid = submission_id or _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     job_dir = slurm_root / sid

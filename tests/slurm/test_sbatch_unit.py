@@ -4,6 +4,7 @@ No SLURM needed (not marked ``slurm``): these run in the default suite.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -46,10 +47,22 @@ def _scans(root, suffixes=("T1w",), **kw):
     return sb.list_scans(root, suffixes=suffixes, **kw)
 
 
+@functools.lru_cache(maxsize=None)
+def _packaged_key(suffix: str) -> str:
+    from qc_pipeline.engine.modelio import default_model_dir, model_content_key
+
+    return model_content_key(default_model_dir(suffix))
+
+
 def _write_qc(out: Path, unit_scan: dict, status: str = "ok") -> Path:
+    """A record as the participant level writes it with the packaged model."""
+    from qc_pipeline import __version__
+
     p = out / unit_scan["out_reldir"] / f"{unit_scan['bids_name']}_qc.json"
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps({"status": status, "bids_name": unit_scan["bids_name"]}))
+    p.write_text(json.dumps({"status": status, "bids_name": unit_scan["bids_name"],
+                             "model_key": _packaged_key(unit_scan["entities"]["suffix"]),
+                             "package_version": __version__}))
     return p
 
 
@@ -389,3 +402,37 @@ def test_docs_match_pattern_b_requests(bids_tree, tmp_path):
         assert f"#SBATCH --mem={m}\n" in script
         assert f"#SBATCH --time={t}\n" in script
         assert "--gres" not in script and "--partition" not in script
+
+
+def test_a_scan_screened_by_another_model_is_submitted_again(bids_tree, tmp_path):
+    from qc_pipeline import __version__
+
+    out = tmp_path / "out"
+    units = sb.plan_units(_scans(bids_tree), "subject")
+    for u in units:
+        for s in u.scans:
+            p = _write_qc(out, s)
+            rec = json.loads(p.read_text())
+            rec.update(model_key="a" * 16, package_version=__version__)
+            p.write_text(json.dumps(rec))
+    assert sb.missing_units(units, out, model_keys={"T1w": "a" * 16}) == []
+    # the same model content under a new package version, or a model rewritten in place:
+    # the participant level would screen again, so the units are submitted again
+    assert sb.missing_units(units, out, model_keys={"T1w": "b" * 16}) == units
+    p = units[1].qc_json_paths(out)[0]
+    rec = json.loads(p.read_text())
+    rec["package_version"] = "0.0.0"
+    p.write_text(json.dumps(rec))
+    assert [u.key for u in sb.missing_units(units, out, model_keys={"T1w": "a" * 16})] == ["sub-02"]
+    # a suffix without a key is judged by status alone
+    assert sb.missing_units(units, out, model_keys={"T2w": "b" * 16}) == []
+
+
+def test_expected_model_keys_follow_the_model_folder(tmp_path):
+    from qc_pipeline.engine.modelio import default_model_dir, model_content_key
+
+    keys = sb.expected_model_keys([], ["T1w"])
+    assert keys == {"T1w": model_content_key(default_model_dir("T1w"))}
+    # --model-dir screens its own contrast only; a folder that is not a model gives no key
+    assert sb.expected_model_keys(["--model-dir", str(default_model_dir("T1w"))], ["T1w", "T2w"]) == keys
+    assert sb.expected_model_keys(["--model-dir", str(tmp_path)], ["T1w"]) == {}
