@@ -385,3 +385,45 @@ def test_calibrate_gamma_from_the_sweeps_of_clean_outputs(run, model_dir, tmp_pa
     assert card["gamma_mode"] == "absolute"
     assert card["gamma"] == pytest.approx(0.4 * float(np.median(tau50)), rel=1e-3)
     assert card["gamma_calibration"]["n"] == len(tau50) and card["gamma_calibration"]["factor"] == 0.4
+
+
+def test_the_scan_command_screens_a_folder_of_loose_files(run, model_dir, tmp_path, capsys):
+    """itermask-qc-scan on a non-BIDS folder: the app's record per good file, one error line
+    per bad file (the others finish), outputs mirroring the folder, rc 1."""
+    from qc_pipeline.scan_cli import main as scan_main
+
+    rel = GOOD[0]
+    loose = tmp_path / "console"
+    (loose / "day1").mkdir(parents=True)
+    shutil.copyfile(run["root"] / rel, loose / "day1" / Path(rel).name)
+    (loose / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    (loose / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    rc = scan_main([str(loose), "-o", str(out), "--model-dir", str(model_dir), "--skull-strip", "none",
+                    "--json", str(tmp_path / "all.json")])
+    cap = capsys.readouterr()
+    assert rc == 1
+    lines = [ln.split("\t") for ln in cap.out.strip().splitlines()]
+    assert lines[0][:3] == ["file", "status", "qc_score"] and len(lines) == 3  # notes.txt is not a scan
+    good = [ln for ln in lines[1:] if ln[1] == "ok"]
+    bad = [ln for ln in lines[1:] if ln[1] == "error"]
+    assert len(good) == 1 and len(bad) == 1 and bad[0][0].endswith("broken.nii.gz")
+    assert "broken.nii.gz" in cap.err and "1 of 2 file(s) could not be screened" in cap.err
+    stem = Path(rel).name.replace(".nii.gz", "")
+    rec = json.loads((out / "day1" / f"{stem}_qc.json").read_text())
+    app = qc_of(run["out"], rel)
+    assert {k: rec[k] for k in SCAN_FIELDS} == {k: app[k] for k in SCAN_FIELDS}
+    assert float(good[0][2]) == pytest.approx(app["qc_score"], abs=0.005)
+    assert (out / "day1" / f"{stem}_desc-anomaly_mask.nii.gz").is_file()
+    err = json.loads((out / "broken_qc.json").read_text())
+    assert err["status"] == "error" and "broken.nii.gz" in err["error"]
+    assert [r["status"] for r in json.loads((tmp_path / "all.json").read_text())] == ["ok", "error"]
+
+
+def test_the_scan_command_says_when_there_is_nothing_to_screen(tmp_path, capsys):
+    from qc_pipeline.scan_cli import main as scan_main
+
+    (tmp_path / "empty").mkdir()
+    assert scan_main([str(tmp_path / "empty")]) == 66
+    assert "no NIfTI file" in capsys.readouterr().err
