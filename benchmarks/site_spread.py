@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/screen_re
 
 from screen_real import LOCAL, _auc  # noqa: E402
 
-from qc_pipeline.group import DEFAULT_ENGINE_MIN_FRACTION, DEFAULT_MAD_K, load_qc_records, scan_maps  # noqa: E402
+from qc_pipeline.derivatives import load_qc_records  # noqa: E402
+from qc_pipeline.group import DEFAULT_ENGINE_MIN_FRACTION, DEFAULT_MAD_K, scan_maps  # noqa: E402
 from qc_pipeline.sitenorm import DEFAULT_SITE_NORM_FACTOR, site_normative  # noqa: E402
 
 

@@ -260,7 +260,7 @@ def adapt_dataset(settings, scans, *, screen: Callable, options: AdaptOptions) -
     from .engine.modelio import load_model_card, model_content_key
     from .engine import default_model_dir
 
-    from .group import load_labels
+    from .labels import load_labels
 
     out = Path(settings.output_dir)
     # a bad ratings file stops the level before any work (LabelsError)
@@ -338,7 +338,7 @@ def _adapt_one(settings, plan, rows, options: AdaptOptions, *, bad: set[str]) ->
     from .engine import train_model
     from .engine.inference import resolve_device
     from .engine.modelio import load_model_card
-    from .group import normalise_bids_name
+    from .derivatives import normalise_bids_name
 
     suffix, spec, target = plan["suffix"], plan["spec"], plan["target"]
     rows = [{**r, "bids_name": normalise_bids_name(r["bids_name"])} for r in rows]

@@ -79,7 +79,8 @@ def gamma_from_outputs(output_dir, *, model_id: str | None, suffix: str, labels=
                        factor: float = DEFAULT_GAMMA_FACTOR, min_scans: int = 8) -> dict:
     """:func:`gamma_from_tau50` on the sweeps stored in the qc.json files of ``output_dir``."""
     from .engine.taufit import relative_gamma
-    from .group import load_labels, load_qc_records, normalise_bids_name
+    from .derivatives import load_qc_records, normalise_bids_name
+    from .labels import load_labels
 
     records = [r for r in load_qc_records(output_dir) if r.suffix == suffix and r.ok]
     if model_id:
@@ -141,7 +142,8 @@ def write_card_gamma(model_dir, gamma: Mapping) -> Path:
 def reference_from_outputs(output_dir, *, model_id: str | None, suffix: str,
                            labels=None, min_scans: int = 8) -> dict:
     """Fit the reference from the ``quality_features`` of the qc.json files in ``output_dir``."""
-    from .group import load_labels, load_qc_records, normalise_bids_name
+    from .derivatives import load_qc_records, normalise_bids_name
+    from .labels import load_labels
 
     records = [r for r in load_qc_records(output_dir) if r.suffix == suffix and r.ok]
     if model_id:

@@ -767,7 +767,7 @@ def run_adapt(settings: Settings, scans) -> int:
     calibrate, screen again with the adapted model of each suffix."""
     from .adapt import AdaptError, AdaptOptions, adapt_dataset
     from .engine.errors import EngineError
-    from .group import LabelsError
+    from .labels import LabelsError
 
     if settings.reports_only:
         raise CLIError("--reports-only is a participant-level option")
@@ -781,7 +781,9 @@ def run_adapt(settings: Settings, scans) -> int:
 
 
 def run_group_level(settings: Settings, suffixes: Optional[Sequence[str]]) -> int:
-    from .group import GroupError, LabelsError, load_qc_records
+    from .derivatives import load_qc_records
+    from .group import GroupError
+    from .labels import LabelsError
     from .grouplevel import run_group
 
     out = Path(settings.output_dir)

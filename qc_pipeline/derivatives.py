@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
@@ -261,12 +263,20 @@ def rescore_qc(path, reference: Optional[Mapping[str, Any]]) -> Optional[Path]:
     return _atomic_json(rec, Path(path))
 
 
-def read_qc(path: str | os.PathLike) -> Optional[dict]:
+def _read_json_object(path: str | os.PathLike) -> tuple[Optional[dict], Optional[str]]:
+    """``(record, None)``, or ``(None, why)`` for a missing, unreadable or non-object file."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return None, str(exc)
+    if not isinstance(data, dict):
+        return None, "top level is not an object"
+    return data, None
+
+
+def read_qc(path: str | os.PathLike) -> Optional[dict]:
+    """A ``_qc.json`` record, or None when it is missing or unreadable."""
+    return _read_json_object(path)[0]
 
 
 def is_done(output_dir, scan, *, input_sha256: str, model_id: str, schedule: str,
@@ -318,3 +328,171 @@ def write_dataset_description(output_dir, *, model_ids: Iterable[str] = (),
         desc["SourceDatasets"] = [{"URL": Path(source_dataset).resolve().as_uri()}]
     return _atomic_json(desc, path)
 
+
+# --------------------------------------------------------------------------- reading records
+#: the site of a scan whose record names none
+SINGLE_SITE = "all"
+
+_ENTITY_KEYS = {"sub": "subject", "ses": "session", "acq": "acquisition", "run": "run",
+                "rec": "reconstruction", "ce": "ceagent", "task": "task", "echo": "echo",
+                "part": "part"}
+
+@dataclass
+class QCRecord:
+    """One ``*_qc.json`` as the group level and the reports see it."""
+
+    path: Path
+    data: dict
+    bids_name: str
+    entities: dict
+    site: str
+    status: str
+    error: str | None = None
+    warnings: list = field(default_factory=list)
+    #: score against the scan's own site and its driving measurement (set by the group level)
+    site_score: float = math.nan
+    site_driver: str | None = None
+    #: the engine's anomaly against the site's own scans (set by the group level, NaN when
+    #: the site had too few scans with a template fit; :mod:`qc_pipeline.sitenorm`)
+    site_anomaly_fraction: float = math.nan
+    site_anomaly_voxels: float = math.nan
+
+    @property
+    def subject(self) -> str:
+        return str(self.entities.get("subject", ""))
+
+    @property
+    def suffix(self) -> str:
+        return str(self.entities.get("suffix", ""))
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok" and math.isfinite(self.fraction)
+
+    def _num(self, key) -> float:
+        try:
+            v = float(self.data.get(key))
+        except (TypeError, ValueError):
+            return math.nan
+        return v
+
+    @property
+    def fraction(self) -> float:
+        return self._num("anomaly_fraction")
+
+    @property
+    def qc_score(self) -> float:
+        """The combined QC score (NaN when the qc.json has none)."""
+        return self._num("qc_score")
+
+    @property
+    def background(self) -> dict:
+        bg = self.data.get("background")
+        return bg if isinstance(bg, dict) else {}
+
+    @property
+    def background_fraction(self) -> float:
+        """``background_artifact_fraction``; NaN when missing or unavailable."""
+        return self._num("background_artifact_fraction")
+
+    @property
+    def background_note(self) -> str:
+        """Why the background statistic is missing ('' when it is there)."""
+        if math.isfinite(self.background_fraction):
+            return ""
+        bg = self.background
+        if bg.get("reason"):
+            return f"background statistic unavailable: {bg['reason']}"
+        return "no background statistic in qc.json"
+
+    @property
+    def voxels(self) -> float:
+        return self._num("anomaly_voxels")
+
+    @property
+    def mm3(self) -> float:
+        return self._num("anomaly_mm3")
+
+    def resolve(self, key: str) -> Path | None:
+        """Path of a file named by field ``key`` (relative to the qc.json or absolute)."""
+        value = self.data.get(key)
+        if not value or not isinstance(value, str):
+            return None
+        p = Path(value)
+        candidates = [p] if p.is_absolute() else [self.path.parent / p, self.path.parent / p.name]
+        for c in candidates:
+            if c.is_file():
+                return c
+        return None
+
+
+def parse_bids_name(name: str) -> dict:
+    """Entities of a BIDS file name (``sub-01_ses-a_run-1_T1w`` -> dict)."""
+    base = Path(name).name
+    base = re.sub(r"(_qc\.json|\.nii\.gz|\.nii|\.json)$", "", base)
+    parts = base.split("_")
+    ent: dict = {}
+    for part in parts:
+        if "-" in part:
+            k, _, v = part.partition("-")
+            ent[_ENTITY_KEYS.get(k, k)] = v
+    if parts and "-" not in parts[-1]:
+        ent["suffix"] = parts[-1]
+    return ent
+
+
+def normalise_bids_name(name: str) -> str:
+    """``/x/sub-01_T1w.nii.gz`` or ``sub-01_T1w_qc.json`` -> ``sub-01_T1w``."""
+    base = Path(str(name).strip()).name
+    return re.sub(r"(_qc\.json|\.nii\.gz|\.nii|\.json)$", "", base)
+
+
+def _site_of(data: dict, site_column: str) -> str:
+    meta = data.get("metadata") or {}
+    if not isinstance(meta, dict):
+        meta = {}
+    candidates = []
+    if site_column != "site":
+        candidates.append(meta.get(site_column))
+    candidates += [data.get("site"), meta.get(site_column)]
+    for c in candidates:
+        if c is not None and str(c).strip() not in ("", "n/a", "nan", "None"):
+            return str(c).strip()
+    return SINGLE_SITE
+
+
+def _read_record(path: Path, site_column: str) -> QCRecord:
+    fallback_name = normalise_bids_name(path.name)
+    data, why = _read_json_object(path)
+    if data is None:
+        return QCRecord(path=path, data={}, bids_name=fallback_name,
+                        entities=parse_bids_name(fallback_name), site=SINGLE_SITE,
+                        status="error", error=f"unreadable qc.json: {why}")
+    bids_name = str(data.get("bids_name") or fallback_name)
+    ent = parse_bids_name(bids_name)
+    given = data.get("entities")
+    if isinstance(given, dict):
+        ent.update({k: v for k, v in given.items() if v is not None})
+    status = str(data.get("status") or "error").lower()
+    error = data.get("error")
+    if status != "ok" and not error:
+        error = f"status {status!r} with no reason given"
+    warnings = data.get("warnings") or []
+    if not isinstance(warnings, list):
+        warnings = [str(warnings)]
+    rec = QCRecord(path=path, data=data, bids_name=bids_name, entities=ent,
+                   site=_site_of(data, site_column), status="ok" if status == "ok" else "error",
+                   error=None if status == "ok" else str(error), warnings=[str(w) for w in warnings])
+    if rec.status == "ok" and not math.isfinite(rec.fraction):
+        rec.status = "error"
+        rec.error = "status ok but anomaly_fraction is missing or not finite"
+    return rec
+
+
+def load_qc_records(output_dir, *, subject: str | None = None,
+                    site_column: str = "site") -> list[QCRecord]:
+    """Every ``*_qc.json`` under ``output_dir/sub-*/[ses-*/]anat`` (optionally one subject)."""
+    root = Path(output_dir)
+    sub = "sub-*" if subject is None else f"sub-{str(subject).removeprefix('sub-')}"
+    paths = sorted(set(root.glob(f"{sub}/anat/*_qc.json")) | set(root.glob(f"{sub}/ses-*/anat/*_qc.json")))
+    return [_read_record(p, site_column) for p in paths]

@@ -69,20 +69,7 @@ The labelled metrics (AUROC ... FNR90) are of the score, over the screened scans
     labelled artifact scans for a suffix, that suffix falls back to the robust rule and
     the rule text says so.
 
-Labels
-------
-``labels`` is a TSV (or CSV) with a ``bids_name`` column (file names, paths and
-extensions are tolerated) and one rating column, the first found of ``label, rating, qc,
-artifact, bad, quality, exclude, manual_qc``. Values: ``1/0``, ``true/false``,
-``bad/good``, ``fail/pass``, ``exclude/include``, ``artifact/clean``,
-``reject/accept``; ``questionable`` (also ``doubtful``, ``maybe``, ``?``) is *excluded*
-from the metrics by default (``questionable="exclude"``; ``"bad"`` or ``"good"`` map it to
-a class). Empty values are unlabelled. ``labels`` may also be a folder of such files or a
-list of them (one per rater; :func:`load_ratings`): per scan and rater the row with the
-latest ``timestamp`` (or the last row) wins, across raters the majority of the good/bad
-votes (a tie leaves the scan unlabelled), and the raters' artifact tags are kept
-(``rated_artifacts``). The ratings TSV exported from the pages (``bids_name, rating,
-artifacts, comment, rater, timestamp``) is accepted as is.
+Labels and ratings: :mod:`qc_pipeline.labels`.
 """
 from __future__ import annotations
 
@@ -91,8 +78,7 @@ import io
 import json
 import logging
 import math
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -100,22 +86,17 @@ import numpy as np
 from scipy.stats import median_abs_deviation, rankdata
 
 from . import metrics as _metrics
-from .derivatives import site_mask_path
+from .derivatives import QCRecord, load_qc_records, normalise_bids_name, site_mask_path
 from .io import atomic_write_text
+from .labels import load_ratings
 from .sitenorm import DEFAULT_SITE_NORM_FACTOR, DEFAULT_SITE_SPREAD_K, ScanMaps, SiteNormError, site_normative
 
 __all__ = [
     "write_group_tables",
     "GroupTables",
     "SuffixTables",
-    "load_qc_records",
     "scan_maps",
-    "load_labels",
-    "load_ratings",
-    "Ratings",
-    "LabelsError",
     "GroupError",
-    "QCRecord",
     "ROW_COLUMNS",
     "SITE_COLUMNS",
     "DEFAULT_MAD_K",
@@ -141,7 +122,6 @@ DEFAULT_BACKGROUND_K = 4.0
 DEFAULT_ENGINE_MIN_FRACTION = 0.005
 #: ``sqrt(pi / 2)``: mean absolute deviation to SD for normal data (the MAD-is-0 fallback)
 MEANAD_SCALE = 1.2533
-SINGLE_SITE = "all"
 POOLED_SITE = "ALL_SITES"
 
 ROW_COLUMNS = [
@@ -166,338 +146,10 @@ FLAG_SITE_COLUMNS = [
     "median_site_anomaly_fraction", "engine_threshold", "engine_rule", "n_engine_flagged",
 ]
 
-_ENTITY_KEYS = {"sub": "subject", "ses": "session", "acq": "acquisition", "run": "run",
-                "rec": "reconstruction", "ce": "ceagent", "task": "task", "echo": "echo",
-                "part": "part"}
 
 
 class GroupError(ValueError):
     """Bad arguments to the group level (e.g. ``flag_at_fnr`` without labels)."""
-
-
-class LabelsError(ValueError):
-    """A labels file that cannot be used; the message names the file and the problem."""
-
-
-# --------------------------------------------------------------------------- records
-@dataclass
-class QCRecord:
-    """One ``*_qc.json`` as the group level and the reports see it."""
-
-    path: Path
-    data: dict
-    bids_name: str
-    entities: dict
-    site: str
-    status: str
-    error: str | None = None
-    warnings: list = field(default_factory=list)
-    #: score against the scan's own site and its driving measurement (set by the group level)
-    site_score: float = math.nan
-    site_driver: str | None = None
-    #: the engine's anomaly against the site's own scans (set by the group level, NaN when
-    #: the site had too few scans with a template fit; :mod:`qc_pipeline.sitenorm`)
-    site_anomaly_fraction: float = math.nan
-    site_anomaly_voxels: float = math.nan
-
-    @property
-    def subject(self) -> str:
-        return str(self.entities.get("subject", ""))
-
-    @property
-    def suffix(self) -> str:
-        return str(self.entities.get("suffix", ""))
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok" and math.isfinite(self.fraction)
-
-    def _num(self, key) -> float:
-        try:
-            v = float(self.data.get(key))
-        except (TypeError, ValueError):
-            return math.nan
-        return v
-
-    @property
-    def fraction(self) -> float:
-        return self._num("anomaly_fraction")
-
-    @property
-    def qc_score(self) -> float:
-        """The combined QC score (NaN when the qc.json has none)."""
-        return self._num("qc_score")
-
-    @property
-    def background(self) -> dict:
-        bg = self.data.get("background")
-        return bg if isinstance(bg, dict) else {}
-
-    @property
-    def background_fraction(self) -> float:
-        """``background_artifact_fraction``; NaN when missing or unavailable."""
-        return self._num("background_artifact_fraction")
-
-    @property
-    def background_note(self) -> str:
-        """Why the background statistic is missing ('' when it is there)."""
-        if math.isfinite(self.background_fraction):
-            return ""
-        bg = self.background
-        if bg.get("reason"):
-            return f"background statistic unavailable: {bg['reason']}"
-        return "no background statistic in qc.json"
-
-    @property
-    def voxels(self) -> float:
-        return self._num("anomaly_voxels")
-
-    @property
-    def mm3(self) -> float:
-        return self._num("anomaly_mm3")
-
-    def resolve(self, key: str) -> Path | None:
-        """Path of a file named by field ``key`` (relative to the qc.json or absolute)."""
-        value = self.data.get(key)
-        if not value or not isinstance(value, str):
-            return None
-        p = Path(value)
-        candidates = [p] if p.is_absolute() else [self.path.parent / p, self.path.parent / p.name]
-        for c in candidates:
-            if c.is_file():
-                return c
-        return None
-
-
-def parse_bids_name(name: str) -> dict:
-    """Entities of a BIDS file name (``sub-01_ses-a_run-1_T1w`` -> dict)."""
-    base = Path(name).name
-    base = re.sub(r"(_qc\.json|\.nii\.gz|\.nii|\.json)$", "", base)
-    parts = base.split("_")
-    ent: dict = {}
-    for part in parts:
-        if "-" in part:
-            k, _, v = part.partition("-")
-            ent[_ENTITY_KEYS.get(k, k)] = v
-    if parts and "-" not in parts[-1]:
-        ent["suffix"] = parts[-1]
-    return ent
-
-
-def normalise_bids_name(name: str) -> str:
-    """``/x/sub-01_T1w.nii.gz`` or ``sub-01_T1w_qc.json`` -> ``sub-01_T1w``."""
-    base = Path(str(name).strip()).name
-    return re.sub(r"(_qc\.json|\.nii\.gz|\.nii|\.json)$", "", base)
-
-
-def _site_of(data: dict, site_column: str) -> str:
-    meta = data.get("metadata") or {}
-    if not isinstance(meta, dict):
-        meta = {}
-    candidates = []
-    if site_column != "site":
-        candidates.append(meta.get(site_column))
-    candidates += [data.get("site"), meta.get(site_column)]
-    for c in candidates:
-        if c is not None and str(c).strip() not in ("", "n/a", "nan", "None"):
-            return str(c).strip()
-    return SINGLE_SITE
-
-
-def _read_record(path: Path, site_column: str) -> QCRecord:
-    fallback_name = normalise_bids_name(path.name)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, dict):
-            raise ValueError("top level is not an object")
-    except (OSError, ValueError) as exc:
-        return QCRecord(path=path, data={}, bids_name=fallback_name,
-                        entities=parse_bids_name(fallback_name), site=SINGLE_SITE,
-                        status="error", error=f"unreadable qc.json: {exc}")
-    bids_name = str(data.get("bids_name") or fallback_name)
-    ent = parse_bids_name(bids_name)
-    given = data.get("entities")
-    if isinstance(given, dict):
-        ent.update({k: v for k, v in given.items() if v is not None})
-    status = str(data.get("status") or "error").lower()
-    error = data.get("error")
-    if status != "ok" and not error:
-        error = f"status {status!r} with no reason given"
-    warnings = data.get("warnings") or []
-    if not isinstance(warnings, list):
-        warnings = [str(warnings)]
-    rec = QCRecord(path=path, data=data, bids_name=bids_name, entities=ent,
-                   site=_site_of(data, site_column), status="ok" if status == "ok" else "error",
-                   error=None if status == "ok" else str(error), warnings=[str(w) for w in warnings])
-    if rec.status == "ok" and not math.isfinite(rec.fraction):
-        rec.status = "error"
-        rec.error = "status ok but anomaly_fraction is missing or not finite"
-    return rec
-
-
-def load_qc_records(output_dir, *, subject: str | None = None,
-                    site_column: str = "site") -> list[QCRecord]:
-    """Every ``*_qc.json`` under ``output_dir/sub-*/[ses-*/]anat`` (optionally one subject)."""
-    root = Path(output_dir)
-    sub = "sub-*" if subject is None else f"sub-{str(subject).removeprefix('sub-')}"
-    paths = sorted(set(root.glob(f"{sub}/anat/*_qc.json")) | set(root.glob(f"{sub}/ses-*/anat/*_qc.json")))
-    return [_read_record(p, site_column) for p in paths]
-
-
-# --------------------------------------------------------------------------- labels
-_LABEL_COLUMNS = ("label", "rating", "qc", "artifact", "bad", "quality", "exclude", "manual_qc")
-_BAD = {"1", "1.0", "true", "bad", "fail", "failed", "exclude", "excluded", "artifact",
-        "artefact", "reject", "rejected", "poor", "yes"}
-_GOOD = {"0", "0.0", "false", "good", "pass", "passed", "include", "included", "clean",
-         "accept", "accepted", "ok", "excellent", "acceptable", "no"}
-_QUESTIONABLE = {"questionable", "doubtful", "maybe", "?", "unsure", "borderline"}
-
-
-@dataclass
-class Ratings:
-    """Ratings read from one or more files (one per rater), merged per scan.
-
-    ``labels``: ``{bids_name: 1 (artifact) | 0 (clean)}`` (unrated, excluded-questionable
-    and tied scans left out); ``artifacts``: the artifact tags the raters gave each scan
-    (their union); ``raters``: who rated each scan; ``sources``: the files read.
-    """
-
-    labels: dict
-    artifacts: dict
-    raters: dict
-    sources: list
-
-
-def _label_files(paths) -> list[Path]:
-    """The files behind ``paths``: a file, a folder (its ``*.tsv`` and ``*.csv`` files: one
-    per rater), or a list of either."""
-    items = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    if not items:
-        raise LabelsError("no labels file given")
-    out: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in (".tsv", ".csv") and q.is_file())
-            if not found:
-                raise LabelsError(f"labels folder {p} holds no .tsv or .csv file")
-            out += found
-        else:
-            out.append(p)
-    return out
-
-
-def _read_label_rows(path: Path) -> tuple[list[dict], str, str | None]:
-    """Rows of one labels file with its rating column and timestamp column (None if absent)."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise LabelsError(f"cannot read labels file {path}: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise LabelsError(f"labels file {path} is not UTF-8 text (byte {exc.start}); expected a "
-                          f"TSV or CSV with bids_name and a rating column") from None
-    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    if not lines:
-        raise LabelsError(f"labels file {path} is empty")
-    delim = "\t" if "\t" in lines[0] else ","
-    reader = csv.DictReader(io.StringIO("\n".join(lines)), delimiter=delim)
-    cols = {c.strip().lower(): c for c in (reader.fieldnames or [])}
-    if "bids_name" not in cols:
-        raise LabelsError(f"labels file {path} has no 'bids_name' column "
-                          f"(columns: {', '.join(reader.fieldnames or [])})")
-    label_col = next((cols[c] for c in _LABEL_COLUMNS if c in cols), None)
-    if label_col is None:
-        raise LabelsError(f"labels file {path} has no rating column; expected one of "
-                          f"{', '.join(_LABEL_COLUMNS)} (columns: {', '.join(reader.fieldnames or [])})")
-    rows = [{"bids_name": row.get(cols["bids_name"]) or "", "value": row.get(label_col),
-             "timestamp": row.get(cols["timestamp"]) if "timestamp" in cols else None,
-             "rater": row.get(cols["rater"]) if "rater" in cols else None,
-             "artifacts": row.get(cols["artifacts"]) if "artifacts" in cols else None}
-            for row in reader]
-    return rows, label_col, cols.get("timestamp")
-
-
-def load_ratings(paths, *, questionable: str = "exclude") -> Ratings:
-    """Read ratings from one file, a folder of files or a list of files and merge them.
-
-    Each file is a TSV/CSV as described in the module docstring. A rater is the file's
-    ``rater`` column, else the file's name. Per scan and rater, the row with the latest
-    ``timestamp`` (else the last row) counts; across raters, the majority of their
-    good/bad votes decides, and a tie leaves the scan out of the metrics (logged), as a
-    questionable rating does by default. Artifact tags (``artifacts``, ``;``-separated)
-    are kept per scan as the union over its raters.
-
-    Raises
-    ------
-    LabelsError
-        A file or folder that cannot be used, or a value that is not a rating; the
-        message names the file, row and value.
-    """
-    if questionable not in ("exclude", "bad", "good"):
-        raise LabelsError(f"questionable must be 'exclude', 'bad' or 'good', got {questionable!r}")
-    files = _label_files(paths)
-    latest: dict[tuple[str, str], tuple[tuple, int | None, list[str]]] = {}
-    conflicts: set[str] = set()
-    any_ts = False
-    for f_idx, path in enumerate(files):
-        rows, label_col, ts_col = _read_label_rows(path)
-        any_ts = any_ts or ts_col is not None
-        for i, row in enumerate(rows):
-            name = normalise_bids_name(row["bids_name"])
-            raw = str(row["value"] or "").strip().lower()
-            if not name or raw in ("", "n/a", "na", "nan", "none"):
-                continue
-            if raw in _BAD:
-                value: int | None = 1
-            elif raw in _GOOD:
-                value = 0
-            elif raw in _QUESTIONABLE:
-                value = {"exclude": None, "bad": 1, "good": 0}[questionable]
-            else:
-                raise LabelsError(f"labels file {path}, row {i + 2}: value {raw!r} in column "
-                                  f"{label_col!r} is not a rating (use 0/1, good/bad, questionable)")
-            rater = str(row["rater"] or "").strip() or path.stem
-            tags = [t.strip() for t in str(row["artifacts"] or "").split(";") if t.strip()]
-            key = (str(row["timestamp"] or "") if ts_col else "", f_idx, i)
-            old = latest.get((name, rater))
-            if old is not None and old[1] != value:
-                conflicts.add(name)
-            if old is None or key >= old[0]:
-                latest[(name, rater)] = (key, value, tags)
-    if conflicts:
-        LOGGER.warning("labels file %s rates %d scans more than once with different ratings (e.g. %s); "
-                       "the %s rating of each rater is used", ", ".join(map(str, files)), len(conflicts),
-                       sorted(conflicts)[0], "latest (timestamp)" if any_ts else "last")
-    votes: dict[str, list[int]] = {}
-    artifacts: dict[str, set] = {}
-    raters: dict[str, list[str]] = {}
-    for (name, rater), (_, value, tags) in sorted(latest.items()):
-        raters.setdefault(name, []).append(rater)
-        artifacts.setdefault(name, set()).update(tags)
-        if value is not None:
-            votes.setdefault(name, []).append(value)
-    labels: dict[str, int] = {}
-    ties = []
-    for name, v in votes.items():
-        mean = sum(v) / len(v)
-        if mean == 0.5:
-            ties.append(name)
-        else:
-            labels[name] = int(mean > 0.5)
-    if ties:
-        LOGGER.warning("raters disagree evenly on %d scans (e.g. %s): left out of the metrics",
-                       len(ties), sorted(ties)[0])
-    return Ratings(labels=labels, artifacts={k: sorted(v) for k, v in artifacts.items() if v},
-                   raters=raters, sources=files)
-
-
-def load_labels(path, *, questionable: str = "exclude") -> dict[str, int]:
-    """Read a labels/ratings TSV (or a folder or list of them) -> ``{bids_name: 1 (artifact)
-    | 0 (clean)}``; see :func:`load_ratings` for the merging and the module docstring for
-    the accepted columns and values. Raises :class:`LabelsError` naming the file and the
-    problem.
-    """
-    return load_ratings(path, questionable=questionable).labels
 
 
 # --------------------------------------------------------------------------- stats

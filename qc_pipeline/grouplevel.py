@@ -19,7 +19,7 @@ def run_group(output_dir, *, site_column: str = "site", subject_reports: bool = 
     ``options`` are those of :func:`qc_pipeline.group.write_group_tables` (labels,
     flag_at_fnr, mad_k, suffixes, min_site_size, questionable, background_k,
     background_min_fraction, site_z). Raises :class:`~qc_pipeline.group.GroupError` /
-    :class:`~qc_pipeline.group.LabelsError` naming the bad value.
+    :class:`~qc_pipeline.labels.LabelsError` naming the bad value.
 
     Returns
     -------

@@ -30,7 +30,8 @@ from markupsafe import Markup
 
 from . import __version__
 from . import metrics as _metrics
-from .group import POOLED_SITE, GroupTables, QCRecord, load_qc_records, normalise_bids_name, read_group_csv
+from .derivatives import QCRecord, load_qc_records, normalise_bids_name
+from .group import POOLED_SITE, GroupTables, read_group_csv
 from .derivatives import one_line, read_qc, site_mask_path
 from .io import atomic_write_bytes, atomic_write_text
 from .morphology import largest_component

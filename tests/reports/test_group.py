@@ -6,7 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from qc_pipeline.group import DEFAULT_MAD_K, GroupError, LabelsError, load_labels, load_qc_records
+from qc_pipeline.derivatives import load_qc_records
+from qc_pipeline.group import DEFAULT_MAD_K, GroupError
+from qc_pipeline.labels import LabelsError, load_labels
 from qc_pipeline.grouplevel import run_group
 from qc_pipeline.metrics import detection_metrics, threshold_at_fnr
 
@@ -404,7 +406,7 @@ def _records(scores, site="A"):
     """In-memory ok records of one site ranked by ``anomaly_fraction`` (no qc_score)."""
     from pathlib import Path
 
-    from qc_pipeline.group import QCRecord
+    from qc_pipeline.derivatives import QCRecord
 
     return [QCRecord(path=Path(f"sub-{i:02d}_T1w_qc.json"), data={"anomaly_fraction": s},
                      bids_name=f"sub-{i:02d}_T1w", entities={"subject": f"{i:02d}", "suffix": "T1w"},

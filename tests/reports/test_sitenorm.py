@@ -256,7 +256,7 @@ def test_after_the_group_level_the_overlay_is_the_mask_against_the_site(tmp_path
     """The participant mask of every scan keeps the error all of them share; once the group
     level has the site's reference, the figures overlay the mask against it: empty on a
     clean scan, the artifact on the other."""
-    from qc_pipeline.group import load_qc_records
+    from qc_pipeline.derivatives import load_qc_records
     from qc_pipeline.reports import scan_figures, site_mask_of
 
     names = _write_site(tmp_path)
