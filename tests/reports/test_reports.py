@@ -136,13 +136,13 @@ def test_subject_page_before_group_level(derivs):
 
 
 def test_a_page_that_cannot_be_drawn_falls_back_to_a_minimal_one(derivs, monkeypatch, caplog):
-    import qc_pipeline.reports as reports
+    import qc_pipeline.reports.pages as pages
 
     def broken(*args, **kwargs):
         raise ValueError("figure engine exploded")
 
-    monkeypatch.setattr(reports, "write_subject_report", broken)
-    p = reports.write_subject_page(derivs.root, "sub-05")
+    monkeypatch.setattr(pages, "write_subject_report", broken)
+    p = pages.write_subject_page(derivs.root, "sub-05")
     html = p.read_text()
     assert p.name == "sub-05.html" and "minimal report" in html and "sub-05_" in html
     assert any("figure engine exploded" in r.getMessage() for r in caplog.records)
