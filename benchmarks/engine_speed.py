@@ -24,7 +24,7 @@ import torch
 from scipy import ndimage
 
 from qc_pipeline.engine import IterMask3D, default_card
-from qc_pipeline.engine.modelio import DEFAULT_GRID, DEFAULT_VOXEL_SIZE
+from qc_pipeline.config import DEFAULT_GRID, DEFAULT_VOXEL_SIZE
 from qc_pipeline.models.unet import UNet3D, count_macs, count_parameters
 
 

@@ -54,6 +54,11 @@ EXIT_IN_USE = 75        # EX_TEMPFAIL: another run holds the work dir; try again
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143   # 128 + SIGTERM (a job's time limit)
 
+#: scans per IterMask3D node on a GPU (``--engine-batch``): measured on one H200 (shipped T1w
+#: model, 64 scans), the engine's scans/s grew 4.9 -> 5.5 from batch 1 to 16 and 5.9 at 64;
+#: 16 keeps a failed batch's rerun small
+GPU_ENGINE_BATCH = 16
+
 #: held in the work dir while a run uses it (:func:`lock_work_dir`)
 LOCK_NAME = ".itermask-qc.lock"
 
@@ -202,6 +207,10 @@ def get_parser() -> argparse.ArgumentParser:
                              "'plugin_args', e.g. workflows/slurm.yml); overrides --nprocs")
     g_perf.add_argument("--device", choices=DEVICES, default="auto",
                         help="torch device for IterMask3D: auto = CUDA when available")
+    g_perf.add_argument("--engine-batch", type=_positive_int, default=None, metavar="N",
+                        help="scans of one contrast that share one IterMask3D node, their forward "
+                             f"passes stacked (a scan's result does not change); default "
+                             f"{GPU_ENGINE_BATCH} on a GPU, 1 (a node per scan) on the CPU")
     g_perf.add_argument("--max-image-gb", type=_positive_float, default=2.0, metavar="GB",
                         help="memory budget of one scan's voxels (declared voxels x bytes per "
                              "voxel, at least 4), checked from the header before any voxel is "
@@ -913,6 +922,8 @@ def _main(args, argv, handlers, stack: contextlib.ExitStack) -> int:
         else:
             settings.suffixes, settings.model_specs = resolve_models(settings.model_dir, args.suffix)
             settings.device = _resolve_device(args.device)
+            settings.engine_batch = args.engine_batch or (
+                GPU_ENGINE_BATCH if settings.device.startswith("cuda") else 1)
             _check_skull_strip(settings.skull_strip, settings.suffixes)
         prepare_dir(settings.work_dir, "work dir (-w)")
         stack.enter_context(lock_work_dir(settings.work_dir, settings.run_id))

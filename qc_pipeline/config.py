@@ -24,6 +24,10 @@ SUFFIXES = ("T1w", "T2w", "FLAIR")
 SCHEDULES = ("auto", "normative", "fast", "reference")
 SKULL_STRIP = ("auto", "deepbet", "robex", "none")
 DEVICES = ("auto", "cpu", "cuda")
+#: the model grid (voxels) and voxel size (mm) where a model card names none (every shipped
+#: card names its own); the preprocessing's defaults too
+DEFAULT_GRID = (80, 96, 80)
+DEFAULT_VOXEL_SIZE = (2.0, 2.0, 2.0)
 
 
 def new_run_id(now: Optional[_dt.datetime] = None) -> str:
@@ -55,6 +59,8 @@ class Settings:
     plugin: str = "Linear"
     plugin_args: dict = field(default_factory=dict)
     device: str = "auto"
+    #: scans of one contrast per IterMask3D node (1: a node per scan)
+    engine_batch: int = 1
     model_dir: Optional[Path] = None
     model_specs: dict = field(default_factory=dict)
     schedule: str = "auto"

@@ -303,6 +303,96 @@ class IterMaskRun(SimpleInterface):
         return runtime
 
 
+class _IMBatchInputSpec(BaseInterfaceInputSpec):
+    in_files = traits.List(traits.Str, mandatory=True, desc="pickled PreprocResult per scan ('' on error)")
+    in_errors = traits.List(traits.Str, mandatory=True, desc="the preprocessing's error per scan")
+    model_dir = traits.Str("", usedefault=True, desc="model folder ('' = packaged default)")
+    model_id = traits.Str("", usedefault=True, desc="as IterMaskRun's (part of the cache key)")
+    model_key = traits.Str("", usedefault=True, desc="as IterMaskRun's (part of the cache key)")
+    package_version = traits.Str("", usedefault=True, desc="as IterMaskRun's (part of the cache key)")
+    contrast = traits.Str("T1w", usedefault=True)
+    device = traits.Str("cpu", usedefault=True)
+    schedule = traits.Enum("auto", "normative", "fast", "reference", usedefault=True)
+    seed = traits.Int(0, usedefault=True)
+    omp_nthreads = traits.Int(1, usedefault=True)
+
+
+class _IMBatchOutputSpec(TraitedSpec):
+    results = traits.List(traits.Dict, desc="per scan: IterMaskRun's outputs as a dict")
+
+
+class IterMaskBatch(SimpleInterface):
+    """:class:`IterMaskRun` over several preprocessed scans of one contrast, their forward
+    passes stacked on the device (:func:`qc_pipeline.screening.engine_batch`). A scan's
+    result equals IterMaskRun's for it alone; a scan that failed earlier or fails here keeps
+    its own error and the others go on. :class:`PickEngineResult` hands each scan its part."""
+
+    input_spec = _IMBatchInputSpec
+    output_spec = _IMBatchOutputSpec
+
+    def _run_interface(self, runtime):
+        _bind_to_parent()
+        t0 = time.perf_counter()
+        i = self.inputs
+        if len(i.in_files) != len(i.in_errors):
+            raise ValueError(f"{len(i.in_files)} preprocessed files but {len(i.in_errors)} errors")
+        out = [dict(out_file="", model_id="", model_adapted_from="", error=err, quality={}, seconds=0.0)
+               for err in i.in_errors]
+        todo = [k for k, err in enumerate(i.in_errors) if not err]
+        if todo:
+            try:
+                _set_threads(i.omp_nthreads)
+                model = get_model(i.model_dir or None, i.contrast, i.device, expect_id=i.model_id or None,
+                                  expect_key=i.model_key or None)
+                from .screening import engine_batch
+
+                preps, ok = [], []
+                for k in todo:
+                    try:
+                        preps.append(_load(i.in_files[k]))
+                        ok.append(k)
+                    except Exception as exc:  # noqa: BLE001
+                        out[k]["error"] = describe_error(exc, "IterMask3D")
+                done = engine_batch(model, preps, schedule=i.schedule, seed=i.seed,
+                                    names=[i.in_files[k] for k in ok])
+                adapted = str((model.card.get("adaptation") or {}).get("base_model_id") or "")
+                for k, got in zip(ok, done):
+                    out[k].update(model_id=model.model_id, model_adapted_from=adapted)
+                    if isinstance(got, Exception):
+                        out[k]["error"] = describe_error(got, "IterMask3D")
+                        continue
+                    res, out[k]["quality"] = got
+                    res.first_pass_error_map = None
+                    out[k]["out_file"] = _dump(res, Path(runtime.cwd) / f"result_{k:04d}.pkl")
+            except Exception as exc:  # noqa: BLE001 - e.g. the model folder: every scan's error
+                for k in todo:
+                    if not out[k]["out_file"]:
+                        out[k]["error"] = out[k]["error"] or describe_error(exc, "IterMask3D")
+            share = (time.perf_counter() - t0) / len(todo)
+            for k in todo:
+                out[k]["seconds"] = share
+        self._results["results"] = out
+        return runtime
+
+
+class _PickInputSpec(BaseInterfaceInputSpec):
+    results = traits.List(traits.Dict, mandatory=True)
+    index = traits.Int(mandatory=True)
+
+
+class PickEngineResult(SimpleInterface):
+    """One scan's part of :class:`IterMaskBatch`'s results, under IterMaskRun's output names."""
+
+    input_spec = _PickInputSpec
+    output_spec = _IMOutputSpec
+
+    def _run_interface(self, runtime):
+        got = self.inputs.results[self.inputs.index]
+        for key in ("out_file", "quality", "model_id", "model_adapted_from", "error", "seconds"):
+            self._results[key] = got[key]
+        return runtime
+
+
 # --------------------------------------------------------------------------- derivatives
 class _WriteInputSpec(BaseInterfaceInputSpec):
     scan = traits.Dict(mandatory=True, desc="ScanRecord.to_dict()")

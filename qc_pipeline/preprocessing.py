@@ -35,6 +35,7 @@ from scipy import ndimage as ndi
 from scipy import optimize
 from scipy.spatial.transform import Rotation
 
+from .config import DEFAULT_GRID, DEFAULT_VOXEL_SIZE
 from .errors import NoBrainError
 from .io import to_jsonable, validate_image, voxel_sizes
 from .morphology import close as close_mask
@@ -61,8 +62,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_VOXEL_SIZE = 2.0
-DEFAULT_GRID = (80, 96, 80)
 
 #: plausible brain volume (L) for the skull-strip (signal) mask
 BRAIN_VOLUME_RANGE_L = (0.6, 2.8)  # skull-strip masks include CSF and over-segment on T2w

@@ -27,7 +27,7 @@ from .derivatives import ok_record, one_line, prep_fields, write_scan_outputs
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["load_scan", "preprocess_scan", "engine_step", "scan_record_for", "screen"]
+__all__ = ["load_scan", "preprocess_scan", "engine_step", "engine_batch", "scan_record_for", "screen"]
 
 
 def load_scan(path, *, name: Optional[str] = None, max_image_bytes: int = 0):
@@ -72,10 +72,44 @@ def engine_step(model, prep, *, schedule: str = "auto", seed: int = 0, name: Opt
     A failing image-quality measurement never fails the scan: the quality is then ``{}``
     (a warning naming ``name`` says why) and the scan keeps its anomaly score.
     """
-    from .qcscore import scan_quality
-
     res = model.run(prep.image, prep.brain_mask, voxel_size=tuple(prep.info.voxel_size),
                     schedule=None if schedule == "auto" else schedule, seed=seed)
+    return _finish_engine(model, prep, res, name)
+
+
+def engine_batch(model, preps, *, schedule: str = "auto", seed: int = 0,
+                 names: Optional[list] = None) -> list:
+    """:func:`engine_step` over several preprocessed scans, their forward passes stacked
+    (:meth:`qc_pipeline.engine.IterMask3D.run_batch`: a scan's result does not depend on the
+    batch). Returns, per scan in order, ``(Result, quality)`` or the exception that scan
+    raised: one bad scan never fails the others.
+    """
+    names = list(names) if names is not None else [None] * len(preps)
+    sizes = {tuple(float(v) for v in p.info.voxel_size) for p in preps}
+    try:
+        if len(sizes) != 1:
+            raise ValueError(f"scans on {len(sizes)} different grids cannot share a batch")
+        results = model.run_batch([p.image for p in preps], [p.brain_mask for p in preps],
+                                  voxel_size=sizes.pop(), seed=seed,
+                                  schedule=None if schedule == "auto" else schedule)
+    except Exception as exc:  # noqa: BLE001 - a scan the batch refuses is screened alone
+        LOGGER.info("engine batch of %d scans screened one by one (%s)", len(preps), one_line(exc))
+        return [_attempt(engine_step, model, p, schedule=schedule, seed=seed, name=n)
+                for p, n in zip(preps, names)]
+    return [_attempt(_finish_engine, model, p, r, n) for p, r, n in zip(preps, results, names)]
+
+
+def _attempt(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the caller records it as that scan's error
+        return exc
+
+
+def _finish_engine(model, prep, res, name):
+    """The loop's result against the model's normal error, and the QC score."""
+    from .qcscore import scan_quality
+
     res = model.against_normal_error(
         res, grid_affine=getattr(prep.info, "grid_affine", None),
         template_to_world=(getattr(prep.info, "prior", None) or {}).get("affine"))
@@ -136,7 +170,7 @@ def screen(path, *, model_dir=None, contrast: Optional[str] = None, device: str 
     import nibabel as nib
 
     from .engine import IterMask3D
-    from .engine.modelio import DEFAULT_GRID, DEFAULT_VOXEL_SIZE
+    from .config import DEFAULT_GRID, DEFAULT_VOXEL_SIZE
 
     t0 = time.perf_counter()
     scan = scan_record_for(path, contrast=contrast)

@@ -9,6 +9,12 @@
     │                   └──────────┴────────────┴──── errors / warnings / timings ──┘
     └── report_sub_<label>  (one per subject, after all its scans)
 
+With ``--engine-batch N`` (default on a GPU) a scan's IterMask3D node is shared::
+
+    scan_<bids_name>        inputnode -> load -> preprocess -> outputnode ─┐
+    itermask_batch_<c>_NNNN  IterMask3D over up to N scans of contrast c  <─┘ (Merge)
+    scan_<bids_name>_write  engine_result (its part of the batch) -> write_derivatives -> outputnode
+
 Every stage passes a one-line ``error`` downstream instead of raising (see
 :mod:`qc_pipeline.interfaces`), so a bad scan ends as a ``_qc.json`` with
 ``status: "error"`` and the other scans finish.
@@ -30,11 +36,10 @@ from nipype.pipeline import engine as pe
 
 from qc_pipeline import __version__
 from qc_pipeline.bids import ScanRecord
-from qc_pipeline.interfaces import (IterMaskRun, LoadValidate, Preprocess, SubjectReport,
-                                    WriteDerivatives)
+from qc_pipeline.config import DEFAULT_GRID, DEFAULT_VOXEL_SIZE
+from qc_pipeline.interfaces import (IterMaskBatch, IterMaskRun, LoadValidate, PickEngineResult,
+                                    Preprocess, SubjectReport, WriteDerivatives)
 
-DEFAULT_GRID = (80, 96, 80)
-DEFAULT_VOXEL_SIZE = (2.0, 2.0, 2.0)
 
 
 #: a file name of the BIDS grammar: sub-<label>[_<key>-<value>]..._<suffix>, letters and digits
@@ -130,20 +135,14 @@ def init_scan_wf(
         ``"ok"`` or ``"error"``.
     """
     wf = pe.Workflow(name=name)
-    label = scan.relpath
     contrast = scan.suffix
 
     inputnode = pe.Node(niu.IdentityInterface(fields=["in_file"]), name="inputnode")
     inputnode.inputs.in_file = scan.path
     outputnode = pe.Node(niu.IdentityInterface(fields=["qc_json", "status"]), name="outputnode")
 
-    load = pe.Node(LoadValidate(name=label, max_image_bytes=int(max_image_bytes)), name="load")
-    prep = pe.Node(
-        Preprocess(name=label, voxel_size=[float(v) for v in voxel_size],
-                   grid=[int(g) for g in grid], skull_strip=skull_strip, contrast=contrast,
-                   omp_nthreads=omp_nthreads),
-        name="preprocess",
-    )
+    load, prep = _load_and_preprocess_nodes(scan, voxel_size=voxel_size, grid=grid, skull_strip=skull_strip,
+                                            omp_nthreads=omp_nthreads, max_image_bytes=max_image_bytes)
     itermask = pe.Node(
         IterMaskRun(model_dir=str(model_dir or ""), model_id=model_id or "", model_key=model_key or "",
                     package_version=__version__, contrast=contrast, device=device,
@@ -151,11 +150,8 @@ def init_scan_wf(
         name="itermask",
     )
     timings = pe.Node(niu.Merge(3), name="timings")
-    write = pe.Node(
-        WriteDerivatives(scan=scan.to_dict(), output_dir=str(output_dir), schedule=schedule,
-                         device=device, default_model_id=model_id or "", model_key=model_key or ""),
-        name="write_derivatives",
-    )
+    write = _write_node(scan, output_dir=output_dir, model_id=model_id, model_key=model_key,
+                        schedule=schedule, device=device)
 
     wf.connect([
         (inputnode, load, [("in_file", "in_file")]),
@@ -176,6 +172,174 @@ def init_scan_wf(
     return wf
 
 
+def _load_and_preprocess_nodes(scan: ScanRecord, *, voxel_size, grid, skull_strip, omp_nthreads,
+                               max_image_bytes):
+    label = scan.relpath
+    load = pe.Node(LoadValidate(name=label, max_image_bytes=int(max_image_bytes)), name="load")
+    prep = pe.Node(
+        Preprocess(name=label, voxel_size=[float(v) for v in voxel_size],
+                   grid=[int(g) for g in grid], skull_strip=skull_strip, contrast=scan.suffix,
+                   omp_nthreads=omp_nthreads),
+        name="preprocess",
+    )
+    return load, prep
+
+
+def _write_node(scan: ScanRecord, *, output_dir, model_id, model_key, schedule, device):
+    return pe.Node(
+        WriteDerivatives(scan=scan.to_dict(), output_dir=str(output_dir), schedule=schedule,
+                         device=device, default_model_id=model_id or "", model_key=model_key or ""),
+        name="write_derivatives",
+    )
+
+
+def init_scan_prep_wf(
+    *,
+    scan: ScanRecord,
+    voxel_size: Sequence[float] = DEFAULT_VOXEL_SIZE,
+    grid: Sequence[int] = DEFAULT_GRID,
+    skull_strip: str = "auto",
+    omp_nthreads: int = 1,
+    max_image_bytes: int = 0,
+    name: str = "scan_wf",
+):
+    """The first half of :func:`init_scan_wf` for a batched engine (``--engine-batch``):
+    load and preprocess one scan (same nodes and names, so its preprocessing is cached where
+    the per-scan workflow keeps it).
+
+    Outputs
+    -------
+    preproc_file, prep_error
+        The preprocessed scan (pickle) and the error of either stage ('' when none): the
+        inputs of :class:`~qc_pipeline.interfaces.IterMaskBatch`.
+    input_sha256, load_warnings, prep_warnings, seconds
+        What :func:`init_scan_write_wf` records (seconds: load, preprocess).
+    """
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=["in_file"]), name="inputnode")
+    inputnode.inputs.in_file = scan.path
+    outputnode = pe.Node(niu.IdentityInterface(
+        fields=["preproc_file", "prep_error", "input_sha256", "load_warnings", "prep_warnings", "seconds"]),
+        name="outputnode")
+    load, prep = _load_and_preprocess_nodes(scan, voxel_size=voxel_size, grid=grid, skull_strip=skull_strip,
+                                            omp_nthreads=omp_nthreads, max_image_bytes=max_image_bytes)
+    timings = pe.Node(niu.Merge(2), name="timings")
+    wf.connect([
+        (inputnode, load, [("in_file", "in_file")]),
+        (inputnode, prep, [("in_file", "in_file")]),
+        (load, prep, [("error", "in_error")]),
+        (load, timings, [("seconds", "in1")]),
+        (prep, timings, [("seconds", "in2")]),
+        (prep, outputnode, [("out_file", "preproc_file"), ("error", "prep_error"),
+                            ("warnings", "prep_warnings")]),
+        (load, outputnode, [("input_sha256", "input_sha256"), ("warnings", "load_warnings")]),
+        (timings, outputnode, [("out", "seconds")]),
+    ])
+    return wf
+
+
+def init_scan_write_wf(
+    *,
+    scan: ScanRecord,
+    output_dir: str,
+    index: int,
+    model_id: str = "",
+    model_key: str = "",
+    device: str = "cpu",
+    schedule: str = "fast",
+    name: str = "scan_write_wf",
+):
+    """The second half of :func:`init_scan_wf` for a batched engine: take the scan's part
+    (``index``) of an :class:`~qc_pipeline.interfaces.IterMaskBatch` node's ``results`` and
+    write its derivatives, as the per-scan workflow does.
+
+    Inputs
+    ------
+    results
+        The batch node's results.
+    preproc_file, input_sha256, load_warnings, prep_warnings, seconds
+        :func:`init_scan_prep_wf`'s outputs of the same scan.
+
+    Outputs
+    -------
+    qc_json, status
+        As :func:`init_scan_wf`'s.
+    """
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(
+        fields=["results", "preproc_file", "input_sha256", "load_warnings", "prep_warnings", "seconds"]),
+        name="inputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=["qc_json", "status"]), name="outputnode")
+    pick = pe.Node(PickEngineResult(index=int(index)), name="engine_result")
+    timings = pe.Node(niu.Merge(2), name="timings")
+    write = _write_node(scan, output_dir=output_dir, model_id=model_id, model_key=model_key,
+                        schedule=schedule, device=device)
+    write.inputs.in_file = scan.path
+    wf.connect([
+        (inputnode, pick, [("results", "results")]),
+        (inputnode, timings, [("seconds", "in1")]),
+        (pick, timings, [("seconds", "in2")]),
+        (inputnode, write, [("preproc_file", "preproc_file"), ("input_sha256", "input_sha256"),
+                            ("load_warnings", "load_warnings"), ("prep_warnings", "prep_warnings")]),
+        (pick, write, [("out_file", "result_file"), ("quality", "quality"), ("error", "in_error"),
+                       ("model_id", "model_id"), ("model_adapted_from", "model_adapted_from")]),
+        (timings, write, [("out", "seconds")]),
+        (write, outputnode, [("qc_json", "qc_json"), ("status", "status")]),
+    ])
+    return wf
+
+
+def _add_batched_scans(wf, scans: Sequence[ScanRecord], settings, specs: dict) -> dict[str, list]:
+    """``--engine-batch``: each scan's load and preprocessing, one IterMask3D node per batch
+    of scans of one contrast, then each scan's writing. Returns the scans' last
+    sub-workflows by subject (their ``outputnode.qc_json`` feeds the subject's report)."""
+    by_subject: dict[str, list] = {}
+    for batch_name, group in _engine_batches(scans, int(settings.engine_batch)):
+        spec = specs.get(group[0].suffix) or {}
+        files = pe.Node(niu.Merge(len(group)), name=f"{batch_name}_files")
+        errors = pe.Node(niu.Merge(len(group)), name=f"{batch_name}_errors")
+        engine = pe.Node(
+            IterMaskBatch(model_dir=str(spec.get("model_dir") or ""), model_id=spec.get("model_id") or "",
+                          model_key=spec.get("model_key") or "", package_version=__version__,
+                          contrast=group[0].suffix, device=settings.device, schedule=settings.schedule,
+                          seed=int(settings.seed), omp_nthreads=settings.omp_nthreads),
+            name=batch_name,
+        )
+        wf.connect(files, "out", engine, "in_files")
+        wf.connect(errors, "out", engine, "in_errors")
+        for k, scan in enumerate(group):
+            prep_wf = init_scan_prep_wf(
+                scan=scan, voxel_size=spec.get("voxel_size") or DEFAULT_VOXEL_SIZE,
+                grid=spec.get("grid") or DEFAULT_GRID, skull_strip=settings.skull_strip,
+                omp_nthreads=settings.omp_nthreads, max_image_bytes=settings.max_image_bytes,
+                name=scan_node_name(scan))
+            write_wf = init_scan_write_wf(
+                scan=scan, output_dir=str(settings.output_dir), index=k, model_id=spec.get("model_id") or "",
+                model_key=spec.get("model_key") or "", device=settings.device, schedule=settings.schedule,
+                name=scan_node_name(scan) + "_write")
+            wf.connect(prep_wf, "outputnode.preproc_file", files, f"in{k + 1}")
+            wf.connect(prep_wf, "outputnode.prep_error", errors, f"in{k + 1}")
+            wf.connect(engine, "results", write_wf, "inputnode.results")
+            for field in ("preproc_file", "input_sha256", "load_warnings", "prep_warnings", "seconds"):
+                wf.connect(prep_wf, f"outputnode.{field}", write_wf, f"inputnode.{field}")
+            by_subject.setdefault(scan.subject, []).append(write_wf)
+    return by_subject
+
+
+def _engine_batches(scans: Sequence[ScanRecord], size: int) -> list[tuple[str, list]]:
+    """``(batch node name, scans)``: the scans of each contrast in order, ``size`` at a time
+    (the names say contrast and number, so a rerun of the same dataset finds its batches in
+    the work folder)."""
+    by_suffix: dict[str, list] = {}
+    for scan in scans:
+        by_suffix.setdefault(scan.suffix, []).append(scan)
+    out = []
+    for suffix, group in by_suffix.items():
+        tag = re.sub(r"[^A-Za-z0-9]+", "", suffix).lower() or "scan"
+        out += [(f"itermask_batch_{tag}_{j // size:04d}", group[j:j + size]) for j in range(0, len(group), size)]
+    return out
+
+
 def cached_preprocessing(work_dir, scan: ScanRecord, name: str = "itermask_qc_wf") -> Path:
     """Where the participant workflow (``name``, run with ``work_dir``) keeps the pickled
     :class:`~qc_pipeline.preprocessing.PreprocResult` of ``scan`` (it may not exist yet)."""
@@ -184,6 +348,12 @@ def cached_preprocessing(work_dir, scan: ScanRecord, name: str = "itermask_qc_wf
 
 def init_itermask_qc_wf(*, scans: Sequence[ScanRecord], settings, name: str = "itermask_qc_wf"):
     """The participant level: one :func:`init_scan_wf` per scan, one report per subject.
+
+    With ``settings.engine_batch`` > 1 (``--engine-batch``, default on a GPU) each scan is
+    :func:`init_scan_prep_wf` and :func:`init_scan_write_wf` around one
+    :class:`~qc_pipeline.interfaces.IterMaskBatch` node per batch of scans of one contrast:
+    the preprocessing runs in parallel (``--nprocs``), the engine stacks a batch's forward
+    passes on the device, and every scan's record is the one the per-scan shape writes.
 
     Parameters
     ----------
@@ -198,26 +368,29 @@ def init_itermask_qc_wf(*, scans: Sequence[ScanRecord], settings, name: str = "i
     wf = pe.Workflow(name=name, base_dir=str(settings.work_dir))
     specs = dict(settings.model_specs or {})
     by_subject: dict[str, list] = {}
-    for scan in scans:
-        spec = specs.get(scan.suffix) or {}
-        scan_wf = init_scan_wf(
-            scan=scan,
-            output_dir=str(settings.output_dir),
-            model_dir=spec.get("model_dir"),
-            model_id=spec.get("model_id") or "",
-            model_key=spec.get("model_key") or "",
-            voxel_size=spec.get("voxel_size") or DEFAULT_VOXEL_SIZE,
-            grid=spec.get("grid") or DEFAULT_GRID,
-            skull_strip=settings.skull_strip,
-            device=settings.device,
-            schedule=settings.schedule,
-            seed=settings.seed,
-            omp_nthreads=settings.omp_nthreads,
-            max_image_bytes=settings.max_image_bytes,
-            name=scan_node_name(scan),
-        )
-        wf.add_nodes([scan_wf])
-        by_subject.setdefault(scan.subject, []).append(scan_wf)
+    if settings.engine_batch > 1:
+        by_subject = _add_batched_scans(wf, scans, settings, specs)
+    else:
+        for scan in scans:
+            spec = specs.get(scan.suffix) or {}
+            scan_wf = init_scan_wf(
+                scan=scan,
+                output_dir=str(settings.output_dir),
+                model_dir=spec.get("model_dir"),
+                model_id=spec.get("model_id") or "",
+                model_key=spec.get("model_key") or "",
+                voxel_size=spec.get("voxel_size") or DEFAULT_VOXEL_SIZE,
+                grid=spec.get("grid") or DEFAULT_GRID,
+                skull_strip=settings.skull_strip,
+                device=settings.device,
+                schedule=settings.schedule,
+                seed=settings.seed,
+                omp_nthreads=settings.omp_nthreads,
+                max_image_bytes=settings.max_image_bytes,
+                name=scan_node_name(scan),
+            )
+            wf.add_nodes([scan_wf])
+            by_subject.setdefault(scan.subject, []).append(scan_wf)
 
     for subject, scan_wfs in sorted(by_subject.items()):
         merge = pe.Node(niu.Merge(len(scan_wfs)), name=subject_node_name("qc_sub", subject))

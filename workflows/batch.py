@@ -25,6 +25,7 @@ NODE_MEM_MB = {
     "load": 1024,
     "preprocess": 3072,
     "itermask": 1536,
+    "itermask_batch_*": 3072,
     "write_derivatives": 1024,
     "report_sub_*": 1024,
 }
@@ -66,17 +67,21 @@ def prepare_batch_workflow(wf, plugin: str, plugin_args: Optional[dict] = None, 
     - gives every heavy node its own ``sbatch_args`` (``--mem``/``--cpus-per-task`` from
       the measured ``NODE_MEM_MB``), so node jobs pack onto compute nodes; a node that
       already has ``plugin_args['sbatch_args']`` keeps them;
-    - runs bookkeeping nodes (``Merge``, ``IdentityInterface``, ``Select``) in the
+    - runs bookkeeping nodes (``Merge``, ``IdentityInterface``, ``Select``, a scan's pick of
+      an engine batch's results) in the
       submitting process (``run_without_submitting``) instead of one job each;
     - sets the workflow's ``poll_sleep_duration`` to ``plugin_args['poll_sleep_duration']``
       (default ``BATCH_POLL_S``): the plugin runs one ``squeue`` per pending job per poll;
     - sets ``LOGNAME`` when the environment lacks it (Nipype's SLURM plugin needs it);
     - appends ``plugin_args['itermask_sbatch_args']`` (e.g. ``--partition=gpu
-      --gres=gpu:1``) to the IterMask3D nodes' requests, for a GPU partition.
+      --gres=gpu:1``) to the IterMask3D nodes' requests (per scan or per batch), for a GPU
+      partition.
 
     Returns the plugin arguments to pass to ``wf.run`` (without the keys used here).
     """
     from nipype.interfaces import utility as niu
+
+    from qc_pipeline.interfaces import IterMaskBatch, IterMaskRun, PickEngineResult
 
     plugin_args = dict(plugin_args or {})
     if plugin not in BATCH_PLUGINS:
@@ -89,13 +94,13 @@ def prepare_batch_workflow(wf, plugin: str, plugin_args: Optional[dict] = None, 
     gpu_args = str(plugin_args.pop("itermask_sbatch_args", "") or "").strip()
     wf.config.setdefault("execution", {})["poll_sleep_duration"] = poll
     os.environ.setdefault("LOGNAME", _user_name())
-    light = (niu.Merge, niu.IdentityInterface, niu.Select)
+    light = (niu.Merge, niu.IdentityInterface, niu.Select, PickEngineResult)
     for node in wf._get_all_nodes():
         if isinstance(node.interface, light):
             node.run_without_submitting = True
             continue
         args = node_sbatch_args(node.name, omp_nthreads)
-        if node.name == "itermask" and gpu_args:
+        if isinstance(node.interface, (IterMaskRun, IterMaskBatch)) and gpu_args:
             args = f"{args} {gpu_args}" if args else gpu_args
         if args and "sbatch_args" not in (node.plugin_args or {}):
             node.plugin_args = dict(node.plugin_args or {}, sbatch_args=args)

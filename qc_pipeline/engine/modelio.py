@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..config import DEFAULT_GRID, DEFAULT_VOXEL_SIZE
 from ..io import atomic_write_file, atomic_write_text
 from .errors import ModelCardError, ModelNotFoundError
 from .hf import REFERENCE_FOV_MM, REFERENCE_RADIUS, hf_radius
@@ -36,8 +37,6 @@ CARD_NAME = "model_card.json"
 NORMAL_ERROR_NAME = "normal_error.nii.gz"
 #: how much normal heads differ from that median, voxel by voxel (optional, same section)
 NORMAL_ERROR_SPREAD_NAME = "normal_error_spread.nii.gz"
-DEFAULT_GRID = (80, 96, 80)
-DEFAULT_VOXEL_SIZE = (2.0, 2.0, 2.0)
 NORMALISATION = ("iterative z-score inside the brain mask (paper 4.1.1: z-score, re-estimate mean/SD "
                  "from voxels within 2 SD, three more passes); background set to 0")
 

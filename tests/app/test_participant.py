@@ -427,3 +427,28 @@ def test_the_scan_command_says_when_there_is_nothing_to_screen(tmp_path, capsys)
     (tmp_path / "empty").mkdir()
     assert scan_main([str(tmp_path / "empty")]) == 66
     assert "no NIfTI file" in capsys.readouterr().err
+
+
+def test_engine_batches_give_each_scan_its_own_result(run, model_dir, tmp_path):
+    """--engine-batch 3: scans share IterMask3D nodes (the GPU stage's shape, here on the
+    CPU); every scan's record and images equal the per-scan run's, and the bad inputs in the
+    same batches keep their own error rows."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    rc = main(base_args(run["root"], out, work, model_dir, "--engine-batch", "3"))
+    assert rc == run["rc"] == 1
+    batch_nodes = sorted(p.name for p in (work / "itermask_qc_wf").glob("itermask_batch_*") if p.is_dir())
+    assert batch_nodes and all(n.startswith("itermask_batch_t1w_") for n in batch_nodes)
+    assert not list((work / "itermask_qc_wf").glob("scan_*/itermask/result.pkl"))
+    for rel in GOOD:
+        a, b = qc_of(out, rel), qc_of(run["out"], rel)
+        assert {k: a[k] for k in SCAN_FIELDS} == {k: b[k] for k in SCAN_FIELDS}, rel
+        stem = Path(rel).name.replace(".nii.gz", "")
+        for desc in ("anomaly_mask", "error_map"):
+            np.testing.assert_array_equal(
+                nib.load(out / Path(rel).parent / f"{stem}_desc-{desc}.nii.gz").get_fdata(),
+                nib.load(run["out"] / Path(rel).parent / f"{stem}_desc-{desc}.nii.gz").get_fdata())
+    bad = [p for p in run["out"].rglob("*_qc.json") if json.loads(p.read_text())["status"] == "error"]
+    assert bad
+    for p in bad:
+        other = json.loads((out / p.relative_to(run["out"])).read_text())
+        assert other["status"] == "error" and other["error"] == json.loads(p.read_text())["error"]

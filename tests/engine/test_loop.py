@@ -245,3 +245,34 @@ def test_unknown_gamma_mode_is_a_card_error():
 
     with pytest.raises(ModelCardError, match="gamma_mode"):
         IterMask3D(lambda x: x[:, :1], {**default_card(SHAPE), "gamma_mode": "knee"}, device="cpu")
+
+
+def test_a_bad_scan_in_an_engine_batch_keeps_its_own_error(random_model):
+    """qc_pipeline.screening.engine_batch: the scans the batch can take get engine_step's
+    result; one the loop refuses (non-finite voxels) gets its own typed error."""
+    from types import SimpleNamespace
+
+    from qc_pipeline.screening import engine_batch, engine_step
+
+    def prep(vol, brain):
+        return SimpleNamespace(image=vol, brain_mask=brain,
+                               info=SimpleNamespace(voxel_size=(2.0, 2.0, 2.0), grid_affine=None, prior=None))
+
+    v1, brain = textured_volume(SHAPE, seed=1)
+    v2, _ = textured_volume(SHAPE, seed=2)
+    bad = v2.copy()
+    bad[10, 10, 10] = np.nan
+    model = IterMask3D.from_folder(random_model, device="cpu", batch_size=3)
+    preps = [prep(v1, brain), prep(bad, brain), prep(v2, brain)]
+    got = engine_batch(model, preps, schedule="fast", seed=4, names=["a", "b", "c"])
+    assert isinstance(got[1], InvalidInputError)
+    for k in (0, 2):
+        res, _ = got[k]
+        alone, _ = engine_step(model, preps[k], schedule="fast", seed=4)
+        assert res.anomaly_voxels == alone.anomaly_voxels
+        np.testing.assert_array_equal(res.mask, alone.mask)
+    # the same three scans, all good: one batched pass, each scan as alone
+    preps[1] = prep(v2 * 0.5, brain)
+    got = engine_batch(model, preps, schedule="fast", seed=4)
+    alone, _ = engine_step(model, preps[1], schedule="fast", seed=4)
+    np.testing.assert_array_equal(got[1][0].error_map, alone.error_map)

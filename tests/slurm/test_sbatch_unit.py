@@ -334,6 +334,22 @@ def test_prepare_batch_workflow_sets_node_requests(bids_tree, tmp_path, monkeypa
     for node in wf_gpu._get_all_nodes():
         args = (node.plugin_args or {}).get("sbatch_args") or ""
         assert ("--gres=gpu:1" in args) == (node.name == "itermask"), node.fullname
+    # --engine-batch: the batch nodes get the GPU and their memory; a scan's pick of the
+    # batch's results runs in the submitting process
+    settings.engine_batch = 2
+    wf_b = init_itermask_qc_wf(scans=scans, settings=settings)
+    batch.prepare_batch_workflow(wf_b, "SLURM", {"itermask_sbatch_args": "--partition=gpu --gres=gpu:1"})
+    names = {n.name: n for n in wf_b._get_all_nodes()}
+    engines = [n for name, n in names.items() if name.startswith("itermask_batch_t1w_")
+               and not name.endswith(("_files", "_errors"))]
+    assert len(engines) == (len(scans) + 1) // 2 and "itermask" not in names
+    for node in wf_b._get_all_nodes():
+        args = (node.plugin_args or {}).get("sbatch_args") or ""
+        assert ("--gres=gpu:1" in args) == (node in engines), node.fullname
+        if node.name == "engine_result":
+            assert node.run_without_submitting
+    assert "--mem=3072M" in engines[0].plugin_args["sbatch_args"]
+    settings.engine_batch = 1
     # MultiProc/Linear runs are left alone
     wf2 = init_itermask_qc_wf(scans=scans, settings=settings)
     assert batch.prepare_batch_workflow(wf2, "MultiProc", {"n_procs": 2}) == {"n_procs": 2}
