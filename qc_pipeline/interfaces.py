@@ -162,21 +162,24 @@ class _LoadOutputSpec(TraitedSpec):
 
 
 class LoadValidate(SimpleInterface):
-    """Checksum the scan and validate it (:func:`qc_pipeline.io.load_image`)."""
+    """Check the scan's file and header under the memory budget and checksum it
+    (:func:`qc_pipeline.io.check_image_file`, :func:`qc_pipeline.io.sha256_file`). The voxels
+    are read once, by :class:`Preprocess`, which validates them with the same typed errors
+    and passes on the reader's warnings (``warnings`` here stays empty)."""
 
     input_spec = _LoadInputSpec
     output_spec = _LoadOutputSpec
 
     def _run_interface(self, runtime):
-        from .screening import load_scan
+        from .io import DEFAULT_MAX_IMAGE_BYTES, check_image_file, sha256_file
 
         _bind_to_parent()
         t0 = time.perf_counter()
         self._results.update(input_sha256="", warnings=[], error="")
         try:
-            _, sha, warnings = load_scan(self.inputs.in_file, name=self.inputs.name or None,
-                                         max_image_bytes=self.inputs.max_image_bytes)
-            self._results.update(input_sha256=sha, warnings=warnings)
+            check_image_file(self.inputs.in_file, name=self.inputs.name or None,
+                             max_bytes=self.inputs.max_image_bytes or DEFAULT_MAX_IMAGE_BYTES)
+            self._results["input_sha256"] = sha256_file(self.inputs.in_file)
         except Exception as exc:  # noqa: BLE001 - failure is data
             self._results["error"] = describe_error(exc, "load")
         self._results["seconds"] = time.perf_counter() - t0
@@ -221,12 +224,14 @@ class Preprocess(SimpleInterface):
                 _set_threads(self.inputs.omp_nthreads)
                 name = self.inputs.name or None
                 # no budget here: it runs only after LoadValidate checked the header under
-                # the run's budget (in_error is empty)
+                # the run's budget (in_error is empty); this is the scan's one voxel read
                 img = load_image(self.inputs.in_file, name=name, max_bytes=None)
+                self._results["warnings"] = [str(w) for w in img.extra.get("qc_warnings", [])]
                 prep = preprocess_scan(img, voxel_size=self.inputs.voxel_size, grid=self.inputs.grid,
                                        skull_strip=self.inputs.skull_strip, contrast=self.inputs.contrast,
                                        name=name)
-                self._results["warnings"] = [str(w) for w in prep.warnings]
+                self._results["warnings"] = list(dict.fromkeys(
+                    self._results["warnings"] + [str(w) for w in prep.warnings]))
                 self._results["out_file"] = _dump(prep, Path(runtime.cwd) / "preproc.pkl")
             except Exception as exc:  # noqa: BLE001
                 self._results["error"] = describe_error(exc, "preprocessing")
@@ -235,9 +240,9 @@ class Preprocess(SimpleInterface):
 
 
 # --------------------------------------------------------------------------- IterMask3D
-class _IMInputSpec(BaseInterfaceInputSpec):
-    in_file = traits.Str("", usedefault=True, desc="pickled PreprocResult")
-    in_error = traits.Str("", usedefault=True)
+class _EngineSpec(BaseInterfaceInputSpec):
+    """The model and the loop's settings, shared by the per-scan and the batched node."""
+
     model_dir = traits.Str("", usedefault=True, desc="model folder ('' = packaged default)")
     model_id = traits.Str("", usedefault=True,
                           desc="id the folder's card must carry ('' = any); part of the node's "
@@ -255,6 +260,11 @@ class _IMInputSpec(BaseInterfaceInputSpec):
                            desc="'auto': the model card's schedule")
     seed = traits.Int(0, usedefault=True)
     omp_nthreads = traits.Int(1, usedefault=True)
+
+
+class _IMInputSpec(_EngineSpec):
+    in_file = traits.Str("", usedefault=True, desc="pickled PreprocResult")
+    in_error = traits.Str("", usedefault=True)
 
 
 class _IMOutputSpec(TraitedSpec):
@@ -303,18 +313,9 @@ class IterMaskRun(SimpleInterface):
         return runtime
 
 
-class _IMBatchInputSpec(BaseInterfaceInputSpec):
+class _IMBatchInputSpec(_EngineSpec):
     in_files = traits.List(traits.Str, mandatory=True, desc="pickled PreprocResult per scan ('' on error)")
     in_errors = traits.List(traits.Str, mandatory=True, desc="the preprocessing's error per scan")
-    model_dir = traits.Str("", usedefault=True, desc="model folder ('' = packaged default)")
-    model_id = traits.Str("", usedefault=True, desc="as IterMaskRun's (part of the cache key)")
-    model_key = traits.Str("", usedefault=True, desc="as IterMaskRun's (part of the cache key)")
-    package_version = traits.Str("", usedefault=True, desc="as IterMaskRun's (part of the cache key)")
-    contrast = traits.Str("T1w", usedefault=True)
-    device = traits.Str("cpu", usedefault=True)
-    schedule = traits.Enum("auto", "normative", "fast", "reference", usedefault=True)
-    seed = traits.Int(0, usedefault=True)
-    omp_nthreads = traits.Int(1, usedefault=True)
 
 
 class _IMBatchOutputSpec(TraitedSpec):

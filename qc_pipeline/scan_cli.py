@@ -22,11 +22,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from .cli import EXIT_NO_INPUT, EXIT_OK, EXIT_SCANS_FAILED, EXIT_USAGE
 from .config import SCHEDULES, SKULL_STRIP, SUFFIXES
 
 LOGGER = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_SCANS_FAILED, EXIT_USAGE, EXIT_NO_INPUT = 0, 1, 64, 66
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
