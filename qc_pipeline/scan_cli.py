@@ -10,8 +10,8 @@ With ``-o OUT`` each file's derivatives (``_qc.json``, anomaly mask, error map) 
 there. Flags need a site to compare against: screen a whole folder with the BIDS-App's
 ``group`` level for those.
 
-Exit codes: 0 every file screened; 1 some could not be (one line each); 64 bad usage; 66 no
-NIfTI found.
+Exit codes: 0 every file screened; 1 some could not be (one line each); 64 bad usage or no
+usable model; 66 no NIfTI found; 130 interrupted.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .cli import EXIT_NO_INPUT, EXIT_OK, EXIT_SCANS_FAILED, EXIT_USAGE
+from .cli import EXIT_INTERRUPTED, EXIT_NO_INPUT, EXIT_OK, EXIT_SCANS_FAILED, EXIT_USAGE
 from .config import SCHEDULES, SKULL_STRIP, SUFFIXES
 
 LOGGER = logging.getLogger(__name__)
@@ -81,12 +81,11 @@ def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from .derivatives import one_line, write_error_qc
+    from .derivatives import one_line
     from .engine import IterMask3D
     from .engine.errors import EngineError
-    from .errors import InputError
     from .io import atomic_write_json
-    from .screening import scan_record_for, screen
+    from .screening import scan_record_for
 
     files = collect_files(args.paths)
     if not files:
@@ -104,32 +103,26 @@ def main(argv: Optional[list] = None) -> int:
             seen[key] = f
 
     models: dict[str, IterMask3D] = {}
+    contrast = args.contrast
+    try:
+        if args.model_dir is not None:  # one model for every file: its own contrast
+            model = IterMask3D.from_folder(args.model_dir, device=args.device)
+            contrast = contrast or model.card.get("contrast") or "T1w"
+            models[contrast] = model
+    except (EngineError, RuntimeError, ValueError) as exc:  # the model, not a file
+        print(f"itermask-qc-scan: --model-dir {args.model_dir}: {one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
     rows, records, failed = [], [], 0
-    for f, sub in files:
-        scan = scan_record_for(f, contrast=args.contrast)
-        out = None if args.output_dir is None else args.output_dir / sub
-        if scan.suffix not in models:
-            try:
-                models[scan.suffix] = IterMask3D.from_folder(args.model_dir, device=args.device,
-                                                             contrast=scan.suffix)
-            except EngineError as exc:  # the model, not the file: nothing can be screened
-                print(f"itermask-qc-scan: {exc}", file=sys.stderr)
-                return EXIT_USAGE
-        try:
-            rec = screen(f, model=models[scan.suffix], schedule=args.schedule, seed=args.seed,
-                         skull_strip=args.skull_strip, output_dir=out)
-        except Exception as exc:  # noqa: BLE001 - one bad file never stops the others
-            failed += 1
-            msg = str(exc) if isinstance(exc, InputError) else \
-                f"{f.name}: unexpected error ({type(exc).__name__}: {one_line(exc)})"
-            print(f"{f}: error: {msg}", file=sys.stderr)
-            rec = {"status": "error", "error": msg, "bids_name": scan.bids_name}
-            if out is not None:
-                write_error_qc(out, scan, msg, model_id=models[scan.suffix].model_id,
-                               model_key=models[scan.suffix].model_key, schedule=args.schedule,
-                               device=models[scan.suffix].device.type)
-        rows.append(_record_line(str(f), rec))
-        records.append({"file": str(f), **rec})
+    try:
+        for f, sub in files:
+            if _screen_one(f, sub, args, contrast, models, rows, records):
+                failed += 1
+    except KeyboardInterrupt:
+        print(f"itermask-qc-scan: interrupted after {len(rows)} of {len(files)} file(s)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except _ModelError as exc:
+        print(f"itermask-qc-scan: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     order = sorted(range(len(rows)), key=lambda i: (records[i].get("qc_score") is None,
                                                     -(records[i].get("qc_score") or 0.0)))
     print("\t".join(["file", "status", "qc_score", "driver", "anomaly_pct", "error"]))
@@ -141,6 +134,44 @@ def main(argv: Optional[list] = None) -> int:
         print(f"itermask-qc-scan: {failed} of {len(files)} file(s) could not be screened",
               file=sys.stderr)
     return EXIT_SCANS_FAILED if failed else EXIT_OK
+
+
+class _ModelError(RuntimeError):
+    """The packaged model of a file's contrast cannot be loaded: nothing of it can be screened."""
+
+
+def _screen_one(f: Path, sub: Path, args, contrast, models: dict, rows: list, records: list) -> bool:
+    """Screen one file into ``rows`` / ``records`` (and ``-o``); True when it failed."""
+    from .derivatives import one_line, write_error_qc
+    from .engine import IterMask3D
+    from .engine.errors import EngineError
+    from .errors import InputError
+    from .screening import scan_record_for, screen
+
+    scan = scan_record_for(f, contrast=contrast)
+    out = None if args.output_dir is None else args.output_dir / sub
+    if scan.suffix not in models:
+        try:
+            models[scan.suffix] = IterMask3D.from_folder(None, device=args.device, contrast=scan.suffix)
+        except (EngineError, RuntimeError, ValueError) as exc:
+            raise _ModelError(f"no usable {scan.suffix} model: {one_line(exc)}") from None
+    model = models[scan.suffix]
+    failed = False
+    try:
+        rec = screen(f, model=model, schedule=args.schedule, seed=args.seed,
+                     skull_strip=args.skull_strip, output_dir=out)
+    except Exception as exc:  # noqa: BLE001 - one bad file never stops the others
+        failed = True
+        msg = str(exc) if isinstance(exc, InputError) else \
+            f"{f.name}: unexpected error ({type(exc).__name__}: {one_line(exc)})"
+        print(f"{f}: error: {msg}", file=sys.stderr)
+        rec = {"status": "error", "error": msg, "bids_name": scan.bids_name}
+        if out is not None:
+            write_error_qc(out, scan, msg, model_id=model.model_id, model_key=model.model_key,
+                           schedule=args.schedule, device=model.device.type)
+    rows.append(_record_line(str(f), rec))
+    records.append({"file": str(f), **rec})
+    return failed
 
 
 if __name__ == "__main__":  # pragma: no cover
