@@ -156,7 +156,6 @@ class _LoadInputSpec(BaseInterfaceInputSpec):
 
 class _LoadOutputSpec(TraitedSpec):
     input_sha256 = traits.Str(desc="SHA-256 of the input file")
-    warnings = traits.List(traits.Str, desc="fixable problems found")
     error = traits.Str(desc="one-line reason when the scan is unusable, else ''")
     seconds = traits.Float()
 
@@ -165,7 +164,7 @@ class LoadValidate(SimpleInterface):
     """Check the scan's file and header under the memory budget and checksum it
     (:func:`qc_pipeline.io.check_image_file`, :func:`qc_pipeline.io.sha256_file`). The voxels
     are read once, by :class:`Preprocess`, which validates them with the same typed errors
-    and passes on the reader's warnings (``warnings`` here stays empty)."""
+    and passes on the reader's warnings."""
 
     input_spec = _LoadInputSpec
     output_spec = _LoadOutputSpec
@@ -175,7 +174,7 @@ class LoadValidate(SimpleInterface):
 
         _bind_to_parent()
         t0 = time.perf_counter()
-        self._results.update(input_sha256="", warnings=[], error="")
+        self._results.update(input_sha256="", error="")
         try:
             check_image_file(self.inputs.in_file, name=self.inputs.name or None,
                              max_bytes=self.inputs.max_image_bytes or DEFAULT_MAX_IMAGE_BYTES)
@@ -404,8 +403,8 @@ class _WriteInputSpec(BaseInterfaceInputSpec):
     quality = traits.Dict(value={}, usedefault=True, desc="QCScore.to_dict()")
     in_error = traits.Str("", usedefault=True)
     input_sha256 = traits.Str("", usedefault=True)
-    load_warnings = traits.List(traits.Str, value=[], usedefault=True)
-    prep_warnings = traits.List(traits.Str, value=[], usedefault=True)
+    prep_warnings = traits.List(traits.Str, value=[], usedefault=True,
+                                desc="the reader's and the preprocessing's warnings")
     model_id = traits.Str("", usedefault=True)
     model_adapted_from = traits.Str("", usedefault=True)
     default_model_id = traits.Str("", usedefault=True)
@@ -436,7 +435,7 @@ class WriteDerivatives(SimpleInterface):
         _bind_to_parent()
         t0 = time.perf_counter()
         i = self.inputs
-        warnings = list(dict.fromkeys(list(i.load_warnings) + list(i.prep_warnings)))
+        warnings = list(i.prep_warnings)
         common = dict(
             model_id=i.model_id or i.default_model_id or None,
             model_key=i.model_key or None,

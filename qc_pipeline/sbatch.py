@@ -168,8 +168,9 @@ def missing_units(units: Sequence[Unit], output_dir: str | os.PathLike, *,
 
 def expected_model_keys(cli_args: Sequence[str], suffixes: Sequence[str]) -> dict[str, str]:
     """The content key of the model ``itermask-qc`` would load for each suffix with these
-    arguments: ``--model-dir``'s for its own contrast, the packaged folder for the others.
-    A folder that cannot be read gives no key (the participant level reports it itself)."""
+    arguments: with ``--model-dir``, that folder's key for its card's contrast (the only one
+    the participant level then screens); else each suffix's packaged folder. A folder that
+    cannot be read gives no key (the participant level reports it itself)."""
     from .engine.modelio import default_model_dir, load_model_card, model_content_key
 
     given = _option_values(cli_args, ["--model-dir"])

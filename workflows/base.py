@@ -41,7 +41,6 @@ from qc_pipeline.interfaces import (IterMaskBatch, IterMaskRun, LoadValidate, Pi
                                     Preprocess, SubjectReport, WriteDerivatives)
 
 
-
 #: a file name of the BIDS grammar: sub-<label>[_<key>-<value>]..._<suffix>, letters and digits
 _BIDS_NAME = re.compile(r"sub-[A-Za-z0-9]+(?:_[A-Za-z]+-[A-Za-z0-9]+)*_[A-Za-z0-9]+")
 
@@ -159,7 +158,7 @@ def init_scan_wf(
         (load, prep, [("error", "in_error")]),
         (prep, itermask, [("out_file", "in_file"), ("error", "in_error")]),
         (inputnode, write, [("in_file", "in_file")]),
-        (load, write, [("input_sha256", "input_sha256"), ("warnings", "load_warnings")]),
+        (load, write, [("input_sha256", "input_sha256")]),
         (prep, write, [("out_file", "preproc_file"), ("warnings", "prep_warnings")]),
         (itermask, write, [("out_file", "result_file"), ("quality", "quality"), ("error", "in_error"),
                            ("model_id", "model_id"), ("model_adapted_from", "model_adapted_from")]),
@@ -212,14 +211,14 @@ def init_scan_prep_wf(
     preproc_file, prep_error
         The preprocessed scan (pickle) and the error of either stage ('' when none): the
         inputs of :class:`~qc_pipeline.interfaces.IterMaskBatch`.
-    input_sha256, load_warnings, prep_warnings, seconds
+    input_sha256, prep_warnings, seconds
         What :func:`init_scan_write_wf` records (seconds: load, preprocess).
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["in_file"]), name="inputnode")
     inputnode.inputs.in_file = scan.path
     outputnode = pe.Node(niu.IdentityInterface(
-        fields=["preproc_file", "prep_error", "input_sha256", "load_warnings", "prep_warnings", "seconds"]),
+        fields=["preproc_file", "prep_error", "input_sha256", "prep_warnings", "seconds"]),
         name="outputnode")
     load, prep = _load_and_preprocess_nodes(scan, voxel_size=voxel_size, grid=grid, skull_strip=skull_strip,
                                             omp_nthreads=omp_nthreads, max_image_bytes=max_image_bytes)
@@ -232,7 +231,7 @@ def init_scan_prep_wf(
         (prep, timings, [("seconds", "in2")]),
         (prep, outputnode, [("out_file", "preproc_file"), ("error", "prep_error"),
                             ("warnings", "prep_warnings")]),
-        (load, outputnode, [("input_sha256", "input_sha256"), ("warnings", "load_warnings")]),
+        (load, outputnode, [("input_sha256", "input_sha256")]),
         (timings, outputnode, [("out", "seconds")]),
     ])
     return wf
@@ -257,7 +256,7 @@ def init_scan_write_wf(
     ------
     results
         The batch node's results.
-    preproc_file, input_sha256, load_warnings, prep_warnings, seconds
+    preproc_file, input_sha256, prep_warnings, seconds
         :func:`init_scan_prep_wf`'s outputs of the same scan.
 
     Outputs
@@ -267,7 +266,7 @@ def init_scan_write_wf(
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
-        fields=["results", "preproc_file", "input_sha256", "load_warnings", "prep_warnings", "seconds"]),
+        fields=["results", "preproc_file", "input_sha256", "prep_warnings", "seconds"]),
         name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["qc_json", "status"]), name="outputnode")
     pick = pe.Node(PickEngineResult(index=int(index)), name="engine_result")
@@ -280,7 +279,7 @@ def init_scan_write_wf(
         (inputnode, timings, [("seconds", "in1")]),
         (pick, timings, [("seconds", "in2")]),
         (inputnode, write, [("preproc_file", "preproc_file"), ("input_sha256", "input_sha256"),
-                            ("load_warnings", "load_warnings"), ("prep_warnings", "prep_warnings")]),
+                            ("prep_warnings", "prep_warnings")]),
         (pick, write, [("out_file", "result_file"), ("quality", "quality"), ("error", "in_error"),
                        ("model_id", "model_id"), ("model_adapted_from", "model_adapted_from")]),
         (timings, write, [("out", "seconds")]),
@@ -320,7 +319,7 @@ def _add_batched_scans(wf, scans: Sequence[ScanRecord], settings, specs: dict) -
             wf.connect(prep_wf, "outputnode.preproc_file", files, f"in{k + 1}")
             wf.connect(prep_wf, "outputnode.prep_error", errors, f"in{k + 1}")
             wf.connect(engine, "results", write_wf, "inputnode.results")
-            for field in ("preproc_file", "input_sha256", "load_warnings", "prep_warnings", "seconds"):
+            for field in ("preproc_file", "input_sha256", "prep_warnings", "seconds"):
                 wf.connect(prep_wf, f"outputnode.{field}", write_wf, f"inputnode.{field}")
             by_subject.setdefault(scan.subject, []).append(write_wf)
     return by_subject

@@ -247,7 +247,7 @@ def test_unknown_gamma_mode_is_a_card_error():
         IterMask3D(lambda x: x[:, :1], {**default_card(SHAPE), "gamma_mode": "knee"}, device="cpu")
 
 
-def test_a_bad_scan_in_an_engine_batch_keeps_its_own_error(random_model):
+def test_a_bad_scan_in_an_engine_batch_keeps_its_own_error(random_model, caplog):
     """qc_pipeline.screening.engine_batch: the scans the batch can take get engine_step's
     result; one the loop refuses (non-finite voxels) gets its own typed error."""
     from types import SimpleNamespace
@@ -264,15 +264,20 @@ def test_a_bad_scan_in_an_engine_batch_keeps_its_own_error(random_model):
     bad[10, 10, 10] = np.nan
     model = IterMask3D.from_folder(random_model, device="cpu", batch_size=3)
     preps = [prep(v1, brain), prep(bad, brain), prep(v2, brain)]
-    got = engine_batch(model, preps, schedule="fast", seed=4, names=["a", "b", "c"])
+    with caplog.at_level("INFO", logger="qc_pipeline.screening"):
+        got = engine_batch(model, preps, schedule="fast", seed=4, names=["a", "b", "c"])
     assert isinstance(got[1], InvalidInputError)
     for k in (0, 2):
         res, _ = got[k]
         alone, _ = engine_step(model, preps[k], schedule="fast", seed=4)
         assert res.anomaly_voxels == alone.anomaly_voxels
         np.testing.assert_array_equal(res.mask, alone.mask)
-    # the same three scans, all good: one batched pass, each scan as alone
+    assert "screened one by one" in caplog.text
+    # the same three scans, all good: one batched pass (no fallback), each scan as alone
+    caplog.clear()
     preps[1] = prep(v2 * 0.5, brain)
-    got = engine_batch(model, preps, schedule="fast", seed=4)
+    with caplog.at_level("INFO", logger="qc_pipeline.screening"):
+        got = engine_batch(model, preps, schedule="fast", seed=4)
+    assert "screened one by one" not in caplog.text
     alone, _ = engine_step(model, preps[1], schedule="fast", seed=4)
     np.testing.assert_array_equal(got[1][0].error_map, alone.error_map)
