@@ -6,21 +6,28 @@ Layout written::
     OUT/participants.tsv                 participant_id, site, age, sex
     OUT/participants.json
     OUT/sub-XX/[ses-YY/]anat/sub-XX_[...]_<suffix>.nii.gz + .json
-    OUT/sourcedata/qc_labels.tsv         bids_name, label, artifact, severity, seed
+    OUT/sourcedata/qc_labels.tsv         bids_name, label, artifact, severity, seed,
+                                         artifact_params
 
 ``sourcedata/`` is ignored by BIDS indexers, so the ground truth travels with
-the data without being mistaken for it. The whole tree is built in a
+the data without being mistaken for it. ``artifact_params`` is the artifact's
+parameter dict as compact JSON (empty for clean scans): with the clean scan
+re-made by :func:`make_subject` from the subject's seed,
+:func:`qc_pipeline.synth.artifacts.replay_artifact` reproduces the artifact scan
+(``different_sequence`` also takes ``meta=``). The whole tree is built in a
 temporary sibling folder and moved into place at the end (atomic for the
 reader: OUT is either the old tree or the complete new one).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import os
 import shutil
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +42,7 @@ from .subject import CONTRASTS, SEQUENCE_META, SITES, finalize_dtype, make_subje
 
 LOGGER = logging.getLogger(__name__)
 
-LABEL_COLUMNS = ("bids_name", "label", "artifact", "severity", "seed")
+LABEL_COLUMNS = ("bids_name", "label", "artifact", "severity", "seed", "artifact_params")
 LABELS_RELPATH = Path("sourcedata") / "qc_labels.tsv"
 
 
@@ -106,7 +113,10 @@ def _sidecar(meta: dict, suffix: str) -> dict:
 
 
 def generate_scan(spec: ScanSpec, work_mm: float = 1.5, max_voxels: float = 1.2e7):
-    """Make one scan (with its artifact, if any) -> (image, meta)."""
+    """Make one scan (with its artifact, if any) -> (image, meta).
+
+    An artifact scan's image carries the artifact's params in ``extra["artifact"]``.
+    """
     img, meta = make_subject(spec.seed, spec.suffix, site=spec.site, work_mm=work_mm,
                              voxel_size=spec.voxel_size, max_voxels=max_voxels, finalize=False,
                              cortex_detail=spec.cortex_detail)
@@ -115,18 +125,31 @@ def generate_scan(spec: ScanSpec, work_mm: float = 1.5, max_voxels: float = 1.2e
         kw = {"meta": meta} if ARTIFACTS[spec.artifact].needs_meta else {}
         img = apply_artifact(img, spec.artifact, spec.severity, rng, **kw)
     # same on-disk dtype as the clean scans of this subject/site (no label leak)
+    params = img.extra.get("artifact") if spec.artifact else None
     img = finalize_dtype(img, meta["dtype"])
+    if params is not None:  # finalize_dtype makes a new image without the extra
+        img.extra["artifact"] = params
     return img, meta
 
 
 def _write_one(args):
+    """Write one scan and its sidecar -> (bids_name, artifact params or None)."""
     root, spec, work_mm, max_voxels = args
     img, meta = generate_scan(spec, work_mm, max_voxels)
     path = Path(root) / spec.relpath
     _atomic_nifti(path, img)
     _atomic_text(path.with_name(spec.bids_name + ".json"),
                  json.dumps(_sidecar(meta, spec.suffix), indent=2) + "\n")
-    return spec.bids_name
+    return spec.bids_name, img.extra.get("artifact")
+
+
+def _labels_row(spec: ScanSpec, params) -> str:
+    # compact JSON holds no tab or newline (json escapes them inside strings), so the
+    # row stays one TSV line
+    cells = [spec.bids_name, str(int(bool(spec.artifact))), spec.artifact or "none",
+             f"{spec.severity:.3f}" if spec.artifact else "0", str(spec.seed),
+             json.dumps(params, separators=(",", ":")) if spec.artifact else ""]
+    return "\t".join(cells)
 
 
 def _write_tree(out: Path, specs, participants, *, name, overwrite, work_mm, max_voxels,
@@ -154,21 +177,15 @@ def _write_tree(out: Path, specs, participants, *, name, overwrite, work_mm, max
         _atomic_text(tmp / "README", f"{name}: synthetic MRI heads written by itermask-qc-synth "
                      f"{__version__}. Ground-truth QC labels: {LABELS_RELPATH}.\n")
         jobs = [(str(tmp), s, work_mm, max_voxels) for s in specs]
-        if nprocs > 1 and len(jobs) > 1:
-            from concurrent.futures import ProcessPoolExecutor
-
-            with ProcessPoolExecutor(nprocs) as pool:
-                for done in pool.map(_write_one, jobs):
-                    LOGGER.info("wrote %s", done)
-        else:
-            for job in jobs:
-                LOGGER.info("wrote %s", _write_one(job))
+        parallel = nprocs > 1 and len(jobs) > 1
+        params = {}  # bids_name -> artifact params (None for clean scans)
+        with ProcessPoolExecutor(nprocs) if parallel else contextlib.nullcontext() as pool:
+            for name, p in (pool.map if parallel else map)(_write_one, jobs):
+                params[name] = p
+                LOGGER.info("wrote %s", name)
         if extra is not None:
             extra(tmp)
-        rows = ["\t".join(LABEL_COLUMNS)] + [
-            "\t".join([s.bids_name, str(int(bool(s.artifact))), s.artifact or "none",
-                       f"{s.severity:.3f}" if s.artifact else "0", str(s.seed)])
-            for s in specs]
+        rows = ["\t".join(LABEL_COLUMNS)] + [_labels_row(s, params[s.bids_name]) for s in specs]
         _atomic_text(tmp / LABELS_RELPATH, "\n".join(rows) + "\n")
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -332,11 +349,45 @@ def write_demo(out, *, overwrite: bool = False, seed: int = 2024, work_mm: float
 
 
 def read_labels(path) -> list[dict]:
-    """Read a ``qc_labels.tsv`` into a list of dicts (typed)."""
+    """Read a ``qc_labels.tsv`` into a list of dicts (typed).
+
+    Parameters
+    ----------
+    path : str or Path
+        The labels file (``OUT/sourcedata/qc_labels.tsv``).
+
+    Returns
+    -------
+    list of dict
+        One per scan: ``bids_name`` and ``artifact`` (str), ``label`` and ``seed`` (int),
+        ``severity`` (float, rounded to 3 decimals; the exact value is in the params),
+        ``artifact_params`` (dict for :func:`replay_artifact`; empty for clean scans and
+        for files written without the column).
+
+    Raises
+    ------
+    SynthError
+        An ``artifact_params`` cell that is not a JSON object; the message names the row.
+    """
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh, delimiter="\t"))
-    for r in rows:
+    for i, r in enumerate(rows, start=2):  # row 1 is the header
         r["label"] = int(r["label"])
         r["severity"] = float(r["severity"])
         r["seed"] = int(r["seed"])
+        r["artifact_params"] = _parse_params(r.get("artifact_params"), path, i)
     return rows
+
+
+def _parse_params(text, path, row) -> dict:
+    if not text:
+        return {}
+    try:
+        params = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SynthError(f"{path}, row {row}: artifact_params is not valid JSON ({exc}); "
+                         f"got {text[:80]!r}") from None
+    if not isinstance(params, dict):
+        raise SynthError(f"{path}, row {row}: artifact_params must be a JSON object; "
+                         f"got {text[:80]!r}")
+    return params
