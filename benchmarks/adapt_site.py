@@ -94,7 +94,7 @@ def _cli(*args) -> int:
 
 
 def _metrics(out: Path, truth: dict) -> dict:
-    from qc_pipeline.metrics import detection_metrics
+    from qc_pipeline.qc.metrics import detection_metrics
 
     with open(out / "group_T1w.csv", newline="") as fh:
         rows = {r["bids_name"]: r for r in csv.DictReader(fh)}

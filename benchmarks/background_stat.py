@@ -9,7 +9,7 @@ voxel sizes, orientations, dtypes and noise levels vary); every artifact is appl
 with ``apply_artifact(img, name, severity, rng=seed)``. Two clean controls test false
 positives: ``clean`` and ``clean_zerofill`` (the same scan with the anterior-inferior
 background and face zeroed, as after defacing, plus a zero-filled slab at one FOV edge).
-:func:`qc_pipeline.background.background_stats` runs on the RAS-reoriented native array.
+:func:`qc_pipeline.qc.background.background_stats` runs on the RAS-reoriented native array.
 Prints one table: per condition, how many scans gave a number, the median and range of
 ``background_artifact_fraction``, how many scans exceed 0 and the group flag's floor
 (``qc_pipeline.group.DEFAULT_BACKGROUND_MIN_FRACTION``), and AUROC (artifact vs clean, ties = 1/2) of the fraction
@@ -26,7 +26,7 @@ warnings.simplefilter("ignore")
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
-from qc_pipeline.background import background_stats  # noqa: E402
+from qc_pipeline.qc.background import background_stats  # noqa: E402
 from qc_pipeline.group import DEFAULT_BACKGROUND_MIN_FRACTION as FLOOR  # noqa: E402
 from qc_pipeline.synth import apply_artifact, make_subject  # noqa: E402
 

@@ -86,7 +86,7 @@ def _normative(args, median_tau50: float, heads, source: str) -> None:
     from qc_pipeline.engine.schedules import get_schedule
     from qc_pipeline.engine.modelio import CARD_NAME
     from qc_pipeline.io import atomic_write_text
-    from qc_pipeline.qcscore import fit_reference, largest_component_fraction
+    from qc_pipeline.qc.score import fit_reference, largest_component_fraction
 
     path = args.model_dir / CARD_NAME
     card = json.loads(path.read_text())

@@ -18,7 +18,7 @@ AUROC, AUPRC, FPR80, FPR90, FNR80, FNR90 for
   (each artifact scan in turn; the usual case of a mostly clean site); ``half``: a site
   of the normal scans plus all of this type's scans (half the site carries the same
   artifact: the worst case for a site-relative score),
-- ``qc_score``: the per-scan score (``qc_pipeline.qcscore``): the largest robust z of
+- ``qc_score``: the per-scan score (``qc_pipeline.qc.score``): the largest robust z of
   the anomaly fraction and the image-quality measurements against a clean reference. The
   reference is the model card's ``qc_score`` section, or one fitted here on the normal
   scans of ``--calibration-json`` (a ``--json-out`` of normal scans with another
@@ -82,9 +82,9 @@ def build_scan(kind: str, i: int, *, base_seed: int, contrast: str, severity: tu
 
 def preprocess_cached(kind, i, cache: Path, card, args):
     from qc_pipeline.errors import InputError
-    from qc_pipeline.preprocessing import preprocess
+    from qc_pipeline.preproc import preprocess
 
-    from qc_pipeline.qcscore import native_measurements
+    from qc_pipeline.qc.score import native_measurements
 
     f = cache / f"{kind}_{i:03d}_s{args.seed}.npz"
     if f.is_file():
@@ -115,7 +115,7 @@ def _with_native_measurements(path: Path, z, kind, i, seed, card, args):
     line comb) came from an older version of the code (``native_measurements_stale``):
     build the scan again (same seed, so the same image), measure again and store them in
     the cache file's info."""
-    from qc_pipeline.qcscore import native_measurements, native_measurements_stale
+    from qc_pipeline.qc.score import native_measurements, native_measurements_stale
 
     info = json.loads(str(z["info"]))
     if not native_measurements_stale(info):
@@ -184,8 +184,8 @@ def main(argv=None) -> int:
     args.severity = tuple(float(x) for x in args.severity.split(":"))
 
     from qc_pipeline.engine import IterMask3D
-    from qc_pipeline.metrics import detection_metrics
-    from qc_pipeline.qcscore import FEATURES, combine, fit_reference, relative_scores
+    from qc_pipeline.qc.metrics import detection_metrics
+    from qc_pipeline.qc.score import FEATURES, combine, fit_reference, relative_scores
     from qc_pipeline.synth import ARTIFACTS, PAPER_ARTIFACTS
 
     arts = (list(PAPER_ARTIFACTS) if args.artifacts == "paper" else list(ARTIFACTS)
@@ -372,7 +372,7 @@ def _features(vols, final_mask, fraction, recon_error):
     """The QC-score measurements, exactly as the app takes them (``scan_quality``)."""
     from types import SimpleNamespace
 
-    from qc_pipeline.qcscore import scan_quality
+    from qc_pipeline.qc.score import scan_quality
 
     result = SimpleNamespace(mask=final_mask, anomaly_fraction=fraction, first_pass_mean_error=recon_error)
     return scan_quality(vols, result, None).features

@@ -94,7 +94,7 @@ def run_as_the_app(model, image: np.ndarray, brain: np.ndarray, voxel_size, sche
 def template_fit(brain: np.ndarray, voxel_mm: float = VOXEL):
     """A cached copy's grid affine and the template fit of its brain mask (MNI mm -> grid
     world), as the app's preprocessing fits it."""
-    from qc_pipeline.preprocessing import align_template_prior
+    from qc_pipeline.preproc.prior import align_template_prior
 
     aff = cache_grid_affine(brain.shape, float(voxel_mm))
     return aff, align_template_prior(brain, aff)["affine"]
@@ -139,7 +139,7 @@ def prepare(args) -> int:
 
     from qc_pipeline.errors import InputError
     from qc_pipeline.io import atomic_write_npz, atomic_write_text
-    from qc_pipeline.preprocessing import preprocess
+    from qc_pipeline.preproc import preprocess
     from qc_pipeline.synth import ARTIFACTS, apply_artifact
     from real_scan import variant
 

@@ -45,7 +45,7 @@ import numpy as np
 
 from qc_pipeline.engine.modelio import load_model_card, save_normal_error, write_model_card
 from qc_pipeline.io import atomic_write_npz
-from qc_pipeline.qcscore import fit_reference, largest_component_fraction
+from qc_pipeline.qc.score import fit_reference, largest_component_fraction
 from qc_pipeline.sitenorm import normal_error_mask, site_reference_and_spread, template_grid, to_template
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/engine_real.py
@@ -58,7 +58,7 @@ GRID_MM = 2.0
 def _engine_runs(args) -> list[dict]:
     """One engine run per cached scan (kept in ``--work``): mask, error, brain, affines."""
     from qc_pipeline.engine import IterMask3D
-    from qc_pipeline.preprocessing import align_template_prior
+    from qc_pipeline.preproc.prior import align_template_prior
 
     model = None
     sources = [("syn", "clean", f) for f in sorted(Path(args.synthetic).glob("normal_*.npz"))] \

@@ -126,8 +126,8 @@ def variant(src, v: int, seed: int):
 
 def score(img, model, name, maps: Path | None = None):
     from qc_pipeline.errors import InputError
-    from qc_pipeline.preprocessing import preprocess
-    from qc_pipeline.qcscore import native_measurements, scan_quality
+    from qc_pipeline.preproc import preprocess
+    from qc_pipeline.qc.score import native_measurements, scan_quality
 
     card = model.card
     try:
@@ -161,7 +161,7 @@ def _features_from_maps(row, folder: Path):
     exactly as the app takes them (``scan_quality``)."""
     from types import SimpleNamespace
 
-    from qc_pipeline.qcscore import scan_quality
+    from qc_pipeline.qc.score import scan_quality
 
     path = folder / _maps_name(row)
     if not path.is_file():
@@ -183,7 +183,7 @@ def _native_into_maps(row, folder: Path, lo: float, hi: float) -> bool:
     old measurements)."""
     import nibabel as nib
 
-    from qc_pipeline.qcscore import native_measurements, native_measurements_stale
+    from qc_pipeline.qc.score import native_measurements, native_measurements_stale
     from qc_pipeline.synth import apply_artifact
 
     path = folder / _maps_name(row)
@@ -254,8 +254,8 @@ def main(argv=None) -> int:
     import nibabel as nib
 
     from qc_pipeline.engine import IterMask3D
-    from qc_pipeline.metrics import detection_metrics
-    from qc_pipeline.qcscore import combine, relative_scores
+    from qc_pipeline.qc.metrics import detection_metrics
+    from qc_pipeline.qc.score import combine, relative_scores
     from qc_pipeline.synth import ARTIFACTS, apply_artifact
 
     arts = ([a for a in ARTIFACTS if not ARTIFACTS[a].needs_meta] if args.artifacts == "all"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The group level's site score: one measurement's largest z against the joint distance.
 
-``qc_pipeline.qcscore.relative_scores`` scores each scan against its site's clean side per
+``qc_pipeline.qc.score.relative_scores`` scores each scan against its site's clean side per
 measurement (``relative_z``) and combines the z's into one number. Two combinations are
 compared on the same z's: ``max`` (the largest z: one measurement far out) and ``joint`` (the
 root of the summed squares of the positive z's, the shipped one: one far out, or several out
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/screen_re
 
 from screen_real import LOCAL, _auc  # noqa: E402
 
-from qc_pipeline.qcscore import relative_scores, relative_z  # noqa: E402
+from qc_pipeline.qc.score import relative_scores, relative_z  # noqa: E402
 
 HOWS = ("max", "joint")
 

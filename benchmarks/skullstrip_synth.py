@@ -19,8 +19,8 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from qc_pipeline.preprocessing import _resample, _to_lattice  # noqa: E402
-from qc_pipeline.skullstrip import skull_strip  # noqa: E402
+from qc_pipeline.preproc.geometry import _resample, _to_lattice  # noqa: E402
+from qc_pipeline.preproc.skullstrip import skull_strip  # noqa: E402
 from qc_pipeline.synth.subject import make_subject  # noqa: E402
 
 

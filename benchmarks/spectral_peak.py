@@ -1,11 +1,11 @@
-"""Spectral peak (``qc_pipeline.spectrum``): time per scan and values, clean vs k-space spike.
+"""Spectral peak (``qc_pipeline.qc.spectrum``): time per scan and values, clean vs k-space spike.
 
 For native image sizes a user meets (a 1.5 mm, a 1.2 mm and a 1 mm sagittal MPRAGE field
 of view, a 0.8 mm one that is cropped to 256 per axis), a synthetic head
 (``itermask-qc-synth``, T1w, made at 2 mm) resampled to that grid, with Rician noise
 at 2 % of its bright tissue, is measured clean and with torchio's
 k-space spike (severity 0.75); prints the median wall time of ``--repeats`` calls of
-:func:`qc_pipeline.spectrum.spectral_peak_for_image` (one thread) and the values.
+:func:`qc_pipeline.qc.spectrum.spectral_peak_for_image` (one thread) and the values.
 
 Usage::
 
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=11)
     args = p.parse_args(argv)
 
-    from qc_pipeline.spectrum import spectral_peak_for_image
+    from qc_pipeline.qc.spectrum import spectral_peak_for_image
     from qc_pipeline.synth import apply_artifact
 
     print("| native grid | used array | median s (one thread) | clean | spike |")

@@ -8,7 +8,7 @@ many scans of its own scanner and protocol and no labels; this level learns from
 2. **Choose the training scans** (:func:`select_training_scans`): leave out failed scans,
    scans rated as artifacts in ``--labels``, the worst ``exclude_fraction`` of the site by
    its own QC score (each scan scored against the site's scans,
-   :func:`qc_pipeline.qcscore.relative_scores`) and any scan whose site score is a robust
+   :func:`qc_pipeline.qc.score.relative_scores`) and any scan whose site score is a robust
    outlier beyond that.
 3. **Fine-tune** the base network on their preprocessed volumes
    (:func:`qc_pipeline.engine.train_model`, ``init_from`` the base model) with a trimmed loss
@@ -138,7 +138,7 @@ def select_training_scans(rows: Sequence[Mapping[str, Any]], *, exclude_fraction
     """
     from scipy.stats import median_abs_deviation
 
-    from .qcscore import relative_scores
+    from .qc.score import relative_scores
 
     excluded: dict[str, str] = {}
     ok = []
@@ -225,7 +225,7 @@ def adapted_model_dir(output_dir, suffix: str) -> Path:
 
 # --------------------------------------------------------------------------- volumes
 def _preprocessed(scan, settings, spec) -> Any:
-    """The scan's :class:`~qc_pipeline.preprocessing.PreprocResult`: the participant
+    """The scan's :class:`~qc_pipeline.preproc.PreprocResult`: the participant
     workflow's cached output in the work directory, else preprocessed again."""
     from qc_pipeline.workflows.base import cached_preprocessing
 
@@ -239,7 +239,7 @@ def _preprocessed(scan, settings, spec) -> Any:
         except Exception as exc:  # noqa: BLE001 - a broken cache is made again
             log.debug("%s: cached preprocessing unreadable (%s); preprocessing again", scan.bids_name, exc)
     from .io import load_image
-    from .preprocessing import preprocess
+    from .preproc import preprocess
 
     img = load_image(scan.path, name=scan.relpath, max_bytes=settings.max_image_bytes)
     return preprocess(img, voxel_size=tuple(spec["voxel_size"]), grid=tuple(spec["grid"]),
@@ -518,7 +518,7 @@ def _refit_reference(settings, plan, options: AdaptOptions) -> None:
     stored scores of every scan screened with it are recomputed (atomically, per file)."""
     from .derivatives import output_paths, read_qc, rescore_qc
     from .reports import write_subject_page
-    from .qcscore import QCScoreError, fit_reference
+    from .qc.score import QCScoreError, fit_reference
 
     target = plan["target"]
     card = json.loads((target / "model_card.json").read_text())

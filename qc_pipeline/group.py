@@ -5,12 +5,12 @@ NIfTIs they name); never the raw BIDS tree.
 
 The score
 ---------
-Each qc.json carries ``qc_score`` (``qc_pipeline.qcscore``: the largest robust z of
+Each qc.json carries ``qc_score`` (``qc_pipeline.qc.score``: the largest robust z of
 IterMask3D's anomaly and the image-quality measurements against the model's clean
 reference scans) and the measurements themselves. The group level scores every scan once
 more against *its own site's* scans (``qc_score_site``: per measurement, location and scale
 of the site's clean scans taken from the good side of the site's distribution, the scale
-at least the reference's; :func:`qc_pipeline.qcscore.relative_scores`), because a site's
+at least the reference's; :func:`qc_pipeline.qc.score.relative_scores`), because a site's
 clean scans can differ from the reference scans (scanner, sequence, real instead of
 synthetic anatomy): the site score follows them, stays anchored on the clean scans when
 many of the site's scans share an artifact, and the reference's scale keeps a tight site
@@ -51,7 +51,7 @@ The labelled metrics (AUROC ... FNR90) are of the score, over the screened scans
     0), ``s`` falls back to ``1.2533 * mean(|x - median|)``; when that is 0 too, any scan
     scoring above the median is flagged.
 ``background`` (always robust, a separate flag)
-    The out-of-head ``background_artifact_fraction`` (``qc_pipeline.background``) gets its
+    The out-of-head ``background_artifact_fraction`` (``qc_pipeline.qc.background``) gets its
     own per-site flag with the same robust rule (median + ``background_k`` x scaled MAD,
     ``background_k`` = 4 by default: the background of clean scans differs between people
     and scanners, and at 3 a site of three real heads flagged 3 of its 30 clean copies,
@@ -85,7 +85,7 @@ from typing import Iterable, Mapping
 import numpy as np
 from scipy.stats import median_abs_deviation, rankdata
 
-from . import metrics as _metrics
+from .qc import metrics as _metrics
 from .derivatives import QCRecord, load_qc_records, normalise_bids_name, site_mask_path
 from .io import atomic_write_text
 from .labels import load_ratings
@@ -461,7 +461,7 @@ def _set_site_scores(ok: list[QCRecord], *, min_site_size: int) -> None:
     site with fewer than ``min_site_size`` records with measurements is scored against the
     pool of its model's records of every site; a pool that small gets no site score.
     """
-    from .qcscore import relative_scores
+    from .qc.score import relative_scores
 
     by_model: dict[str, list[QCRecord]] = {}
     for r in ok:

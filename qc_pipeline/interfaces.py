@@ -206,7 +206,7 @@ class _PrepOutputSpec(TraitedSpec):
 
 class Preprocess(SimpleInterface):
     """Load, reorient, resample, skull-strip, crop/pad and z-score one scan
-    (:func:`qc_pipeline.preprocessing.preprocess`)."""
+    (:func:`qc_pipeline.preproc.preprocess`)."""
 
     input_spec = _PrepInputSpec
     output_spec = _PrepOutputSpec
@@ -280,7 +280,7 @@ class IterMaskRun(SimpleInterface):
     its mask where the error beats the model's normal error
     (:meth:`~qc_pipeline.engine.IterMask3D.against_normal_error`, through the preprocessing's
     template fit) and combine the result with the image-quality measurements into the QC
-    score (:func:`qc_pipeline.qcscore.scan_quality`, reference from the model card)."""
+    score (:func:`qc_pipeline.qc.score.scan_quality`, reference from the model card)."""
 
     input_spec = _IMInputSpec
     output_spec = _IMOutputSpec

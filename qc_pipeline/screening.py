@@ -53,10 +53,10 @@ def load_scan(path, *, name: Optional[str] = None, max_image_bytes: int = 0):
 
 def preprocess_scan(img, *, voxel_size, grid, skull_strip: str = "auto", contrast: str = "T1w",
                     name: Optional[str] = None):
-    """The model-grid image of a loaded scan (:func:`qc_pipeline.preprocessing.preprocess`)
+    """The model-grid image of a loaded scan (:func:`qc_pipeline.preproc.preprocess`)
     with the native-image measurements (background statistic, spectral peak) in its ``info``."""
-    from .preprocessing import preprocess
-    from .qcscore import native_measurements
+    from .preproc import preprocess
+    from .qc.score import native_measurements
 
     prep = preprocess(img, voxel_size=tuple(voxel_size), grid=tuple(grid), skull_strip=skull_strip,
                       name=name, contrast=contrast)
@@ -108,7 +108,7 @@ def _attempt(fn, *args, **kwargs):
 
 def _finish_engine(model, prep, res, name):
     """The loop's result against the model's normal error, and the QC score."""
-    from .qcscore import scan_quality
+    from .qc.score import scan_quality
 
     res = model.against_normal_error(
         res, grid_affine=getattr(prep.info, "grid_affine", None),

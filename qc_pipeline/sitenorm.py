@@ -40,7 +40,7 @@ from scipy import ndimage as ndi
 from scipy.special import ndtri
 
 from .io import atomic_write_nifti
-from .preprocessing import mni_brain_mask
+from .preproc import mni_brain_mask
 
 __all__ = [
     "DEFAULT_SITE_NORM_FACTOR",
@@ -84,7 +84,7 @@ class SiteNormError(ValueError):
 
 def template_grid() -> tuple[tuple[int, int, int], np.ndarray]:
     """Shape and affine (voxel -> MNI mm) of the template grid the normative maps live on
-    (the 2 mm MNI152 brain mask of :func:`qc_pipeline.preprocessing.mni_brain_mask`)."""
+    (the 2 mm MNI152 brain mask of :func:`qc_pipeline.preproc.mni_brain_mask`)."""
     mask, affine = mni_brain_mask()
     return tuple(int(n) for n in mask.shape), np.asarray(affine, dtype=float)
 

@@ -341,7 +341,7 @@ def _engine_batches(scans: Sequence[ScanRecord], size: int) -> list[tuple[str, l
 
 def cached_preprocessing(work_dir, scan: ScanRecord, name: str = "itermask_qc_wf") -> Path:
     """Where the participant workflow (``name``, run with ``work_dir``) keeps the pickled
-    :class:`~qc_pipeline.preprocessing.PreprocResult` of ``scan`` (it may not exist yet)."""
+    :class:`~qc_pipeline.preproc.PreprocResult` of ``scan`` (it may not exist yet)."""
     return Path(work_dir) / name / scan_node_name(scan) / "preprocess" / "preproc.pkl"
 
 

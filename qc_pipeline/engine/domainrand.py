@@ -147,7 +147,7 @@ def hf_torch(x: torch.Tensor, radius: Sequence[float]) -> torch.Tensor:
 
 def iterative_zscore_torch(img: torch.Tensor, stats_mask: torch.Tensor, out_mask: torch.Tensor,
                            n_extra: int = 3, clip: float = 2.0, return_stats: bool = False):
-    """Batched :func:`qc_pipeline.preprocessing.iterative_zscore` (paper 4.1.1); with
+    """Batched :func:`qc_pipeline.preproc.iterative_zscore` (paper 4.1.1); with
     ``return_stats`` also the per-volume (mean, sd) it divided by."""
     dims = (-3, -2, -1)
     m = stats_mask.float()

@@ -1,7 +1,7 @@
 """``itermask-qc-train``: train an IterMask3D reconstructor from a BIDS dataset.
 
 The scans of one suffix go through exactly the app's preprocessing
-(:func:`qc_pipeline.preprocessing.preprocess`), are cached on the model grid in the
+(:func:`qc_pipeline.preproc.preprocess`), are cached on the model grid in the
 work directory (so a re-run skips them), and feed :func:`train_model`. The result is
 a model folder (``weights.pt`` + ``model_card.json``) that the app takes with
 ``--model-dir``; training resumes from ``<out>/checkpoint.pt`` when interrupted.
@@ -72,7 +72,7 @@ def prepare_volumes(scans, work_dir: Path, *, voxel_size: float, grid, skull_str
 
     from qc_pipeline.errors import InputError
     from qc_pipeline.io import atomic_write_npz, load_image
-    from qc_pipeline.preprocessing import preprocess
+    from qc_pipeline.preproc import preprocess
 
     work_dir.mkdir(parents=True, exist_ok=True)
     pairs, used, skipped = [], [], []

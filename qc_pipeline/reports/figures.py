@@ -21,7 +21,7 @@ import numpy as np
 
 from ..derivatives import QCRecord, normalise_bids_name, site_mask_path
 from ..io import atomic_write_bytes, atomic_write_text
-from ..morphology import largest_component
+from ..preproc import largest_component
 
 LOGGER = logging.getLogger(__name__)
 

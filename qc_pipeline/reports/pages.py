@@ -18,7 +18,7 @@ import numpy as np
 from markupsafe import Markup
 
 from .. import __version__
-from .. import metrics as _metrics
+from ..qc import metrics as _metrics
 from ..derivatives import QCRecord, load_qc_records, one_line, read_qc
 from ..group import POOLED_SITE, GroupTables, read_group_csv
 from ..io import atomic_write_text

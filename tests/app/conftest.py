@@ -15,7 +15,7 @@ from app_testlib import MODEL_GRID, MODEL_VOXEL, make_dataset  # noqa: E402
 def model_dir(tmp_path_factory) -> Path:
     from qc_pipeline.calibrate import write_card_reference
     from qc_pipeline.engine import make_random_model_folder
-    from qc_pipeline.qcscore import FEATURES
+    from qc_pipeline.qc.score import FEATURES
 
     folder = make_random_model_folder(tmp_path_factory.mktemp("model") / "t1w", grid=MODEL_GRID,
                                       voxel_size=MODEL_VOXEL, contrast="T1w", seed=0)

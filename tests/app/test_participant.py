@@ -24,7 +24,7 @@ from app_testlib import BAD_KINDS, base_args, make_dataset, qc_of
 
 from qc_pipeline.cli import main
 from qc_pipeline.derivatives import QC_FIELDS
-from qc_pipeline.qcscore import FEATURES
+from qc_pipeline.qc.score import FEATURES
 
 GOOD = [
     "sub-01/ses-pre/anat/sub-01_ses-pre_run-1_T1w.nii.gz",

@@ -11,7 +11,7 @@ from qc_pipeline.engine.errors import InvalidInputError
 from qc_pipeline.engine.hf import high_frequency, hf_radius
 from qc_pipeline.engine.masks import random_training_mask
 from qc_pipeline.engine.train_synth import CHECKPOINT_NAME, train_synthetic
-from qc_pipeline.preprocessing import iterative_zscore
+from qc_pipeline.preproc import iterative_zscore
 
 #: a 4 mm model grid over the whole brain (a 2 mm bank, pooled by 2): small and fast
 GRID, VOXEL = (40, 48, 40), 4.0

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from qc_pipeline.engine import IterMask3D
-from qc_pipeline.preprocessing import preprocess
+from qc_pipeline.preproc import preprocess
 from qc_pipeline.synth import apply_artifact
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qc_pipeline.errors import NoBrainError
-from qc_pipeline.preprocessing import preprocess
+from qc_pipeline.preproc.chain import preprocess
 
 
 def _coverage(r, gt, region_native, geo):
@@ -62,7 +62,7 @@ def test_skull_strip_mask_that_took_in_air_is_trimmed(head, geo, monkeypatch):
     brain stays inside the expected mask, instead of 'no brain found' for a too-large mask."""
     from nibabel.processing import resample_from_to
 
-    import qc_pipeline.skullstrip as skullstrip
+    import qc_pipeline.preproc.skullstrip as skullstrip
 
     img, gt = head
     top = geo.brain_top_world(gt)
@@ -87,7 +87,7 @@ def test_skull_strip_mask_that_took_in_air_is_trimmed(head, geo, monkeypatch):
 
 def test_air_in_mask_finds_the_air_and_not_the_brain(head):
     """A brain mask on a clean head holds (almost) no air; grown into the air, the air is found."""
-    from qc_pipeline.preprocessing import AIR_IN_MASK_ML, air_in_mask
+    from qc_pipeline.preproc.masks import AIR_IN_MASK_ML, air_in_mask
 
     img, gt = head
     data = img.get_fdata(dtype=np.float32)
@@ -105,7 +105,7 @@ def test_air_in_mask_finds_the_air_and_not_the_brain(head):
 def test_only_a_thick_body_of_air_makes_a_mask_untrusted():
     """A thin sheet of air-level voxels (CSF and skull in a noisy scan) is not counted; a
     blanked block of the same volume is."""
-    from qc_pipeline.preprocessing import AIR_IN_MASK_ML, thick_air_ml
+    from qc_pipeline.preproc.masks import AIR_IN_MASK_ML, thick_air_ml
 
     sheet = np.zeros((80, 80, 80), bool)
     sheet[5:75, 5:75, 40:42] = True  # 4 mm thick at 2 mm voxels: 78 mL

@@ -4,14 +4,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from qc_pipeline.preprocessing import (
-    PreprocResult,
-    apply_crop_pad,
-    crop_pad_to_grid,
-    iterative_zscore,
-    preprocess,
-    to_native,
-)
+from qc_pipeline.preproc.chain import PreprocResult, iterative_zscore, preprocess
+from qc_pipeline.preproc.geometry import apply_crop_pad, crop_pad_to_grid, to_native
 
 GRID = (80, 96, 80)
 

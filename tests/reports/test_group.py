@@ -10,7 +10,7 @@ from qc_pipeline.derivatives import load_qc_records
 from qc_pipeline.group import DEFAULT_MAD_K, GroupError
 from qc_pipeline.labels import LabelsError, load_labels
 from qc_pipeline.grouplevel import run_group
-from qc_pipeline.metrics import detection_metrics, threshold_at_fnr
+from qc_pipeline.qc.metrics import detection_metrics, threshold_at_fnr
 
 REQUIRED = ["bids_name", "subject", "session", "acquisition", "run", "suffix", "site", "status",
             "anomaly_voxels", "anomaly_fraction", "anomaly_mm3", "rank", "percentile_in_site",

@@ -68,7 +68,7 @@ torchio's ghosting at intensity 0.5-1 (``docs/benchmarks.md``, seventh pass). Al
 
 Limits: a scan reconstructed with a sharp k-space cut (zero filling followed by a
 magnitude operation) has a step in its spectrum, which the half-lines do not mistake for
-a spike (``tests/preproc/test_spectrum.py``). Spikes in the central 5 % of k-space (at
+a spike (``tests/qc/test_spectrum.py``). Spikes in the central 5 % of k-space (at
 least 4 bins) are not looked for.
 
 Pure NumPy/SciPy; no I/O beyond reading the nibabel image handed in.
@@ -287,7 +287,7 @@ def spectral_peak_for_image(img) -> SpectralPeak:
     """:func:`spectral_peak` of a nibabel image, reoriented to RAS first
     (``nibabel.as_closest_canonical``: an exact axis permutation). Never raises on odd
     images (anything unreadable gives ``available=False``)."""
-    from .io import canonical_data
+    from ..io import canonical_data
 
     try:
         data, zooms = canonical_data(img)

@@ -1,4 +1,4 @@
-"""Spectral peak of the native image (qc_pipeline.spectrum): k-space spikes; and the line
+"""Spectral peak of the native image (qc_pipeline.qc.spectrum): k-space spikes; and the line
 comb (every p-th k-space line scaled: phase-encode ghosting).
 
 Hand-built heads (a smooth ellipsoid with texture and Rayleigh background noise), the same
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from qc_pipeline.qcscore import FEATURES, combine, fit_reference, scan_features
-from qc_pipeline.spectrum import (SpectralPeak, line_comb, line_energy_profiles, spectral_peak,
+from qc_pipeline.qc.score import FEATURES, combine, fit_reference, scan_features
+from qc_pipeline.qc.spectrum import (SpectralPeak, line_comb, line_energy_profiles, spectral_peak,
                                    spectral_peak_for_image)
 
 
@@ -217,8 +217,8 @@ def test_torchio_ghosting_on_a_synthetic_head_raises_the_comb_and_the_qc_score_r
 
 
 def test_native_measurements_and_when_stored_ones_are_stale():
-    from qc_pipeline.background import DEFAULTS
-    from qc_pipeline.qcscore import native_measurements, native_measurements_stale
+    from qc_pipeline.qc.background import DEFAULTS
+    from qc_pipeline.qc.score import native_measurements, native_measurements_stale
 
     img = nib.Nifti1Image(_head(32, seed=6), np.eye(4))
     info = native_measurements(img)

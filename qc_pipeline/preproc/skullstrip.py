@@ -21,8 +21,8 @@ import warnings
 import nibabel as nib
 import numpy as np
 
-from .errors import MissingDependencyError, NoBrainError, SkullStripError
-from .morphology import fill_holes, largest_component
+from ..errors import MissingDependencyError, NoBrainError, SkullStripError
+from .masks import fill_holes, largest_component
 
 __all__ = ["strip_deepbet", "strip_robex", "strip_none", "skull_strip", "METHODS", "DEFAULT_METHOD_BY_CONTRAST",
            "available_methods"]

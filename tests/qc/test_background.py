@@ -1,4 +1,4 @@
-"""Out-of-head background statistic (qc_pipeline.background).
+"""Out-of-head background statistic (qc_pipeline.qc.background).
 
 Synthetic heads (make_subject at a coarse working grid, 2 mm voxels) with and without
 ghosting / wrap-around, zero-filled (defaced) backgrounds, hand-built phantoms and
@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from qc_pipeline.background import (DEFAULTS, BackgroundParameterError, BackgroundStats,
+from qc_pipeline.qc.background import (DEFAULTS, BackgroundParameterError, BackgroundStats,
                                     background_stats, background_stats_for_image)
 
 

@@ -38,7 +38,7 @@ fitted by :func:`fit_reference` on held-out normal scans):
     (the z-scored image): a strong bias field (coil sensitivity, a failed prescan
     normalisation) spreads it.
 ``background_artifact_fraction``
-    Structured signal in the air outside the head (:mod:`qc_pipeline.background`):
+    Structured signal in the air outside the head (:mod:`qc_pipeline.qc.background`):
     ghosts, wrap-around, spikes.
 ``sharpness``
     Ratio of fine-scale to coarse-scale gradient energy inside the brain, on the model
@@ -59,17 +59,17 @@ fitted by :func:`fit_reference` on held-out normal scans):
     most homogeneous quarter of the brain, so that anatomical detail does not count):
     k-space noise, spikes, ringing.
 ``snr``
-    Median head tissue over the background noise sigma (:mod:`qc_pipeline.background`):
+    Median head tissue over the background noise sigma (:mod:`qc_pipeline.qc.background`):
     noise, spikes and motion ghosts that raise the background's noise floor lower it.
 ``spectral_peak``
     The strongest isolated point of the native image's Fourier spectrum, as the log of
-    its excess over the largest that noise alone gives (:mod:`qc_pipeline.spectrum`):
+    its excess over the largest that noise alone gives (:mod:`qc_pipeline.qc.spectrum`):
     k-space spikes (herringbone stripes) and spike combs, which the 2 mm grid mostly
     smooths away. About 0 on clean real and synthetic heads whatever their voxel size.
 ``line_comb``
     How far one class of k-space lines along one axis (every p-th line) stands above or
     below its neighbours in energy, on the native image's spectrum
-    (:func:`qc_pipeline.spectrum.line_comb`): phase-encode ghosting that scales every
+    (:func:`qc_pipeline.qc.spectrum.line_comb`): phase-encode ghosting that scales every
     p-th line and puts ghosts at 1/p of the field of view, inside the head as well as in
     the background. 0.01-0.03 on clean real and synthetic heads, 0.3-2.2 with ghosts.
 
@@ -94,7 +94,7 @@ from scipy import ndimage as ndi
 from scipy.stats import median_abs_deviation
 
 from .background import lower_side_location_scale
-from .morphology import ball
+from ..preproc import ball
 
 __all__ = [
     "FEATURES", "FeatureSpec", "QCScore", "QCScoreError", "combine", "compact_deficit", "fit_reference",
@@ -327,11 +327,11 @@ def scan_features(*, image_head: np.ndarray | None, brain_mask: np.ndarray,
     signal_mask : skull-strip mask on the grid (``PreprocResult.signal_brain_mask``)
     final_mask : IterMask3D's final anomaly mask
     anomaly_fraction, recon_error : ``Result.anomaly_fraction``, ``Result.first_pass_mean_error``
-    background : :meth:`qc_pipeline.background.BackgroundStats.to_dict` (or None)
+    background : :meth:`qc_pipeline.qc.background.BackgroundStats.to_dict` (or None)
     voxel_mm : voxel size of the grid (mm; sizes the openings and the cubes)
     intensity : ``(mean, sd)`` that z-scored ``image_head`` (``PreprocInfo.zscore_mean``,
         ``zscore_sd``); without it ``signal_void`` is not measured
-    spectrum : :meth:`qc_pipeline.spectrum.SpectralPeak.to_dict` of the native image (or None)
+    spectrum : :meth:`qc_pipeline.qc.spectrum.SpectralPeak.to_dict` of the native image (or None)
     """
     brain = np.asarray(brain_mask, dtype=bool)
     n_brain = int(brain.sum())
@@ -522,7 +522,7 @@ def _clean_side(y: np.ndarray, floor: float, *, both_sides_move: bool = False) -
 
     The location comes from the good side of the distribution, so that up to about three
     quarters of the scans may carry artifacts that raise ``y``: the background statistic's
-    noise model (:func:`qc_pipeline.background.lower_side_location_scale`:
+    noise model (:func:`qc_pipeline.qc.background.lower_side_location_scale`:
     ``S = (q25 - q05) / 0.9704``, location ``q25 + 0.6745 S``), at most the median. The
     scale is the largest of ``S``, ``floor`` (the reference's) and the normal-consistent MAD
     of all the values: the good side alone is one subgroup's spread when the site's clean
@@ -632,7 +632,7 @@ def native_measurements_stale(info: Mapping[str, Any]) -> bool:
 def scan_quality(prep, result, card: Mapping[str, Any] | None) -> QCScore:
     """Measurements of one screened scan and its QC score.
 
-    ``prep``: :class:`qc_pipeline.preprocessing.PreprocResult` (with ``info.background``
+    ``prep``: :class:`qc_pipeline.preproc.PreprocResult` (with ``info.background``
     and ``info.spectrum`` when the background statistic and the spectral peak were taken);
     ``result``: the engine's :class:`~qc_pipeline.engine.Result`; ``card``: the model
     card, whose ``qc_score`` section is the clean-scan reference (``qc_score`` is None

@@ -96,7 +96,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.stats import median_abs_deviation
 
-from .morphology import fill_holes, largest_component
+from ..preproc import fill_holes, largest_component
 
 __all__ = ["BackgroundStats", "BackgroundParameterError", "background_stats", "background_stats_for_image",
            "lower_side_location_scale",
@@ -359,7 +359,7 @@ def lower_side_location_scale(values, floor: float = 0.0) -> tuple[float, float]
     up: from the lower quantiles, ``scale = max((q25 - q05) / (z05 - z25), floor)`` and
     ``location = q25 + z25 * scale`` (Gaussian quantiles), so up to about three quarters of
     the values may be raised without moving either. Also the site score's estimator
-    (:func:`qc_pipeline.qcscore.relative_scores`)."""
+    (:func:`qc_pipeline.qc.score.relative_scores`)."""
     q05, q25 = np.percentile(values, [5, 25])
     scale = max(float(q25 - q05) / (_Z05 - _Z25), float(floor))
     return float(q25 + _Z25 * scale), scale
@@ -573,7 +573,7 @@ def background_stats_for_image(img, **params) -> BackgroundStats:
     odd images (a 4D image with one volume is squeezed; anything unreadable gives
     ``available=False``); :class:`BackgroundParameterError` for bad ``params``.
     """
-    from .io import canonical_data
+    from ..io import canonical_data
 
     p = _check_params(params)
     try:

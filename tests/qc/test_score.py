@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from qc_pipeline.qcscore import (FEATURES, QCScoreError, combine, fit_reference,
+from qc_pipeline.qc.score import (FEATURES, QCScoreError, combine, fit_reference,
                                  axis_sharpness, largest_component_fraction, nonuniformity,
                                  scan_features, sharpness_and_noise, signal_void)
 
@@ -279,7 +279,7 @@ def test_group_falls_back_to_anomaly_fraction_when_a_scan_lacks_qc_score(tmp_pat
 
 
 def test_relative_scores_follow_the_scans_own_distribution():
-    from qc_pipeline.qcscore import relative_scores
+    from qc_pipeline.qc.score import relative_scores
 
     ref = {"features": {
         "noise": {"median": 0.0, "scale": 0.05, "direction": "up", "transform": "log", "offset": 0.0},
@@ -323,7 +323,7 @@ def test_site_score_when_most_of_a_site_is_bad():
     """10 clean + 14 scans with the same artifact in one site: the location stays on the
     clean scans (they score low, every bad scan ranks above every clean one); the spread is
     the site's own, so the bad scans are not 8 SDs out as against the clean scans alone."""
-    from qc_pipeline.qcscore import relative_scores
+    from qc_pipeline.qc.score import relative_scores
 
     rng = np.random.default_rng(3)
     noise = [float(np.exp(0.5 + 0.04 * rng.normal() + (0.8 * rng.uniform(0.7, 1.0) if k >= 10 else 0.0)))
@@ -342,7 +342,7 @@ def test_site_of_different_people_flags_the_artifact_not_the_people(tmp_path):
     import csv
 
     from qc_pipeline.grouplevel import run_group
-    from qc_pipeline.qcscore import relative_scores
+    from qc_pipeline.qc.score import relative_scores
 
     rng = np.random.default_rng(5)
     people = (0.3, 0.45, 0.6)  # log noise level of each person's clean scans
@@ -368,7 +368,7 @@ def test_site_score_adds_measurements_that_move_together():
     """Blur lowers sharpness and raises nothing else much; motion moves several measurements
     a little each. A scan with two measurements 4 SDs out scores above the flag cut (5),
     one with a single measurement 4 SDs out does not, and the driver is the larger one."""
-    from qc_pipeline.qcscore import relative_scores
+    from qc_pipeline.qc.score import relative_scores
 
     ref = {"features": {
         "noise": {"median": 0.0, "scale": 0.05, "direction": "up", "transform": "log", "offset": 0.0},
@@ -387,7 +387,7 @@ def test_site_score_adds_measurements_that_move_together():
 
 
 def test_relative_scores_both_directions_and_missing_values():
-    from qc_pipeline.qcscore import relative_scores
+    from qc_pipeline.qc.score import relative_scores
 
     ref = {"features": {"x": {"median": 0.0, "scale": 0.1, "direction": "both", "transform": "identity"}}}
     vals = [0.0, 0.05, -0.05, 0.02, -0.02, 0.01, -0.01, 0.03, 1.0, -1.0, None]
@@ -440,7 +440,7 @@ def test_itermask_interface_writes_quality_and_survives_a_failing_measurement(tm
     import pickle
     from types import SimpleNamespace
 
-    import qc_pipeline.qcscore as qcscore
+    import qc_pipeline.qc.score as qcscore
     from qc_pipeline.calibrate import write_card_reference
     from qc_pipeline.engine import make_random_model_folder
     from qc_pipeline.interfaces import IterMaskRun, clear_model_cache
@@ -481,7 +481,7 @@ def test_site_score_finds_blur_when_noisy_scans_look_sharper():
     """Sharpness is a "down" measurement, but noise-like artifacts make a scan look sharper:
     three such scans on the good side must not widen the clean spread so much that a blurred
     scan (12 % less sharp) hides among the clean ones."""
-    from qc_pipeline.qcscore import relative_scores
+    from qc_pipeline.qc.score import relative_scores
 
     ref = {"features": {"sharpness": {"median": 0.85, "scale": 0.02, "direction": "down",
                                       "transform": "log", "offset": 0.0}}}

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from qc_pipeline.metrics import (detection_metrics, fnr_at_fpr, fpr_at_tpr,
+from qc_pipeline.qc.metrics import (detection_metrics, fnr_at_fpr, fpr_at_tpr,
                                  threshold_at_fnr)
 
 # Example 1 (no ties): clean 0.1..0.5, artifact 0.35, 0.6..0.9
