@@ -88,7 +88,7 @@ def write_copies(src_path: Path, root: Path, *, n_clean: int, types, severity, s
 
 
 def _cli(*args) -> int:
-    cmd = [sys.executable, "-m", "qc_pipeline.cli", *map(str, args)]
+    cmd = [sys.executable, "-m", "qc_pipeline.cli.app", *map(str, args)]
     print("+", " ".join(cmd), flush=True)
     return subprocess.call(cmd)
 

@@ -93,7 +93,7 @@ def run_multiproc(bids, out, work, model, nprocs) -> dict:
 
 def run_slurm(bids, out, model, tmp, slots, mem) -> dict:
     ls = _load("local_slurm")
-    from qc_pipeline import sbatch as sb
+    from qc_pipeline import cluster as sb
 
     usage = tmp / "usage"
     wrapper = tmp / "itermask-qc-timed"

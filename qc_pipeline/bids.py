@@ -52,39 +52,28 @@ ENTITY_KEYS = {
 
 # --------------------------------------------------------------------------- errors
 class BIDSInputError(Exception):
-    """A problem with the input dataset or the filters; carries the CLI exit code."""
-
-    exit_code = 1
+    """A problem with the input dataset or the filters; the exit code each kind ends the command
+    with is :func:`qc_pipeline.cli.exits.exit_code_for`'s."""
 
 
 class DatasetNotFound(BIDSInputError):
     """The BIDS directory does not exist (EX_NOINPUT)."""
 
-    exit_code = 66
-
 
 class InvalidDataset(BIDSInputError):
     """Not a BIDS dataset: no dataset_description.json or no ``sub-*`` folders."""
-
-    exit_code = 16
 
 
 class UnknownLabel(BIDSInputError):
     """A participant or session label that the dataset does not have (usage error)."""
 
-    exit_code = 64
-
 
 class InvalidFilter(BIDSInputError):
     """A malformed ``--bids-filter-file`` (usage error)."""
 
-    exit_code = 64
-
 
 class NoScansFound(BIDSInputError):
     """The filters matched no scan."""
-
-    exit_code = 18
 
 
 # --------------------------------------------------------------------------- records

@@ -1,4 +1,5 @@
-"""``itermask-qc-calibrate``: fit a model's QC-score reference on clean scans.
+"""Fit a model's QC-score reference on clean scans (the library behind ``itermask-qc-calibrate``,
+:mod:`qc_pipeline.cli.calibrate`).
 
 The QC score (:mod:`qc_pipeline.qc.score`) compares each measurement of a scan with the
 same measurement on clean scans. The packaged models carry a reference fitted on held-out
@@ -24,12 +25,10 @@ scan whose errors rise above the site's level stops the sweep earlier.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import re
-import sys
 from pathlib import Path
 from typing import Mapping
 
@@ -39,7 +38,7 @@ from .qc.score import QCScoreError, fit_reference
 log = logging.getLogger(__name__)
 
 __all__ = ["write_card_reference", "reference_from_outputs", "gamma_from_tau50", "gamma_from_outputs",
-           "write_card_gamma", "DEFAULT_GAMMA_FACTOR", "main"]
+           "write_card_gamma", "DEFAULT_GAMMA_FACTOR"]
 
 #: stopping slope = this x the median tau(50) of clean scans (see the module docstring)
 DEFAULT_GAMMA_FACTOR = 0.5
@@ -165,47 +164,3 @@ def reference_from_outputs(output_dir, *, model_id: str | None, suffix: str,
                              source=f"{len(rows)} clean {suffix} scans in {Path(output_dir).resolve()}")
     except QCScoreError as exc:
         raise CalibrationError(f"{output_dir}: {exc}") from exc
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="itermask-qc-calibrate", description=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("output_dir", type=Path, help="derivatives folder of a participant run on clean scans")
-    p.add_argument("model_dir", type=Path, help="the model folder those scans were screened with")
-    p.add_argument("--suffix", default="T1w", choices=["T1w", "T2w", "FLAIR"])
-    p.add_argument("--labels", type=Path, default=None, help="ratings TSV; scans rated 1/bad are left out")
-    p.add_argument("--min-scans", type=int, default=8, help="fewest clean scans to fit on (default 8)")
-    p.add_argument("--gamma", action="store_true",
-                   help="also fit the engine's stopping slope on these scans (gamma = factor x median tau(50))")
-    p.add_argument("--gamma-factor", type=float, default=DEFAULT_GAMMA_FACTOR,
-                   help=f"the factor of --gamma (default {DEFAULT_GAMMA_FACTOR})")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    card_path = args.model_dir / CARD_NAME
-    if not card_path.is_file():
-        print(f"itermask-qc-calibrate: {args.model_dir}: no {CARD_NAME} (expected a model folder)",
-              file=sys.stderr)
-        return 2
-    model_id = json.loads(card_path.read_text()).get("model_id")
-    # the scans may have been screened before an earlier calibration of this folder
-    screened_with = sorted({model_id, uncalibrated_id(model_id)}) if model_id else None
-    try:
-        ref = reference_from_outputs(args.output_dir, model_id=screened_with, suffix=args.suffix,
-                                     labels=args.labels, min_scans=args.min_scans)
-        write_card_reference(args.model_dir, ref)
-        if args.gamma:
-            g = gamma_from_outputs(args.output_dir, model_id=screened_with, suffix=args.suffix, labels=args.labels,
-                                   factor=args.gamma_factor, min_scans=args.min_scans)
-            write_card_gamma(args.model_dir, g)
-            log.info("gamma of %s set to %.4g (median tau(50) %.4g over %d scans)", card_path, g["gamma"],
-                     g["gamma_calibration"]["median_tau50"], g["gamma_calibration"]["n"])
-    except (CalibrationError, OSError, ValueError) as exc:
-        print(f"itermask-qc-calibrate: {exc}", file=sys.stderr)
-        return 2
-    new_id = rename_calibrated(args.model_dir)
-    log.info("QC-score reference of %s written from %d scans; model id %s", card_path, ref["n_scans"], new_id)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

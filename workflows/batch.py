@@ -3,7 +3,7 @@
 Pattern A of ``docs/cluster.md``: each node of the per-scan workflow runs as its own job.
 :func:`prepare_batch_workflow` gives the heavy nodes their measured memory and CPU requests,
 keeps bookkeeping nodes in the submitting process and sets a sane queue-polling interval.
-The job-array pattern (B) lives in :mod:`qc_pipeline.sbatch`.
+The job-array pattern (B) lives in :mod:`qc_pipeline.cluster`.
 """
 from __future__ import annotations
 

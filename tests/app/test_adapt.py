@@ -23,7 +23,7 @@ from app_testlib import brain_image, save_scan
 
 from qc_pipeline.adapt import (AdaptError, AdaptOptions, adaptation_key, adapted_model_id,
                                select_training_scans)
-from qc_pipeline.cli import main
+from qc_pipeline.cli.app import main
 from qc_pipeline.engine import load_model_card
 from qc_pipeline.engine.modelio import save_normal_error
 from qc_pipeline.sitenorm import DEFAULT_SITE_NORM_FACTOR, DEFAULT_SITE_SPREAD_K, template_grid

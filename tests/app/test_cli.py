@@ -8,7 +8,8 @@ import pytest
 
 from app_testlib import base_args, make_dataset
 
-from qc_pipeline.cli import get_parser, main
+from qc_pipeline.cli.app import main
+from qc_pipeline.cli.parser import get_parser
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,7 @@ def test_parser_accepts_bids_app_spellings():
 
 
 def test_site_norm_factor_parses_and_zero_skips_the_site_reference(ds, tmp_path):
-    from qc_pipeline.cli import build_settings
+    from qc_pipeline.cli.app import build_settings
 
     base = [str(ds["root"]), str(tmp_path / "o"), "group"]
     assert build_settings(get_parser().parse_args(base), base).site_norm_factor == 3.0

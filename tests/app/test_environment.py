@@ -18,7 +18,7 @@ import pytest
 
 from app_testlib import base_args, make_dataset, qc_of
 
-from qc_pipeline.cli import main
+from qc_pipeline.cli.app import main
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_ctrl_c_stops_with_130_no_workers_left_and_a_second_run_is_refused(ds, t
                                                                            model_dir, capsys):
     out, work = tmp_path / "out", tmp_path / "work"
     args = base_args(ds["root"], out, work, model_dir, "--nprocs", "2")
-    code = "import sys; from qc_pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from qc_pipeline.cli.app import main; sys.exit(main(sys.argv[1:]))"
     env = dict(os.environ, NIPYPE_NO_ET="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.PIPE,
                             text=True, env=env, cwd=str(Path(__file__).parent),
@@ -168,7 +168,7 @@ def test_work_dir_removed_mid_run_stops_with_one_line_74(ds, tmp_path, model_dir
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; prctl")
 def test_kill_9_of_the_main_process_leaves_no_workers(ds, tmp_path, model_dir):
     args = base_args(ds["root"], tmp_path / "out", tmp_path / "work", model_dir, "--nprocs", "2")
-    code = "import sys; from qc_pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from qc_pipeline.cli.app import main; sys.exit(main(sys.argv[1:]))"
     env = dict(os.environ, NIPYPE_NO_ET="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.DEVNULL,
                             env=env, cwd=str(Path(__file__).parent))

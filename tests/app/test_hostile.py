@@ -13,7 +13,7 @@ import pytest
 
 from app_testlib import HOSTILE_KINDS, base_args, make_dataset, qc_of, save_scan, write_hostile
 
-from qc_pipeline.cli import main
+from qc_pipeline.cli.app import main
 
 ODD = [
     "sub-ü/anat/sub-ü_T1w.nii.gz",

@@ -22,7 +22,7 @@ import pytest
 
 from app_testlib import BAD_KINDS, base_args, make_dataset, qc_of
 
-from qc_pipeline.cli import main
+from qc_pipeline.cli.app import main
 from qc_pipeline.derivatives import QC_FIELDS
 from qc_pipeline.qc.score import FEATURES
 
@@ -289,7 +289,7 @@ def _scores(out: Path, rels) -> dict:
 def test_kill_9_then_resume_equals_uninterrupted(run, model_dir, tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     args = base_args(run["root"], out, work, model_dir, "--participant-label", "01", "--nprocs", "2")
-    code = "import sys; from qc_pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from qc_pipeline.cli.app import main; sys.exit(main(sys.argv[1:]))"
     env = dict(os.environ, NIPYPE_NO_ET="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -342,7 +342,7 @@ def test_group_level_from_derivatives_alone(run, tmp_path):
 
 
 def test_calibrate_fits_the_qc_reference_from_clean_outputs(run, model_dir, tmp_path, capsys):
-    from qc_pipeline.calibrate import main as calibrate
+    from qc_pipeline.cli.calibrate import main as calibrate
 
     model = tmp_path / "model"
     shutil.copytree(model_dir, model)
@@ -370,7 +370,7 @@ def test_calibrate_fits_the_qc_reference_from_clean_outputs(run, model_dir, tmp_
 
 def test_calibrate_gamma_from_the_sweeps_of_clean_outputs(run, model_dir, tmp_path):
     """--gamma sets the stopping slope to factor x the median tau(50) of the scans' stored sweeps."""
-    from qc_pipeline.calibrate import main as calibrate
+    from qc_pipeline.cli.calibrate import main as calibrate
     from qc_pipeline.engine.taufit import relative_gamma
 
     model = tmp_path / "model"
@@ -390,7 +390,7 @@ def test_calibrate_gamma_from_the_sweeps_of_clean_outputs(run, model_dir, tmp_pa
 def test_the_scan_command_screens_a_folder_of_loose_files(run, model_dir, tmp_path, capsys):
     """itermask-qc-scan on a non-BIDS folder: the app's record per good file, one error line
     per bad file (the others finish), outputs mirroring the folder, rc 1."""
-    from qc_pipeline.scan_cli import main as scan_main
+    from qc_pipeline.cli.scan import main as scan_main
 
     rel = GOOD[0]
     loose = tmp_path / "console"
@@ -422,7 +422,7 @@ def test_the_scan_command_screens_a_folder_of_loose_files(run, model_dir, tmp_pa
 
 
 def test_the_scan_command_says_when_there_is_nothing_to_screen(tmp_path, capsys):
-    from qc_pipeline.scan_cli import main as scan_main
+    from qc_pipeline.cli.scan import main as scan_main
 
     (tmp_path / "empty").mkdir()
     assert scan_main([str(tmp_path / "empty")]) == 66

@@ -7,7 +7,8 @@ import torch
 def test_participant_device_cuda_says_whether_the_build_or_the_machine_lacks_cuda(monkeypatch):
     """The same refusal names the cause: a CPU-only torch on any machine, or a CUDA build that
     sees no GPU here (docs/usage.md, 'On a GPU machine')."""
-    from qc_pipeline.cli import CLIError, _resolve_device
+    from qc_pipeline.cli.app import _resolve_device
+    from qc_pipeline.cli.exits import CLIError
     from qc_pipeline.engine.inference import cuda_problem, torch_build
 
     monkeypatch.setattr(torch.version, "cuda", None)

@@ -201,7 +201,7 @@ def test_rater_session_keyboard_rating_round_trip(group_run, tmp_path):
     import csv
     import shutil as sh
 
-    from qc_pipeline.cli import main
+    from qc_pipeline.cli.app import main
 
     dv, _ = group_run
     root = tmp_path / "study"

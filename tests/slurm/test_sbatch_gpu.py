@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from qc_pipeline.sbatch import main
+from qc_pipeline.cli.sbatch import main
 
 
 def test_gpu_with_a_torch_built_without_cuda_is_refused_before_any_work(tmp_path, monkeypatch,

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from qc_pipeline import sbatch as sb
+from qc_pipeline import cluster as sb
+from qc_pipeline.cli.sbatch import main as sbatch_main
 from qc_pipeline.workflows import batch
 
 
@@ -282,15 +283,15 @@ def test_collect_derivatives_keeps_existing_description(tmp_path):
 
 def test_main_dry_run_and_errors(bids_tree, tmp_path, capsys):
     out = tmp_path / "out"
-    assert sb.main([str(bids_tree), str(out), "--dry-run", "--per", "scan",
+    assert sbatch_main([str(bids_tree), str(out), "--dry-run", "--per", "scan",
                     "--", "--skull-strip", "none", "--suffix", "T1w"]) == 0
     text = capsys.readouterr().out
     assert "dry run: 5 of 5 scan(s)" in text and "--array=0-4" in text
-    assert sb.main([str(bids_tree), str(out), "--time", "soon", "--dry-run"]) == 64
+    assert sbatch_main([str(bids_tree), str(out), "--time", "soon", "--dry-run"]) == 64
     assert "--time 'soon'" in capsys.readouterr().err
-    assert sb.main([str(bids_tree), str(out), "--dry-run", "--", "-w", "x"]) == 64
-    assert sb.main([str(tmp_path / "nope"), str(out), "--dry-run"]) == 66
-    assert sb.main([str(bids_tree), str(out), "--participant-label", "42",
+    assert sbatch_main([str(bids_tree), str(out), "--dry-run", "--", "-w", "x"]) == 64
+    assert sbatch_main([str(tmp_path / "nope"), str(out), "--dry-run"]) == 66
+    assert sbatch_main([str(bids_tree), str(out), "--participant-label", "42",
                     "--dry-run"]) == 64
     assert "42" in capsys.readouterr().err
 
@@ -409,7 +410,7 @@ def test_docs_match_pattern_b_requests(bids_tree, tmp_path):
     assert (gcpus, gmem, gtime) == ("1", sb.DEFAULT_GROUP_MEM, sb.DEFAULT_GROUP_TIME)
     # the scripts written with the CLI defaults carry exactly these requests
     out = tmp_path / "out"
-    assert sb.main([str(bids_tree), str(out), "--dry-run", "--", "--suffix", "T1w"]) == 0
+    assert sbatch_main([str(bids_tree), str(out), "--dry-run", "--", "--suffix", "T1w"]) == 0
     (job_dir,) = [p for p in (out / "logs" / "slurm").iterdir() if p.name != "bids_db"]
     arr = (job_dir / "participant.sbatch").read_text()
     grp = (job_dir / "group.sbatch").read_text()

@@ -22,10 +22,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .cli import EXIT_INTERRUPTED, EXIT_NO_INPUT, EXIT_OK, EXIT_SCANS_FAILED, EXIT_USAGE
-from .config import SCHEDULES, SKULL_STRIP, SUFFIXES
+from .exits import EXIT_INTERRUPTED, EXIT_NO_INPUT, EXIT_OK, EXIT_SCANS_FAILED, EXIT_USAGE
+from ..config import SCHEDULES, SKULL_STRIP, SUFFIXES
 
-LOGGER = logging.getLogger(__name__)
+LOGGER = logging.getLogger("qc_pipeline.scan_cli")  # the name its messages have always shown
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -81,11 +81,11 @@ def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from .derivatives import one_line
-    from .engine import IterMask3D
-    from .engine.errors import EngineError
-    from .io import atomic_write_json
-    from .screening import scan_record_for
+    from ..derivatives import one_line
+    from ..engine import IterMask3D
+    from ..engine.errors import EngineError
+    from ..io import atomic_write_json
+    from ..screening import scan_record_for
 
     files = collect_files(args.paths)
     if not files:
@@ -142,11 +142,11 @@ class _ModelError(RuntimeError):
 
 def _screen_one(f: Path, sub: Path, args, contrast, models: dict, rows: list, records: list) -> bool:
     """Screen one file into ``rows`` / ``records`` (and ``-o``); True when it failed."""
-    from .derivatives import one_line, write_error_qc
-    from .engine import IterMask3D
-    from .engine.errors import EngineError
-    from .errors import InputError
-    from .screening import scan_record_for, screen
+    from ..derivatives import one_line, write_error_qc
+    from ..engine import IterMask3D
+    from ..engine.errors import EngineError
+    from ..errors import InputError
+    from ..screening import scan_record_for, screen
 
     scan = scan_record_for(f, contrast=contrast)
     out = None if args.output_dir is None else args.output_dir / sub
