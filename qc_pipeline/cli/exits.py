@@ -16,6 +16,9 @@ from __future__ import annotations
 
 from typing import Optional
 
+from ..bids import BIDSInputError, DatasetNotFound, InvalidDataset, InvalidFilter, NoScansFound, UnknownLabel
+from ..cluster import SbatchError
+
 EXIT_OK = 0
 EXIT_SCANS_FAILED = 1
 EXIT_INVALID_DATASET = 16
@@ -23,12 +26,12 @@ EXIT_UNKNOWN_LEVEL = 17
 EXIT_NO_SCANS = 18
 EXIT_USAGE = 64
 EXIT_NO_INPUT = 66
+EXIT_UNAVAILABLE = 69   # EX_UNAVAILABLE: a tool the command needs is missing (sbatch)
 EXIT_CANT_CREATE = 73   # EX_CANTCREAT: OUTPUT_DIR or the work dir cannot be made or written
 EXIT_IO_ERROR = 74      # EX_IOERR: the file system failed during the run (full disk, ...)
 EXIT_IN_USE = 75        # EX_TEMPFAIL: another run holds the work dir; try again later
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143   # 128 + SIGTERM (a job's time limit)
-EXIT_UNAVAILABLE = 69   # EX_UNAVAILABLE: a tool the command needs is missing (sbatch)
 
 
 class CLIError(Exception):
@@ -39,7 +42,6 @@ class CLIError(Exception):
         self.exit_code = exit_code
 
 
-
 def exit_code_for(exc: BaseException) -> Optional[int]:
     """The exit code a command ends with after ``exc``; ``None`` for an exception that is not
     a reported error (a bug: let it propagate).
@@ -47,10 +49,6 @@ def exit_code_for(exc: BaseException) -> Optional[int]:
     :class:`CLIError` and :class:`~qc_pipeline.cluster.SbatchError` carry their own code;
     the BIDS input errors map by type (most specific first).
     """
-    from ..bids import (BIDSInputError, DatasetNotFound, InvalidDataset, InvalidFilter,
-                        NoScansFound, UnknownLabel)
-    from ..cluster import SbatchError
-
     if isinstance(exc, (CLIError, SbatchError)):
         return exc.exit_code
     for kind, code in ((DatasetNotFound, EXIT_NO_INPUT), (InvalidDataset, EXIT_INVALID_DATASET),

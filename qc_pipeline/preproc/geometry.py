@@ -10,16 +10,13 @@ World-aligned lattice
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
 from ..io import voxel_sizes
-
-if TYPE_CHECKING:  # for the annotation only: chain imports this module
-    from .chain import PrepInfo
 
 __all__ = ["CropInfo", "is_oblique", "crop_pad_to_grid", "apply_crop_pad", "to_native"]
 
@@ -200,7 +197,7 @@ def apply_crop_pad(volume: np.ndarray, crop: CropInfo, fill=0) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 # back to native space
 # --------------------------------------------------------------------------------------
-def to_native(volume_on_grid: np.ndarray, prep_info: PrepInfo, reference_img: nib.spatialimages.SpatialImage,
+def to_native(volume_on_grid: np.ndarray, prep_info, reference_img: nib.spatialimages.SpatialImage,
               order: int | None = None) -> nib.Nifti1Image:
     """Map a grid-space mask or map back onto the scan's native voxel grid and affine.
 
@@ -208,6 +205,8 @@ def to_native(volume_on_grid: np.ndarray, prep_info: PrepInfo, reference_img: ni
     ----------
     volume_on_grid : array of shape ``prep_info.grid``
     prep_info : PrepInfo
+        :class:`~qc_pipeline.preproc.chain.PrepInfo` (only its ``grid`` and ``grid_affine``
+        are read; not imported here: the chain imports this module)
     reference_img : the native scan (as loaded; 4D single-volume is fine)
     order : 0 (nearest, default for bool/integer input) or 1 (linear, default for float)
 
