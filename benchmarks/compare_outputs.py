@@ -97,6 +97,14 @@ def _diff(a, b, where: str, out: list) -> None:
         out.append(f"{where}: {a!r} != {b!r}")
 
 
+def _leaves(value) -> int:
+    if isinstance(value, dict):
+        return sum(_leaves(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_leaves(v) for v in value) if value else 1
+    return 1
+
+
 def _nifti_digest(path: Path) -> str:
     import nibabel as nib
     import numpy as np
@@ -131,7 +139,7 @@ def compare(before: Path, after: Path) -> tuple[dict, list[str]]:
                     ja = _normalise(json.loads(pa.read_text()), roots_a)
                     _diff(jb, ja, f"{name}/{rel}", diffs)
                     counts["qc_json"] += 1
-                    counts["qc_fields"] += len(json.dumps(jb).split('":'))
+                    counts["qc_fields"] += _leaves(jb)
                 elif pattern == "group_*.csv":
                     tb = _normalise(pb.read_text(), roots_b)
                     ta = _normalise(pa.read_text(), roots_a)
@@ -181,7 +189,7 @@ def main(argv=None) -> int:
     counts, diffs = compare(before, after)
     for d in diffs:
         print("DIFF", d)
-    print(f"compared {counts['qc_json']} qc.json ({counts['qc_fields']} fields), "
+    print(f"compared {counts['qc_json']} qc.json ({counts['qc_fields']} values), "
           f"{counts['group_csv']} group tables ({counts['csv_rows']} rows), "
           f"{counts['nifti']} derivative NIfTIs; excluded fields: {', '.join(sorted(EXCLUDED_FIELDS))}")
     print("IDENTICAL" if not diffs else f"{len(diffs)} difference(s)")
