@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/detection
 from detection import build_scan  # noqa: E402
 
 from qc_pipeline.engine.modelio import CARD_NAME, write_model_card  # noqa: E402
-from qc_pipeline.qcscore import FEATURES, fit_reference, native_measurements  # noqa: E402
+from qc_pipeline.qcscore import fit_reference, native_measurements  # noqa: E402
 
 #: where each native measurement sits in native_measurements()' output
 NATIVE = {"fov_contact": ("background", "fov_contact")}
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         print(f"normal {i:02d} (seed {seed}): " + ", ".join(f"{k} {v}" for k, v in rows[-1].items()),
               file=sys.stderr, flush=True)
     ref = fit_reference(rows, features=args.feature)
-    print(f"\n| model | measurement | n | median (transformed) | scale | raw min-max |\n|---|---|---|---|---|---|")
+    print("\n| model | measurement | n | median (transformed) | scale | raw min-max |\n|---|---|---|---|---|---|")
     for f, entry in ref["features"].items():
         raw = [r[f] for r in rows if r[f] is not None]
         print(f"| {card.get('model_id')} | {f} | {entry['n']} | {entry['median']:.4g} | {entry['scale']:.4g} | "
