@@ -40,7 +40,7 @@ from .runtime import (_configure_nipype, _install_signal_handlers, _raise_if_sto
                       _stop_workers, _Terminated, _WorkDirGone, environment_message, lock_work_dir,
                       prepare_dir, setup_logging, setup_logging_file, teardown_logging)
 
-LOGGER = logging.getLogger("qc_pipeline.cli")
+LOGGER = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- checks

@@ -13,7 +13,7 @@ from ..calibrate import (DEFAULT_GAMMA_FACTOR, CalibrationError, gamma_from_outp
                          rename_calibrated, uncalibrated_id, write_card_gamma, write_card_reference)
 from ..engine.modelio import CARD_NAME
 
-log = logging.getLogger("qc_pipeline.calibrate")
+log = logging.getLogger(__name__)
 
 
 def main(argv=None) -> int:

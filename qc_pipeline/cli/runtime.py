@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 from ..config import Settings
 from .exits import EXIT_CANT_CREATE, EXIT_IN_USE, CLIError
 
-LOGGER = logging.getLogger("qc_pipeline.cli")
+LOGGER = logging.getLogger(__name__)
 
 #: held in the work dir while a run uses it (:func:`lock_work_dir`)
 LOCK_NAME = ".itermask-qc.lock"

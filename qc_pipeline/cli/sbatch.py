@@ -19,7 +19,7 @@ from ..cluster import (DEFAULT_CPUS_PER_TASK, DEFAULT_MAX_ARRAY_SIZE, DEFAULT_ME
                        prepare, still_running, submit)
 from .exits import EXIT_IN_USE, EXIT_USAGE, exit_code_for
 
-LOGGER = logging.getLogger("qc_pipeline.sbatch")
+LOGGER = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ from typing import Optional
 from .exits import EXIT_INTERRUPTED, EXIT_NO_INPUT, EXIT_OK, EXIT_SCANS_FAILED, EXIT_USAGE
 from ..config import SCHEDULES, SKULL_STRIP, SUFFIXES
 
-LOGGER = logging.getLogger("qc_pipeline.scan_cli")  # the name its messages have always shown
+LOGGER = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 

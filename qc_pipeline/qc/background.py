@@ -79,6 +79,24 @@ for a RAS-reoriented array as :func:`background_stats_for_image` gives),
 ``background_ml``, ``artifact_ml``, ``padding_fraction`` (share of the outside-head volume
 that is padding) and the parameters used.
 
+``fov_contact`` and ``fov_contact_axis``: for each array axis, the share of the valid blocks
+of each of the two end faces of the field of view that belong to the head (step 3's mask,
+before the margin), the smaller of the two ends, and the largest of the three axes with its
+axis. Wrap-around needs an object longer than the field of view along the phase-encode
+axis, so the head runs off one end and its folded part touches the other: both ends of
+that axis show head. When the header names the phase-encoding axis (NIfTI ``dim_info``),
+only that axis counts: the readout is oversampled on every scanner, and a 3D slab's
+partition axis is often planned tight to the head (its ends then graze the ears) without
+folding. A head cut off at one end only (the neck below the field of view, a
+nose cut by a tight field of view) keeps the smaller end at 0. The array is taken as RAS
+(axis 2 inferior -> superior, as :func:`background_stats_for_image` gives it): the
+left/right and anterior/posterior faces count only the 100 mm below the top of the head,
+since the neck, shoulders and chest below it span the field of view in any scan that
+reaches them. The fold can land on tissue
+(a vertex folded onto the neck) where the background statistic cannot see it; this
+measure sees the field of view itself. It is taken whenever a head is found, also when
+the background statistic is unavailable because the head fills the field of view.
+
 Measured separation and limits: ``benchmarks/background_stat.py`` and ``docs/outputs.md``.
 A uniform rise of the background (a weak single k-space spike, k-space noise) is not
 "structured" and barely counts (k-space noise shows in ``noise_sigma``/``snr``); motion
@@ -92,6 +110,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
+import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 from scipy.stats import median_abs_deviation
@@ -99,7 +118,7 @@ from scipy.stats import median_abs_deviation
 from ..preproc import fill_holes, largest_component
 
 __all__ = ["BackgroundStats", "BackgroundParameterError", "background_stats", "background_stats_for_image",
-           "lower_side_location_scale",
+           "fov_contact", "lower_side_location_scale",
            "DEFAULTS"]
 
 LOGGER = logging.getLogger(__name__)
@@ -125,6 +144,7 @@ _MIN_HEAD_ML = 50.0      # smallest head component accepted
 _HEAD_REACH_MM = 20.0    # how far beyond the Otsu head dim tissue is looked for
 _BODY_LEVEL = 0.5        # a piece next to the head this bright (x the head's median) is body
 _BODY_REACH_MM = 40.0    # ... when 90 % of it lies this close to the head (spike stripes cross the FOV)
+_SKULL_SPAN_MM = 150.0   # vertex to below the nose: the head, above the chin, neck and shoulders
 _RAYLEIGH_Q25 = math.sqrt(-2.0 * math.log(0.75))   # 0.7585: q25 of Rayleigh(1)
 _RAYLEIGH_SD = math.sqrt((4.0 - math.pi) / 2.0)    # 0.6551: sd of Rayleigh(1)
 _Z25, _Z05 = 0.6745, 1.6449                         # standard normal quantile magnitudes
@@ -155,6 +175,8 @@ class BackgroundStats:
     background_ml: Optional[float] = None
     artifact_ml: Optional[float] = None
     padding_fraction: Optional[float] = None
+    fov_contact: Optional[float] = None
+    fov_contact_axis: Optional[int] = None
     parameters: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -303,6 +325,39 @@ def _noise_floor_trend(bmean: np.ndarray, bg: np.ndarray, weight: np.ndarray, or
     return out
 
 
+def fov_contact(head: np.ndarray, valid: np.ndarray, top_blocks: Optional[int] = None,
+                axes: Optional[Sequence[int]] = None) -> tuple[float, Optional[int]]:
+    """``(contact, axis)``: per axis (of ``axes``, default all three), the smaller of the
+    shares of the two end faces' valid blocks that are ``head``; the largest over the axes
+    and its axis (``(0.0, None)`` when the head touches no axis at both ends).
+
+    With ``top_blocks`` (axis 2 runs inferior -> superior), the faces of axes 0 and 1 count
+    only the ``top_blocks`` slices below the head's top: below the skull the neck, shoulders
+    and chest span the field of view in a correctly planned scan.
+    """
+    if top_blocks is not None:
+        rows = np.flatnonzero(head.any(axis=(0, 1)))
+        lo = (int(rows[-1]) - int(top_blocks) + 1) if rows.size else head.shape[2]
+        part = np.zeros(head.shape[2], bool)
+        part[max(lo, 0):] = True
+    best, best_ax = 0.0, None
+    for ax in (range(head.ndim) if axes is None else axes):
+        ends = []
+        last = head.shape[ax] - 1
+        for layers in ((0, 1), (last, last - 1)):  # the outer block layer; the next one when the
+            for idx in layers:                     # outer holds only a partial (invalid) block row
+                h, v = np.take(head, idx, axis=ax), np.take(valid, idx, axis=ax)
+                if top_blocks is not None and ax < 2:
+                    v = v & part[None, :]
+                n = int(np.count_nonzero(v))
+                if n:
+                    break
+            ends.append(float(np.count_nonzero(h & v)) / n if n else 0.0)
+        if min(ends) > best:
+            best, best_ax = min(ends), ax
+    return best, best_ax
+
+
 def _dilate_mm(mask: np.ndarray, mm: float, sampling) -> np.ndarray:
     if mm <= 0 or not mask.any():
         return mask.copy()
@@ -370,7 +425,7 @@ def _block_noise(m: np.ndarray, sigma: float, n_block_vox: float) -> tuple[float
     return lower_side_location_scale(m, _RAYLEIGH_SD * sigma / math.sqrt(n_block_vox))
 
 
-def background_stats(data, zooms, **params) -> BackgroundStats:
+def background_stats(data, zooms, *, phase_axis: Optional[int] = None, **params) -> BackgroundStats:
     """Measure structured signal in the background (outside the head) of one scan.
 
     Parameters
@@ -380,6 +435,9 @@ def background_stats(data, zooms, **params) -> BackgroundStats:
         reorientation to RAS (a pure axis permutation: the statistic does not depend on it).
     zooms : 3 floats
         Voxel sizes in mm (morphology radii and volumes are in mm).
+    phase_axis : int, optional
+        The array axis of the phase encoding, when the image says it (``fov_contact`` then
+        looks at that axis only); None: every axis.
     **params
         Override :data:`DEFAULTS`: ``block_mm``, ``margin_mm``, ``close_mm``, ``z``,
         ``min_excess``, ``min_cluster_ml``, ``min_background_ml``,
@@ -398,7 +456,7 @@ def background_stats(data, zooms, **params) -> BackgroundStats:
     """
     p = _check_params(params)
     try:
-        return _background_stats(data, zooms, p)
+        return _background_stats(data, zooms, p, phase_axis=phase_axis)
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - odd data must not sink a scan
@@ -406,7 +464,7 @@ def background_stats(data, zooms, **params) -> BackgroundStats:
         return _unavailable(f"could not be computed ({type(exc).__name__}: {exc})", p)
 
 
-def _background_stats(data, zooms, p, debug: Optional[dict] = None) -> BackgroundStats:
+def _background_stats(data, zooms, p, debug: Optional[dict] = None, phase_axis: Optional[int] = None) -> BackgroundStats:
     arr = np.asarray(data)
     if arr.ndim == 4 and arr.shape[3] == 1:
         arr = arr[..., 0]
@@ -483,6 +541,10 @@ def _background_stats(data, zooms, p, debug: Optional[dict] = None) -> Backgroun
                 closed = _erode_mm(_dilate_mm(head, p["close_mm"], bz), p["close_mm"], bz)
                 head = fill_holes(closed | head)
     outside = ~_dilate_mm(head, p["margin_mm"], bz)
+    # bright tissue only: the head mask's dim extensions reach into noise near the faces
+    contact, contact_ax = fov_contact(head & (bmean > thr), bvalid,
+                                      top_blocks=int(math.ceil(_SKULL_SPAN_MM / bz[2])),
+                                      axes=None if phase_axis is None else (int(phase_axis),))
 
     # padding share of the outside-head volume (voxel counts)
     out_vox = float(np.count_nonzero(outside)) * n_block_vox
@@ -490,7 +552,8 @@ def _background_stats(data, zooms, p, debug: Optional[dict] = None) -> Backgroun
     padding_fraction = 1.0 - out_valid_vox / out_vox if out_vox > 0 else 0.0
     bg = outside & bvalid
     bg_ml = float(bcnt[bg].sum()) * bvol / 1e3
-    known = {"padding_fraction": padding_fraction, "background_ml": bg_ml}
+    known = {"padding_fraction": padding_fraction, "background_ml": bg_ml, "fov_contact": contact,
+             "fov_contact_axis": contact_ax}
     if out_vox * bvol / 1e3 < p["min_background_ml"]:
         return _unavailable(f"the head fills the field of view ({out_vox * bvol / 1e3:.0f} mL outside the "
                             f"head + {p['margin_mm']:g} mm; {p['min_background_ml']:g} mL needed)", p, **known)
@@ -561,6 +624,8 @@ def _background_stats(data, zooms, p, debug: Optional[dict] = None) -> Backgroun
         background_ml=bg_ml,
         artifact_ml=art_ml,
         padding_fraction=padding_fraction,
+        fov_contact=contact,
+        fov_contact_axis=contact_ax,
         parameters=dict(p),
     )
 
@@ -569,9 +634,11 @@ def background_stats_for_image(img, **params) -> BackgroundStats:
     """:func:`background_stats` of a nibabel image, reoriented to RAS first.
 
     The reorientation is ``nibabel.as_closest_canonical`` (an exact axis permutation, no
-    interpolation, also for oblique scans); the zooms come from the header. Never raises on
-    odd images (a 4D image with one volume is squeezed; anything unreadable gives
-    ``available=False``); :class:`BackgroundParameterError` for bad ``params``.
+    interpolation, also for oblique scans); the zooms come from the header, and so does the
+    phase-encoding axis (the NIfTI ``dim_info`` field, which dcm2niix fills), carried to
+    its RAS axis for ``fov_contact``. Never raises on odd images (a 4D image with one volume
+    is squeezed; anything unreadable gives ``available=False``);
+    :class:`BackgroundParameterError` for bad ``params``.
     """
     from ..io import canonical_data
 
@@ -582,4 +649,16 @@ def background_stats_for_image(img, **params) -> BackgroundStats:
         raise
     except Exception as exc:  # noqa: BLE001
         return _unavailable(f"image could not be read ({type(exc).__name__}: {exc})", p)
-    return background_stats(data, zooms, **params)
+    return background_stats(data, zooms, phase_axis=_ras_phase_axis(img), **params)
+
+
+def _ras_phase_axis(img) -> Optional[int]:
+    """The RAS axis of the image's phase encoding from its NIfTI ``dim_info`` (None when the
+    header does not say)."""
+    try:
+        phase = img.header.get_dim_info()[1]
+        if phase is None:
+            return None
+        return int(nib.io_orientation(img.affine)[int(phase), 0])
+    except Exception:  # noqa: BLE001 - a header without dim_info (MINC, Analyze) says nothing
+        return None

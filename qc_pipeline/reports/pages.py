@@ -41,6 +41,8 @@ MEASURE_WORDS: dict[str, tuple[str, str]] = {
     "signal_void": ("dark signal voids in the brain (metal / susceptibility)", "metal/susceptibility"),
     "nonuniformity": ("intensity inhomogeneity (bias field, coil shading)", "intensity inhomogeneity"),
     "background_artifact_fraction": ("ghosting / wrap-around in the background", "ghosting/wrap-around"),
+    "fov_contact": ("the head runs off both ends of the field of view (wrap-around, or a field of view "
+                    "too small)", "ghosting/wrap-around"),
     "sharpness": ("blurring (motion or low resolution)", "motion"),
     "axis_sharpness": ("blurring along one axis (thick slices or through-plane motion)", "motion"),
     "noise": ("noise in the brain", "noise"),

@@ -18,7 +18,7 @@ import time
 from .. import __version__
 from .errors import SynthError
 
-LOGGER = logging.getLogger("qc_pipeline.synth")
+LOGGER = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:

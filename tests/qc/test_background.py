@@ -190,6 +190,55 @@ def test_a_few_nans_are_left_out():
     assert st.available and st.background_artifact_fraction == 0.0
 
 
+def test_fov_contact_sees_a_head_running_off_both_ends_of_an_axis():
+    """Wrap-around needs a head longer than the field of view: it runs off both ends of
+    that axis. A head that fits, or runs off one end only (neck, a cut nose), has none."""
+    sig, noisy = _phantom()
+    zooms = (3.0, 3.0, 3.0)
+    fits = background_stats(noisy(sig), zooms)
+    assert fits.fov_contact == 0.0 and fits.fov_contact_axis is None
+    neck = sig.copy()
+    neck[26:38, 24:40, :12] = 400.0  # a neck out of the bottom of the field of view
+    assert background_stats(noisy(neck), zooms).fov_contact == 0.0
+    # the field of view along A-P (axis 1) cut to 80 % of the head's length, as a scan
+    # planned too small would be; the cut-off ends fold back, here left out
+    ap = np.flatnonzero(sig.any(axis=(0, 2)))
+    n = int(0.8 * (ap[-1] - ap[0] + 1))
+    start = ap[0] + (ap[-1] - ap[0] + 1 - n) // 2
+    cut = background_stats(noisy(sig)[:, start:start + n], zooms)
+    assert cut.fov_contact_axis == 1 and cut.fov_contact > 0.05
+    assert cut.to_dict()["fov_contact"] == pytest.approx(cut.fov_contact, abs=1e-6)
+
+
+def test_fov_contact_ignores_the_body_below_the_skull():
+    """Shoulders and chest below the head span the field of view side to side in any scan
+    that reaches them; only the 150 mm below the top of the head count for the side faces."""
+    sig, noisy = _phantom(shape=(64, 64, 96), radius=(0.3, 0.36, 0.21))  # head z 28-67 (3 mm)
+    zooms = (3.0, 3.0, 3.0)
+    body = sig.copy()
+    body[26:38, 26:38, 6:30] = 400.0  # the neck ...
+    body[:, 12:52, :8] = 400.0        # ... on shoulders across the field of view, > 150 mm below the top
+    st = background_stats(noisy(body), zooms)
+    assert st.fov_contact == 0.0, st.fov_contact
+    high = body.copy()
+    high[:, 12:52, 20:30] = 400.0     # the same across the field of view at the head's height
+    assert background_stats(noisy(high), zooms).fov_contact_axis == 0
+
+
+def test_wrap_around_onto_the_head_raises_the_fov_contact(head_scans):
+    """The fold of a synthetic wrap-around lands partly on the head, where the background
+    statistic cannot see it; the field of view it leaves shows head at both ends of the
+    phase-encode axis."""
+    from qc_pipeline.synth import apply_artifact
+
+    clean = background_stats_for_image(head_scans["clean"])
+    wrapped = apply_artifact(head_scans["clean"], "wrap_around", 1.0, rng=1)
+    wrap = background_stats_for_image(wrapped)
+    assert wrap.fov_contact > clean.fov_contact + 0.05
+    phase = wrapped.extra["artifact"]["phase_axis"]  # stored axis -> RAS axis
+    assert wrap.fov_contact_axis == int(nib.io_orientation(wrapped.affine)[phase, 0])
+
+
 def _head_filling():
     g = np.indices((40, 40, 40), dtype=np.float32)
     r = np.sqrt(sum(((g[i] - 19.5) / 22.0) ** 2 for i in range(3)))
