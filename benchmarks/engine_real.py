@@ -135,8 +135,6 @@ def _load_head(path: Path):
 
 # --------------------------------------------------------------------------- prepare
 def prepare(args) -> int:
-    import nibabel as nib
-
     from qc_pipeline.errors import InputError
     from qc_pipeline.io import atomic_write_npz, atomic_write_text
     from qc_pipeline.preproc import preprocess

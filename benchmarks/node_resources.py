@@ -28,29 +28,28 @@ from pathlib import Path
 
 STAGE_CODE = {
     "load": """
-from qc_pipeline.interfaces import LoadValidate
+from qc_pipeline.workflows.interfaces import LoadValidate
 r = LoadValidate(in_file=A['scan'], name='scan').run(cwd=A['cwd'])
 out = {'error': r.outputs.error}
 """,
     "preprocess": """
-from qc_pipeline.interfaces import Preprocess
+from qc_pipeline.workflows.interfaces import Preprocess
 r = Preprocess(in_file=A['scan'], name='scan', voxel_size=A['voxel_size'], grid=A['grid'],
                skull_strip=A['skull_strip'], contrast='T1w',
                omp_nthreads=A['threads']).run(cwd=A['cwd'])
 out = {'error': r.outputs.error, 'out_file': r.outputs.out_file}
 """,
     "itermask": """
-from qc_pipeline.interfaces import IterMaskRun
-import pickle
+from qc_pipeline.workflows.interfaces import IterMaskRun, read_node_record
 r = IterMaskRun(in_file=A['prep'], model_dir=A['model_dir'], contrast='T1w', device=A['device'],
                 schedule=A['schedule'], omp_nthreads=A['threads']).run(cwd=A['cwd'])
 out = {'error': r.outputs.error, 'out_file': r.outputs.out_file}
 if r.outputs.out_file:
-    res = pickle.load(open(r.outputs.out_file, 'rb'))
+    res = read_node_record(r.outputs.out_file)
     out['forward_passes'] = int(res.forward_passes)
 """,
     "write": """
-from qc_pipeline.interfaces import WriteDerivatives
+from qc_pipeline.workflows.interfaces import WriteDerivatives
 r = WriteDerivatives(scan=A['record'], output_dir=A['out'], in_file=A['scan'],
                      preproc_file=A['prep'], result_file=A['result']).run(cwd=A['cwd'])
 out = {'error': '' if r.outputs.status == 'ok' else r.outputs.qc_json}

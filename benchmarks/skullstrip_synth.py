@@ -19,7 +19,7 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from qc_pipeline.preproc.geometry import _resample, _to_lattice  # noqa: E402
+from qc_pipeline.preproc.geometry import _resample, to_lattice  # noqa: E402
 from qc_pipeline.preproc.skullstrip import skull_strip  # noqa: E402
 from qc_pipeline.synth.subject import make_subject  # noqa: E402
 
@@ -40,7 +40,7 @@ def main(argv=None):
             img, meta = make_subject(seed, contrast, work_mm=a.work_mm, voxel_size=a.voxel,
                                      return_brain_mask=True, finalize=False)
             gt = meta["brain_mask"]
-            lat, fov, aff = _to_lattice(img, a.strip_mm)
+            lat, fov, aff = to_lattice(img, a.strip_mm)
             g, _ = _resample(np.asarray(gt.dataobj, np.float32), gt.affine, aff, lat.shape, order=1)
             g = g >= 0.5
             lat_img = nib.Nifti1Image(lat, aff)

@@ -35,7 +35,6 @@ import hashlib
 import json
 import logging
 import math
-import pickle
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -43,6 +42,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+
+from .errors import ModelCardError, ModelNotFoundError, QCPipelineError
+from .modelcard import load_model_card
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ MODELS_DIRNAME = "models"
 OUTLIER_Z = 3.5
 
 
-class AdaptError(RuntimeError):
+class AdaptError(QCPipelineError, RuntimeError):
     """Adaptation cannot proceed; the message names the suffix and what was found."""
 
 
@@ -228,12 +230,12 @@ def _preprocessed(scan, settings, spec) -> Any:
     """The scan's :class:`~qc_pipeline.preproc.PreprocResult`: the participant
     workflow's cached output in the work directory, else preprocessed again."""
     from qc_pipeline.workflows.base import cached_preprocessing
+    from qc_pipeline.workflows.interfaces import read_node_record
 
-    pkl = cached_preprocessing(settings.work_dir, scan)
-    if pkl.is_file():
+    cached = cached_preprocessing(settings.work_dir, scan)
+    if cached.is_file():
         try:
-            with open(pkl, "rb") as fh:
-                prep = pickle.load(fh)
+            prep = read_node_record(cached)
             if tuple(prep.image.shape) == tuple(spec["grid"]):
                 return prep
         except Exception as exc:  # noqa: BLE001 - a broken cache is made again
@@ -257,7 +259,7 @@ def adapt_dataset(settings, scans, *, screen: Callable, options: AdaptOptions) -
     screen, so the run's config snapshot names them.
     """
     from .derivatives import output_paths, read_qc
-    from .engine.modelio import load_model_card, model_content_key
+    from .engine.modelio import model_content_key
     from .engine import default_model_dir
 
     from .labels import load_labels
@@ -311,7 +313,7 @@ def adapt_dataset(settings, scans, *, screen: Callable, options: AdaptOptions) -
                                         "model_id": card["model_id"],
                                         "model_key": model_content_key(plan["target"])}
     settings.snapshot()
-    from .interfaces import clear_model_cache
+    from .screening import clear_model_cache
 
     clear_model_cache()
     rc = screen(settings, scans)
@@ -325,8 +327,8 @@ def adapt_dataset(settings, scans, *, screen: Callable, options: AdaptOptions) -
 def _finished(target: Path, base_id) -> str | None:
     """The adapted model id when ``target`` holds a finished adaptation of ``base_id``."""
     try:
-        card = json.loads((target / "model_card.json").read_text())
-    except (OSError, ValueError):
+        card = load_model_card(target)
+    except (ModelNotFoundError, ModelCardError):
         return None
     ad = card.get("adaptation") or {}
     if ad.get("base_model_id") == base_id and ad.get("complete") and (target / "weights.pt").is_file():
@@ -337,7 +339,6 @@ def _finished(target: Path, base_id) -> str | None:
 def _adapt_one(settings, plan, rows, options: AdaptOptions, *, bad: set[str]) -> None:
     from .engine import train_model
     from .engine.inference import resolve_device
-    from .engine.modelio import load_model_card
     from .derivatives import normalise_bids_name
 
     suffix, spec, target = plan["suffix"], plan["spec"], plan["target"]
@@ -385,7 +386,7 @@ def _adapt_one(settings, plan, rows, options: AdaptOptions, *, bad: set[str]) ->
                       voxel_size=tuple(spec["voxel_size"]), contrast=suffix,
                       init_from=plan["base_dir"], time_budget_s=60.0 * options.minutes, trim=options.trim,
                       patch=options.patch or None)
-    trained = json.loads((target / "model_card.json").read_text())
+    trained = load_model_card(target)
     new_id = adapted_model_id(plan["base_card"]["model_id"], key, res["steps"])
     card = copy.deepcopy(plan["base_card"])
     card.pop("model_dir", None)
@@ -521,7 +522,7 @@ def _refit_reference(settings, plan, options: AdaptOptions) -> None:
     from .qc.score import QCScoreError, fit_reference
 
     target = plan["target"]
-    card = json.loads((target / "model_card.json").read_text())
+    card = load_model_card(target)
     ad = card.get("adaptation") or {}
     if ad.get("reference_refit"):
         return

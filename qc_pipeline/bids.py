@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from .errors import QCPipelineError
 from .io import atomic_write_json, to_jsonable
 
 LOGGER = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ ENTITY_KEYS = {
 
 
 # --------------------------------------------------------------------------- errors
-class BIDSInputError(Exception):
+class BIDSInputError(QCPipelineError):
     """A problem with the input dataset or the filters; the exit code each kind ends the command
     with is :func:`qc_pipeline.cli.exits.exit_code_for`'s."""
 

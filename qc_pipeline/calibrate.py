@@ -32,7 +32,8 @@ import re
 from pathlib import Path
 from typing import Mapping
 
-from .engine.modelio import CARD_NAME, write_model_card
+from .errors import ModelCardError, ModelNotFoundError, QCPipelineError
+from .modelcard import CARD_NAME, load_model_card, write_model_card
 from .qc.score import QCScoreError, fit_reference
 
 log = logging.getLogger(__name__)
@@ -44,16 +45,22 @@ __all__ = ["write_card_reference", "reference_from_outputs", "gamma_from_tau50",
 DEFAULT_GAMMA_FACTOR = 0.5
 
 
-class CalibrationError(ValueError):
+class CalibrationError(QCPipelineError, ValueError):
     """Nothing usable to calibrate on; the message names the folder and what was found."""
+
+
+def _read_card(model_dir) -> tuple[Path, dict]:
+    try:
+        return Path(model_dir) / CARD_NAME, load_model_card(Path(model_dir))
+    except ModelNotFoundError as exc:
+        raise CalibrationError(f"{model_dir}: no {CARD_NAME} (expected a model folder)") from exc
+    except ModelCardError as exc:
+        raise CalibrationError(str(exc)) from exc
 
 
 def write_card_reference(model_dir, reference: Mapping) -> Path:
     """Replace the ``qc_score`` section of ``model_dir/model_card.json`` (atomic)."""
-    path = Path(model_dir) / CARD_NAME
-    if not path.is_file():
-        raise CalibrationError(f"{model_dir}: no {CARD_NAME} (expected a model folder)")
-    card = json.loads(path.read_text())
+    path, card = _read_card(model_dir)
     card["qc_score"] = dict(reference)
     write_model_card(path.parent, card)
     return path
@@ -117,8 +124,7 @@ def calibrated_id(card: Mapping) -> str:
 
 def rename_calibrated(model_dir) -> str:
     """Give the card of ``model_dir`` its :func:`calibrated_id` (atomic); returns the id."""
-    path = Path(model_dir) / CARD_NAME
-    card = json.loads(path.read_text())
+    path, card = _read_card(model_dir)
     card.setdefault("calibrated_from", uncalibrated_id(card["model_id"]))
     card["model_id"] = calibrated_id(card)
     write_model_card(path.parent, card)
@@ -127,10 +133,7 @@ def rename_calibrated(model_dir) -> str:
 
 def write_card_gamma(model_dir, gamma: Mapping) -> Path:
     """Set ``gamma`` (absolute mode) and ``gamma_calibration`` in the model card (atomic)."""
-    path = Path(model_dir) / CARD_NAME
-    if not path.is_file():
-        raise CalibrationError(f"{model_dir}: no {CARD_NAME} (expected a model folder)")
-    card = json.loads(path.read_text())
+    path, card = _read_card(model_dir)
     card["gamma_mode"] = "absolute"
     card["gamma"] = float(gamma["gamma"])
     card["gamma_calibration"] = dict(gamma["gamma_calibration"])

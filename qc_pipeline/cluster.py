@@ -13,8 +13,8 @@ those and nothing else.
 
 Layout of one submission (everything under ``OUTPUT_DIR/logs/slurm/<submission id>/``)::
 
-    participant.sbatch   the array script (from workflows/sbatch_array.tmpl)
-    group.sbatch         the group-level script (from workflows/sbatch_group.tmpl)
+    participant.sbatch   the array script (from templates/sbatch_array.tmpl)
+    group.sbatch         the group-level script (from templates/sbatch_group.tmpl)
     units.tsv            one line per unit: subject, BIDS filter file or "-", unit key
     filters/NNNNN.json   per-scan --bids-filter-file (``--per scan`` only)
     itermask-qc_<array id>_<task>.out, itermask-qc-group_<job id>.out   SLURM logs
@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
 from . import __version__
+from .errors import QCPipelineError
 from .io import atomic_write_file, atomic_write_json
 
 LOGGER = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ _RESERVED = ("-w", "--work-dir", "--participant-label", "--participant_label", "
 ARRAY_TEMPLATE = "sbatch_array.tmpl"
 GROUP_TEMPLATE = "sbatch_group.tmpl"
 
-class SbatchError(RuntimeError):
+class SbatchError(QCPipelineError, RuntimeError):
     """A problem preparing or submitting the SLURM jobs; ``exit_code`` for the CLI."""
 
     exit_code = 1
@@ -246,10 +247,10 @@ def _q(value) -> str:
 def _template_env():
     import jinja2
 
-    from . import workflows as _wf
+    from importlib import resources
 
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(Path(_wf.__file__).parent)),
+        loader=jinja2.FileSystemLoader(str(resources.files("qc_pipeline.templates"))),
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     env.filters["q"] = _q
     return env
@@ -273,7 +274,7 @@ def render_array_script(*, bids_dir, output_dir, units_file, log_dir, per: str,
                         n_units: int, units_per_task: int, resources: Resources,
                         cli_args: Sequence[str], itermask_qc: str, python: str,
                         script_path, job_name: str = "itermask-qc") -> str:
-    """Render ``workflows/sbatch_array.tmpl``."""
+    """Render ``templates/sbatch_array.tmpl``."""
     tmpl = _template_env().get_template(ARRAY_TEMPLATE)
     return tmpl.render(
         bids_dir=bids_dir, output_dir=output_dir, units_file=units_file, log_dir=log_dir,
@@ -289,7 +290,7 @@ def render_group_script(*, bids_dir, output_dir, log_dir, array_ids: Sequence[st
                         resources: Resources, group_args: Sequence[str], itermask_qc: str,
                         rebuild_reports: bool = False,
                         job_name: str = "itermask-qc-group") -> str:
-    """Render ``workflows/sbatch_group.tmpl``."""
+    """Render ``templates/sbatch_group.tmpl``."""
     group_cmd = " ".join(_q(a) for a in [itermask_qc, bids_dir, output_dir, "group",
                                          "-w", "$WORK_ROOT/work", *group_args])
     group_cmd = group_cmd.replace(_q("$WORK_ROOT/work"), '"$WORK_ROOT/work"')
@@ -396,7 +397,7 @@ def _option_values(args: Sequence[str], names: Sequence[str]) -> Optional[list[s
     return values if found else None
 
 
-def _remove_option(args: Sequence[str], names: Sequence[str]) -> list[str]:
+def remove_option(args: Sequence[str], names: Sequence[str]) -> list[str]:
     out, i = [], 0
     while i < len(args):
         name = args[i].partition("=")[0]
@@ -539,7 +540,7 @@ def prepare(bids_dir, output_dir, *, per: str = "subject", resources: Resources 
 
     task_args = list(cli_args)
     if per == "scan":  # the per-scan filter file replaces any user filter
-        task_args = _remove_option(task_args, ["--bids-filter-file"])
+        task_args = remove_option(task_args, ["--bids-filter-file"])
         (job_dir / "filters").mkdir()
     lines = []
     for i, unit in enumerate(todo):
@@ -569,7 +570,7 @@ def prepare(bids_dir, output_dir, *, per: str = "subject", resources: Resources 
             cmd.append(f"--export=ALL,ITERMASK_QC_TASK_OFFSET={offset}")
         cmd.append(str(sub.array_script))
         sub.array_commands.append(cmd)
-    group_args = _remove_option(cli_args, ["--bids-filter-file", "--session-label"])
+    group_args = remove_option(cli_args, ["--bids-filter-file", "--session-label"])
     sub.group_script = job_dir / "group.sbatch"
     sub.group_script.write_text(render_group_script(
         bids_dir=bids_dir, output_dir=output_dir, log_dir=job_dir,

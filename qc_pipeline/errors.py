@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 
 __all__ = [
+    "QCPipelineError",
     "InputError",
     "EmptyImageError",
     "CorruptImageError",
@@ -30,10 +31,20 @@ __all__ = [
     "ImageBudgetError",
     "SkullStripError",
     "MissingDependencyError",
+    "EngineError",
+    "ModelNotFoundError",
+    "ModelCardError",
 ]
 
 
-class InputError(ValueError):
+class QCPipelineError(Exception):
+    """The root of every error itermask-qc raises on purpose (a bad input, model, dataset,
+    setting or cluster reply); each module's typed errors derive from it, so a library
+    user can tell the package's refusals from its bugs with one clause. The command-line
+    tools map them to exit codes in :mod:`qc_pipeline.cli.exits`."""
+
+
+class InputError(QCPipelineError, ValueError):
     """Base class: the input scan cannot be processed.
 
     Parameters
@@ -112,7 +123,7 @@ class SkullStripError(InputError):
     code = "skull_strip"
 
 
-class MissingDependencyError(ImportError):
+class MissingDependencyError(QCPipelineError, ImportError):
     """An optional tool is not installed; the message names the pip package to install.
 
     Not an :class:`InputError`: it is a configuration problem that affects every scan.
@@ -129,3 +140,16 @@ class MissingDependencyError(ImportError):
 
     def __reduce__(self):
         return (self.__class__, (self.tool, self.pip_name, self.extra))
+
+
+class EngineError(QCPipelineError, RuntimeError):
+    """Base class of every error the IterMask3D engine raises on purpose
+    (the rest are in :mod:`qc_pipeline.engine.errors`)."""
+
+
+class ModelNotFoundError(EngineError, FileNotFoundError):
+    """A model folder (``weights.pt`` + ``model_card.json``) is missing."""
+
+
+class ModelCardError(EngineError, ValueError):
+    """A model card is unreadable or lacks a required field."""

@@ -85,6 +85,7 @@ from typing import Iterable, Mapping
 import numpy as np
 from scipy.stats import median_abs_deviation, rankdata
 
+from .errors import QCPipelineError
 from .qc import metrics as _metrics
 from .derivatives import QCRecord, load_qc_records, normalise_bids_name, site_mask_path
 from .io import atomic_write_text
@@ -148,7 +149,7 @@ FLAG_SITE_COLUMNS = [
 
 
 
-class GroupError(ValueError):
+class GroupError(QCPipelineError, ValueError):
     """Bad arguments to the group level (e.g. ``flag_at_fnr`` without labels)."""
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import dataclasses
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ from .errors import (
     InputError,
     NonFiniteError,
     NotThreeDError,
+    QCPipelineError,
     VoxelSizeError,
 )
 
@@ -51,6 +53,9 @@ __all__ = [
     "canonical_data",
     "atomic_write_nifti",
     "atomic_write_npz",
+    "write_record_npz",
+    "read_record_npz",
+    "RecordError",
     "atomic_write_json",
     "atomic_write_text",
     "atomic_write_bytes",
@@ -472,6 +477,98 @@ def atomic_write_npz(path, **arrays) -> Path:
     """``numpy.savez_compressed(path, **arrays)`` atomically (``path`` should end in ``.npz``,
     which NumPy would otherwise append); returns the path."""
     return _atomic(path, lambda tmp: np.savez_compressed(tmp, **arrays), suffix=".npz")
+
+
+class RecordError(QCPipelineError, ValueError):
+    """A record file (:func:`read_record_npz`) is unreadable or holds what was not expected."""
+
+
+_RECORD_KEY = "__record__"
+_TAG = "__t__"
+
+
+def _type_name(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def write_record_npz(obj, path, *, types) -> Path:
+    """Write a record into one uncompressed NPZ, atomically: a dataclass of ``types`` whose
+    fields hold arrays, NumPy scalars, dataclasses of ``types``, dicts, lists, tuples and JSON
+    scalars. Every array and NumPy scalar is an entry of its own (dtype and value exact), the
+    structure is JSON (Python floats, NaN included, round-trip exactly). Unlike a pickle, the
+    file can be opened with NumPy alone and reading it runs no code.
+    """
+    names = {_type_name(t) for t in types}
+    arrays: dict = {}
+
+    def enc(v):
+        if isinstance(v, (np.ndarray, np.generic)):
+            a = np.asarray(v)
+            if a.dtype.hasobject:
+                raise RecordError(f"{path}: an array of Python objects cannot go into a record")
+            key = f"a{len(arrays)}"
+            arrays[key] = a
+            return {_TAG: "array", "key": key, "scalar": isinstance(v, np.generic)}
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            name = _type_name(type(v))
+            if name not in names:
+                raise RecordError(f"{path}: a {name} cannot go into this record (expected one of {sorted(names)})")
+            return {_TAG: "dataclass", "type": name,
+                    "fields": {f.name: enc(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}}
+        if isinstance(v, tuple):
+            return {_TAG: "tuple", "items": [enc(x) for x in v]}
+        if isinstance(v, list):
+            return [enc(x) for x in v]
+        if isinstance(v, dict):
+            return {_TAG: "dict", "items": [[enc(k), enc(x)] for k, x in v.items()]}
+        if v is None or type(v) in (bool, int, float, str):
+            return v
+        raise RecordError(f"{path}: a {type(v).__name__} cannot go into a record")
+
+    meta = json.dumps(enc(obj), allow_nan=True)
+    arrays[_RECORD_KEY] = np.frombuffer(meta.encode("utf-8"), dtype=np.uint8)
+    return _atomic(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
+
+
+def read_record_npz(path, *, types):
+    """The record :func:`write_record_npz` wrote, rebuilt with the dataclasses of ``types``
+    (a type not among them is refused)."""
+    by_name = {_type_name(t): t for t in types}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            entries = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zlib.error) as exc:
+        raise RecordError(f"{path}: not a readable record file ({exc})") from exc
+    if _RECORD_KEY not in entries:
+        raise RecordError(f"{path}: not a record file (no {_RECORD_KEY} entry)")
+
+    def dec(v):
+        if isinstance(v, list):
+            return [dec(x) for x in v]
+        if not isinstance(v, dict):
+            return v
+        tag = v.get(_TAG)
+        if tag == "array":
+            a = entries[v["key"]]
+            return a[()] if v["scalar"] else a
+        if tag == "tuple":
+            return tuple(dec(x) for x in v["items"])
+        if tag == "dict":
+            return {dec(k): dec(x) for k, x in v["items"]}
+        if tag == "dataclass":
+            cls = by_name.get(v["type"])
+            if cls is None:
+                raise RecordError(f"{path}: holds a {v['type']}, expected one of {sorted(by_name)}")
+            return cls(**{k: dec(x) for k, x in v["fields"].items()})
+        raise RecordError(f"{path}: unknown record entry {v!r:.80}")
+
+    try:
+        meta = json.loads(bytes(entries[_RECORD_KEY]).decode("utf-8"))
+        return dec(meta)
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, RecordError):
+            raise
+        raise RecordError(f"{path}: a broken record ({exc})") from exc
 
 
 def atomic_write_bytes(data: bytes, path) -> Path:

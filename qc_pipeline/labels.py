@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .derivatives import normalise_bids_name
+from .errors import QCPipelineError
 
 LOGGER = logging.getLogger(__name__)
 
 __all__ = ["LabelsError", "Ratings", "load_labels", "load_ratings"]
 
 
-class LabelsError(ValueError):
+class LabelsError(QCPipelineError, ValueError):
     """A labels file that cannot be used; the message names the file and the problem."""
 
 

@@ -1,6 +1,6 @@
 """One scan, start to finish: the participant level's steps as plain functions.
 
-The Nipype nodes of the participant level (:mod:`qc_pipeline.interfaces`) are thin wrappers
+The Nipype nodes of the participant level (:mod:`qc_pipeline.workflows.interfaces`) are thin wrappers
 around the steps here, so :func:`screen` (the call for library users: one NIfTI in, its
 ``_qc.json`` record out) gives the app's answer by construction::
 
@@ -17,6 +17,8 @@ the QC score) and :func:`qc_pipeline.derivatives.write_scan_outputs` /
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -27,7 +29,12 @@ from .derivatives import ok_record, one_line, prep_fields, write_scan_outputs
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["load_scan", "preprocess_scan", "engine_step", "engine_batch", "scan_record_for", "screen"]
+__all__ = ["load_scan", "preprocess_scan", "skull_strip_device", "get_model", "clear_model_cache",
+           "engine_step", "engine_batch", "scan_record_for", "screen"]
+
+_MODEL_CACHE: dict[tuple, Any] = {}
+_MODEL_LOCK = threading.Lock()
+_STRIP_FALLBACK_SAID: list = []
 
 
 def load_scan(path, *, name: Optional[str] = None, max_image_bytes: int = 0):
@@ -52,17 +59,75 @@ def load_scan(path, *, name: Optional[str] = None, max_image_bytes: int = 0):
 
 
 def preprocess_scan(img, *, voxel_size, grid, skull_strip: str = "auto", contrast: str = "T1w",
-                    name: Optional[str] = None):
+                    name: Optional[str] = None, device: str = "cpu"):
     """The model-grid image of a loaded scan (:func:`qc_pipeline.preproc.preprocess`)
-    with the native-image measurements (background statistic, spectral peak) in its ``info``."""
+    with the native-image measurements (background statistic, spectral peak) in its ``info``.
+
+    ``device`` "cuda" runs the skull-strip network (deepbet) on this process's GPU when it
+    has one, else on the CPU (a preprocessing job of a GPU run may land on a CPU node).
+    """
     from .preproc import preprocess
     from .qc.score import native_measurements
 
     prep = preprocess(img, voxel_size=tuple(voxel_size), grid=tuple(grid), skull_strip=skull_strip,
-                      name=name, contrast=contrast)
+                      name=name, contrast=contrast, strip_kwargs={"device": skull_strip_device(device)})
     native = native_measurements(img)  # odd data gives available=False, never an exception
     prep.info.background, prep.info.spectrum = native["background"], native["spectrum"]
     return prep
+
+
+def skull_strip_device(device: str) -> str:
+    """The device for the skull-strip network: ``device`` when this process can use it, else
+    "cpu" (said once in the log)."""
+    if str(device) == "cpu":
+        return "cpu"
+    from .engine.inference import cuda_problem
+
+    problem = cuda_problem()
+    if problem:
+        if not _STRIP_FALLBACK_SAID:
+            _STRIP_FALLBACK_SAID.append(device)
+            LOGGER.info("skull strip on the CPU in process %d: %s", os.getpid(), problem)
+        return "cpu"
+    return str(device)
+
+
+def get_model(model_dir: Optional[str], contrast: str, device: str, *, expect_id: Optional[str] = None,
+              expect_key: Optional[str] = None):
+    """The IterMask3D model of ``model_dir`` (``None``: packaged default of ``contrast``),
+    loaded once per process and device.
+
+    With ``expect_id`` / ``expect_key`` (the folder's content key), a cached model of another
+    id or content (the folder was rewritten, e.g. by the adapt level or by hand) is loaded
+    again, and a folder that still holds another one raises
+    :class:`~qc_pipeline.engine.errors.ModelCardError`.
+    """
+    from .engine import IterMask3D
+    from .engine.errors import ModelCardError
+    from .engine.inference import torch_build
+
+    key = (str(model_dir) if model_dir else f"<packaged:{contrast}>", str(device))
+    with _MODEL_LOCK:
+        model = _MODEL_CACHE.get(key)
+        if (model is None or (expect_id and model.model_id != expect_id)
+                or (expect_key and model.model_key != expect_key)):
+            LOGGER.info("loading IterMask3D model %s on %s with %s (pid %d)", key[0], device, torch_build(),
+                        os.getpid())
+            model = IterMask3D.from_folder(model_dir or None, device=device, contrast=contrast)
+            _MODEL_CACHE[key] = model
+    if expect_id and model.model_id != expect_id:
+        raise ModelCardError(f"model folder {key[0]} holds {model.model_id!r}, expected "
+                             f"{expect_id!r} (it was replaced after the run started)")
+    if expect_key and model.model_key != expect_key:
+        raise ModelCardError(f"model folder {key[0]} holds content {model.model_key}, expected "
+                             f"{expect_key} (it was rewritten after the run started)")
+    return model
+
+
+def clear_model_cache() -> None:
+    """Forget the models :func:`get_model` loaded (a folder rewritten in place, e.g. by the adapt level)."""
+    with _MODEL_LOCK:
+        _MODEL_CACHE.clear()
 
 
 def engine_step(model, prep, *, schedule: str = "auto", seed: int = 0, name: Optional[str] = None):
@@ -179,7 +244,8 @@ def screen(path, *, model_dir=None, contrast: Optional[str] = None, device: str 
     img, sha, load_warnings = load_scan(path, name=scan.relpath, max_image_bytes=max_image_bytes)
     prep = preprocess_scan(img, voxel_size=model.voxel_size or DEFAULT_VOXEL_SIZE,
                            grid=model.grid or DEFAULT_GRID, skull_strip=skull_strip,
-                           contrast=scan.suffix, name=scan.relpath)
+                           contrast=scan.suffix, name=scan.relpath,
+                           device="cuda" if str(model.device).startswith("cuda") else "cpu")
     res, quality = engine_step(model, prep, schedule=schedule, seed=seed, name=scan.relpath)
     warnings = list(dict.fromkeys(load_warnings + [str(w) for w in prep.warnings]))
     common = dict(model_id=model.model_id, model_key=model.model_key,

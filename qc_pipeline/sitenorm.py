@@ -39,6 +39,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.special import ndtri
 
+from .errors import QCPipelineError
 from .io import atomic_write_nifti
 from .preproc import mni_brain_mask
 
@@ -78,7 +79,7 @@ REFERENCE_DILATION = 3
 DEFAULT_SITE_SPREAD_K = 5.0
 
 
-class SiteNormError(ValueError):
+class SiteNormError(QCPipelineError, ValueError):
     """A scan's maps or template fit cannot be used for the site reference."""
 
 

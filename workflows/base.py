@@ -16,7 +16,7 @@ With ``--engine-batch N`` (default on a GPU) a scan's IterMask3D node is shared:
     scan_<bids_name>_write  engine_result (its part of the batch) -> write_derivatives -> outputnode
 
 Every stage passes a one-line ``error`` downstream instead of raising (see
-:mod:`qc_pipeline.interfaces`), so a bad scan ends as a ``_qc.json`` with
+:mod:`qc_pipeline.workflows.interfaces`), so a bad scan ends as a ``_qc.json`` with
 ``status: "error"`` and the other scans finish.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from nipype.pipeline import engine as pe
 from qc_pipeline import __version__
 from qc_pipeline.bids import ScanRecord
 from qc_pipeline.config import DEFAULT_GRID, DEFAULT_VOXEL_SIZE
-from qc_pipeline.interfaces import (IterMaskBatch, IterMaskRun, LoadValidate, PickEngineResult,
+from qc_pipeline.workflows.interfaces import (IterMaskBatch, IterMaskRun, LoadValidate, PickEngineResult,
                                     Preprocess, SubjectReport, WriteDerivatives)
 
 
@@ -110,7 +110,8 @@ def init_scan_wf(
         Model geometry (from the model card).
     skull_strip : {"auto", "deepbet", "robex", "none"}
     device : str
-        Torch device actually used (``"cpu"``, ``"cuda"``).
+        Torch device actually used (``"cpu"``, ``"cuda"``): IterMask3D's, and deepbet's where
+        the preprocessing node's process sees a GPU.
     schedule : {"fast", "reference"}
     seed : int
         Seeds the engine's noise fill (same input + seed -> same result).
@@ -141,7 +142,8 @@ def init_scan_wf(
     outputnode = pe.Node(niu.IdentityInterface(fields=["qc_json", "status"]), name="outputnode")
 
     load, prep = _load_and_preprocess_nodes(scan, voxel_size=voxel_size, grid=grid, skull_strip=skull_strip,
-                                            omp_nthreads=omp_nthreads, max_image_bytes=max_image_bytes)
+                                            omp_nthreads=omp_nthreads, max_image_bytes=max_image_bytes,
+                                            device=device)
     itermask = pe.Node(
         IterMaskRun(model_dir=str(model_dir or ""), model_id=model_id or "", model_key=model_key or "",
                     package_version=__version__, contrast=contrast, device=device,
@@ -172,13 +174,13 @@ def init_scan_wf(
 
 
 def _load_and_preprocess_nodes(scan: ScanRecord, *, voxel_size, grid, skull_strip, omp_nthreads,
-                               max_image_bytes):
+                               max_image_bytes, device):
     label = scan.relpath
     load = pe.Node(LoadValidate(name=label, max_image_bytes=int(max_image_bytes)), name="load")
     prep = pe.Node(
         Preprocess(name=label, voxel_size=[float(v) for v in voxel_size],
                    grid=[int(g) for g in grid], skull_strip=skull_strip, contrast=scan.suffix,
-                   omp_nthreads=omp_nthreads),
+                   omp_nthreads=omp_nthreads, device="cuda" if str(device).startswith("cuda") else "cpu"),
         name="preprocess",
     )
     return load, prep
@@ -200,17 +202,19 @@ def init_scan_prep_wf(
     skull_strip: str = "auto",
     omp_nthreads: int = 1,
     max_image_bytes: int = 0,
+    device: str = "cpu",
     name: str = "scan_wf",
 ):
     """The first half of :func:`init_scan_wf` for a batched engine (``--engine-batch``):
     load and preprocess one scan (same nodes and names, so its preprocessing is cached where
-    the per-scan workflow keeps it).
+    the per-scan workflow keeps it); with ``device`` "cuda" deepbet runs on the GPU where the
+    node's process sees one.
 
     Outputs
     -------
     preproc_file, prep_error
-        The preprocessed scan (pickle) and the error of either stage ('' when none): the
-        inputs of :class:`~qc_pipeline.interfaces.IterMaskBatch`.
+        The preprocessed scan (record file) and the error of either stage ('' when none): the
+        inputs of :class:`~qc_pipeline.workflows.interfaces.IterMaskBatch`.
     input_sha256, prep_warnings, seconds
         What :func:`init_scan_write_wf` records (seconds: load, preprocess).
     """
@@ -221,7 +225,8 @@ def init_scan_prep_wf(
         fields=["preproc_file", "prep_error", "input_sha256", "prep_warnings", "seconds"]),
         name="outputnode")
     load, prep = _load_and_preprocess_nodes(scan, voxel_size=voxel_size, grid=grid, skull_strip=skull_strip,
-                                            omp_nthreads=omp_nthreads, max_image_bytes=max_image_bytes)
+                                            omp_nthreads=omp_nthreads, max_image_bytes=max_image_bytes,
+                                            device=device)
     timings = pe.Node(niu.Merge(2), name="timings")
     wf.connect([
         (inputnode, load, [("in_file", "in_file")]),
@@ -249,7 +254,7 @@ def init_scan_write_wf(
     name: str = "scan_write_wf",
 ):
     """The second half of :func:`init_scan_wf` for a batched engine: take the scan's part
-    (``index``) of an :class:`~qc_pipeline.interfaces.IterMaskBatch` node's ``results`` and
+    (``index``) of an :class:`~qc_pipeline.workflows.interfaces.IterMaskBatch` node's ``results`` and
     write its derivatives, as the per-scan workflow does.
 
     Inputs
@@ -311,7 +316,7 @@ def _add_batched_scans(wf, scans: Sequence[ScanRecord], settings, specs: dict) -
                 scan=scan, voxel_size=spec.get("voxel_size") or DEFAULT_VOXEL_SIZE,
                 grid=spec.get("grid") or DEFAULT_GRID, skull_strip=settings.skull_strip,
                 omp_nthreads=settings.omp_nthreads, max_image_bytes=settings.max_image_bytes,
-                name=scan_node_name(scan))
+                device=settings.device, name=scan_node_name(scan))
             write_wf = init_scan_write_wf(
                 scan=scan, output_dir=str(settings.output_dir), index=k, model_id=spec.get("model_id") or "",
                 model_key=spec.get("model_key") or "", device=settings.device, schedule=settings.schedule,
@@ -340,9 +345,10 @@ def _engine_batches(scans: Sequence[ScanRecord], size: int) -> list[tuple[str, l
 
 
 def cached_preprocessing(work_dir, scan: ScanRecord, name: str = "itermask_qc_wf") -> Path:
-    """Where the participant workflow (``name``, run with ``work_dir``) keeps the pickled
-    :class:`~qc_pipeline.preproc.PreprocResult` of ``scan`` (it may not exist yet)."""
-    return Path(work_dir) / name / scan_node_name(scan) / "preprocess" / "preproc.pkl"
+    """Where the participant workflow (``name``, run with ``work_dir``) keeps the
+    :class:`~qc_pipeline.preproc.PreprocResult` record of ``scan`` (it may not exist yet; read
+    it with :func:`~qc_pipeline.workflows.interfaces.read_node_record`)."""
+    return Path(work_dir) / name / scan_node_name(scan) / "preprocess" / "preproc.npz"
 
 
 def init_itermask_qc_wf(*, scans: Sequence[ScanRecord], settings, name: str = "itermask_qc_wf"):
@@ -350,7 +356,7 @@ def init_itermask_qc_wf(*, scans: Sequence[ScanRecord], settings, name: str = "i
 
     With ``settings.engine_batch`` > 1 (``--engine-batch``, default on a GPU) each scan is
     :func:`init_scan_prep_wf` and :func:`init_scan_write_wf` around one
-    :class:`~qc_pipeline.interfaces.IterMaskBatch` node per batch of scans of one contrast:
+    :class:`~qc_pipeline.workflows.interfaces.IterMaskBatch` node per batch of scans of one contrast:
     the preprocessing runs in parallel (``--nprocs``), the engine stacks a batch's forward
     passes on the device, and every scan's record is the one the per-scan shape writes.
 

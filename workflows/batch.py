@@ -81,7 +81,7 @@ def prepare_batch_workflow(wf, plugin: str, plugin_args: Optional[dict] = None, 
     """
     from nipype.interfaces import utility as niu
 
-    from qc_pipeline.interfaces import IterMaskBatch, IterMaskRun, PickEngineResult
+    from qc_pipeline.workflows.interfaces import IterMaskBatch, IterMaskRun, PickEngineResult
 
     plugin_args = dict(plugin_args or {})
     if plugin not in BATCH_PLUGINS:

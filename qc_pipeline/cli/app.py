@@ -36,8 +36,8 @@ from ..config import SUFFIXES, Settings, new_run_id  # noqa: E402
 from .exits import (EXIT_INTERRUPTED, EXIT_IO_ERROR, EXIT_NO_INPUT, EXIT_OK,  # noqa: E402
                     EXIT_SCANS_FAILED, EXIT_TERMINATED, EXIT_UNKNOWN_LEVEL, CLIError, exit_code_for)
 from .parser import ANALYSIS_LEVELS, GPU_ENGINE_BATCH, get_parser  # noqa: E402
-from .runtime import (_configure_nipype, _install_signal_handlers, _raise_if_stopped,  # noqa: E402
-                      _stop_workers, _Terminated, _WorkDirGone, environment_message, lock_work_dir,
+from .runtime import (configure_nipype, install_signal_handlers, raise_if_stopped,  # noqa: E402
+                      stop_workers, Terminated, WorkDirGone, environment_message, lock_work_dir,
                       prepare_dir, setup_logging, setup_logging_file, teardown_logging)
 
 LOGGER = logging.getLogger(__name__)
@@ -270,7 +270,7 @@ def run_participant(settings: Settings, scans) -> int:
 def _run_workflow(settings: Settings, scans, *, first: int = 0,
                   total: Optional[int] = None) -> None:
     """Screen ``scans`` with Nipype; progress lines count on from ``first`` of ``total``."""
-    _configure_nipype(settings)
+    configure_nipype(settings)
     from qc_pipeline.workflows import init_itermask_qc_wf
 
     from ..derivatives import output_paths, read_qc
@@ -280,7 +280,7 @@ def _run_workflow(settings: Settings, scans, *, first: int = 0,
     state = {"n": first, "t0": time.perf_counter()}
 
     def progress(node, status):
-        _raise_if_stopped(settings.work_dir)
+        raise_if_stopped(settings.work_dir)
         if node.name != "write_derivatives" or status not in ("end", "exception"):
             return
         state["n"] += 1
@@ -315,9 +315,9 @@ def _run_workflow(settings: Settings, scans, *, first: int = 0,
     try:
         wf.run(plugin=settings.plugin, plugin_args=plugin_args)
     except RuntimeError as exc:  # some node crashed outside our interfaces
-        _raise_if_stopped(settings.work_dir)
+        raise_if_stopped(settings.work_dir)
         LOGGER.error("workflow finished with crashed nodes: %s", " ".join(str(exc).split())[:300])
-    _raise_if_stopped(settings.work_dir)
+    raise_if_stopped(settings.work_dir)
     LOGGER.info("workflow done in %.1f s", time.perf_counter() - state["t0"])
 
 
@@ -410,22 +410,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     handlers = setup_logging(args.verbose)
     with contextlib.ExitStack() as stack:
         try:
-            _install_signal_handlers(stack)
+            install_signal_handlers(stack)
             return _main(args, argv, handlers, stack)
         except CLIError as exc:
             LOGGER.error("%s", exc)
             return exc.exit_code
-        except _Terminated:
+        except Terminated:
             LOGGER.error("terminated (SIGTERM); re-run with the same -w to resume")
             return EXIT_TERMINATED
         except KeyboardInterrupt:
-            _stop_workers()
+            stop_workers()
             LOGGER.error("interrupted; re-run with the same -w to resume")
             return EXIT_INTERRUPTED
         except OSError as exc:  # the file system failed mid-run (full disk, folder removed)
             LOGGER.error("file system error: %s", environment_message(exc))
             return EXIT_IO_ERROR
-        except _WorkDirGone as exc:
+        except WorkDirGone as exc:
             LOGGER.error("%s", exc)
             return EXIT_IO_ERROR
         finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -11,7 +10,8 @@ from pathlib import Path
 from .. import calibrate as _calibrate
 from ..calibrate import (DEFAULT_GAMMA_FACTOR, CalibrationError, gamma_from_outputs, reference_from_outputs,
                          rename_calibrated, uncalibrated_id, write_card_gamma, write_card_reference)
-from ..engine.modelio import CARD_NAME
+from ..errors import ModelCardError, ModelNotFoundError
+from ..modelcard import CARD_NAME, load_model_card
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +31,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     card_path = args.model_dir / CARD_NAME
-    if not card_path.is_file():
+    try:
+        model_id = load_model_card(args.model_dir).get("model_id")
+    except ModelNotFoundError:
         print(f"itermask-qc-calibrate: {args.model_dir}: no {CARD_NAME} (expected a model folder)",
               file=sys.stderr)
         return 2
-    model_id = json.loads(card_path.read_text()).get("model_id")
+    except ModelCardError as exc:
+        print(f"itermask-qc-calibrate: {exc}", file=sys.stderr)
+        return 2
     # the scans may have been screened before an earlier calibration of this folder
     screened_with = sorted({model_id, uncalibrated_id(model_id)}) if model_id else None
     try:

@@ -18,6 +18,7 @@ from typing import Optional
 
 from ..bids import BIDSInputError, DatasetNotFound, InvalidDataset, InvalidFilter, NoScansFound, UnknownLabel
 from ..cluster import SbatchError
+from ..errors import QCPipelineError
 
 EXIT_OK = 0
 EXIT_SCANS_FAILED = 1
@@ -34,7 +35,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143   # 128 + SIGTERM (a job's time limit)
 
 
-class CLIError(Exception):
+class CLIError(QCPipelineError):
     """An error the CLI reports in one line and exits with ``exit_code``."""
 
     def __init__(self, message: str, exit_code: int = EXIT_USAGE):

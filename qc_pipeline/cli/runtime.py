@@ -58,7 +58,7 @@ def teardown_logging(handlers: Sequence[logging.Handler]) -> None:
         h.close()
 
 
-def _configure_nipype(settings: Settings) -> None:
+def configure_nipype(settings: Settings) -> None:
     from nipype import config as ncfg
     from nipype import logging as nlogging
 
@@ -173,16 +173,16 @@ def lock_work_dir(work_dir: Path, run_id: str):
     return fh
 
 
-class _Terminated(KeyboardInterrupt):
+class Terminated(KeyboardInterrupt):
     """SIGTERM (a job's time limit, ``kill``): stops the run like Ctrl-C, exit 143."""
 
 
-class _WorkDirGone(BaseException):
+class WorkDirGone(BaseException):
     """The work dir vanished during the run: every later node would fail on it. A
     BaseException, so that Nipype's per-node ``except Exception`` lets it through."""
 
 
-def _stop_workers() -> None:
+def stop_workers() -> None:
     """End the worker processes this process started (MultiProc's pool), so that none
     outlives an interrupted run holding its memory."""
     import multiprocessing
@@ -202,15 +202,15 @@ _MAIN_PID: Optional[int] = None
 _STOPPED_BY: dict = {"signum": None}
 
 
-def _raise_if_stopped(work_dir: Optional[Path] = None) -> None:
+def raise_if_stopped(work_dir: Optional[Path] = None) -> None:
     signum = _STOPPED_BY["signum"]
     if signum is not None:
-        raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
     # the lock file, not the folder: Nipype recreates the folders of the nodes it runs next
     if work_dir is not None and not (Path(work_dir) / LOCK_NAME).exists():
         logging.getLogger("nipype.workflow").setLevel(logging.CRITICAL)
-        _stop_workers()
-        raise _WorkDirGone(f"work dir {work_dir} was removed during the run; the scans not "
+        stop_workers()
+        raise WorkDirGone(f"work dir {work_dir} was removed during the run; the scans not "
                            f"finished have no result: run again to screen them")
 
 
@@ -223,11 +223,11 @@ def _on_signal(signum, frame):  # noqa: ARG001
         # remove their temp files); its node is rerun on resume
         raise SystemExit(128 + signum)
     _STOPPED_BY["signum"] = signum
-    _stop_workers()
-    _raise_if_stopped()
+    stop_workers()
+    raise_if_stopped()
 
 
-def _install_signal_handlers(stack: contextlib.ExitStack) -> None:
+def install_signal_handlers(stack: contextlib.ExitStack) -> None:
     """SIGINT and SIGTERM stop the run (workers included); a signal the caller set to be
     ignored (a background job of a script) stays ignored."""
     global _MAIN_PID

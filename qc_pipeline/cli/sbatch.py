@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from .. import __version__
 from ..cluster import (DEFAULT_CPUS_PER_TASK, DEFAULT_MAX_ARRAY_SIZE, DEFAULT_MEM_PER_TASK, DEFAULT_TIME,
-                       Resources, SbatchError, _remove_option, follow_instructions, max_array_size,
+                       Resources, SbatchError, remove_option, follow_instructions, max_array_size,
                        prepare, still_running, submit)
 from .exits import EXIT_IN_USE, EXIT_USAGE, exit_code_for
 
@@ -87,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return EXIT_USAGE
         if problem:
             LOGGER.warning("--gpu: %s", problem)
-        extra = _remove_option(extra, ["--device"]) + ["--device", "cuda"]
+        extra = remove_option(extra, ["--device"]) + ["--device", "cuda"]
     resources = Resources(cpus_per_task=args.cpus_per_task, mem_per_task=args.mem_per_task,
                           time=args.time, partition=args.partition, gpu=args.gpu,
                           extra_sbatch=args.sbatch_arg)

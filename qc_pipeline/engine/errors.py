@@ -5,6 +5,8 @@ these, with a message naming the bad value and what was expected.
 """
 from __future__ import annotations
 
+from ..errors import EngineError, ModelCardError, ModelNotFoundError
+
 __all__ = [
     "EngineError",
     "ModelNotFoundError",
@@ -13,18 +15,6 @@ __all__ = [
     "VoxelSizeMismatchError",
     "InvalidInputError",
 ]
-
-
-class EngineError(RuntimeError):
-    """Base class of every error the engine raises on purpose."""
-
-
-class ModelNotFoundError(EngineError, FileNotFoundError):
-    """A model folder (``weights.pt`` + ``model_card.json``) is missing."""
-
-
-class ModelCardError(EngineError, ValueError):
-    """A model card is unreadable or lacks a required field."""
 
 
 class ShapeMismatchError(EngineError, ValueError):

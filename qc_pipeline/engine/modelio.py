@@ -9,7 +9,6 @@ and an evaluation table.
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -17,8 +16,9 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..config import DEFAULT_GRID, DEFAULT_VOXEL_SIZE
-from ..io import atomic_write_file, atomic_write_text
-from .errors import ModelCardError, ModelNotFoundError
+from ..io import atomic_write_file
+from ..modelcard import CARD_NAME, WEIGHTS_NAME, load_model_card, write_model_card
+from .errors import ModelCardError
 from .hf import REFERENCE_FOV_MM, REFERENCE_RADIUS, hf_radius
 from .schedules import SCHEDULES
 from .taufit import DEFAULT_GAMMA, R2_MIN
@@ -27,12 +27,10 @@ __all__ = [
     "WEIGHTS_NAME", "CARD_NAME", "DEFAULT_GRID", "DEFAULT_VOXEL_SIZE", "NORMALISATION",
     "NORMAL_ERROR_NAME", "NORMAL_ERROR_SPREAD_NAME", "load_normal_error", "load_normal_error_spread",
     "save_normal_error",
-    "save_model_folder", "load_model_card", "make_random_model_folder", "default_model_dir",
+    "save_model_folder", "load_model_card", "write_model_card", "make_random_model_folder", "default_model_dir",
     "default_card", "build_network", "code_version", "model_content_key",
 ]
 
-WEIGHTS_NAME = "weights.pt"
-CARD_NAME = "model_card.json"
 #: the model's normal error on the template grid (optional; the card's ``normal_error`` section)
 NORMAL_ERROR_NAME = "normal_error.nii.gz"
 #: how much normal heads differ from that median, voxel by voxel (optional, same section)
@@ -122,29 +120,6 @@ def save_model_folder(path, net: torch.nn.Module, card: Mapping[str, Any]) -> Pa
     atomic_write_file(path / WEIGHTS_NAME, lambda tmp: torch.save(state, tmp))
     write_model_card(path, card)
     return path
-
-
-def write_model_card(folder, card: Mapping[str, Any]) -> Path:
-    """Write ``model_card.json`` into ``folder`` (atomic; the one card writer)."""
-    path = Path(folder) / CARD_NAME
-    atomic_write_text(json.dumps(card, indent=1, default=str) + "\n", path)
-    return path
-
-
-def load_model_card(path) -> dict:
-    """Read ``model_card.json`` of a model folder (typed errors when missing/broken)."""
-    path = Path(path)
-    card_file = path / CARD_NAME if path.is_dir() or not path.suffix else path
-    if not card_file.is_file():
-        raise ModelNotFoundError(f"no model card at {card_file} (a model folder holds {WEIGHTS_NAME} and {CARD_NAME})")
-    try:
-        card = json.loads(card_file.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelCardError(f"cannot read model card {card_file}: {exc}") from exc
-    for key in ("grid", "voxel_size", "network"):
-        if not card.get(key):
-            raise ModelCardError(f"model card {card_file} lacks the field {key!r}")
-    return card
 
 
 def make_random_model_folder(path, *, grid=(32, 32, 32), voxel_size=(2, 2, 2), features=(4, 8, 16),

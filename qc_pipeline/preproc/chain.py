@@ -31,11 +31,11 @@ from scipy import ndimage as ndi
 from ..config import DEFAULT_GRID, DEFAULT_VOXEL_SIZE
 from ..errors import NoBrainError
 from ..io import to_jsonable, validate_image, voxel_sizes
-from .geometry import CropInfo, _as_vs3, _to_lattice, apply_crop_pad, crop_pad_to_grid, is_oblique
+from .geometry import CropInfo, as_vs3, to_lattice, apply_crop_pad, crop_pad_to_grid, is_oblique
 from .masks import AIR_IN_MASK_ML, MIN_SURFACE_AGREEMENT, check_brain, fill_holes, largest_component
 from .masks import air_in_mask, thick_air_ml
 from .masks import close as close_mask
-from .prior import _warp_template, align_template_prior, mni_brain_mask
+from .prior import warp_template, align_template_prior, mni_brain_mask
 
 __all__ = [
     "PrepInfo",
@@ -206,7 +206,7 @@ def preprocess(img: nib.spatialimages.SpatialImage, *, voxel_size=DEFAULT_VOXEL_
     src = name or (getattr(img, "extra", {}) or {}).get("source") or "<in-memory image>"
     img = validate_image(img, name=src)
     warns = list(img.extra.get("qc_warnings", []))
-    vs = _as_vs3(voxel_size)
+    vs = as_vs3(voxel_size)
     grid = tuple(int(g) for g in grid)
     native_aff = np.asarray(img.affine, dtype=float)
     oblique = is_oblique(native_aff)
@@ -214,7 +214,7 @@ def preprocess(img: nib.spatialimages.SpatialImage, *, voxel_size=DEFAULT_VOXEL_
 
     # 1. RAS lattice at the model voxel size (one interpolation; exact permutation first)
     src_img = img if oblique else nib.as_closest_canonical(img)
-    lat, fov, lat_aff = _to_lattice(src_img, vs, order=1)
+    lat, fov, lat_aff = to_lattice(src_img, vs, order=1)
     lat_img = nib.Nifti1Image(lat, lat_aff)
 
     # 2. skull strip -> signal mask on the lattice
@@ -244,7 +244,7 @@ def preprocess(img: nib.spatialimages.SpatialImage, *, voxel_size=DEFAULT_VOXEL_
     close_vox = int(round(6.0 / float(vs.mean())))
     filled = fill_holes(close_mask(fill_holes(sig), close_vox))
     prior_fit = align_template_prior(filled, lat_aff, fov, extra_tissue=untrusted) if use_prior else None
-    prior_lat = _warp_template(prior_fit["affine"], lat_aff, lat.shape) if use_prior else None
+    prior_lat = warp_template(prior_fit["affine"], lat_aff, lat.shape) if use_prior else None
     if untrusted and use_prior:
         # a mask that took in air may also have taken in the face or neck: it is kept near
         # the brain template fitted to it (robust to missing brain), then the fit is redone
@@ -252,7 +252,7 @@ def preprocess(img: nib.spatialimages.SpatialImage, *, voxel_size=DEFAULT_VOXEL_
         sig = largest_component(sig & near)
         filled = fill_holes(close_mask(fill_holes(sig), close_vox))
         prior_fit = align_template_prior(filled, lat_aff, fov, extra_tissue=True)
-        prior_lat = _warp_template(prior_fit["affine"], lat_aff, lat.shape)
+        prior_lat = warp_template(prior_fit["affine"], lat_aff, lat.shape)
     if check:
         check_brain(sig, lat_aff, prior_fit, fov=fov, source=src,
                     prior_on_input=None if prior_lat is None else prior_lat)
@@ -278,7 +278,7 @@ def preprocess(img: nib.spatialimages.SpatialImage, *, voxel_size=DEFAULT_VOXEL_
     filled_g = apply_crop_pad(filled, crop, fill=False)
     fov_g = apply_crop_pad(fov, crop, fill=False)
     if use_prior:
-        prior_g = _warp_template(prior_fit["affine"], grid_aff, grid)
+        prior_g = warp_template(prior_fit["affine"], grid_aff, grid)
         expected_g = filled_g | prior_g
     else:
         expected_g = filled_g

@@ -18,7 +18,7 @@ from scipy import ndimage as ndi
 
 from ..io import voxel_sizes
 
-__all__ = ["CropInfo", "is_oblique", "crop_pad_to_grid", "apply_crop_pad", "to_native"]
+__all__ = ["CropInfo", "is_oblique", "as_vs3", "to_lattice", "crop_pad_to_grid", "apply_crop_pad", "to_native"]
 
 
 @dataclass
@@ -65,7 +65,7 @@ def is_oblique(affine, tol_deg: float = 0.05) -> bool:
     return bool(np.max(np.abs(np.degrees(ob))) > tol_deg)
 
 
-def _as_vs3(voxel_size) -> np.ndarray:
+def as_vs3(voxel_size) -> np.ndarray:
     vs = np.broadcast_to(np.asarray(voxel_size, dtype=float), (3,)).copy()
     if np.any(vs <= 0):
         raise ValueError(f"voxel_size must be positive, got {voxel_size!r}")
@@ -124,9 +124,9 @@ def _fov_mask(in_shape, vox_to_vox, out_shape):
     return inside
 
 
-def _to_lattice(img, voxel_size, order=1, antialias=True):
+def to_lattice(img, voxel_size, order=1, antialias=True):
     img = _as_3d_nifti(img)
-    vs = _as_vs3(voxel_size)
+    vs = as_vs3(voxel_size)
     data = np.asarray(img.dataobj, dtype=np.float32)
     in_aff = np.asarray(img.affine, dtype=float)
     if antialias and order > 0:

@@ -11,7 +11,7 @@ from scipy.spatial.transform import Rotation
 
 from ..io import voxel_sizes
 
-__all__ = ["mni_brain_mask", "align_template_prior"]
+__all__ = ["mni_brain_mask", "warp_template", "align_template_prior"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -129,7 +129,7 @@ def align_template_prior(signal_mask: np.ndarray, affine: np.ndarray, fov: np.nd
     }
 
 
-def _warp_template(t2s: np.ndarray, out_affine: np.ndarray, out_shape) -> np.ndarray:
+def warp_template(t2s: np.ndarray, out_affine: np.ndarray, out_shape) -> np.ndarray:
     """MNI brain mask warped by ``t2s`` (template->subject world) onto a subject grid."""
     m, aff_t = mni_brain_mask()
     vox = np.linalg.inv(aff_t) @ np.linalg.inv(t2s) @ out_affine

@@ -165,12 +165,17 @@ def available_methods() -> list[str]:
 
 
 def skull_strip(img: nib.spatialimages.SpatialImage, method: str = "deepbet", *, contrast: str | None = None,
-                source=None, **kwargs) -> nib.Nifti1Image:
-    """Dispatch to a wrapper by name (``"auto"`` picks :data:`DEFAULT_METHOD_BY_CONTRAST`)."""
+                source=None, device: str = "cpu", **kwargs) -> nib.Nifti1Image:
+    """Dispatch to a wrapper by name (``"auto"`` picks :data:`DEFAULT_METHOD_BY_CONTRAST`).
+
+    ``device`` is the torch device of deepbet's network (the other methods run on the CPU).
+    """
     if method == "auto":
         method = DEFAULT_METHOD_BY_CONTRAST.get(contrast or "T1w", "deepbet")
     try:
         fn = METHODS[method]
     except KeyError:
         raise ValueError(f"unknown skull-strip method {method!r}; expected one of {sorted(METHODS)} or 'auto'")
+    if fn is strip_deepbet:
+        kwargs["device"] = device
     return fn(img, source=source, **kwargs)

@@ -115,6 +115,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.stats import median_abs_deviation
 
+from ..errors import QCPipelineError
 from ..preproc import fill_holes, largest_component
 
 __all__ = ["BackgroundStats", "BackgroundParameterError", "background_stats", "background_stats_for_image",
@@ -152,7 +153,7 @@ _TREND_ITER = 3          # fits of the noise-floor trend
 _TREND_CUT = 2.0         # ... each without the blocks this many robust SDs above the last
 
 
-class BackgroundParameterError(ValueError):
+class BackgroundParameterError(QCPipelineError, ValueError):
     """A parameter of :func:`background_stats` is out of range (a caller bug, not bad data)."""
 
 

@@ -98,6 +98,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.stats import median_abs_deviation
 
+from ..errors import QCPipelineError
 from .background import lower_side_location_scale
 from ..preproc import ball
 
@@ -117,7 +118,7 @@ INU_CUBE_MM = 24.0
 DEFICIT_OPEN_MM = 4.0
 
 
-class QCScoreError(ValueError):
+class QCScoreError(QCPipelineError, ValueError):
     """A reference that cannot be used (missing fields, too few scans, bad direction)."""
 
 

@@ -21,7 +21,9 @@ from .. import __version__
 from ..qc import metrics as _metrics
 from ..derivatives import QCRecord, load_qc_records, one_line, read_qc
 from ..group import POOLED_SITE, GroupTables, read_group_csv
+from ..errors import ModelCardError, ModelNotFoundError
 from ..io import atomic_write_text
+from ..modelcard import load_model_card
 from .figures import figure_place, scan_figures, site_mask_of
 
 
@@ -178,26 +180,25 @@ def _provenance(output_dir: Path, records: list[QCRecord]) -> dict:
 def _packaged_card(model_id: str) -> dict | None:
     try:
         root = resources.files("qc_pipeline.models")
-        for sub in root.iterdir():
-            card = sub / "model_card.json" if sub.is_dir() else None
-            if card is not None and card.is_file():
-                d = json.loads(card.read_text(encoding="utf-8"))
-                if str(d.get("model_id") or d.get("id")) == str(model_id):
-                    return d
-    except Exception:  # noqa: BLE001 - provenance is best effort
+        folders = [Path(str(sub)) for sub in root.iterdir() if sub.is_dir()]
+    except (OSError, TypeError):  # provenance is best effort
         return None
-    return None
+    return _card_with_id(folders, model_id)
 
 
 def _adapted_card(output_dir: Path, model_id: str) -> dict | None:
     """The card of a model the adapt level wrote beside the derivatives (``models/<suffix>``)."""
-    for path in sorted((output_dir / "models").glob("*/model_card.json")):
+    return _card_with_id(sorted(p for p in (output_dir / "models").glob("*") if p.is_dir()), model_id)
+
+
+def _card_with_id(folders, model_id: str) -> dict | None:
+    for folder in folders:
         try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            card = load_model_card(folder)
+        except (ModelNotFoundError, ModelCardError):
             continue
-        if isinstance(d, dict) and str(d.get("model_id")) == str(model_id):
-            return d
+        if str(card.get("model_id") or card.get("id")) == str(model_id):
+            return card
     return None
 
 
@@ -686,6 +687,8 @@ def render_group_report(output_dir, *, suffix: str, rows: list[dict], site_rows:
 
 
 # --------------------------------------------------------------------------- the page that never fails
+# Its template stays here, not in templates/: it must render when the package's template files
+# (or the environment that loads them) are what failed.
 _FALLBACK_TEMPLATE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>itermask-qc: sub-{{ subject }}</title>
 <style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}

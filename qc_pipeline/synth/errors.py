@@ -1,7 +1,8 @@
 """Typed exceptions of the synthetic-data package."""
+from ..errors import QCPipelineError
 
 
-class SynthError(ValueError):
+class SynthError(QCPipelineError, ValueError):
     """Base class: a bad argument to a synthetic-data function."""
 
 

@@ -143,7 +143,7 @@ def test_work_dir_removed_mid_run_stops_with_one_line_74(ds, tmp_path, model_dir
                                                          monkeypatch):
     import shutil
 
-    from qc_pipeline import interfaces
+    from qc_pipeline.workflows import interfaces
 
     out, work = tmp_path / "out", tmp_path / "work"
     real = interfaces.LoadValidate._run_interface

@@ -296,7 +296,7 @@ def test_kill_9_then_resume_equals_uninterrupted(run, model_dir, tmp_path):
     deadline = time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None:
-            if list(out.glob("sub-01/**/*_qc.json")) or list(work.glob("**/result.pkl")):
+            if list(out.glob("sub-01/**/*_qc.json")) or list(work.glob("**/result.npz")):
                 break
             time.sleep(0.2)
     finally:
@@ -438,7 +438,7 @@ def test_engine_batches_give_each_scan_its_own_result(run, model_dir, tmp_path):
     assert rc == run["rc"] == 1
     batch_nodes = sorted(p.name for p in (work / "itermask_qc_wf").glob("itermask_batch_*") if p.is_dir())
     assert batch_nodes and all(n.startswith("itermask_batch_t1w_") for n in batch_nodes)
-    assert not list((work / "itermask_qc_wf").glob("scan_*/itermask/result.pkl"))
+    assert not list((work / "itermask_qc_wf").glob("scan_*/itermask/result.npz"))
     for rel in GOOD:
         a, b = qc_of(out, rel), qc_of(run["out"], rel)
         assert {k: a[k] for k in SCAN_FIELDS} == {k: b[k] for k in SCAN_FIELDS}, rel

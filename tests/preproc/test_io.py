@@ -1,7 +1,9 @@
 """load_image validation (typed errors naming the file), atomic writes, checksums."""
+import dataclasses
 import gzip
 import hashlib
 import json
+import math
 import os
 import pickle
 import time
@@ -418,3 +420,59 @@ def test_to_jsonable_gives_plain_json_values():
                    "t": [True]}
     assert isinstance(out["1"][0], int) and type(out["m"][0]) is bool
     json.dumps(out, allow_nan=False)  # no NaN, no NumPy type left
+
+
+# --------------------------------------------------------------------------- record files
+@dataclasses.dataclass
+class _Inner:
+    start: tuple
+    note: str = ""
+
+
+@dataclasses.dataclass
+class _Outer:
+    image: np.ndarray
+    inner: _Inner
+    info: dict
+    warnings: list
+    optional: np.ndarray = None
+
+
+def test_record_round_trip_keeps_types_dtypes_and_values(tmp_path):
+    from qc_pipeline.io import read_record_npz, write_record_npz
+
+    rec = _Outer(image=np.arange(24, dtype=np.float32).reshape(2, 3, 4), inner=_Inner((1, -2, 3), "x"),
+                 info={"snr": np.float32(12.5), "nan": float("nan"), "flag": np.bool_(True),
+                       "axes": (0, 1), "nested": {"a": [1, 2.5, None]}, "third": 1 / 3},
+                 warnings=["w1"])
+    path = write_record_npz(rec, tmp_path / "r.npz", types=(_Outer, _Inner))
+    back = read_record_npz(path, types=(_Outer, _Inner))
+    assert isinstance(back, _Outer) and isinstance(back.inner, _Inner) and back.inner.start == (1, -2, 3)
+    assert back.image.dtype == np.float32 and np.array_equal(back.image, rec.image)
+    assert type(back.info["snr"]) is np.float32 and back.info["snr"] == np.float32(12.5)
+    assert type(back.info["flag"]) is np.bool_ and math.isnan(back.info["nan"])
+    assert back.info["axes"] == (0, 1) and back.info["nested"] == {"a": [1, 2.5, None]}
+    assert back.info["third"] == 1 / 3 and back.warnings == ["w1"] and back.optional is None
+    # NumPy alone opens it; nothing in it needs pickle
+    with np.load(path, allow_pickle=False) as z:
+        assert any(np.array_equal(z[k], rec.image) for k in z.files)
+
+
+def test_record_refuses_unknown_types_and_foreign_files(tmp_path):
+    from qc_pipeline.io import RecordError, read_record_npz, write_record_npz
+
+    with pytest.raises(RecordError, match="_Inner"):
+        write_record_npz(_Outer(np.zeros(2), _Inner((0,)), {}, []), tmp_path / "a.npz", types=(_Outer,))
+    with pytest.raises(RecordError, match="cannot go into a record"):
+        write_record_npz(_Outer(np.zeros(2), _Inner((0,)), {"p": Path("/x")}, []), tmp_path / "b.npz",
+                         types=(_Outer, _Inner))
+    assert not (tmp_path / "b.npz").exists()  # nothing half-written
+    path = write_record_npz(_Inner((0,)), tmp_path / "c.npz", types=(_Inner,))
+    with pytest.raises(RecordError, match="expected one of"):
+        read_record_npz(path, types=(_Outer,))
+    np.savez(tmp_path / "plain.npz", x=np.zeros(3))
+    with pytest.raises(RecordError, match="not a record file"):
+        read_record_npz(tmp_path / "plain.npz", types=(_Inner,))
+    (tmp_path / "p.npz").write_bytes(pickle.dumps(_Inner((0,))))
+    with pytest.raises(RecordError, match="not a readable record"):
+        read_record_npz(tmp_path / "p.npz", types=(_Inner,))

@@ -1,6 +1,5 @@
 """Preprocessing chain: orientation invariance, z-score, crop/pad, to_native, expected brain mask."""
 
-import nibabel as nib
 import numpy as np
 import pytest
 

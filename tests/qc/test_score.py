@@ -437,13 +437,14 @@ def test_group_scores_each_site_against_itself(tmp_path):
 
 
 def test_itermask_interface_writes_quality_and_survives_a_failing_measurement(tmp_path, monkeypatch):
-    import pickle
     from types import SimpleNamespace
 
     import qc_pipeline.qc.score as qcscore
     from qc_pipeline.calibrate import write_card_reference
     from qc_pipeline.engine import make_random_model_folder
-    from qc_pipeline.interfaces import IterMaskRun, clear_model_cache
+    from qc_pipeline.screening import clear_model_cache
+    from qc_pipeline.workflows import interfaces
+    from qc_pipeline.workflows.interfaces import IterMaskRun
 
     model = make_random_model_folder(tmp_path / "m", grid=(32, 32, 32), voxel_size=(2, 2, 2), seed=0)
     img, brain = _head()
@@ -453,14 +454,16 @@ def test_itermask_interface_writes_quality_and_survives_a_failing_measurement(tm
                            info=SimpleNamespace(voxel_size=(2.0, 2.0, 2.0),
                                                 background={"available": True, "snr": 12.0,
                                                             "background_artifact_fraction": 0.0}))
-    pkl = tmp_path / "prep.pkl"
-    pkl.write_bytes(pickle.dumps(prep))
+    # a stand-in for the preprocessing node's record: only what the engine and the score read
+    rec = tmp_path / "preproc.npz"
+    rec.write_bytes(b"")
+    monkeypatch.setattr(interfaces, "read_node_record", lambda path: prep)
     write_card_reference(model, _reference())
 
     def run(cwd):
         cwd.mkdir()
         clear_model_cache()
-        res = IterMaskRun(in_file=str(pkl), model_dir=str(model)).run(cwd=str(cwd))
+        res = IterMaskRun(in_file=str(rec), model_dir=str(model)).run(cwd=str(cwd))
         return res.outputs
 
     out = run(tmp_path / "a")

@@ -453,3 +453,18 @@ def test_expected_model_keys_follow_the_model_folder(tmp_path):
     # --model-dir screens its own contrast only; a folder that is not a model gives no key
     assert sb.expected_model_keys(["--model-dir", str(default_model_dir("T1w"))], ["T1w", "T2w"]) == keys
     assert sb.expected_model_keys(["--model-dir", str(tmp_path)], ["T1w"]) == {}
+
+
+@pytest.mark.parametrize("device,expected", [("cpu", "cpu"), ("cuda", "cuda"), ("cuda:0", "cuda")])
+@pytest.mark.parametrize("engine_batch", [1, 2])
+def test_preprocessing_nodes_get_the_runs_device(bids_tree, tmp_path, device, expected, engine_batch):
+    """deepbet follows --device (where the node's process sees a GPU), in both workflow shapes."""
+    from qc_pipeline.config import Settings
+    from qc_pipeline.workflows import init_itermask_qc_wf
+
+    settings = Settings(bids_dir=bids_tree, output_dir=tmp_path / "out", analysis_level="participant",
+                        work_dir=tmp_path / "work", device=device, engine_batch=engine_batch)
+    settings.model_specs = {}
+    wf = init_itermask_qc_wf(scans=_scans(bids_tree), settings=settings)
+    preps = [n for n in wf._get_all_nodes() if n.name == "preprocess"]
+    assert preps and {n.inputs.device for n in preps} == {expected}

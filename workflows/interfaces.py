@@ -7,23 +7,22 @@ and passes a one-line ``error`` downstream instead of raising. Later stages see 
 ``status: "error"``. The workflow therefore never crashes on bad data and the other scans
 finish.
 
-Arrays travel between nodes as pickles in the node's working directory (``preproc.pkl``,
-``result.pkl``) so that Nipype's hash cache can reuse finished stages on a re-run.
+Arrays travel between nodes as record files in the node's working directory (``preproc.npz``,
+``result.npz``: :func:`qc_pipeline.io.write_record_npz`, arrays readable with NumPy alone, no
+pickle) so that Nipype's hash cache can reuse finished stages on a re-run.
 
-:class:`IterMaskRun` loads a model folder once per process (module-level cache keyed by
-model folder and device): with the Linear plugin that is once per run, with MultiProc once
-per worker process.
+:class:`IterMaskRun` loads a model folder once per process
+(:func:`qc_pipeline.screening.get_model`, keyed by model folder and device): with the Linear
+plugin that is once per run, with MultiProc once per worker process.
 """
 from __future__ import annotations
 
 import logging
 import os
-import pickle
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 # nipype phones home (etelemetry) on import in interactive sessions and when an interface is
 # built, unless NIPYPE_NO_ET is set: the tool never does, also when used as a library.
@@ -36,20 +35,17 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from .io import atomic_write_bytes
-from .derivatives import one_line, write_error_qc, write_scan_outputs
+from qc_pipeline import screening
+from qc_pipeline.io import read_record_npz, write_record_npz
+from qc_pipeline.derivatives import one_line, write_error_qc, write_scan_outputs
 
 LOGGER = logging.getLogger(__name__)
-
-_MODEL_CACHE: dict[tuple, Any] = {}
-_MODEL_LOCK = threading.Lock()
-
 
 # --------------------------------------------------------------------------- helpers
 def describe_error(exc: BaseException, stage: str) -> str:
     """One line for the ``_qc.json``: typed input errors as they are, others labelled."""
-    from .engine.errors import InvalidInputError, ShapeMismatchError
-    from .errors import InputError, MissingDependencyError
+    from qc_pipeline.engine.errors import InvalidInputError, ShapeMismatchError
+    from qc_pipeline.errors import InputError, MissingDependencyError
 
     if isinstance(exc, (InputError, MissingDependencyError)):
         return one_line(exc)
@@ -58,50 +54,24 @@ def describe_error(exc: BaseException, stage: str) -> str:
     return one_line(f"unexpected error in {stage}: {type(exc).__name__}: {exc}")
 
 
-def _dump(obj: Any, path: Path) -> str:
-    return str(atomic_write_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), path))
+def _record_types() -> tuple:
+    from qc_pipeline.engine.inference import Result
+    from qc_pipeline.engine.taufit import TauFit
+    from qc_pipeline.preproc.chain import PrepInfo, PreprocResult
+    from qc_pipeline.preproc.geometry import CropInfo
+
+    return (PreprocResult, PrepInfo, CropInfo, Result, TauFit)
 
 
-def _load(path: str) -> Any:
-    with open(path, "rb") as fh:
-        return pickle.load(fh)
+def write_node_record(obj: Any, path: Path) -> str:
+    """Write a node's PreprocResult or engine Result as a record file (NPZ); returns its path."""
+    return str(write_record_npz(obj, path, types=_record_types()))
 
 
-def get_model(model_dir: Optional[str], contrast: str, device: str, *, expect_id: Optional[str] = None,
-              expect_key: Optional[str] = None):
-    """The IterMask3D model of ``model_dir`` (``None``: packaged default of ``contrast``),
-    loaded once per process and device.
-
-    With ``expect_id`` / ``expect_key`` (the folder's content key), a cached model of another
-    id or content (the folder was rewritten, e.g. by the adapt level or by hand) is loaded
-    again, and a folder that still holds another one raises
-    :class:`~qc_pipeline.engine.errors.ModelCardError`.
-    """
-    from .engine import IterMask3D
-    from .engine.errors import ModelCardError
-    from .engine.inference import torch_build
-
-    key = (str(model_dir) if model_dir else f"<packaged:{contrast}>", str(device))
-    with _MODEL_LOCK:
-        model = _MODEL_CACHE.get(key)
-        if (model is None or (expect_id and model.model_id != expect_id)
-                or (expect_key and model.model_key != expect_key)):
-            LOGGER.info("loading IterMask3D model %s on %s with %s (pid %d)", key[0], device, torch_build(),
-                        os.getpid())
-            model = IterMask3D.from_folder(model_dir or None, device=device, contrast=contrast)
-            _MODEL_CACHE[key] = model
-    if expect_id and model.model_id != expect_id:
-        raise ModelCardError(f"model folder {key[0]} holds {model.model_id!r}, expected "
-                             f"{expect_id!r} (it was replaced after the run started)")
-    if expect_key and model.model_key != expect_key:
-        raise ModelCardError(f"model folder {key[0]} holds content {model.model_key}, expected "
-                             f"{expect_key} (it was rewritten after the run started)")
-    return model
-
-
-def clear_model_cache() -> None:
-    with _MODEL_LOCK:
-        _MODEL_CACHE.clear()
+def read_node_record(path) -> Any:
+    """The PreprocResult or engine Result of :func:`write_node_record`'s file
+    (:class:`qc_pipeline.io.RecordError` when it is not one)."""
+    return read_record_npz(path, types=_record_types())
 
 
 _BOUND_TO_PARENT = {"pid": None}
@@ -170,7 +140,7 @@ class LoadValidate(SimpleInterface):
     output_spec = _LoadOutputSpec
 
     def _run_interface(self, runtime):
-        from .io import DEFAULT_MAX_IMAGE_BYTES, check_image_file, sha256_file
+        from qc_pipeline.io import DEFAULT_MAX_IMAGE_BYTES, check_image_file, sha256_file
 
         _bind_to_parent()
         t0 = time.perf_counter()
@@ -195,10 +165,13 @@ class _PrepInputSpec(BaseInterfaceInputSpec):
     skull_strip = traits.Enum("auto", "deepbet", "robex", "none", usedefault=True)
     contrast = traits.Str("T1w", usedefault=True)
     omp_nthreads = traits.Int(1, usedefault=True)
+    device = traits.Enum("cpu", "cuda", usedefault=True,
+                         desc="the run's device: 'cuda' runs deepbet on this process's GPU when it "
+                              "has one (a CPU node of a GPU run strips on the CPU)")
 
 
 class _PrepOutputSpec(TraitedSpec):
-    out_file = traits.Str(desc="pickled PreprocResult ('' on error)")
+    out_file = traits.Str(desc="the PreprocResult record (preproc.npz; '' on error)")
     warnings = traits.List(traits.Str)
     error = traits.Str()
     seconds = traits.Float()
@@ -217,8 +190,8 @@ class Preprocess(SimpleInterface):
         self._results.update(out_file="", warnings=[], error=self.inputs.in_error)
         if not self.inputs.in_error:
             try:
-                from .io import load_image
-                from .screening import preprocess_scan
+                from qc_pipeline.io import load_image
+                from qc_pipeline.screening import preprocess_scan
 
                 _set_threads(self.inputs.omp_nthreads)
                 name = self.inputs.name or None
@@ -228,10 +201,10 @@ class Preprocess(SimpleInterface):
                 self._results["warnings"] = [str(w) for w in img.extra.get("qc_warnings", [])]
                 prep = preprocess_scan(img, voxel_size=self.inputs.voxel_size, grid=self.inputs.grid,
                                        skull_strip=self.inputs.skull_strip, contrast=self.inputs.contrast,
-                                       name=name)
+                                       name=name, device=self.inputs.device)
                 self._results["warnings"] = list(dict.fromkeys(
                     self._results["warnings"] + [str(w) for w in prep.warnings]))
-                self._results["out_file"] = _dump(prep, Path(runtime.cwd) / "preproc.pkl")
+                self._results["out_file"] = write_node_record(prep, Path(runtime.cwd) / "preproc.npz")
             except Exception as exc:  # noqa: BLE001
                 self._results["error"] = describe_error(exc, "preprocessing")
         self._results["seconds"] = time.perf_counter() - t0
@@ -262,12 +235,12 @@ class _EngineSpec(BaseInterfaceInputSpec):
 
 
 class _IMInputSpec(_EngineSpec):
-    in_file = traits.Str("", usedefault=True, desc="pickled PreprocResult")
+    in_file = traits.Str("", usedefault=True, desc="the PreprocResult record (preproc.npz)")
     in_error = traits.Str("", usedefault=True)
 
 
 class _IMOutputSpec(TraitedSpec):
-    out_file = traits.Str(desc="pickled engine Result ('' on error)")
+    out_file = traits.Str(desc="the engine Result record (result.npz; '' on error)")
     quality = traits.Dict(desc="QCScore.to_dict(): qc_score, driver, measurements and their z")
     model_id = traits.Str()
     model_adapted_from = traits.Str(desc="base model id when the model was adapted to a site, else ''")
@@ -293,19 +266,19 @@ class IterMaskRun(SimpleInterface):
         if not self.inputs.in_error:
             try:
                 _set_threads(self.inputs.omp_nthreads)
-                model = get_model(self.inputs.model_dir or None, self.inputs.contrast,
+                model = screening.get_model(self.inputs.model_dir or None, self.inputs.contrast,
                                   self.inputs.device, expect_id=self.inputs.model_id or None,
                                   expect_key=self.inputs.model_key or None)
                 self._results["model_id"] = model.model_id
                 self._results["model_adapted_from"] = str(
                     (model.card.get("adaptation") or {}).get("base_model_id") or "")
-                from .screening import engine_step
+                from qc_pipeline.screening import engine_step
 
                 res, self._results["quality"] = engine_step(
-                    model, _load(self.inputs.in_file), schedule=self.inputs.schedule, seed=self.inputs.seed,
-                    name=self.inputs.in_file)
-                res.first_pass_error_map = None  # only benchmarks/detection.py saves it: keep the pickle small
-                self._results["out_file"] = _dump(res, Path(runtime.cwd) / "result.pkl")
+                    model, read_node_record(self.inputs.in_file), schedule=self.inputs.schedule,
+                    seed=self.inputs.seed, name=self.inputs.in_file)
+                res.first_pass_error_map = None  # only benchmarks/detection.py saves it: keep the record small
+                self._results["out_file"] = write_node_record(res, Path(runtime.cwd) / "result.npz")
             except Exception as exc:  # noqa: BLE001
                 self._results["error"] = describe_error(exc, "IterMask3D")
         self._results["seconds"] = time.perf_counter() - t0
@@ -313,7 +286,7 @@ class IterMaskRun(SimpleInterface):
 
 
 class _IMBatchInputSpec(_EngineSpec):
-    in_files = traits.List(traits.Str, mandatory=True, desc="pickled PreprocResult per scan ('' on error)")
+    in_files = traits.List(traits.Str, mandatory=True, desc="the PreprocResult record per scan ('' on error)")
     in_errors = traits.List(traits.Str, mandatory=True, desc="the preprocessing's error per scan")
 
 
@@ -342,14 +315,14 @@ class IterMaskBatch(SimpleInterface):
         if todo:
             try:
                 _set_threads(i.omp_nthreads)
-                model = get_model(i.model_dir or None, i.contrast, i.device, expect_id=i.model_id or None,
+                model = screening.get_model(i.model_dir or None, i.contrast, i.device, expect_id=i.model_id or None,
                                   expect_key=i.model_key or None)
-                from .screening import engine_batch
+                from qc_pipeline.screening import engine_batch
 
                 preps, ok = [], []
                 for k in todo:
                     try:
-                        preps.append(_load(i.in_files[k]))
+                        preps.append(read_node_record(i.in_files[k]))
                         ok.append(k)
                     except Exception as exc:  # noqa: BLE001
                         out[k]["error"] = describe_error(exc, "IterMask3D")
@@ -363,7 +336,7 @@ class IterMaskBatch(SimpleInterface):
                         continue
                     res, out[k]["quality"] = got
                     res.first_pass_error_map = None
-                    out[k]["out_file"] = _dump(res, Path(runtime.cwd) / f"result_{k:04d}.pkl")
+                    out[k]["out_file"] = write_node_record(res, Path(runtime.cwd) / f"result_{k:04d}.npz")
             except Exception as exc:  # noqa: BLE001 - e.g. the model folder: every scan's error
                 for k in todo:
                     if not out[k]["out_file"]:
@@ -462,7 +435,7 @@ class WriteDerivatives(SimpleInterface):
     def _write_ok(i, warnings, common, t0):
         import nibabel as nib
 
-        return write_scan_outputs(i.output_dir, i.scan, _load(i.preproc_file), _load(i.result_file),
+        return write_scan_outputs(i.output_dir, i.scan, read_node_record(i.preproc_file), read_node_record(i.result_file),
                                   nib.load(i.in_file), quality=dict(i.quality) or None, warnings=warnings,
                                   runtime_s=sum(i.seconds) + (time.perf_counter() - t0), **common)
 
@@ -488,7 +461,7 @@ class SubjectReport(SimpleInterface):
     _always_run = True
 
     def _run_interface(self, runtime):
-        from .reports import write_subject_page  # the pages' stack loads only where pages are drawn
+        from qc_pipeline.reports import write_subject_page  # the pages' stack loads only where pages are drawn
 
         try:
             out = write_subject_page(self.inputs.output_dir, self.inputs.subject,
