@@ -33,7 +33,7 @@ spectral point exceeds the largest one that noise alone would give": -0.08 to +0
 clean copies of three real heads (voxel sizes 0.9-1.5 mm, oblique, 8 orientations) and
 -0.05 to +0.20 on 40 synthetic normal heads; 1.65-3.24 with torchio's spike (one or two
 spikes of 0.75-1.5 x the k-space maximum) on the same real and synthetic heads
-(``docs/benchmarks.md``, fifth pass). A periodic-line comb raises it as well (1.0-2.0);
+(measured 2026-11-30, ``benchmarks/spectral_peak.py``). A periodic-line comb raises it as well (1.0-2.0);
 ghosting, motion, ringing, wrap-around, blur, bias field and k-space noise do not (at
 most 0.31 on the real copies). Also reported: ``peak_cycles_per_mm`` (the peak's
 frequency along the RAS axes) and ``shape`` (the cropped array size).
@@ -63,8 +63,8 @@ its neighbours. A clean head's ``E(j)`` falls smoothly from the centre.
 
 A smooth spectrum gives only the noise of the class medians: 0.011-0.034 on 28 clean
 copies of three real heads, 0.009-0.034 on 40 synthetic normal heads, 0.34-2.2 with
-torchio's ghosting at intensity 0.5-1 (``docs/benchmarks.md``, seventh pass). Also reported: ``line_comb_axis`` (RAS axis) and
-``line_comb_period``.
+torchio's ghosting at intensity 0.5-1 (measured 2026-11-30, ``benchmarks/spectral_peak.py``).
+Also reported: ``line_comb_axis`` (RAS axis) and ``line_comb_period``.
 
 Limits: a scan reconstructed with a sharp k-space cut (zero filling followed by a
 magnitude operation) has a step in its spectrum, which the half-lines do not mistake for

@@ -250,8 +250,7 @@ def write_cohort(
     """Write a synthetic BIDS cohort and its labels; returns the root.
 
     ``cortex_detail=False`` makes the heads from the plain averaged template (no
-    sulci, smooth GM/WM boundary; see :func:`qc_pipeline.synth.subject.cortical_detail`),
-    as cohorts made before 2026-11-30 were.
+    sulci, smooth GM/WM boundary; see :func:`qc_pipeline.synth.subject.cortical_detail`).
 
     Each subject gets a seed derived from ``seed`` and its index and a site
     (cycling through ``sites``). Each scan carries an artifact with

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--nprocs", type=int, default=1)
     c.add_argument("--plain-anatomy", action="store_true",
                    help="heads from the plain averaged template, without a single brain's sulci and "
-                        "sharp GM/WM boundary (cohorts made before 2026-11-30)")
+                        "sharp GM/WM boundary")
     c.add_argument("--overwrite", action="store_true")
 
     d = sub.add_parser("demo", help="write the small demo dataset")

@@ -362,8 +362,7 @@ def make_subject(
     cortex_detail : bool
         Give the brain a single subject's detail (sharp tissue classes, sulci; see
         :func:`cortical_detail`, strength drawn per subject). False gives the
-        averaged template's smooth anatomy (cohorts made before 2026-11-30;
-        the packaged T2w and FLAIR models).
+        averaged template's smooth anatomy.
 
     Returns
     -------
