@@ -37,6 +37,7 @@ from nipype.pipeline import engine as pe
 from qc_pipeline import __version__
 from qc_pipeline.bids import ScanRecord
 from qc_pipeline.config import DEFAULT_GRID, DEFAULT_VOXEL_SIZE
+from qc_pipeline.workflows.batch import THREADED_NODES, node_mem_mb
 from qc_pipeline.workflows.interfaces import (IterMaskBatch, IterMaskRun, LoadValidate, PickEngineResult,
                                     Preprocess, SubjectReport, WriteDerivatives)
 
@@ -148,7 +149,7 @@ def init_scan_wf(
         IterMaskRun(model_dir=str(model_dir or ""), model_id=model_id or "", model_key=model_key or "",
                     package_version=__version__, contrast=contrast, device=device,
                     schedule=schedule, seed=int(seed), omp_nthreads=omp_nthreads),
-        name="itermask",
+        name="itermask", **_resources("itermask", omp_nthreads),
     )
     timings = pe.Node(niu.Merge(3), name="timings")
     write = _write_node(scan, output_dir=output_dir, model_id=model_id, model_key=model_key,
@@ -173,15 +174,27 @@ def init_scan_wf(
     return wf
 
 
+def _resources(name: str, omp_nthreads: int = 1) -> dict:
+    """What a node declares where it is built: ``mem_gb`` from the measured table
+    (:data:`qc_pipeline.workflows.batch.NODE_MEM_MB`) and ``n_procs`` (its torch threads).
+    MultiProc schedules by them; a batch plugin asks the cluster for the same."""
+    out = {"n_procs": max(1, int(omp_nthreads)) if name in THREADED_NODES else 1}
+    mb = node_mem_mb(name)
+    if mb is not None:
+        out["mem_gb"] = mb / 1024
+    return out
+
+
 def _load_and_preprocess_nodes(scan: ScanRecord, *, voxel_size, grid, skull_strip, omp_nthreads,
                                max_image_bytes, device):
     label = scan.relpath
-    load = pe.Node(LoadValidate(name=label, max_image_bytes=int(max_image_bytes)), name="load")
+    load = pe.Node(LoadValidate(name=label, max_image_bytes=int(max_image_bytes)), name="load",
+                   **_resources("load"))
     prep = pe.Node(
         Preprocess(name=label, voxel_size=[float(v) for v in voxel_size],
                    grid=[int(g) for g in grid], skull_strip=skull_strip, contrast=scan.suffix,
                    omp_nthreads=omp_nthreads, device="cuda" if str(device).startswith("cuda") else "cpu"),
-        name="preprocess",
+        name="preprocess", **_resources("preprocess", omp_nthreads),
     )
     return load, prep
 
@@ -190,7 +203,7 @@ def _write_node(scan: ScanRecord, *, output_dir, model_id, model_key, schedule, 
     return pe.Node(
         WriteDerivatives(scan=scan.to_dict(), output_dir=str(output_dir), schedule=schedule,
                          device=device, default_model_id=model_id or "", model_key=model_key or ""),
-        name="write_derivatives",
+        name="write_derivatives", **_resources("write_derivatives"),
     )
 
 
@@ -307,7 +320,7 @@ def _add_batched_scans(wf, scans: Sequence[ScanRecord], settings, specs: dict) -
                           model_key=spec.get("model_key") or "", package_version=__version__,
                           contrast=group[0].suffix, device=settings.device, schedule=settings.schedule,
                           seed=int(settings.seed), omp_nthreads=settings.omp_nthreads),
-            name=batch_name,
+            name=batch_name, **_resources(batch_name, settings.omp_nthreads),
         )
         wf.connect(files, "out", engine, "in_files")
         wf.connect(errors, "out", engine, "in_errors")
@@ -403,6 +416,7 @@ def init_itermask_qc_wf(*, scans: Sequence[ScanRecord], settings, name: str = "i
             SubjectReport(output_dir=str(settings.output_dir), subject=subject,
                           site_column=settings.site_column),
             name=subject_node_name("report_sub", subject),
+            **_resources(subject_node_name("report_sub", subject)),
         )
         for k, swf in enumerate(scan_wfs, start=1):
             wf.connect(swf, "outputnode.qc_json", merge, f"in{k}")

@@ -68,8 +68,12 @@ def _check_paths(bids_dir: Path, output_dir: Path, work_dir: Path) -> None:
 
 
 def _load_plugin(path: Optional[Path], nprocs: int) -> tuple[str, dict]:
+    # raise_insufficient False: a node declaring more memory or threads than this machine
+    # has (the declared memory has room for 0.8 mm heads) runs alone instead of stopping the run
     if path is None:
-        return ("Linear", {}) if nprocs == 1 else ("MultiProc", {"n_procs": nprocs})
+        if nprocs == 1:
+            return "Linear", {}
+        return "MultiProc", {"n_procs": nprocs, "raise_insufficient": False}
     import yaml
 
     try:
@@ -87,6 +91,7 @@ def _load_plugin(path: Optional[Path], nprocs: int) -> tuple[str, dict]:
     plugin = data["plugin"]
     if plugin in ("MultiProc", "LegacyMultiProc"):
         args.setdefault("n_procs", nprocs)
+        args.setdefault("raise_insufficient", False)
     return plugin, dict(args)
 
 

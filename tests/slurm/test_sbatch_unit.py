@@ -468,3 +468,38 @@ def test_preprocessing_nodes_get_the_runs_device(bids_tree, tmp_path, device, ex
     wf = init_itermask_qc_wf(scans=_scans(bids_tree), settings=settings)
     preps = [n for n in wf._get_all_nodes() if n.name == "preprocess"]
     assert preps and {n.inputs.device for n in preps} == {expected}
+
+
+@pytest.mark.parametrize("engine_batch", [1, 2])
+def test_nodes_declare_their_resources_where_they_are_built(bids_tree, tmp_path, engine_batch):
+    """MultiProc schedules by what each node declares: the measured memory table, and the
+    torch threads of the preprocessing and IterMask3D nodes."""
+    from qc_pipeline.config import Settings
+    from qc_pipeline.workflows import init_itermask_qc_wf
+
+    settings = Settings(bids_dir=bids_tree, output_dir=tmp_path / "out", analysis_level="participant",
+                        work_dir=tmp_path / "work", omp_nthreads=3, engine_batch=engine_batch)
+    settings.model_specs = {}
+    wf = init_itermask_qc_wf(scans=_scans(bids_tree), settings=settings)
+    from nipype.interfaces import utility as niu
+
+    seen = {}
+    for node in wf._get_all_nodes():
+        mb = batch.node_mem_mb(node.name)
+        if mb is None or isinstance(node.interface, niu.Merge):  # bookkeeping: no job of its own
+            continue
+        assert node.mem_gb == pytest.approx(mb / 1024), node.fullname
+        seen[node.name.split("_sub_")[0].split("_t1w")[0]] = node.n_procs
+    want = {"load": 1, "preprocess": 3, "write_derivatives": 1, "report": 1}
+    want.update({"itermask": 3} if engine_batch == 1 else {"itermask_batch": 1})
+    assert seen == want
+
+
+def test_multiproc_runs_a_node_larger_than_the_machine_alone(tmp_path):
+    from qc_pipeline.cli.app import _load_plugin
+
+    assert _load_plugin(None, 1) == ("Linear", {})
+    assert _load_plugin(None, 3) == ("MultiProc", {"n_procs": 3, "raise_insufficient": False})
+    y = tmp_path / "p.yml"
+    y.write_text("plugin: MultiProc\nplugin_args: {n_procs: 4, raise_insufficient: true}\n")
+    assert _load_plugin(y, 2) == ("MultiProc", {"n_procs": 4, "raise_insufficient": True})
