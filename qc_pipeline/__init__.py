@@ -8,4 +8,14 @@ privacy: the modules that import nipype (``qc_pipeline.workflows`` and its inter
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "screen"]
+
+
+def __getattr__(name: str):
+    # ``qc_pipeline.screen``, the one call for library users, imported on first use so that
+    # ``import qc_pipeline`` stays light (no torch, no nipype)
+    if name == "screen":
+        from .screening import screen
+
+        return screen
+    raise AttributeError(f"module 'qc_pipeline' has no attribute {name!r}")

@@ -243,8 +243,11 @@ SCAN_FIELDS = ("status", "bids_name", "qc_score", "qc_score_driver", "anomaly_vo
 
 
 def test_the_library_call_gives_the_apps_answer(run, model_dir, tmp_path):
-    """qc_pipeline.screening.screen on the file alone (no BIDS, no Nipype) == the app's qc.json."""
+    """qc_pipeline.screen on the file alone (no BIDS, no Nipype) == the app's qc.json."""
+    import qc_pipeline
     from qc_pipeline.screening import screen
+
+    assert qc_pipeline.screen is screen  # the package's one call for library users
 
     rel = GOOD[0]
     app = qc_of(run["out"], rel)
