@@ -13,10 +13,10 @@ Public API::
 Importing has no side effects (torchio is imported only when a torchio-based
 artifact runs).
 """
-from .artifacts import (ARTIFACTS, PAPER_ARTIFACTS, apply_artifact, draw_artifact_params,
-                        head_info, replay_artifact)
+from .artifacts import ARTIFACTS, PAPER_ARTIFACTS, apply_artifact, draw_artifact_params, replay_artifact
 from .bids import LABEL_COLUMNS, LABELS_RELPATH, read_labels, write_cohort, write_demo
 from .errors import OutputExistsError, SynthError, UnknownArtifactError
+from .simulator_base import head_info
 from .subject import CONTRASTS, SITES, finalize_dtype, make_subject
 
 __all__ = [
