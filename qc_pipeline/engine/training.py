@@ -83,6 +83,94 @@ def _untrimmed(sq: torch.Tensor, brain: torch.Tensor, trim: float) -> torch.Tens
     return keep
 
 
+def _checked_pairs(pairs, voxel_size):
+    """``(shape, images, brains, hfs)`` of the training pairs: float32 images, bool masks and
+    the high-frequency copies, every pair checked (one grid, finite values, a brain)."""
+    shape = np.asarray(pairs[0][0]).shape
+    images, brains, hfs = [], [], []
+    for i, (img, bm) in enumerate(pairs):
+        img = np.asarray(img, dtype=np.float32)
+        bm = np.asarray(bm).astype(bool)
+        if img.shape != shape or bm.shape != shape:
+            raise ShapeMismatchError(f"pair {i}: image {img.shape} / mask {bm.shape} differ from grid {shape}")
+        if not np.all(np.isfinite(img)) or not bm.any():
+            raise InvalidInputError(f"pair {i}: image has NaN/Inf values or the brain mask is empty")
+        images.append(img)
+        brains.append(bm)
+        hfs.append(high_frequency(img, voxel_size=voxel_size))
+    return shape, images, brains, hfs
+
+
+def _draw_batch(images, brains, hfs, rng, *, batch_size: int, voxel_size, patch):
+    """One training batch as arrays ``(inputs (B, 2, ...), targets, masks, brains)`` (each
+    (B, 1, ...) after the inputs): a volume drawn at random, a fresh training mask (paper 3.5)
+    filled with noise, its high-frequency copy, and a random crop around a masked voxel when
+    ``patch`` is given. ``rng`` is drawn from in a fixed order, so a resumed run continues the
+    same sequence."""
+    shape = images[0].shape
+    xs, ts, ms, bs = [], [], [], []
+    for _ in range(batch_size):
+        k = int(rng.integers(len(images)))
+        img, bm, hf = images[k], brains[k], hfs[k]
+        mask = random_training_mask(bm, rng, voxel_size=voxel_size)
+        noise = rng.standard_normal(shape, dtype=np.float32)
+        x_hat = np.where(mask, noise, img)
+        if patch is not None:
+            where = np.argwhere(mask) if mask.any() else np.argwhere(bm)
+            centre = where[int(rng.integers(len(where)))]
+            sl = _crop_slices(shape, patch, centre, rng)
+            x_hat, hf_c, img_c, m_c, b_c = x_hat[sl], hf[sl], img[sl], mask[sl], bm[sl]
+        else:
+            hf_c, img_c, m_c, b_c = hf, img, mask, bm
+        xs.append(np.stack([x_hat, hf_c]))
+        ts.append(img_c[None])
+        ms.append(m_c[None])
+        bs.append(b_c[None])
+    return np.stack(xs), np.stack(ts), np.stack(ms), np.stack(bs)
+
+
+def _masked_loss(out, target, m, brain, trim: float):
+    """The paper's loss: mean L2 over the volume plus mean L2 over the masked voxels; with
+    ``trim`` > 0 each volume's worst-reconstructed share of its brain is left out of both."""
+    sq = (out - target) ** 2
+    if trim > 0:
+        keep = _untrimmed(sq.detach(), brain, trim)
+        m = m * keep
+        return (sq * keep).sum() / keep.sum().clamp_min(1.0) + (sq * m).sum() / m.sum().clamp_min(1.0)
+    return sq.mean() + (sq * m).sum() / m.sum().clamp_min(1.0)
+
+
+def _training_card(net, *, shape, voxel_size, contrast, n_subjects, steps_done, steps, batch_size, lr, patch,
+                   trim, init_info, seed, losses, log_every, wall, device, card_extra) -> dict:
+    """The model card of a finished run: the default card for the grid, the network, and
+    how it was trained (``card_extra`` merged in, dict sections key by key)."""
+    card = default_card(shape, voxel_size, contrast=contrast)
+    card["model_id"] = f"{contrast.lower()}-unet3d-{'-'.join(str(f) for f in net.features)}-s{steps_done}"
+    card["hf"]["radius"] = list(hf_radius(shape, voxel_size))
+    card["network"] = net.config()
+    card["training"] = {
+        "data": "list of (image, brain_mask) volumes on the model grid, z-scored",
+        "subjects": n_subjects, "steps": steps_done, "steps_planned": steps, "batch_size": batch_size, "lr": lr,
+        "optimizer": "Adam", "patch": list(patch) if patch else None,
+        "loss": "mean L2 over crop + mean L2 over masked voxels"
+                + (f", each without the worst {100 * trim:g} % of the volume's voxels" if trim > 0 else ""),
+        "masks": "random_training_mask (Gaussian point cloud, factors 2/4/8 p=1/4,1/2,1/4), fresh every step",
+        "init_from": init_info,
+        "seed": seed, "final_loss": float(np.mean(losses[-max(1, log_every):])) if losses else None,
+        "wall_time_s": round(wall, 1),
+        "machine": f"{platform.platform()}; {platform.processor() or platform.machine()}; "
+                   f"cpus={os.cpu_count()}; torch_threads={torch.get_num_threads()}; device={device}",
+        "torch": torch.__version__,
+    }
+    if card_extra:
+        for key, val in card_extra.items():
+            if isinstance(val, Mapping) and isinstance(card.get(key), dict):
+                card[key] = {**card[key], **val}
+            else:
+                card[key] = val
+    return card
+
+
 def train_model(
     pairs: Sequence[tuple[np.ndarray, np.ndarray]],
     out_dir,
@@ -157,18 +245,7 @@ def train_model(
         raise InvalidInputError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
     if not 0.0 <= float(trim) < 0.5:
         raise InvalidInputError(f"trim must be in [0, 0.5), got {trim}")
-    shape = np.asarray(pairs[0][0]).shape
-    images, brains, hfs = [], [], []
-    for i, (img, bm) in enumerate(pairs):
-        img = np.asarray(img, dtype=np.float32)
-        bm = np.asarray(bm).astype(bool)
-        if img.shape != shape or bm.shape != shape:
-            raise ShapeMismatchError(f"pair {i}: image {img.shape} / mask {bm.shape} differ from grid {shape}")
-        if not np.all(np.isfinite(img)) or not bm.any():
-            raise InvalidInputError(f"pair {i}: image has NaN/Inf values or the brain mask is empty")
-        images.append(img)
-        brains.append(bm)
-        hfs.append(high_frequency(img, voxel_size=voxel_size))
+    shape, images, brains, hfs = _checked_pairs(pairs, voxel_size)
     if patch is None:
         patch_t = None
     else:
@@ -217,35 +294,10 @@ def train_model(
         if time_budget_s is not None and elapsed_before + time.perf_counter() - t0 >= time_budget_s:
             log.info("time budget of %.0f s reached at step %d of %d", time_budget_s, step, steps)
             break
-        xs, ts, ms, bs = [], [], [], []
-        for _ in range(batch_size):
-            k = int(rng.integers(len(images)))
-            img, bm, hf = images[k], brains[k], hfs[k]
-            mask = random_training_mask(bm, rng, voxel_size=voxel_size)
-            noise = rng.standard_normal(shape, dtype=np.float32)
-            x_hat = np.where(mask, noise, img)
-            if patch_t is not None:
-                where = np.argwhere(mask) if mask.any() else np.argwhere(bm)
-                centre = where[int(rng.integers(len(where)))]
-                sl = _crop_slices(shape, patch_t, centre, rng)
-                x_hat, hf_c, img_c, m_c, b_c = x_hat[sl], hf[sl], img[sl], mask[sl], bm[sl]
-            else:
-                hf_c, img_c, m_c, b_c = hf, img, mask, bm
-            xs.append(np.stack([x_hat, hf_c]))
-            ts.append(img_c[None])
-            ms.append(m_c[None])
-            bs.append(b_c[None])
-        inp = torch.from_numpy(np.stack(xs)).to(dev)
-        target = torch.from_numpy(np.stack(ts)).to(dev)
-        m = torch.from_numpy(np.stack(ms)).to(dev).float()
-        out = net(inp)
-        sq = (out - target) ** 2
-        if trim > 0:
-            keep = _untrimmed(sq.detach(), torch.from_numpy(np.stack(bs)).to(dev), trim)
-            m = m * keep
-            loss = (sq * keep).sum() / keep.sum().clamp_min(1.0) + (sq * m).sum() / m.sum().clamp_min(1.0)
-        else:
-            loss = sq.mean() + (sq * m).sum() / m.sum().clamp_min(1.0)
+        xs, ts, ms, bs = _draw_batch(images, brains, hfs, rng, batch_size=batch_size, voxel_size=voxel_size,
+                                     patch=patch_t)
+        loss = _masked_loss(net(torch.from_numpy(xs).to(dev)), torch.from_numpy(ts).to(dev),
+                            torch.from_numpy(ms).to(dev).float(), torch.from_numpy(bs).to(dev), trim)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -268,30 +320,10 @@ def train_model(
         bar.close()
     wall = elapsed_before + time.perf_counter() - t0
     net.eval()
-    card = default_card(shape, voxel_size, contrast=contrast)
-    card["model_id"] = f"{contrast.lower()}-unet3d-{'-'.join(str(f) for f in net.features)}-s{last_step}"
-    card["hf"]["radius"] = list(hf_radius(shape, voxel_size))
-    card["network"] = net.config()
-    card["training"] = {
-        "data": "list of (image, brain_mask) volumes on the model grid, z-scored",
-        "subjects": len(images), "steps": last_step, "steps_planned": steps, "batch_size": batch_size, "lr": lr,
-        "optimizer": "Adam", "patch": list(patch_t) if patch_t else None,
-        "loss": "mean L2 over crop + mean L2 over masked voxels"
-                + (f", each without the worst {100 * trim:g} % of the volume's voxels" if trim > 0 else ""),
-        "masks": "random_training_mask (Gaussian point cloud, factors 2/4/8 p=1/4,1/2,1/4), fresh every step",
-        "init_from": init_info,
-        "seed": seed, "final_loss": float(np.mean(losses[-max(1, log_every):])) if losses else None,
-        "wall_time_s": round(wall, 1),
-        "machine": f"{platform.platform()}; {platform.processor() or platform.machine()}; "
-                   f"cpus={os.cpu_count()}; torch_threads={torch.get_num_threads()}; device={dev}",
-        "torch": torch.__version__,
-    }
-    if card_extra:
-        for key, val in card_extra.items():
-            if isinstance(val, Mapping) and isinstance(card.get(key), dict):
-                card[key] = {**card[key], **val}
-            else:
-                card[key] = val
+    card = _training_card(net, shape=shape, voxel_size=voxel_size, contrast=contrast, n_subjects=len(images),
+                          steps_done=last_step, steps=steps, batch_size=batch_size, lr=lr, patch=patch_t,
+                          trim=trim, init_info=init_info, seed=seed, losses=losses, log_every=log_every,
+                          wall=wall, device=dev, card_extra=card_extra)
     save_model_folder(out_dir, net.cpu(), card)
     return {"model_dir": out_dir, "start_step": start_step, "steps": last_step, "losses": losses,
             "final_loss": losses[-1] if losses else None, "wall_time_s": wall}
