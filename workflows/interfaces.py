@@ -36,8 +36,8 @@ from nipype.interfaces.base import (
 )
 
 from qc_pipeline import screening
-from qc_pipeline.io import read_record_npz, write_record_npz
 from qc_pipeline.derivatives import one_line, write_error_qc, write_scan_outputs
+from qc_pipeline.io import read_record_npz, write_record_npz
 
 LOGGER = logging.getLogger(__name__)
 
