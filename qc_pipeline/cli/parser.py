@@ -58,24 +58,19 @@ _positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positi
 _fraction = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
-def _site_norm_spread(text: str) -> float | None:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0: the factor alone), got {text!r}")
-    return value or None
+def _zero_is_none(what: str):
+    """An argparse type for a number >= 0 where 0 means "off" (None)."""
+    parse = _number(float, lambda v: math.isfinite(v) and v >= 0, what)
+
+    def zero_is_none(text: str):
+        return parse(text) or None
+
+    zero_is_none.__name__ = what
+    return zero_is_none
 
 
-def _site_norm_factor(text: str) -> float | None:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a factor > 0 (or 0 to skip the site reference), got {text!r}")
-    return value or None
+_site_norm_spread = _zero_is_none("a number >= 0 (0: the factor alone)")
+_site_norm_factor = _zero_is_none("a factor >= 0 (0 skips the site reference)")
 
 
 def _path(text: str) -> Path:
