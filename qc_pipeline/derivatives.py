@@ -95,7 +95,7 @@ def _atomic_json(obj: Any, path: Path) -> Path:
     return atomic_write_json(obj, path)
 
 
-#: the qc.json fields that the QC score (``qcscore.combine(...).to_dict()``) fills
+#: the qc.json fields that the QC score (``qc_pipeline.qc.score.combine(...).to_dict()``) fills
 QUALITY_FIELDS = ("qc_score", "qc_score_driver", "quality_features", "quality_z", "qc_score_reference")
 
 

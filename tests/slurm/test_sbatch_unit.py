@@ -495,7 +495,9 @@ def test_nodes_declare_their_resources_where_they_are_built(bids_tree, tmp_path,
     assert seen == want
 
 
-def test_multiproc_runs_a_node_larger_than_the_machine_alone(tmp_path):
+def test_cli_multiproc_lets_a_node_larger_than_the_machine_run_alone(tmp_path):
+    """raise_insufficient false (Nipype then caps the node's request at the machine's), unless
+    the plugin file says otherwise."""
     from qc_pipeline.cli.app import _load_plugin
 
     assert _load_plugin(None, 1) == ("Linear", {})
