@@ -44,9 +44,10 @@ SITE_MASK_DESC = "desc-siteanomaly_mask"
 QC_FIELDS = (
     "status", "error", "warnings",
     "bids_name", "source_file", "source_path", "entities", "site", "metadata",
-    "qc_score", "qc_score_driver",
+    "qc_score", "qc_score_driver", "qc_score_contributors",
     "anomaly_voxels", "anomaly_fraction", "anomaly_mm3", "raw_anomaly_voxels", "raw_anomaly_fraction",
     "normal_error", "candidate_anomaly_voxels", "candidate_anomaly_fraction",
+    "anomaly_region_count", "anomaly_regions",
     "quality_features", "quality_z", "qc_score_reference",
     "tau_curve", "tau_stop", "fit", "forward_passes", "mean_error",
     "background_artifact_fraction", "background", "spectrum",
@@ -96,7 +97,11 @@ def _atomic_json(obj: Any, path: Path) -> Path:
 
 
 #: the qc.json fields that the QC score (``qc_pipeline.qc.score.combine(...).to_dict()``) fills
-QUALITY_FIELDS = ("qc_score", "qc_score_driver", "quality_features", "quality_z", "qc_score_reference")
+QUALITY_FIELDS = ("qc_score", "qc_score_driver", "qc_score_contributors", "quality_features", "quality_z",
+                  "qc_score_reference")
+#: the qc.json fields that describe the engine's mask region by region (:mod:`qc_pipeline.qc.regions`);
+#: they travel with the measurements and a rescoring keeps them
+REGION_FIELDS = ("anomaly_region_count", "anomaly_regions")
 
 
 def one_line(text: Any, limit: int = 400) -> str:
@@ -181,8 +186,9 @@ def ok_record(scan, result: Mapping[str, Any], *, model_id, schedule, device,
     ``spectrum``: the native image's spectral peak and line comb
     (:meth:`qc_pipeline.qc.spectrum.SpectralPeak.to_dict`), written as ``spectrum``.
     ``quality``: :meth:`qc_pipeline.qc.score.QCScore.to_dict` (``qc_score``,
-    ``qc_score_driver``, ``quality_z``, ``quality_features``, ``qc_score_reference``),
-    written at the top level.
+    ``qc_score_driver``, ``qc_score_contributors``, ``quality_z``, ``quality_features``,
+    ``qc_score_reference``) and the engine mask's regions (:data:`REGION_FIELDS`), written at
+    the top level.
     ``template_fit``: the preprocessing's fit of the MNI152 brain mask to the scan
     (:func:`qc_pipeline.preproc.prior.align_template_prior`); its ``affine`` (MNI world ->
     scanner world) and ``surface_agreement`` are written as ``template_fit``, which the group
@@ -195,7 +201,7 @@ def ok_record(scan, result: Mapping[str, Any], *, model_id, schedule, device,
                       model_key=model_key)
     rec["status"] = "ok"
     q = dict(quality or {})
-    for key in QUALITY_FIELDS:
+    for key in QUALITY_FIELDS + REGION_FIELDS:
         rec[key] = q.get(key)
     for key in RESULT_FIELDS:
         rec[key] = result.get(key)
@@ -352,6 +358,8 @@ class QCRecord:
     #: score against the scan's own site and its driving measurement (set by the group level)
     site_score: float = math.nan
     site_driver: str | None = None
+    #: every measurement beyond the site's clean scans, worst first (``[(name, z), ...]``)
+    site_contributors: list = field(default_factory=list)
     #: the engine's anomaly against the site's own scans (set by the group level, NaN when
     #: the site had too few scans with a template fit; :mod:`qc_pipeline.sitenorm`)
     site_anomaly_fraction: float = math.nan

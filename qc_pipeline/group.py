@@ -128,7 +128,8 @@ POOLED_SITE = "ALL_SITES"
 ROW_COLUMNS = [
     "bids_name", "subject", "session", "acquisition", "run", "suffix", "site", "status",
     "anomaly_voxels", "anomaly_fraction", "anomaly_mm3", "rank", "percentile_in_site",
-    "flagged", "error", "qc_score", "qc_score_driver", "qc_score_site", "qc_score_site_driver",
+    "flagged", "error", "qc_score", "qc_score_driver", "qc_score_contributors", "qc_score_site",
+    "qc_score_site_driver", "qc_score_site_contributors",
     "threshold", "score_flagged", "label", "rated_artifacts", "warnings", "model_id", "model_adapted_from",
     "report",
     "background_artifact_fraction", "background_ghost_ratio", "background_snr",
@@ -462,11 +463,11 @@ def _set_site_scores(ok: list[QCRecord], *, min_site_size: int) -> None:
     site with fewer than ``min_site_size`` records with measurements is scored against the
     pool of its model's records of every site; a pool that small gets no site score.
     """
-    from .qc.score import relative_scores
+    from .qc.score import relative_scores_with_contributors as relative_scores
 
     by_model: dict[str, list[QCRecord]] = {}
     for r in ok:
-        r.site_score, r.site_driver = math.nan, None
+        r.site_score, r.site_driver, r.site_contributors = math.nan, None, []
         ref = r.data.get("qc_score_reference")
         if isinstance(ref, dict) and ref and isinstance(r.data.get("quality_features"), dict):
             by_model.setdefault(json.dumps(ref, sort_keys=True), []).append(r)
@@ -485,9 +486,9 @@ def _set_site_scores(ok: list[QCRecord], *, min_site_size: int) -> None:
             else:
                 scores = relative_scores([r.data["quality_features"] for r in group], reference,
                                          min_scans=min_site_size)
-            for r, (sc, drv) in zip(group, scores):
+            for r, (sc, drv, contrib) in zip(group, scores):
                 if sc is not None:
-                    r.site_score, r.site_driver = sc, drv
+                    r.site_score, r.site_driver, r.site_contributors = sc, drv, contrib
 
 
 def _site_thresholds(by_site: Mapping[str, np.ndarray], pooled: np.ndarray, *, k: float,
@@ -539,6 +540,27 @@ def _measure_thresholds(ok: list[QCRecord], sites: list[str], attr: str, *, scor
     return out, summary
 
 
+def _contributor_pairs(items) -> list[tuple[str, float]]:
+    """``[(name, z), ...]`` from a qc.json's ``qc_score_contributors`` (``[{measure, z}]``) or
+    from a record's site contributors (pairs already); anything else gives nothing."""
+    out = []
+    for it in items or []:
+        name, z = (it.get("measure"), it.get("z")) if isinstance(it, Mapping) else \
+            (tuple(it) if isinstance(it, (list, tuple)) and len(it) == 2 else (None, None))
+        if isinstance(name, str) and isinstance(z, (int, float)) and math.isfinite(z):
+            out.append((name, float(z)))
+    return out
+
+
+def _contributor_names(items) -> list[str]:
+    return [k for k, _ in _contributor_pairs(items)]
+
+
+def _contributor_text(items) -> str:
+    """The group table's contributors cell: ``name (z); name (z)``, worst first."""
+    return "; ".join(f"{k} ({z:.1f})" for k, z in _contributor_pairs(items))
+
+
 def _row(r: QCRecord, lab: Mapping, tags: Mapping, *, rank, pct, flagged, score_flagged, thr,
          bg_flagged=None, bg_thr=math.nan, strict: bool = True, score_name: str = "anomaly_fraction",
          score: float = math.nan, en_flagged=None, en_thr=math.nan) -> dict:
@@ -548,9 +570,13 @@ def _row(r: QCRecord, lab: Mapping, tags: Mapping, *, rank, pct, flagged, score_
     site_driver = r.site_driver if r.ok else None
     if not r.ok:
         reasons.append(f"not screened: {r.error or r.status}")
+    contrib = _contributor_names(r.data.get("qc_score_contributors")) if r.ok else []
+    site_contrib = [k for k, _ in r.site_contributors] if r.ok else []
     if score_flagged:
         d = site_driver if score_name == "qc_score_site" else driver if score_name == "qc_score" else None
-        why = f" (driven by {d})" if d else ""
+        also = [k for k in (site_contrib if score_name == "qc_score_site" else contrib if score_name == "qc_score"
+                            else []) if k != d]
+        why = (f" (driven by {d}" + (f"; also out: {', '.join(also)}" if also else "") + ")") if d else ""
         reasons.append(f"{score_name} {score:.4g} {'>' if strict else '>='} threshold {thr:.4g}{why}")
     if bg_flagged:
         reasons.append(f"background artifact: background_artifact_fraction {r.background_fraction:.4g} "
@@ -567,8 +593,10 @@ def _row(r: QCRecord, lab: Mapping, tags: Mapping, *, rank, pct, flagged, score_
         "suffix": e.get("suffix", ""), "site": r.site, "status": r.status,
         "qc_score": r.qc_score if r.ok and math.isfinite(r.qc_score) else None,
         "qc_score_driver": driver or "",
+        "qc_score_contributors": _contributor_text(r.data.get("qc_score_contributors")) if r.ok else "",
         "qc_score_site": r.site_score if r.ok and math.isfinite(r.site_score) else None,
         "qc_score_site_driver": site_driver or "",
+        "qc_score_site_contributors": _contributor_text(r.site_contributors) if r.ok else "",
         "anomaly_voxels": int(r.voxels) if r.ok and math.isfinite(r.voxels) else None,
         "anomaly_fraction": r.fraction if r.ok else None,
         "anomaly_mm3": r.mm3 if r.ok and math.isfinite(r.mm3) else None,

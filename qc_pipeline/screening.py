@@ -184,7 +184,27 @@ def _finish_engine(model, prep, res, name):
         LOGGER.warning("%s: QC-score measurements failed (%s); the scan keeps its anomaly score",
                        name or "scan", one_line(exc))
         quality = {}
+    quality.update(_regions(prep, res, name))
     return res, quality
+
+
+def _regions(prep, res, name) -> dict:
+    """The qc.json's ``anomaly_region_count`` and ``anomaly_regions`` (the largest connected
+    regions of the final mask, :func:`qc_pipeline.qc.regions.anomaly_regions`); empty when
+    the preprocessing recorded no grid affine or the description fails."""
+    from .qc.regions import anomaly_regions
+
+    grid_affine = getattr(prep.info, "grid_affine", None)
+    if grid_affine is None:
+        return {}
+    try:
+        n, regions = anomaly_regions(
+            res.mask, brain_mask=prep.brain_mask, grid_affine=grid_affine, error_map=res.error_map,
+            template_to_world=(getattr(prep.info, "prior", None) or {}).get("affine"))
+    except Exception as exc:  # noqa: BLE001 - a description never fails the scan
+        LOGGER.warning("%s: the anomaly regions could not be described (%s)", name or "scan", one_line(exc))
+        return {}
+    return {"anomaly_region_count": n, "anomaly_regions": [r.to_dict() for r in regions]}
 
 
 def scan_record_for(path, *, contrast: Optional[str] = None) -> ScanRecord:

@@ -103,12 +103,17 @@ from .background import lower_side_location_scale
 from ..preproc import ball
 
 __all__ = [
-    "FEATURES", "FeatureSpec", "QCScore", "QCScoreError", "combine", "compact_deficit", "fit_reference",
+    "CONTRIBUTOR_Z", "ENGINE_MEASURES", "FEATURES", "FeatureSpec", "QCScore", "QCScoreError", "combine",
+    "compact_deficit", "contributors", "fit_reference",
     "nonuniformity", "signal_void",
     "scan_features", "scan_quality", "native_measurements", "native_measurements_stale", "relative_z",
-    "axis_sharpness", "sharpness_and_noise", "relative_scores",
+    "axis_sharpness", "sharpness_and_noise", "relative_scores", "relative_scores_with_contributors",
 ]
 
+#: a measurement this many robust SDs beyond the clean scans is named among a score's contributors
+CONTRIBUTOR_Z = 3.0
+#: the measurements that come from the engine (its mask and its reconstruction error)
+ENGINE_MEASURES = ("anomaly_fraction", "anomaly_cluster_fraction", "recon_error")
 #: a void is darker than this share of the brain's median intensity
 VOID_LEVEL = 0.15
 #: edge of the cubes of the non-uniformity measurement (mm)
@@ -404,6 +409,7 @@ class QCScore:
         per-measurement entries so that the group level needs nothing but the derivatives."""
         r = lambda v: None if v is None else round(float(v), 6)  # noqa: E731
         return {"qc_score": r(self.qc_score), "qc_score_driver": self.driver,
+                "qc_score_contributors": [{"measure": k, "z": r(v)} for k, v in contributors(self.z)],
                 "quality_z": {k: r(v) for k, v in self.z.items()},
                 "quality_features": {k: r(v) for k, v in self.features.items()},
                 "qc_score_reference": self.reference or None}
@@ -436,6 +442,19 @@ def _worst(z: Mapping[str, float | None]) -> tuple[float | None, str | None]:
         return None, None
     k = max(have, key=have.get)
     return float(have[k]), k
+
+
+def contributors(z: Mapping[str, float | None], *, level: float | None = None) -> list[tuple[str, float]]:
+    """Every measurement at least ``level`` (default :data:`CONTRIBUTOR_Z`) robust SDs beyond
+    the clean scans, worst first (ties by name): ``[(name, z), ...]``.
+
+    The score is one number and its driver one name; a scan often stands out on several
+    measurements at once (a missing piece of brain: the signal void, the signal deficit and
+    the engine's anomaly fraction), and a rater needs every one of them, the engine's own
+    among them whenever it is out too."""
+    cut = CONTRIBUTOR_Z if level is None else float(level)
+    have = [(k, float(v)) for k, v in z.items() if v is not None and math.isfinite(float(v)) and float(v) >= cut]
+    return sorted(have, key=lambda kv: (-kv[1], kv[0]))
 
 
 def _joint(z: Mapping[str, float | None]) -> tuple[float | None, str | None]:
@@ -577,6 +596,14 @@ def relative_scores(features: list[Mapping[str, float | None]], reference: Mappi
     ``(score, driver)`` per scan (``(None, None)`` when no measurement is left).
     """
     return [_joint(z) for z in relative_z(features, reference, min_scans=min_scans)]
+
+
+def relative_scores_with_contributors(
+        features: list[Mapping[str, float | None]], reference: Mapping[str, Any], *,
+        min_scans: int = 8) -> list[tuple[float | None, str | None, list[tuple[str, float]]]]:
+    """:func:`relative_scores` with each scan's :func:`contributors` against the same scans:
+    ``(score, driver, [(name, z), ...])`` per scan."""
+    return [(*_joint(z), contributors(z)) for z in relative_z(features, reference, min_scans=min_scans)]
 
 
 def relative_z(features: list[Mapping[str, float | None]], reference: Mapping[str, Any],

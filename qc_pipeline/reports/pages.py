@@ -271,6 +271,8 @@ def _group_info(output_dir: Path, rec: QCRecord) -> dict | None:
     n_all = sum(1 for r in rows.values() if r.get("status") == "ok")
     driver = {"qc_score_site": row.get("qc_score_site_driver"),
               "qc_score": row.get("qc_score_driver")}.get(key) or ""
+    contributors = {"qc_score_site": row.get("qc_score_site_contributors"),
+                    "qc_score": row.get("qc_score_contributors")}.get(key) or ""
     rule = bg_rule = ""
     sp = output_dir / f"group_{rec.suffix}_sites.csv"
     if sp.is_file():
@@ -287,6 +289,8 @@ def _group_info(output_dir: Path, rec: QCRecord) -> dict | None:
             "threshold": row.get("threshold"), "rule": rule, "csv": p.name,
             "page": f"group_{rec.suffix}.html", "score": key, "score_value": row.get(key),
             "driver": driver, "driver_words": describe_measure(driver),
+            # "name (z); name (z)" in the table: the names alone
+            "contributors": [c.split(" (")[0].strip() for c in contributors.split(";") if c.strip()],
             "background_flagged": row.get("background_flagged") == "1",
             "engine_flagged": row.get("engine_flagged") == "1",
             "score_flagged": row.get("score_flagged") == "1",
@@ -338,15 +342,19 @@ def scan_verdict(data: dict, group: dict | None) -> dict:
         en_flagged = bool(group.get("engine_flagged"))
         # a table without the column (older group level): the score's flag is what is left
         score_flagged = bool(group.get("score_flagged", flagged and not (bg_flagged or en_flagged)))
+        also = list(group.get("contributors") or [])
     else:
         score, value, driver = "qc_score", data.get("qc_score"), data.get("qc_score_driver") or ""
         flagged = bg_flagged = en_flagged = score_flagged = False
+        also = [c.get("measure") for c in data.get("qc_score_contributors") or []
+                if isinstance(c, dict) and isinstance(c.get("measure"), str)]
         if value is None:
             score, value, driver = "anomaly_fraction", data.get("anomaly_fraction"), ""
-    # the flags that fired lead; the score's driver then says why the scan ranks where it does
+    # the flags that fired lead; the score's driver then says why the scan ranks where it does,
+    # and the other measurements that are out too follow it
     fired = ([driver] if score_flagged and driver else []) + \
         (["background_artifact_fraction"] if bg_flagged else []) + (["site_anomaly_fraction"] if en_flagged else [])
-    reasons = [describe_measure(d) for d in dict.fromkeys(fired + ([driver] if driver else []))]
+    reasons = [describe_measure(d) for d in dict.fromkeys(fired + ([driver] if driver else []) + also)]
     pointers = ([driver] if driver else []) + (["background_artifact_fraction"] if bg_flagged else [])
     tags = [MEASURE_WORDS[d][1] for d in pointers
             if d in MEASURE_WORDS]
@@ -422,6 +430,8 @@ def render_subject_report(output_dir, subject: str, *, site_column: str = "site"
             "qc_score": d.get("qc_score"), "driver": d.get("qc_score_driver"),
             "quality_z": d.get("quality_z") or {}, "quality_features": d.get("quality_features") or {},
             "mm3": d.get("anomaly_mm3"),
+            "region_count": d.get("anomaly_region_count") or 0,
+            "regions": [r for r in d.get("anomaly_regions") or [] if isinstance(r, dict)],
             "background": rec.background, "bg_fraction": d.get("background_artifact_fraction"),
             "group": group, "verdict": verdict, "nav": _scan_nav(output_dir, rec),
             "measurements": _measurements(d, verdict["driver"]),

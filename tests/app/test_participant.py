@@ -94,6 +94,16 @@ def test_good_scans_have_all_outputs_in_native_space(run):
         zs = {k: v for k, v in qc["quality_z"].items() if v is not None}
         assert qc["qc_score"] == pytest.approx(max(zs.values()), abs=1e-5)
         assert qc["qc_score_driver"] == max(zs, key=zs.get)
+        assert [c["measure"] for c in qc["qc_score_contributors"]] == \
+            sorted((k for k, v in zs.items() if v >= 3.0), key=lambda k: -zs[k])
+        # the mask's regions, largest first, add up to no more than the mask, centred in the head
+        regions = qc["anomaly_regions"]
+        assert qc["anomaly_region_count"] >= len(regions) >= 1
+        assert [r["voxels"] for r in regions] == sorted((r["voxels"] for r in regions), reverse=True)
+        assert sum(r["voxels"] for r in regions) <= qc["anomaly_voxels"]
+        assert regions[0]["hemisphere"] in ("left", "right", "midline") and len(regions[0]["centre_mni_mm"]) == 3
+        centre_vox = np.linalg.inv(src.affine) @ np.r_[regions[0]["centre_scanner_mm"], 1.0]
+        assert all(-1 <= c <= n for c, n in zip(centre_vox[:3], src.shape)), (rel, centre_vox)
         assert qc["tau_curve"] and qc["fit"]["path"] in ("tan", "fallback")
         assert qc["forward_passes"] >= 1 and qc["runtime_s"] > 0
         assert qc["model_id"] == "t1w-random-seed0" and qc["schedule"] == "auto"
@@ -235,7 +245,8 @@ def test_a_model_rewritten_in_place_is_screened_again(run, model_dir, tmp_path):
 
 
 #: what a scan's record says about the scan itself (not where it lay or how long it took)
-SCAN_FIELDS = ("status", "bids_name", "qc_score", "qc_score_driver", "anomaly_voxels", "anomaly_fraction",
+SCAN_FIELDS = ("status", "bids_name", "qc_score", "qc_score_driver", "qc_score_contributors", "anomaly_voxels",
+               "anomaly_fraction", "anomaly_region_count", "anomaly_regions",
                "raw_anomaly_voxels", "candidate_anomaly_voxels", "normal_error", "quality_features",
                "quality_z", "qc_score_reference", "tau_stop", "fit", "forward_passes", "mean_error",
                "background_artifact_fraction", "background", "spectrum", "template_fit", "model_id",

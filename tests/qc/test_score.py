@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from qc_pipeline.qc.score import (FEATURES, QCScoreError, combine, fit_reference,
+from qc_pipeline.qc.score import (CONTRIBUTOR_Z, ENGINE_MEASURES, FEATURES, QCScoreError, combine,
+                                 contributors, fit_reference,
                                  axis_sharpness, largest_component_fraction, nonuniformity,
                                  scan_features, sharpness_and_noise, signal_void)
 
@@ -211,6 +212,23 @@ def test_combine_is_max_of_signed_z_and_skips_missing():
     assert d["qc_score"] == 3.0 and d["qc_score_driver"] == "down" and d["quality_z"]["both"] == 2.0
     with pytest.raises(QCScoreError, match="direction"):
         combine({"x": 1.0}, {"features": {"x": {"median": 0, "scale": 1, "direction": "sideways"}}})
+
+
+def test_contributors_name_every_measurement_out_worst_first():
+    """A missing piece of brain is out on the signal void, the deficit and the engine's own
+    count at once: the record names all three, the engine's among them, not just the driver."""
+    ref = {"features": {name: {"median": 0.0, "scale": 1.0, "direction": "up", "transform": "identity"}
+                        for name in ("signal_void", "signal_deficit", "anomaly_fraction", "noise", "snr")}}
+    q = combine({"signal_void": 19.9, "signal_deficit": 9.7, "anomaly_fraction": 4.5, "noise": 2.9,
+                 "snr": None}, ref)
+    assert q.driver == "signal_void"
+    assert contributors(q.z) == [("signal_void", 19.9), ("signal_deficit", 9.7), ("anomaly_fraction", 4.5)]
+    assert contributors(q.z, level=2.5)[-1] == ("noise", 2.9)
+    assert q.to_dict()["qc_score_contributors"] == [
+        {"measure": "signal_void", "z": 19.9}, {"measure": "signal_deficit", "z": 9.7},
+        {"measure": "anomaly_fraction", "z": 4.5}]
+    assert combine({"noise": 1.0}, ref).to_dict()["qc_score_contributors"] == []
+    assert "anomaly_fraction" in ENGINE_MEASURES and CONTRIBUTOR_Z == 3.0
 
 
 def test_fit_reference_is_robust_and_refuses_too_few_scans():
@@ -427,6 +445,8 @@ def test_group_scores_each_site_against_itself(tmp_path):
     assert {r["bids_name"] for r in rows[:2]} == {"sub-03_T1w", "sub-14_T1w"}
     assert {r["bids_name"] for r in rows if r["flagged"] == "1"} == {"sub-03_T1w", "sub-14_T1w"}
     assert rows[0]["qc_score_site_driver"] == "noise"
+    assert rows[0]["qc_score_site_contributors"].startswith("noise (") and rows[0]["qc_score_contributors"]
+    assert all(r["qc_score_site_contributors"] == "" for r in rows if r["flagged"] != "1")
     sites = {r["site"]: r for r in csv.DictReader(open(tmp_path / "group_T1w_sites.csv", newline=""))}
     assert float(sites["ALL_SITES"]["AUROC"]) == 1.0 and "qc_score_site" in sites["A"]["threshold_rule"]
     # the subject page leads with the number the group ranks by: the score against its site
@@ -495,3 +515,35 @@ def test_site_score_finds_blur_when_noisy_scans_look_sharper():
     rel = [s for s, _ in relative_scores([{"sharpness": v} for v in sharp], ref)]
     assert rel[-1] > 5.0
     assert max(rel[:15]) < 3.0
+
+
+def test_group_reasons_name_every_measurement_out_against_the_site(tmp_path):
+    """The group table says which measurements put a flagged scan out, the driver first."""
+    import csv
+    import json
+
+    from qc_pipeline.grouplevel import run_group
+
+    ref = {"noise": {"median": 0.0, "scale": 0.05, "direction": "up", "transform": "log", "offset": 0.0},
+           "anomaly_fraction": {"median": -4.0, "scale": 0.3, "direction": "up", "transform": "log",
+                                "offset": 0.01}}
+    rng = np.random.default_rng(3)
+    for k in range(1, 13):
+        bad = k == 5
+        feats = {"noise": float(np.exp(0.03 * rng.normal() + (0.8 if bad else 0.0))),
+                 "anomaly_fraction": float(np.exp(-4.6 + 0.05 * rng.normal())) + (0.2 if bad else 0.0)}
+        q = combine(feats, {"features": ref}).to_dict()
+        d = tmp_path / f"sub-{k:02d}" / "anat"
+        d.mkdir(parents=True)
+        (d / f"sub-{k:02d}_T1w_qc.json").write_text(json.dumps({
+            "status": "ok", "bids_name": f"sub-{k:02d}_T1w", "site": "A",
+            "entities": {"subject": f"{k:02d}", "suffix": "T1w"}, "anomaly_voxels": 10,
+            "anomaly_fraction": feats["anomaly_fraction"], "anomaly_mm3": 80.0, **q}))
+    run_group(tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "group_T1w.csv", newline="")))
+    top = rows[0]
+    assert top["bids_name"] == "sub-05_T1w" and top["flagged"] == "1"
+    names = [c.split(" (")[0] for c in top["qc_score_site_contributors"].split("; ")]
+    assert names[0] == top["qc_score_site_driver"] and set(names) == {"noise", "anomaly_fraction"}
+    other = ({"noise", "anomaly_fraction"} - {top["qc_score_site_driver"]}).pop()
+    assert f"driven by {top['qc_score_site_driver']}; also out: {other}" in top["flag_reasons"]

@@ -243,3 +243,26 @@ def test_subject_page_shows_background_statistic_and_flag(derivs):
     # a scan without the statistic says so
     other = next(s for s in derivs.scans if s.subject == "01" and s.suffix == "FLAIR" and s.kind != "failed")
     assert other.bids_name in html and "No background statistic recorded" in html
+
+
+def test_subject_page_lists_the_engine_regions(derivs):
+    """The regions of the engine's mask (from the qc.json) appear on the page, largest first,
+    with their volume, hemisphere and MNI centre; a scan without any says nothing of them."""
+    import json
+
+    s = next(x for x in derivs.scans if x.subject == "01" and x.kind != "failed")
+    d = json.loads(s.qc_path.read_text())
+    d["anomaly_region_count"] = 7
+    d["anomaly_regions"] = [
+        {"rank": 1, "voxels": 1500, "volume_ml": 12.0, "fraction_of_brain": 0.0857, "fraction_of_mask": 0.9,
+         "centre_scanner_mm": [-20.5, 31.0, 48.0], "centre_mni_mm": [-24.0, 30.0, 52.0], "hemisphere": "left",
+         "mean_error": 2.5, "peak_error": 9.25},
+        {"rank": 2, "voxels": 20, "volume_ml": 0.16, "fraction_of_brain": 0.0011, "fraction_of_mask": 0.01,
+         "centre_scanner_mm": [10.0, 0.0, 0.0], "centre_mni_mm": None, "hemisphere": None,
+         "mean_error": 1.1, "peak_error": 1.4}]
+    s.qc_path.write_text(json.dumps(d))
+    write_subject_report(derivs.root, "01")
+    html = (derivs.root / "sub-01.html").read_text()
+    assert "7 regions, the 2 largest below" in html
+    assert "12 mL" in html and "left" in html and "-24.0, 30.0, 52.0" in html and "9.25" in html
+    assert html.count('<table class="kv regions">') == 1
