@@ -11,7 +11,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 # Optional: screen the demo with another model folder: make demo DEMO_MODEL=path/to/model
 DEMO_MODEL ?=
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo test test-all gpu-carry clean
 
 install: $(STAMP)
 
@@ -36,6 +36,14 @@ test: install
 
 test-all: install
 	$(BIN)/python -m pytest -m "" 
+
+# What benchmarks/gpu_window.sh needs on a lent GPU machine (its image lacks nibabel; nothing can
+# be fetched there): the nibabel wheel and the 1 mm anatomy bank, in .gpu/ (ignored; carried).
+gpu-carry: install
+	mkdir -p .gpu
+	$(BIN)/python -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+		--python-version 3.12 --implementation cp -d .gpu "nibabel==$$($(BIN)/python -c 'import nibabel; print(nibabel.__version__)')"
+	test -f .gpu/bank1mm.npz || $(BIN)/itermask-qc-synth bank .gpu/bank1mm.npz
 
 clean:
 	rm -rf demo_output demo_data demo_work build *.egg-info
