@@ -13,7 +13,9 @@ median masked share of the brain (``anomaly_fraction``: the participant level's 
 AUROC of ``site_anomaly_fraction`` (the engine against the site's scans) and of
 ``qc_score_site``, and the flag rates of the group table: the share of clean and of artifact
 copies with ``flagged``, and with any flag (``flagged``, ``background_flagged`` or
-``engine_flagged``). The truth (which copy carries an artifact) is used only for the table.
+``engine_flagged``), and how often the table names the engine (an engine measurement among the
+scan's ``qc_score_contributors`` or ``qc_score_site_contributors``, or its ``engine_flagged``).
+The truth (which copy carries an artifact) is used only for the table.
 
     NIPYPE_NO_ET=1 .venv/bin/python benchmarks/screen_real.py --out RUN --nprocs 2 \\
         --scan itk=ITK robex=ROBEX s1=S1 colin=COLIN bb1=BB1 bb2=BB2 \\
@@ -86,6 +88,7 @@ def summarise(rows: dict, truth: dict, members) -> dict:
     """Measurements of the copies of ``members`` (heads) in one group table."""
     names = [n for n, (_, _, head) in truth.items() if head in members]
     y, kinds, vox, site_an, site_sc, flag, anyflag, clean_frac, failed = [], [], [], [], [], [], [], [], 0
+    named = []
     for n in names:
         label, kind, _ = truth[n]
         r = rows.get(n)
@@ -94,7 +97,9 @@ def summarise(rows: dict, truth: dict, members) -> dict:
         if r is None or r.get("status") != "ok":  # a failed scan is reported, i.e. found
             failed += 1
             vox.append(1e12), site_an.append(1e12), site_sc.append(1e12), flag.append(True), anyflag.append(True)
+            named.append(False)
             continue
+        named.append(_engine_named(r))
         vox.append(_num(r["anomaly_voxels"]))
         site_an.append(_num(r.get("site_anomaly_fraction")))
         site_sc.append(_num(r.get("qc_score_site")))
@@ -103,8 +108,9 @@ def summarise(rows: dict, truth: dict, members) -> dict:
         anyflag.append(f or _yes(r.get("background_flagged")) or _yes(r.get("engine_flagged")))
         if not label:
             clean_frac.append(_num(r["anomaly_fraction"]))
-    y, flag, anyflag = np.array(y), np.array(flag), np.array(anyflag)
+    y, flag, anyflag, named = np.array(y), np.array(flag), np.array(anyflag), np.array(named)
     local = np.array([k == "clean" or k in LOCAL for k in kinds])
+    local_art = local & (y == 1)
 
     def both(s):
         s = np.asarray(s, dtype=float)
@@ -116,7 +122,21 @@ def summarise(rows: dict, truth: dict, members) -> dict:
             "clean_flagged_pct": 100 * float(flag[y == 0].mean()),
             "artifact_flagged_pct": 100 * float(flag[y == 1].mean()),
             "clean_any_flag_pct": 100 * float(anyflag[y == 0].mean()),
-            "artifact_any_flag_pct": 100 * float(anyflag[y == 1].mean())}
+            "artifact_any_flag_pct": 100 * float(anyflag[y == 1].mean()),
+            "engine_named_clean_pct": 100 * float(named[y == 0].mean()),
+            "engine_named_local_pct": 100 * float(named[local_art].mean()) if local_art.any() else float("nan"),
+            "engine_named_artifact_pct": 100 * float(named[y == 1].mean())}
+
+
+def _engine_named(row: dict) -> bool:
+    """Whether the group table names the engine for this scan: one of its measurements among
+    the scan's contributors (against the model's reference or against the site), or its flag
+    against the site's scans."""
+    from qc_pipeline.qc.score import ENGINE_MEASURES
+
+    cells = (row.get("qc_score_contributors") or "") + ";" + (row.get("qc_score_site_contributors") or "")
+    names = {c.split(" (")[0].strip() for c in cells.split(";")}
+    return bool(names & set(ENGINE_MEASURES)) or _yes(row.get("engine_flagged"))
 
 
 def _read(path: Path) -> dict:
@@ -165,8 +185,9 @@ def main(argv=None) -> int:
         results["pools"][pool] = summarise(tables["pool"], truth, members)
     print(f"\n{len(truth)} copies, participant level {minutes:.1f} min ({a.nprocs} processes)\n")
     print("| site | copies (failed) | clean masked % | engine AUROC all / local | site_anomaly AUROC all / local "
-          "| qc_score_site AUROC all / local | flagged: clean % / artifacts % | any flag: clean % / artifacts % |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| qc_score_site AUROC all / local | flagged: clean % / artifacts % | any flag: clean % / artifacts % "
+          "| engine named: clean % / local % / all artifacts % |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for kind, group in (("", results["heads"]), ("pooled ", results["pools"])):
         for name, m in group.items():
             print(f"| {kind}{name} | {m['n']} ({m['failed']}) | {m['clean_masked_pct']:.1f} | "
@@ -174,7 +195,9 @@ def main(argv=None) -> int:
                   f"{m['site_anomaly'][0]:.1f} / {m['site_anomaly'][1]:.1f} | "
                   f"{m['qc_score_site'][0]:.1f} / {m['qc_score_site'][1]:.1f} | "
                   f"{m['clean_flagged_pct']:.0f} / {m['artifact_flagged_pct']:.0f} | "
-                  f"{m['clean_any_flag_pct']:.0f} / {m['artifact_any_flag_pct']:.0f} |")
+                  f"{m['clean_any_flag_pct']:.0f} / {m['artifact_any_flag_pct']:.0f} | "
+                  f"{m['engine_named_clean_pct']:.0f} / {m['engine_named_local_pct']:.0f} / "
+                  f"{m['engine_named_artifact_pct']:.0f} |")
     if a.json_out:
         a.json_out.write_text(json.dumps(results, indent=1, default=float))
     return 0
