@@ -4,7 +4,7 @@ The paper's 3D segmentation section scores the final mask against a lesion's out
 lesions are drawn into preprocessed clean scans (``benchmarks/engine_real.py prepare`` caches:
 real heads under scanner variation, or any folder of ``.npz`` files with ``image`` and
 ``brain_mask`` on the model grid): an irregular blob (an ellipsoid of random axes whose outline is
-roughened by a smooth random field) of 6-20 mm radius, at least 6 mm inside the brain, whose
+roughened by a smooth random field) of 6-20 mm radius (``--radius-mm``), at least 6 mm inside the brain, whose
 voxels take a new intensity (hypointense core like a tumour or a resection cavity in T1w, or
 hyperintense like a haemorrhage or an enhancing lesion) with a fine texture and a one-voxel
 blended border. The engine then runs on the edited grid (the high-frequency image is made
@@ -117,6 +117,9 @@ def main(argv=None) -> int:
     p.add_argument("--per-scan", type=int, default=2, help="lesions per clean scan (one at a time)")
     p.add_argument("--max-scans", type=int, default=None, help="at most this many clean scans per head")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--radius-mm", type=float, nargs=2, default=(6.0, 20.0), metavar=("LO", "HI"),
+                   help="lesion radius range in mm (default 6 20; 20 35 gives tumour-sized lesions of "
+                        "about 30-180 mL)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument("--schedule", default=None, help="one of the card's schedules (default: the card's own)")
@@ -160,7 +163,7 @@ def main(argv=None) -> int:
         aff, t2w = template_fit(brain, vs[0]) if args.site_reference else (None, None)
         for j in range(args.per_scan):
             rng = np.random.default_rng([args.seed, k, j])
-            lesion, info = draw_lesion(brain, rng, voxel_mm=vs[0])
+            lesion, info = draw_lesion(brain, rng, voxel_mm=vs[0], radius_mm=tuple(args.radius_mm))
             if lesion is None:
                 print(f"{f.name} lesion {j}: {info}", file=sys.stderr)
                 continue
