@@ -1,12 +1,10 @@
 """Fixtures of the BIDS-App tests (helpers in ``app_testlib``)."""
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # app_testlib (importlib mode)
 
 from app_testlib import MODEL_GRID, MODEL_VOXEL, make_dataset  # noqa: E402
 

@@ -1,12 +1,10 @@
 """Fixtures of the engine tests: small synthetic brains and an oracle reconstructor."""
 import os
-import sys
 
 import pytest
 import torch
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # engine_testlib (importlib mode)
 torch.set_num_threads(1)
 
 from engine_testlib import SHAPE, textured_volume  # noqa: E402
