@@ -547,3 +547,8 @@ def test_group_reasons_name_every_measurement_out_against_the_site(tmp_path):
     assert names[0] == top["qc_score_site_driver"] and set(names) == {"noise", "anomaly_fraction"}
     other = ({"noise", "anomaly_fraction"} - {top["qc_score_site_driver"]}).pop()
     assert f"driven by {top['qc_score_site_driver']}; also out: {other}" in top["flag_reasons"]
+    # the group page's "why" column: the driver, how many more are out, all of them on hover
+    page = (tmp_path / "group_T1w.html").read_text()
+    row = page[page.index('id="row-scan-sub-05_T1w"'):]
+    row = row[:row.index("</tr>")]
+    assert "+1 more out" in row and f'title="out (robust z): {top["qc_score_site_contributors"]}"' in row
