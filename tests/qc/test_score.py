@@ -552,3 +552,9 @@ def test_group_reasons_name_every_measurement_out_against_the_site(tmp_path):
     row = page[page.index('id="row-scan-sub-05_T1w"'):]
     row = row[:row.index("</tr>")]
     assert "+1 more out" in row and f'title="out (robust z): {top["qc_score_site_contributors"]}"' in row
+    # the subject page's verdict gives both reasons, the driver first
+    from qc_pipeline.reports.pages import describe_measure
+
+    why = re.search(r'class="verdict-why">([^<]*)<', (tmp_path / "sub-05.html").read_text()).group(1)
+    words = [describe_measure(top["qc_score_site_driver"]), describe_measure(other)]
+    assert all(w in why for w in words) and why.index(words[0]) < why.index(words[1])
