@@ -463,7 +463,7 @@ def _set_site_scores(ok: list[QCRecord], *, min_site_size: int) -> None:
     site with fewer than ``min_site_size`` records with measurements is scored against the
     pool of its model's records of every site; a pool that small gets no site score.
     """
-    from .qc.score import relative_scores_with_contributors as relative_scores
+    from .qc.score import relative_scores_with_contributors
 
     by_model: dict[str, list[QCRecord]] = {}
     for r in ok:
@@ -480,12 +480,12 @@ def _set_site_scores(ok: list[QCRecord], *, min_site_size: int) -> None:
                 if len(recs) < min_site_size:
                     continue
                 if pooled is None:
-                    pooled = dict(zip((id(r) for r in recs), relative_scores(
+                    pooled = dict(zip((id(r) for r in recs), relative_scores_with_contributors(
                         [r.data["quality_features"] for r in recs], reference, min_scans=min_site_size)))
                 scores = [pooled[id(r)] for r in group]
             else:
-                scores = relative_scores([r.data["quality_features"] for r in group], reference,
-                                         min_scans=min_site_size)
+                scores = relative_scores_with_contributors([r.data["quality_features"] for r in group],
+                                                           reference, min_scans=min_site_size)
             for r, (sc, drv, contrib) in zip(group, scores):
                 if sc is not None:
                     r.site_score, r.site_driver, r.site_contributors = sc, drv, contrib
