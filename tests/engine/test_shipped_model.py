@@ -1,6 +1,6 @@
 """The shipped T1w model through the app's own preprocessing (deepbet) and normal-error step,
 on a synthetic head it was not trained on: a clean brain stays nearly empty, a box of missing
-brain is masked where it is, and the count rises with the box. (The real network's quality,
+brain is masked where it is (the largest region of the record holds it), and the count rises with the box. (The real network's quality,
 not wiring; about 40 s.)"""
 import os
 
@@ -8,9 +8,11 @@ os.environ.setdefault("NIPYPE_NO_ET", "1")
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 from qc_pipeline.engine import IterMask3D
 from qc_pipeline.preproc import preprocess
+from qc_pipeline.qc.regions import anomaly_regions
 from qc_pipeline.synth import apply_artifact
 
 
@@ -60,5 +62,14 @@ def test_clean_brain_nearly_empty_and_a_missing_box_masked_where_it_is(model, he
         covered = (res.mask & box).sum() / box.sum()
         elsewhere = (res.mask & prep.brain_mask & ~box).sum() / (prep.brain_mask & ~box).sum()
         assert covered >= 0.4 and covered >= 10 * elsewhere, (covered, elsewhere)
+        # the record's largest region is the one that holds the masked box (this head: all of it)
+        n, regions = anomaly_regions(res.mask, brain_mask=prep.brain_mask, grid_affine=prep.info.grid_affine,
+                                     error_map=res.error_map, template_to_world=prep.info.prior.get("affine"))
+        lab, _ = ndi.label(res.mask, structure=np.ones((3, 3, 3), bool))
+        in_box = np.bincount(lab[res.mask & box], minlength=lab.max() + 1)
+        on_box = int(np.argmax(in_box))
+        assert in_box[on_box] >= 0.9 * (res.mask & box).sum()
+        assert regions[0].voxels == int((lab == on_box).sum()), (regions[0].voxels, n)
+        assert regions[0].hemisphere in ("left", "right", "midline") and regions[0].peak_error > 1.0
     assert counts[0] < counts[1] < counts[2], counts
     assert counts[2] > 2 * counts[0], counts
