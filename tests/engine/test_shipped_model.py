@@ -1,7 +1,7 @@
 """The shipped T1w model through the app's own preprocessing (deepbet) and normal-error step,
 on a synthetic head it was not trained on: a clean brain stays nearly empty, a box of missing
-brain is masked where it is (the largest region of the record holds it), and the count rises with the box. (The real network's quality,
-not wiring; about 40 s.)"""
+brain is masked where it is (the largest region of the record holds it), and the count rises
+with the box. (The real network's quality, not wiring; about 40 s.)"""
 import os
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
