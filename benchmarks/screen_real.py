@@ -132,10 +132,11 @@ def _engine_named(row: dict) -> bool:
     """Whether the group table names the engine for this scan: one of its measurements among
     the scan's contributors (against the model's reference or against the site), or its flag
     against the site's scans."""
+    from qc_pipeline.group import contributor_names
     from qc_pipeline.qc.score import ENGINE_MEASURES
 
-    cells = (row.get("qc_score_contributors") or "") + ";" + (row.get("qc_score_site_contributors") or "")
-    names = {c.split(" (")[0].strip() for c in cells.split(";")}
+    names = set(contributor_names(row.get("qc_score_contributors")) +
+                contributor_names(row.get("qc_score_site_contributors")))
     return bool(names & set(ENGINE_MEASURES)) or _yes(row.get("engine_flagged"))
 
 

@@ -99,6 +99,7 @@ __all__ = [
     "scan_maps",
     "GroupError",
     "ROW_COLUMNS",
+    "contributor_names",
     "SITE_COLUMNS",
     "DEFAULT_MAD_K",
     "DEFAULT_SITE_Z",
@@ -559,6 +560,12 @@ def _contributor_names(items) -> list[str]:
 def _contributor_text(items) -> str:
     """The group table's contributors cell: ``name (z); name (z)``, worst first."""
     return "; ".join(f"{k} ({z:.1f})" for k, z in _contributor_pairs(items))
+
+
+def contributor_names(cell: str | None) -> list[str]:
+    """The measurement names of a contributors cell of the group table (the reader of what
+    the table writes: ``name (z); name (z)`` -> ``[name, name]``)."""
+    return [c.split(" (")[0].strip() for c in (cell or "").split(";") if c.strip()]
 
 
 def _row(r: QCRecord, lab: Mapping, tags: Mapping, *, rank, pct, flagged, score_flagged, thr,

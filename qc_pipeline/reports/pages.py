@@ -20,7 +20,7 @@ from markupsafe import Markup
 from .. import __version__
 from ..qc import metrics as _metrics
 from ..derivatives import QCRecord, load_qc_records, one_line, read_qc
-from ..group import POOLED_SITE, GroupTables, read_group_csv
+from ..group import POOLED_SITE, GroupTables, contributor_names, read_group_csv
 from ..errors import ModelCardError, ModelNotFoundError
 from ..io import atomic_write_text
 from ..modelcard import load_model_card
@@ -289,8 +289,7 @@ def _group_info(output_dir: Path, rec: QCRecord) -> dict | None:
             "threshold": row.get("threshold"), "rule": rule, "csv": p.name,
             "page": f"group_{rec.suffix}.html", "score": key, "score_value": row.get(key),
             "driver": driver, "driver_words": describe_measure(driver),
-            # "name (z); name (z)" in the table: the names alone
-            "contributors": [c.split(" (")[0].strip() for c in contributors.split(";") if c.strip()],
+            "contributors": contributor_names(contributors),
             "background_flagged": row.get("background_flagged") == "1",
             "engine_flagged": row.get("engine_flagged") == "1",
             "score_flagged": row.get("score_flagged") == "1",
