@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""The ``adapt`` level on real heads: one site per head, its artifacts among the scans it adapts on.
+"""The ``adapt`` level on real heads: one site per head (or a pool of heads), its artifacts among
+the scans it adapts on.
 
-For each real head (``--scan NAME=PATH``) a BIDS site is built: ``--n-clean`` clean copies
+For each real head (``--scan NAME=PATH``) a BIDS site is built, and one per ``--pool
+NAME=HEAD,HEAD`` holding the copies of several heads (a site of different people): ``--n-clean`` clean copies
 under scanner variation (``benchmarks/real_scan.variant``: voxel size, orientation, tilt,
 intensity scale, data type, extra noise) and one copy per ``--types`` artifact (a further
 variant with ``qc_pipeline.synth.apply_artifact``, severity drawn in ``--severity``), each
@@ -47,13 +49,19 @@ os.environ.setdefault("NIPYPE_NO_ET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def build_site(name: str, src_path: Path, root: Path, *, n_clean: int, types, severity, seed: int) -> dict:
-    """Write the BIDS site of one head; returns ``{bids_name: (label, kind)}``."""
+def build_site(name: str, heads: list[tuple[str, Path]], root: Path, *, n_clean: int, types, severity,
+               seed: int) -> dict:
+    """Write the BIDS site ``name`` holding the copies of one or more real heads (several heads:
+    a site of different people, each head's subjects prefixed with its name); returns
+    ``{bids_name: (label, kind)}``."""
     if (root / "truth.json").is_file():
         return json.loads((root / "truth.json").read_text())
     root.mkdir(parents=True, exist_ok=True)
     (root / "dataset_description.json").write_text(json.dumps({"Name": f"adapt-{name}", "BIDSVersion": "1.9.0"}))
-    truth = write_copies(src_path, root, n_clean=n_clean, types=types, severity=severity, seed=seed)
+    truth = {}
+    for head, src_path in heads:
+        truth.update(write_copies(src_path, root, n_clean=n_clean, types=types, severity=severity, seed=seed,
+                                  prefix=head if len(heads) > 1 else ""))
     (root / "participants.tsv").write_text("participant_id\tsite\n" + "".join(
         f"{n.rsplit('_', 1)[0]}\t{name}\n" for n in truth))
     (root / "truth.json").write_text(json.dumps(truth, indent=1))
@@ -147,16 +155,34 @@ def main(argv=None) -> int:
     p.add_argument("--nprocs", type=int, default=2)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--json-out", type=Path, default=None)
+    p.add_argument("--pool", action="append", default=[], metavar="NAME=HEAD,HEAD",
+                   help="also one site of several --scan heads (different people), e.g. "
+                        "held_out=colin,bb1,bb2 (repeatable)")
+    p.add_argument("--pool-only", action="store_true", help="run the --pool sites only, not each head alone")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
                    help="also adapt with these extra level options into OUT/<head>/after_NAME "
                         "(same work folder), e.g. maponly='--adapt-steps 1' (repeatable)")
     a = p.parse_args(argv)
 
-    results = {}
+    paths = {}
     for spec in a.scan:
+        if "=" not in spec:
+            p.error(f"--scan wants NAME=PATH, got {spec!r}")
         name, path = spec.split("=", 1)
+        paths[name] = Path(path)
+    sites = [] if a.pool_only else [(name, [(name, path)]) for name, path in paths.items()]
+    for spec in a.pool:
+        name, _, members = spec.partition("=")
+        unknown = [m for m in members.split(",") if m not in paths]
+        if not name or not members or unknown:
+            p.error(f"--pool wants NAME=HEAD,HEAD of --scan heads, got {spec!r}"
+                    + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+        sites.append((name, [(m, paths[m]) for m in members.split(",")]))
+
+    results = {}
+    for name, heads in sites:
         base = a.out / name
-        truth = build_site(name, Path(path), base / "bids", n_clean=a.n_clean, types=a.types,
+        truth = build_site(name, heads, base / "bids", n_clean=a.n_clean, types=a.types,
                            severity=a.severity, seed=a.seed)
         common = ["-w", base / "work", "--nprocs", a.nprocs, "--device", "cpu"]
         if a.model_dir:

@@ -175,7 +175,7 @@ def prepare(args) -> int:
             if src is None:
                 src = _load_head(path)
             t0 = time.time()
-            img, vmeta = variant(src, v, args.seed)
+            img, vmeta = variant(src, v, args.seed, protocol=args.protocol)
             sev = 0.0
             if kind != "clean":
                 rng = np.random.default_rng([args.seed, v, 17])
@@ -418,6 +418,9 @@ def main(argv=None) -> int:
     pp.add_argument("--severity", nargs=2, type=float, default=[0.5, 1.0], metavar=("LO", "HI"))
     pp.add_argument("--seed", type=int, default=0)
     pp.add_argument("--out", type=Path, required=True, help="cache folder")
+    pp.add_argument("--protocol", choices=("research", "clinical"), default="research",
+                    help="the copies' acquisitions: research 3D (0.9-1.5 mm voxels, any orientation) or "
+                         "clinical 2D (3-6 mm axial slices with a slice profile; real_scan.variant)")
     pp.add_argument("--retry-failed", action="store_true", help="preprocess failed copies again")
     pe = sub.add_parser("eval", help="run the engine on the cached copies")
     pe.add_argument("--cache", type=Path, required=True)

@@ -48,6 +48,10 @@ VOXELS = [(1.0, 1.0, 1.0), (1.2, 1.2, 1.2), (1.5, 1.5, 1.5), (0.9, 0.9, 1.2), (1
           (1.3, 1.3, 1.0), (1.1, 1.1, 1.1), (0.95, 0.95, 1.5)]
 ORIENTATIONS = ["RAS", "LPS", "LAS", "PIR", "RPI", "ASL", "LIP", "SRA"]
 DTYPES = ["int16", "uint16", "float32"]
+#: clinical 2D protocols: in-plane 0.5-1 mm, slices 3-6 mm, stored axially
+CLINICAL_VOXELS = [(0.9, 0.9, 5.0), (1.0, 1.0, 3.0), (0.5, 0.5, 6.0)]
+CLINICAL_ORIENTATIONS = ["RAS", "LPS", "LAS"]
+PROTOCOLS = ("research", "clinical")
 
 
 def robex_head() -> Path:
@@ -62,8 +66,14 @@ def robex_head() -> Path:
     return p
 
 
-def variant(src, v: int, seed: int):
-    """Variant ``v`` of the real scan ``src``: voxel size, orientation, tilt, scale, dtype, noise."""
+def variant(src, v: int, seed: int, protocol: str = "research"):
+    """Variant ``v`` of the real scan ``src``: voxel size, orientation, tilt, scale, dtype, noise.
+
+    ``protocol``: ``"research"`` draws 3D-acquisition voxels (``VOXELS``, 0.9-1.5 mm) in any
+    orientation; ``"clinical"`` draws 2D-acquisition voxels (``CLINICAL_VOXELS``: slices of
+    3-6 mm) stored axially, each slice the mean of the source over its thickness (a box
+    slice profile along the scanner's z axis) rather than a sample of it.
+    """
     import nibabel as nib
     from scipy import ndimage as ndi
     from scipy.spatial.transform import Rotation
@@ -71,11 +81,22 @@ def variant(src, v: int, seed: int):
     from qc_pipeline.synth import finalize_dtype
     from qc_pipeline.synth.subject import axcodes_matrix
 
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r} is not one of {PROTOCOLS}")
     rng = np.random.default_rng([seed, v])
     data = np.asarray(src.dataobj, dtype=np.float32)
     data = data.reshape(data.shape[:3])
-    vox = np.array(VOXELS[v % len(VOXELS)])
-    codes = ORIENTATIONS[(v // len(VOXELS) + v) % len(ORIENTATIONS)]
+    if protocol == "clinical":
+        vox = np.array(CLINICAL_VOXELS[v % len(CLINICAL_VOXELS)])
+        codes = CLINICAL_ORIENTATIONS[(v // len(CLINICAL_VOXELS) + v) % len(CLINICAL_ORIENTATIONS)]
+        z_axis = int(np.argmax(np.abs(src.affine[2, :3])))
+        z_mm = float(np.linalg.norm(src.affine[:3, z_axis]))
+        width = int(round(vox[2] / z_mm))
+        if width > 1:
+            data = ndi.uniform_filter1d(data, size=width, axis=z_axis)
+    else:
+        vox = np.array(VOXELS[v % len(VOXELS)])
+        codes = ORIENTATIONS[(v // len(VOXELS) + v) % len(ORIENTATIONS)]
     tilt_deg = rng.uniform(-8, 8, 3) * (v % 3 != 0)  # two in three oblique
     direc = Rotation.from_euler("xyz", tilt_deg, degrees=True).as_matrix() @ axcodes_matrix(codes)
     # field of view: the source's extent in the new axes (+ a little margin)
@@ -120,7 +141,7 @@ def variant(src, v: int, seed: int):
     if dtype != "float32" and out.max() < 1000:
         img = nib.Nifti1Image(out * 100.0, aff, img.header)
     img = finalize_dtype(img, dtype)
-    return img, {"voxel_size": vox.tolist(), "orientation": codes, "tilt_deg": tilt_deg.round(2).tolist(),
+    return img, {"protocol": protocol, "voxel_size": vox.tolist(), "orientation": codes, "tilt_deg": tilt_deg.round(2).tolist(),
                  "dtype": dtype, "extra_noise_sigma": sigma / ref}
 
 

@@ -11,7 +11,7 @@ and the local ones, the clean copies' median ``site_anomaly_fraction`` (% of the
 the engine flag's rates (``site_anomaly_fraction > max(median + 3 x scaled MAD, 0.005)`` of
 the site, as the group level flags it).
 
-    python benchmarks/site_spread.py --run RUN --site-column site pool --spread 0 5
+    python benchmarks/site_spread.py --run RUN --site-column site pool --spread 0 5 --neighbours 0 16
 """
 from __future__ import annotations
 
@@ -35,14 +35,16 @@ from qc_pipeline.group import DEFAULT_ENGINE_MIN_FRACTION, DEFAULT_MAD_K, scan_m
 from qc_pipeline.sitenorm import DEFAULT_SITE_NORM_FACTOR, site_normative  # noqa: E402
 
 
-def measure(run: Path, column: str, spread_k: float | None, tmp: Path) -> list[dict]:
+def measure(run: Path, column: str, spread_k: float | None, tmp: Path, *, neighbours: int | None = None,
+            results: Path | None = None) -> list[dict]:
     truth = json.loads((run / "bids" / "truth.json").read_text())
-    recs = [r for r in load_qc_records(run / "out", site_column=column) if r.ok and r.bids_name in truth]
+    recs = [r for r in load_qc_records(results or run / "out", site_column=column)
+            if r.ok and r.bids_name in truth]
     out = []
     for site in sorted({r.site for r in recs}):
         maps = [dataclasses.replace(sm, out_mask=tmp / f"{sm.key}.nii.gz")
                 for r in recs if r.site == site for sm in [scan_maps(r)] if sm is not None]
-        found = site_normative(maps, factor=DEFAULT_SITE_NORM_FACTOR, spread_k=spread_k)
+        found = site_normative(maps, factor=DEFAULT_SITE_NORM_FACTOR, spread_k=spread_k, neighbours=neighbours)
         x = np.array([found[m.key].fraction if m.key in found else np.nan for m in maps])
         y = np.array([truth[m.key][0] for m in maps])
         local = np.array([truth[m.key][1] == "clean" or truth[m.key][1] in LOCAL for m in maps])
@@ -50,7 +52,7 @@ def measure(run: Path, column: str, spread_k: float | None, tmp: Path) -> list[d
         thr = max(float(np.median(x[ok]) + DEFAULT_MAD_K * median_abs_deviation(x[ok], scale="normal")),
                   DEFAULT_ENGINE_MIN_FRACTION)
         flag = ok & (x > thr)
-        out.append({"site": site, "spread_k": spread_k, "auroc": _auc(y, x), "auroc_local": _auc(y[local], x[local]),
+        out.append({"site": site, "spread_k": spread_k, "neighbours": neighbours, "auroc": _auc(y, x), "auroc_local": _auc(y[local], x[local]),
                     "clean_pct": 100 * float(np.nanmedian(x[y == 0])),
                     "clean_flagged_pct": 100 * float(flag[y == 0].mean()),
                     "artifact_flagged_pct": 100 * float(flag[y == 1].mean())})
@@ -62,18 +64,23 @@ def main(argv=None) -> int:
     p.add_argument("--run", type=Path, required=True, help="a screen_real.py --out folder")
     p.add_argument("--site-column", nargs="+", default=["site", "pool"])
     p.add_argument("--spread", nargs="+", type=float, default=[0.0, 5.0], help="k values; 0 = off")
+    p.add_argument("--neighbours", nargs="+", type=int, default=[16],
+                   help="scans each scan is compared with; 0 = the whole site (default: 16)")
+    p.add_argument("--results", type=Path, default=None,
+                   help="the participant level's output folder (default: RUN/out)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
-    print("| site column | site | spread k | AUROC all / local | clean masked % (median) "
+    print("| site column | site | spread k | neighbours | AUROC all / local | clean masked % (median) "
           "| engine flag: clean % / artifacts % |")
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for column in a.site_column:
             for k in a.spread:
-                for m in measure(a.run, column, k or None, Path(tmp)):
-                    print(f"| {column} | {m['site']} | {k:g} | {m['auroc']:.1f} / {m['auroc_local']:.1f} | "
-                          f"{m['clean_pct']:.2f} | {m['clean_flagged_pct']:.0f} / {m['artifact_flagged_pct']:.0f} |",
-                          flush=True)
+                for n in a.neighbours:
+                    for m in measure(a.run, column, k or None, Path(tmp), neighbours=n or None, results=a.results):
+                        print(f"| {column} | {m['site']} | {k:g} | {n or 'whole site'} | {m['auroc']:.1f} / "
+                              f"{m['auroc_local']:.1f} | {m['clean_pct']:.2f} | {m['clean_flagged_pct']:.0f} / "
+                              f"{m['artifact_flagged_pct']:.0f} |", flush=True)
     return 0
 
 

@@ -74,6 +74,9 @@ class Settings:
     site_norm_factor: Optional[float] = 3.0
     #: ... and exceeds it by this many of the site's voxel-wise robust SDs; None: factor alone
     site_norm_spread: Optional[float] = 5.0
+    #: ... against that many of the site's scans most like the scan's own error map; 0: the
+    #: whole site
+    site_norm_neighbours: int = 16
     adapt_minutes: float = 20.0
     adapt_steps: int = 400
     adapt_exclude: float = 0.2

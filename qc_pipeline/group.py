@@ -90,7 +90,8 @@ from .qc import metrics as _metrics
 from .derivatives import QCRecord, load_qc_records, normalise_bids_name, site_mask_path
 from .io import atomic_write_text
 from .labels import load_ratings
-from .sitenorm import DEFAULT_SITE_NORM_FACTOR, DEFAULT_SITE_SPREAD_K, ScanMaps, SiteNormError, site_normative
+from .sitenorm import (DEFAULT_SITE_NEIGHBOURS, DEFAULT_SITE_NORM_FACTOR, DEFAULT_SITE_SPREAD_K, ScanMaps,
+                       SiteNormError, site_normative)
 
 __all__ = [
     "write_group_tables",
@@ -409,10 +410,12 @@ def scan_maps(r: QCRecord) -> ScanMaps | None:
 
 def apply_site_normative(records: list[QCRecord], *, factor: float = DEFAULT_SITE_NORM_FACTOR,
                          min_site_size: int = DEFAULT_MIN_SITE_SIZE,
-                         spread_k: float | None = DEFAULT_SITE_SPREAD_K) -> int:
+                         spread_k: float | None = DEFAULT_SITE_SPREAD_K,
+                         neighbours: int | None = DEFAULT_SITE_NEIGHBOURS) -> int:
     """Set ``site_anomaly_fraction`` / ``site_anomaly_voxels`` of the records of ONE suffix
     (and write their ``desc-siteanomaly_mask``) against the reference of their model and site
-    (:func:`qc_pipeline.sitenorm.site_normative`); a site with fewer than ``min_site_size``
+    (:func:`qc_pipeline.sitenorm.site_normative`: each scan against the ``neighbours`` scans of
+    its site most like it, None: the whole site); a site with fewer than ``min_site_size``
     usable scans uses the pool of its model's scans of every site. Returns the number of
     records set."""
     by_model: dict[str, list[tuple[QCRecord, ScanMaps]]] = {}
@@ -430,18 +433,20 @@ def apply_site_normative(records: list[QCRecord], *, factor: float = DEFAULT_SIT
             (groups if len(g) >= min_site_size else small).append(g)
         if small and len(items) >= min_site_size:
             targets = {sm.key for g in small for _, sm in g}
-            found = _site_normative_safe(items, factor, spread_k, min_site_size, model, "pooled", targets=targets)
+            found = _site_normative_safe(items, factor, spread_k, neighbours, min_site_size, model, "pooled",
+                                         targets=targets)
             for g in small:
                 n += _assign(g, found)
         for g in groups:
-            n += _assign(g, _site_normative_safe(g, factor, spread_k, min_site_size, model, g[0][0].site))
+            n += _assign(g, _site_normative_safe(g, factor, spread_k, neighbours, min_site_size, model,
+                                                 g[0][0].site))
     return n
 
 
-def _site_normative_safe(items, factor, spread_k, min_site_size, model, site, targets=None) -> dict:
+def _site_normative_safe(items, factor, spread_k, neighbours, min_site_size, model, site, targets=None) -> dict:
     try:
         return site_normative([sm for _, sm in items], factor=factor, min_scans=min_site_size,
-                              targets=targets, spread_k=spread_k)
+                              targets=targets, spread_k=spread_k, neighbours=neighbours)
     except SiteNormError as exc:
         LOGGER.warning("site %s (model %s): no site-normative masks: %s", site, model, exc)
         return {}
@@ -673,6 +678,7 @@ def write_group_tables(output_dir, *, labels=None, site_column: str = "site",
                        site_z: float = DEFAULT_SITE_Z,
                        site_norm_factor: float | None = DEFAULT_SITE_NORM_FACTOR,
                        site_norm_spread: float | None = DEFAULT_SITE_SPREAD_K,
+                       site_norm_neighbours: int | None = DEFAULT_SITE_NEIGHBOURS,
                        engine_min_fraction: float = DEFAULT_ENGINE_MIN_FRACTION) -> GroupTables:
     """Write ``group_<suffix>.csv`` and ``group_<suffix>_sites.csv`` (the pages are
     :func:`qc_pipeline.reports.write_group_pages`; both: :func:`qc_pipeline.grouplevel.run_group`).
@@ -711,6 +717,10 @@ def write_group_tables(output_dir, *, labels=None, site_column: str = "site",
     site_norm_spread : float or None
         ... and exceeds the site's normal error by this many of the site's voxel-wise robust
         SDs (default 5); None: the factor alone.
+    site_norm_neighbours : int or None
+        Compare each scan with this many of its site's scans, those whose error maps are most
+        like its own (default 16; :func:`qc_pipeline.sitenorm.site_normative`); None: with the
+        whole site.
     engine_min_fraction : float
         Floor of the engine flag's threshold on ``site_anomaly_fraction`` (default 0.005).
 
@@ -775,7 +785,7 @@ def write_group_tables(output_dir, *, labels=None, site_column: str = "site",
     for suffix, recs in sorted(by_suffix.items()):
         if site_norm_factor is not None:
             apply_site_normative(recs, factor=site_norm_factor, min_site_size=min_site_size,
-                                 spread_k=site_norm_spread)
+                                 spread_k=site_norm_spread, neighbours=site_norm_neighbours)
         rows, site_rows, summary = compute_suffix_tables(
             recs, labels=label_map, flag_at_fnr=flag_at_fnr, mad_k=mad_k,
             min_site_size=min_site_size, background_k=background_k,

@@ -14,6 +14,14 @@ error plus ``spread_k`` times the site's voxel-wise robust SD (where the site's 
 most, one person's anatomy is not an anomaly). A local artifact is not at the same place in
 most of a site's scans, so the median and the MAD ignore it.
 
+A site is rarely one population: several scanners or protocols, or a few people scanned many
+times, make clusters of scans whose error differs from cluster to cluster, and against the
+whole site a minority cluster's ordinary error reads as an anomaly in every one of its scans.
+So each scan's reference is made of the ``neighbours`` scans of its site whose error maps are
+most like its own (correlation of the log error on 4 mm blocks, :func:`nearest_maps`; the scan
+itself never counts), which in a clustered site are its own cluster's, and in a site of one
+population are as good as the whole site.
+
 The same comparison runs at the participant level against the *model's* normal error
 (:func:`normal_error_mask`): a template-space map that travels in the model folder
 (``normal_error.nii.gz``, the card's ``normal_error`` section), the median error of the
@@ -46,6 +54,7 @@ from .preproc import mni_brain_mask
 __all__ = [
     "DEFAULT_SITE_NORM_FACTOR",
     "DEFAULT_SITE_SPREAD_K",
+    "DEFAULT_SITE_NEIGHBOURS",
     "MAX_REFERENCE_SCANS",
     "SiteNormError",
     "ScanMaps",
@@ -57,6 +66,7 @@ __all__ = [
     "site_reference_and_spread",
     "site_anomaly_mask",
     "site_normative",
+    "nearest_maps",
     "normal_error_mask",
     "normal_error_masks",
     "template_grid",
@@ -77,6 +87,16 @@ REFERENCE_DILATION = 3
 #: ventricles) lies above the site's median where people differ most. Chosen on the pooled
 #: development heads, checked on the held-out pool (docs/benchmarks.md)
 DEFAULT_SITE_SPREAD_K = 5.0
+#: each scan is compared with this many of its site's scans, those whose error maps are most
+#: like its own (None: the whole site). A site is rarely one population: scanners, protocols
+#: or a few people scanned many times make clusters, and against the whole site a minority
+#: cluster's ordinary error reads as an anomaly; its nearest scans are its own cluster's. Twice
+#: the fewest scans a site reference needs (the group level's ``min_site_size``, 8)
+DEFAULT_SITE_NEIGHBOURS = 16
+#: error maps are compared on blocks of this many template voxels per axis (2 mm -> 4 mm)
+SIMILARITY_BLOCK = 2
+#: log(error + this) before comparing maps: relative differences count, near-zero noise does not
+SIMILARITY_OFFSET = 0.05
 
 
 class SiteNormError(QCPipelineError, ValueError):
@@ -129,8 +149,9 @@ def from_template(volume_t: np.ndarray, affine: np.ndarray, shape: Sequence[int]
 
 def _median_and_mad(maps_t: Sequence[np.ndarray], *, with_mad: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """Voxel-wise median (and normal-consistent MAD) over the maps that cover each voxel
-    (NaN = outside a scan's brain); 0 where none does. Runs over slabs of the template so
-    that memory stays at one float16 stack."""
+    (NaN = outside a scan's brain); 0 where none does. ``np.nanmedian``'s values, from one
+    sort per slab (NaN sorts last), over slabs of the template so that memory stays at one
+    float16 stack."""
     if len(maps_t) == 0:
         raise SiteNormError("site_reference needs at least one error map")
     stack = np.stack([np.asarray(m, dtype=np.float16) for m in maps_t])
@@ -138,17 +159,25 @@ def _median_and_mad(maps_t: Sequence[np.ndarray], *, with_mad: bool) -> tuple[np
     mad = np.zeros(stack.shape[1:], dtype=np.float32) if with_mad else None
     for i in range(0, stack.shape[1], 8):
         slab = stack[:, i:i + 8].astype(np.float32)
-        cover = np.isfinite(slab).any(axis=0)
-        if not cover.any():
+        count = np.isfinite(slab).sum(axis=0)
+        if not count.any():
             continue
-        with warnings.catch_warnings():  # voxels no scan covers: NaN, set to 0 below
-            warnings.simplefilter("ignore", RuntimeWarning)
-            med = np.nanmedian(slab, axis=0)
-            ref[i:i + 8] = np.where(cover, med, 0.0)
-            if with_mad:
-                dev = np.nanmedian(np.abs(slab - med), axis=0) / ndtri(0.75)  # scaled MAD, NaN-aware
-                mad[i:i + 8] = np.where(cover, dev, 0.0)
+        med = _sorted_median(np.sort(slab, axis=0), count)
+        ref[i:i + 8] = med
+        if with_mad:
+            dev = np.sort(np.abs(slab - med), axis=0)  # NaN stays NaN and sorts last
+            mad[i:i + 8] = _sorted_median(dev, count) / ndtri(0.75)
     return ref, mad
+
+
+def _sorted_median(sorted_slab: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Median along axis 0 of values sorted with their NaN last, ``count`` finite per voxel;
+    0 where ``count`` is 0."""
+    lo = np.maximum(count - 1, 0) // 2
+    hi = count // 2
+    a = np.take_along_axis(sorted_slab, lo[None], axis=0)[0]
+    b = np.take_along_axis(sorted_slab, np.minimum(hi, sorted_slab.shape[0] - 1)[None], axis=0)[0]
+    return np.where(count > 0, (a + b) / 2, 0.0).astype(np.float32)
 
 
 def site_reference(maps_t: Sequence[np.ndarray], *, dilation: int = REFERENCE_DILATION) -> np.ndarray:
@@ -277,15 +306,71 @@ def _write_if_changed(mask: np.ndarray, affine: np.ndarray, path: Path) -> None:
     atomic_write_nifti(nib.Nifti1Image(mask.astype(np.uint8), affine), path)
 
 
+def _similarity_vector(map_t: np.ndarray, block: int = SIMILARITY_BLOCK) -> np.ndarray:
+    """A template-grid error map as the vector its similarity to others is taken on: the mean
+    of each ``block``^3 block (NaN where the scan covers none of it), log(x + offset)."""
+    a = np.asarray(map_t, dtype=np.float32)
+    n = [d // block * block for d in a.shape]
+    a = a[:n[0], :n[1], :n[2]].reshape(n[0] // block, block, n[1] // block, block, n[2] // block, block)
+    with warnings.catch_warnings():  # blocks outside the brain: NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.log(np.nanmean(a, axis=(1, 3, 5)) + SIMILARITY_OFFSET).ravel()
+
+
+def nearest_maps(vectors: np.ndarray, targets: np.ndarray, k: int,
+                 exclude: Sequence[int | None] | None = None) -> list[tuple[int, ...]]:
+    """For each row of ``targets`` the indices of the ``k`` rows of ``vectors`` most like it.
+
+    Likeness is the correlation over the blocks at least half of ``vectors`` cover, a
+    missing block taken as that block's median over ``vectors``; ``exclude[i]`` (the target's
+    own row of ``vectors``, or None) is never its own neighbour. Sorted indices, so that scans
+    with the same neighbours share one reference.
+    """
+    v, t = np.array(vectors, dtype=np.float32), np.array(targets, dtype=np.float32)
+    if v.ndim != 2 or t.ndim != 2 or v.shape[1] != t.shape[1]:
+        raise SiteNormError(f"similarity vectors disagree: {v.shape} and {t.shape}")
+    if not 1 <= k < v.shape[0]:
+        raise SiteNormError(f"k must be in [1, {v.shape[0] - 1}] for {v.shape[0]} maps, got {k!r}")
+    keep = np.isfinite(v).sum(axis=0) >= 0.5 * v.shape[0]
+    if not keep.any():
+        raise SiteNormError("the error maps share no covered region to compare")
+    v, t = v[:, keep], t[:, keep]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fill = np.nanmedian(v, axis=0)
+    fill = np.where(np.isfinite(fill), fill, 0.0)
+
+    def standardise(x):
+        x = np.where(np.isfinite(x), x, fill)
+        x = x - x.mean(axis=1, keepdims=True)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    sim = standardise(t) @ standardise(v).T
+    out = []
+    for i, row in enumerate(sim):
+        if exclude is not None and exclude[i] is not None:
+            row = row.copy()
+            row[exclude[i]] = -np.inf
+        out.append(tuple(sorted(int(j) for j in np.argsort(-row, kind="stable")[:k])))
+    return out
+
+
 def site_normative(scans: Sequence[ScanMaps], *, factor: float = DEFAULT_SITE_NORM_FACTOR,
                    min_scans: int = 8, max_reference: int = MAX_REFERENCE_SCANS,
                    targets: Collection[str] | None = None,
-                   spread_k: float | None = DEFAULT_SITE_SPREAD_K) -> dict[str, SiteAnomaly]:
+                   spread_k: float | None = DEFAULT_SITE_SPREAD_K,
+                   neighbours: int | None = DEFAULT_SITE_NEIGHBOURS) -> dict[str, SiteAnomaly]:
     """Site reference from ``scans`` and each scan's mask against it (written to ``out_mask``).
 
     A mask voxel stays where the scan's error exceeds ``factor`` x the site's normal error
     and the normal error + ``spread_k`` x the site's voxel-wise robust SD
     (:func:`site_reference_and_spread`; ``spread_k=None``: the factor alone).
+
+    ``neighbours``: each scan's reference is made of that many of the site's reference scans,
+    those whose error maps are most like its own (:func:`nearest_maps`; never the scan
+    itself); with no more reference scans than ``neighbours`` + 1, or ``None``, every scan is
+    compared with the whole site. A local artifact lies elsewhere in each neighbour, so their
+    median ignores it as the whole site's does.
 
     ``targets``: the keys of the scans to score (default: all of ``scans``); the others only
     make the reference (a pool lent to small sites). A scan whose files cannot be read or
@@ -294,30 +379,49 @@ def site_normative(scans: Sequence[ScanMaps], *, factor: float = DEFAULT_SITE_NO
     """
     if not (math.isfinite(factor) and factor > 0):
         raise SiteNormError(f"factor must be a positive number, got {factor!r}")
+    if neighbours is not None and not (isinstance(neighbours, int) and neighbours >= 1):
+        raise SiteNormError(f"neighbours must be a whole number >= 1 or None, got {neighbours!r}")
     scans = sorted(scans, key=lambda s: s.key)
     if len(scans) < min_scans:
         return {}
     step = max(1, math.ceil(len(scans) / max(int(max_reference), 1)))
-    maps, usable = [], []
+    maps, ref_keys, usable = [], [], []
     for i, s in enumerate(scans):
         try:
             if i % step == 0:
                 maps.append(_error_in_template(s))
+                ref_keys.append(s.key)
             usable.append(s)
         except Exception as exc:  # noqa: BLE001 - one bad scan never stops the site
             LOGGER.warning("%s: left out of the site reference: %s", s.key, exc)
     if len(maps) < min_scans:
         LOGGER.warning("only %d usable error maps (< %d): no site reference", len(maps), min_scans)
         return {}
-    if spread_k is None:
-        ref_t, spread_t = site_reference(maps), None
+    chosen = [s for s in usable if targets is None or s.key in targets]
+    by_neighbours = neighbours is not None and len(maps) > max(neighbours, min_scans - 1) + 1
+    k = max(neighbours, min_scans) if by_neighbours else len(maps)
+    references: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def reference(idx: tuple[int, ...]):
+        if idx not in references:
+            sel = [maps[j] for j in idx]
+            references[idx] = (site_reference(sel), None) if spread_k is None else site_reference_and_spread(sel)
+        return references[idx]
+
+    if by_neighbours:
+        vectors = np.stack([_similarity_vector(m) for m in maps])
+        own = {key: j for j, key in enumerate(ref_keys)}
+        tv = []
+        for s in chosen:
+            j = own.get(s.key)
+            tv.append(vectors[j] if j is not None else _target_vector(s, vectors.shape[1]))
+        sets = nearest_maps(vectors, np.stack(tv), k, exclude=[own.get(s.key) for s in chosen]) if chosen else []
     else:
-        ref_t, spread_t = site_reference_and_spread(maps)
+        sets = [tuple(range(len(maps)))] * len(chosen)
     out: dict[str, SiteAnomaly] = {}
-    for s in usable:
-        if targets is not None and s.key not in targets:
-            continue
+    for s, idx in zip(chosen, sets):
         try:
+            ref_t, spread_t = reference(idx)
             e_img, m_img = nib.load(str(s.error_map)), nib.load(str(s.mask))
             err = np.asarray(e_img.dataobj, dtype=np.float32)
             mask = np.asarray(m_img.dataobj) > 0
@@ -333,5 +437,15 @@ def site_normative(scans: Sequence[ScanMaps], *, factor: float = DEFAULT_SITE_NO
         kept = float(site_mask.sum()) / float(mask.sum()) if mask.any() else 0.0
         out[s.key] = SiteAnomaly(voxels=int(round(kept * float(s.anomaly_voxels))),
                                  fraction=kept * float(s.anomaly_fraction),
-                                 mask_file=s.out_mask, n_reference=len(maps))
+                                 mask_file=s.out_mask, n_reference=len(idx))
     return out
+
+
+def _target_vector(s: ScanMaps, size: int) -> np.ndarray:
+    """The similarity vector of a scan that is not among the reference maps (all NaN when its
+    map cannot be read: it then gets the reference scans most like the site's median)."""
+    try:
+        return _similarity_vector(_error_in_template(s))
+    except Exception as exc:  # noqa: BLE001
+        LOGGER.warning("%s: compared with the median scan of its site: %s", s.key, exc)
+        return np.full(size, np.nan, dtype=np.float32)

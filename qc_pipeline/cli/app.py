@@ -360,6 +360,7 @@ def run_group_level(settings: Settings, suffixes: Optional[Sequence[str]]) -> in
         written = run_group(out, labels=settings.labels, site_column=settings.site_column,
                             flag_at_fnr=settings.flag_at_fnr, site_norm_factor=settings.site_norm_factor,
                             site_norm_spread=settings.site_norm_spread,
+                            site_norm_neighbours=settings.site_norm_neighbours or None,
                             suffixes=list(suffixes) if suffixes else None)
     except (GroupError, LabelsError) as exc:
         raise CLIError(str(exc)) from None
@@ -391,6 +392,7 @@ def build_settings(args, argv: Sequence[str]) -> Settings:
         flag_at_fnr=args.flag_at_fnr,
         site_norm_factor=args.site_norm_factor,
         site_norm_spread=args.site_norm_spread,
+        site_norm_neighbours=args.site_norm_neighbours,
         adapt_minutes=args.adapt_minutes,
         adapt_steps=args.adapt_steps,
         adapt_exclude=args.adapt_exclude,

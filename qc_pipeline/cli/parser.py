@@ -71,6 +71,7 @@ def _zero_is_none(what: str):
 
 _site_norm_spread = _zero_is_none("a number >= 0 (0: the factor alone)")
 _site_norm_factor = _zero_is_none("a factor >= 0 (0 skips the site reference)")
+_site_norm_neighbours = _number(int, lambda v: v >= 0, "a whole number >= 0 (0: the whole site)")
 
 
 def _path(text: str) -> Path:
@@ -195,6 +196,11 @@ def get_parser() -> argparse.ArgumentParser:
                        help="... and exceeds that median by K x the site's voxel-wise robust SD "
                             "there (where the site's people differ most); 0: the factor alone "
                             "(default: 5)")
+    g_grp.add_argument("--site-norm-neighbours", type=_site_norm_neighbours, default=16, metavar="N",
+                       help="compare each scan with the N scans of its site whose error maps are "
+                            "most like its own (a site of several scanners or of a few people "
+                            "scanned many times is not one population); 0: with the whole "
+                            "site (default: 16)")
 
     g_other = parser.add_argument_group("Other options")
     g_other.add_argument("-w", "--work-dir", type=_path, metavar="DIR",

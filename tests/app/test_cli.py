@@ -26,7 +26,8 @@ def test_help_and_version(capsys):
     for opt in ("--participant-label", "--session-label", "--suffix", "--bids-filter-file",
                 "--work-dir", "--nprocs", "--omp-nthreads", "--use-plugin", "--device",
                 "--model-dir", "--schedule", "--skull-strip", "--reports-only", "--labels",
-                "--site-column", "--flag-at-fnr", "--site-norm-factor", "--site-norm-spread", "--seed",
+                "--site-column", "--flag-at-fnr", "--site-norm-factor", "--site-norm-spread", "--site-norm-neighbours",
+                "--seed",
                 "--verbose"):
         assert opt in text
     assert main(["--version"]) == 0
@@ -149,3 +150,9 @@ def test_site_norm_factor_parses_and_zero_skips_the_site_reference(ds, tmp_path)
         assert build_settings(get_parser().parse_args(argv), argv).site_norm_spread == want
     for bad in ("-1", "inf", "five"):
         assert main(base + ["--site-norm-spread", bad]) == 64
+    assert build_settings(get_parser().parse_args(base), base).site_norm_neighbours == 16
+    for text, want in (("24", 24), ("0", 0)):
+        argv = base + ["--site-norm-neighbours", text]
+        assert build_settings(get_parser().parse_args(argv), argv).site_norm_neighbours == want
+    for bad in ("-1", "2.5", "many"):
+        assert main(base + ["--site-norm-neighbours", bad]) == 64

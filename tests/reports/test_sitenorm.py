@@ -15,6 +15,7 @@ from qc_pipeline.sitenorm import (
     SiteNormError,
     error_to_template,
     from_template,
+    nearest_maps,
     site_anomaly_mask,
     site_normative,
     site_reference,
@@ -38,9 +39,11 @@ def _ball(centre, r):
 BRAIN = _ball((20, 24, 20), 14)
 
 
-def _maps(rng, artifact: bool):
+def _maps(rng, artifact: bool, shared=None):
     err = np.where(BRAIN, 0.2 + 0.05 * rng.random(SHAPE), 0.0).astype(np.float32)
     err[_ball(COMMON, 3)] = 3.0
+    if shared is not None:  # where one group of the site's scans (a scanner, a person) errs
+        err[_ball(shared, 4)] = 3.0
     if artifact:
         err[_ball(ARTIFACT, 3)] = 4.0
     return err, BRAIN & (err > 1.0)
@@ -93,7 +96,8 @@ def test_mask_keeps_only_voxels_above_the_site_level():
         site_anomaly_mask(err, mask, ref[:2], 3.0)
 
 
-def _write_site(root, n_clean=9, sub_prefix="c", site="A", artifact=True, rng=None, art_count_like_clean=False):
+def _write_site(root, n_clean=9, sub_prefix="c", site="A", artifact=True, rng=None, art_count_like_clean=False,
+                shared=None):
     rng = rng or np.random.default_rng(0)
     names = []
     for i in range(n_clean + int(artifact)):
@@ -102,7 +106,7 @@ def _write_site(root, n_clean=9, sub_prefix="c", site="A", artifact=True, rng=No
         name = f"sub-{sub}_T1w"
         d = root / f"sub-{sub}" / "anat"
         d.mkdir(parents=True)
-        err, mask = _maps(rng, is_art)
+        err, mask = _maps(rng, is_art, shared)
         nib.save(nib.Nifti1Image(err, AFF), str(d / f"{name}_desc-error_map.nii.gz"))
         nib.save(nib.Nifti1Image(mask.astype(np.uint8), AFF), str(d / f"{name}_desc-anomaly_mask.nii.gz"))
         rec = {"status": "ok", "bids_name": name, "entities": {"subject": sub, "suffix": "T1w"},
@@ -240,6 +244,49 @@ def test_where_the_sites_people_differ_one_persons_anatomy_is_not_an_anomaly():
     assert art[ARTIFACT] and art.sum() >= 0.8 * _ball(ARTIFACT, 3).sum()
     with pytest.raises(SiteNormError, match="spread_k"):
         site_anomaly_mask(maps[1], masks[1], ref, 3.0, spread=spread, spread_k=-1.0)
+
+
+SHARED = (28, 18, 20)  # where the minority group of a mixed site errs
+
+
+def test_a_minority_group_of_a_site_is_compared_with_its_own_scans(tmp_path):
+    """A site of two groups (a second scanner, or a few people scanned many times): 20 scans err
+    only where every scan does, 11 also at SHARED. Against the whole site the minority's
+    ordinary error is an anomaly in every one of its scans; against each scan's nearest
+    scans it is not, and both groups' artifacts stay."""
+    names = _write_site(tmp_path, n_clean=19, sub_prefix="a")
+    names += _write_site(tmp_path, n_clean=10, sub_prefix="b", rng=np.random.default_rng(1), shared=SHARED)
+    scans = [_scan_maps(tmp_path, n) for n in names]
+    minority_clean = [n for n in names if n.startswith("sub-b") and "art" not in n]
+    arts = [n for n in names if "art" in n]
+    whole = site_normative(scans, factor=3.0, min_scans=8, neighbours=None)
+    assert all(whole[n].fraction > 0 for n in minority_clean)
+    assert all(whole[n].n_reference == len(names) for n in names)
+    near = site_normative(scans, factor=3.0, min_scans=8, neighbours=16)
+    assert all(near[n].fraction == 0.0 for n in minority_clean)
+    assert all(near[n].n_reference == 16 for n in names)
+    for art in arts:
+        m = np.asarray(nib.load(str(near[art].mask_file)).dataobj) > 0
+        assert m[ARTIFACT] and not m[SHARED] and m.sum() >= 0.8 * _ball(ARTIFACT, 3).sum()
+    # a site no larger than the neighbours (+ the scan itself) is compared as a whole
+    small = site_normative(scans[:17], factor=3.0, min_scans=8, neighbours=16)
+    assert all(a.n_reference == 17 for a in small.values())
+    with pytest.raises(SiteNormError, match="neighbours"):
+        site_normative(scans, neighbours=0)
+
+
+def test_nearest_maps_are_the_most_alike_and_never_the_scan_itself():
+    rng = np.random.default_rng(0)
+    a, b = rng.random(50), rng.random(50)
+    vectors = np.stack([a + 0.01 * rng.random(50) for _ in range(5)] + [b + 0.01 * rng.random(50) for _ in range(4)])
+    vectors[0, :10] = np.nan  # a block a scan does not cover takes the others' median
+    got = nearest_maps(vectors, vectors[[0, 6]], 3, exclude=[0, 6])
+    assert set(got[0]) <= {1, 2, 3, 4} and set(got[1]) <= {5, 7, 8}
+    assert got == [tuple(sorted(g)) for g in got]
+    with pytest.raises(SiteNormError, match="k must be"):
+        nearest_maps(vectors, vectors[:1], 9)
+    with pytest.raises(SiteNormError, match="disagree"):
+        nearest_maps(vectors, vectors[:1, :10], 2)
 
 
 def _red_pixels(data_uri: str) -> int:
