@@ -398,16 +398,8 @@ def site_normative(scans: Sequence[ScanMaps], *, factor: float = DEFAULT_SITE_NO
         LOGGER.warning("only %d usable error maps (< %d): no site reference", len(maps), min_scans)
         return {}
     chosen = [s for s in usable if targets is None or s.key in targets]
-    by_neighbours = neighbours is not None and len(maps) > max(neighbours, min_scans - 1) + 1
-    k = max(neighbours, min_scans) if by_neighbours else len(maps)
-    references: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray | None]] = {}
-
-    def reference(idx: tuple[int, ...]):
-        if idx not in references:
-            sel = [maps[j] for j in idx]
-            references[idx] = (site_reference(sel), None) if spread_k is None else site_reference_and_spread(sel)
-        return references[idx]
-
+    k = len(maps) if neighbours is None else max(neighbours, min_scans)
+    by_neighbours = len(maps) > k + 1
     if by_neighbours:
         vectors = np.stack([_similarity_vector(m) for m in maps])
         own = {key: j for j, key in enumerate(ref_keys)}
@@ -419,9 +411,13 @@ def site_normative(scans: Sequence[ScanMaps], *, factor: float = DEFAULT_SITE_NO
     else:
         sets = [tuple(range(len(maps)))] * len(chosen)
     out: dict[str, SiteAnomaly] = {}
-    for s, idx in zip(chosen, sets):
+    held: tuple[tuple[int, ...] | None, tuple] = (None, ())  # one reference in memory at a time
+    for s, idx in sorted(zip(chosen, sets), key=lambda pair: pair[1]):
         try:
-            ref_t, spread_t = reference(idx)
+            if held[0] != idx:
+                sel = [maps[j] for j in idx]
+                held = (idx, (site_reference(sel), None) if spread_k is None else site_reference_and_spread(sel))
+            ref_t, spread_t = held[1]
             e_img, m_img = nib.load(str(s.error_map)), nib.load(str(s.mask))
             err = np.asarray(e_img.dataobj, dtype=np.float32)
             mask = np.asarray(m_img.dataobj) > 0
