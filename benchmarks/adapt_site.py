@@ -3,11 +3,11 @@
 the scans it adapts on.
 
 For each real head (``--scan NAME=PATH``) a BIDS site is built, and one per ``--pool
-NAME=HEAD,HEAD`` holding the copies of several heads (a site of different people): ``--n-clean`` clean copies
-under scanner variation (``benchmarks/real_scan.variant``: voxel size, orientation, tilt,
-intensity scale, data type, extra noise) and one copy per ``--types`` artifact (a further
-variant with ``qc_pipeline.synth.apply_artifact``, severity drawn in ``--severity``), each
-copy a subject. The site is screened twice through the real CLI with the same work folder:
+NAME=HEAD,HEAD`` holding the copies of several heads (a site of different people):
+``--n-clean`` clean copies under scanner variation (``benchmarks/real_scan.variant``: voxel
+size, orientation, tilt, intensity scale, data type, extra noise) and one copy per ``--types``
+artifact (a further variant with ``qc_pipeline.synth.apply_artifact``, severity drawn in
+``--severity``), each copy a subject. The site is screened twice through the real CLI with the same work folder:
 
 - ``before``: ``itermask-qc BIDS OUT/before participant`` with the base model (the packaged
   one or ``--model-dir``), then ``group``;

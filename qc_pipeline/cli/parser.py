@@ -199,8 +199,8 @@ def get_parser() -> argparse.ArgumentParser:
     g_grp.add_argument("--site-norm-neighbours", type=_site_norm_neighbours, default=16, metavar="N",
                        help="compare each scan with the N scans of its site whose error maps are "
                             "most like its own (a site of several scanners or of a few people "
-                            "scanned many times is not one population); 0: with the whole "
-                            "site (default: 16)")
+                            "scanned many times is not one population; fewer than 8 counts as "
+                            "8); 0: with the whole site (default: 16)")
 
     g_other = parser.add_argument_group("Other options")
     g_other.add_argument("-w", "--work-dir", type=_path, metavar="DIR",
