@@ -8,7 +8,8 @@ itermask-qc[robex]``; any other real scans with ``--scan``), and makes "ordinary
 variation" copies of each: resampled to another voxel size (isotropic 1.0-1.5 mm or
 anisotropic, e.g. 0.9 x 0.9 x 1.2), stored in another orientation (RAS, LPS, LAS, PIR,
 ...) with a small oblique tilt, rescaled in intensity and stored as int16/uint16/float32,
-with a little extra Rician noise. Then:
+with a little extra Rician noise (``variant``; ``protocol="clinical"`` draws 2D acquisitions
+instead: 3-6 mm axial slices, each the mean of the source over its thickness). Then:
 
 - ``clean``: the variants as they are;
 - one group per artifact type: other variants with that artifact
