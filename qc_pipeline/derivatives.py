@@ -364,6 +364,10 @@ class QCRecord:
     #: the site had too few scans with a template fit; :mod:`qc_pipeline.sitenorm`)
     site_anomaly_fraction: float = math.nan
     site_anomaly_voxels: float = math.nan
+    #: the nearest scans of the site the engine's mask was compared with (their ``bids_name``;
+    #: empty: the whole site, or no site reference); the site score compares the
+    #: measurements with the same
+    site_neighbours: tuple = ()
 
     @property
     def subject(self) -> str:

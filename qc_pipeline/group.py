@@ -15,7 +15,11 @@ clean scans can differ from the reference scans (scanner, sequence, real instead
 synthetic anatomy): the site score follows them, stays anchored on the clean scans when
 many of the site's scans share an artifact, and the reference's scale keeps a tight site
 from flagging trivia. Sites with fewer than ``min_site_size`` scans
-with measurements (of the same model) are scored against the pool of all sites.
+with measurements (of the same model) are scored against the pool of all sites. In a site
+larger than the engine's neighbourhood, each scan is scored against the same nearest scans its
+engine mask is compared with (:mod:`qc_pipeline.sitenorm`; median and MAD of that
+neighbourhood, :func:`qc_pipeline.qc.score.relative_z`): a site of several scanners or of a
+few people scanned many times compares each scan with its own kind.
 
 Scans are ranked, flagged and measured by ``qc_score_site``; when any successful scan of
 a suffix has none (older derivatives, a model without a ``qc_score`` reference, too few
@@ -421,6 +425,7 @@ def apply_site_normative(records: list[QCRecord], *, factor: float = DEFAULT_SIT
     by_model: dict[str, list[tuple[QCRecord, ScanMaps]]] = {}
     for r in records:
         r.site_anomaly_fraction = r.site_anomaly_voxels = math.nan
+        r.site_neighbours = ()
         sm = scan_maps(r)
         if sm is not None:
             by_model.setdefault(str(r.data.get("model_id") or ""), []).append((r, sm))
@@ -458,6 +463,7 @@ def _assign(group, found) -> int:
         a = found.get(sm.key)
         if a is not None:
             r.site_anomaly_fraction, r.site_anomaly_voxels = a.fraction, float(a.voxels)
+            r.site_neighbours = a.reference
             n += 1
     return n
 
@@ -467,9 +473,19 @@ def _set_site_scores(ok: list[QCRecord], *, min_site_size: int) -> None:
 
     Records are grouped by model (their ``qc_score_reference`` must match) and site; a
     site with fewer than ``min_site_size`` records with measurements is scored against the
-    pool of its model's records of every site; a pool that small gets no site score.
+    pool of its model's records of every site; a pool that small gets no site score. A record
+    whose engine mask was compared with some of its site's scans (``site_neighbours``, set by
+    :func:`apply_site_normative`) is scored against the same scans
+    (:func:`qc_pipeline.qc.score.relative_z`), the others against the whole site (or pool).
     """
     from .qc.score import relative_scores_with_contributors
+
+    def scored(group: list[QCRecord]) -> list:
+        index = {r.bids_name: i for i, r in enumerate(group)}
+        nbs = [[index[k] for k in r.site_neighbours if k in index] or None for r in group]
+        return relative_scores_with_contributors([r.data["quality_features"] for r in group], reference,
+                                                 min_scans=min_site_size,
+                                                 neighbours=nbs if any(nbs) else None)
 
     by_model: dict[str, list[QCRecord]] = {}
     for r in ok:
@@ -486,12 +502,10 @@ def _set_site_scores(ok: list[QCRecord], *, min_site_size: int) -> None:
                 if len(recs) < min_site_size:
                     continue
                 if pooled is None:
-                    pooled = dict(zip((id(r) for r in recs), relative_scores_with_contributors(
-                        [r.data["quality_features"] for r in recs], reference, min_scans=min_site_size)))
+                    pooled = dict(zip((id(r) for r in recs), scored(recs)))
                 scores = [pooled[id(r)] for r in group]
             else:
-                scores = relative_scores_with_contributors([r.data["quality_features"] for r in group],
-                                                           reference, min_scans=min_site_size)
+                scores = scored(group)
             for r, (sc, drv, contrib) in zip(group, scores):
                 if sc is not None:
                     r.site_score, r.site_driver, r.site_contributors = sc, drv, contrib
@@ -718,9 +732,9 @@ def write_group_tables(output_dir, *, labels=None, site_column: str = "site",
         ... and exceeds the site's normal error by this many of the site's voxel-wise robust
         SDs (default 5); None: the factor alone.
     site_norm_neighbours : int or None
-        Compare each scan with this many of its site's scans, those whose error maps are most
-        like its own (default 16; :func:`qc_pipeline.sitenorm.site_normative`); None: with the
-        whole site.
+        Compare each scan (its engine mask and its site score) with this many of its site's
+        scans, those whose error maps are most like its own (default 16;
+        :func:`qc_pipeline.sitenorm.site_normative`); None: with the whole site.
     engine_min_fraction : float
         Floor of the engine flag's threshold on ``site_anomaly_fraction`` (default 0.005).
 

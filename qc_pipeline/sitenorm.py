@@ -271,12 +271,15 @@ class ScanMaps:
 @dataclass(frozen=True)
 class SiteAnomaly:
     """A scan's anomaly against its site: grid voxels and share of the brain (as the
-    participant level counts them), the mask file written, and the reference's size."""
+    participant level counts them), the mask file written, the reference's size and, when it
+    was made of the scan's nearest scans, their keys (empty: the whole site; the group level
+    scores the scan's measurements against the same scans)."""
 
     voxels: int
     fraction: float
     mask_file: Path
     n_reference: int
+    reference: tuple[str, ...] = ()
 
 
 def error_to_template(error: np.ndarray, affine: np.ndarray, template_to_world: np.ndarray) -> np.ndarray:
@@ -433,7 +436,8 @@ def site_normative(scans: Sequence[ScanMaps], *, factor: float = DEFAULT_SITE_NO
         kept = float(site_mask.sum()) / float(mask.sum()) if mask.any() else 0.0
         out[s.key] = SiteAnomaly(voxels=int(round(kept * float(s.anomaly_voxels))),
                                  fraction=kept * float(s.anomaly_fraction),
-                                 mask_file=s.out_mask, n_reference=len(idx))
+                                 mask_file=s.out_mask, n_reference=len(idx),
+                                 reference=tuple(ref_keys[j] for j in idx) if by_neighbours else ())
     return out
 
 

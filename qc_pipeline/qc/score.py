@@ -92,7 +92,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -575,7 +575,9 @@ def _clean_side(y: np.ndarray, floor: float, *, both_sides_move: bool = False) -
 
 
 def relative_scores(features: list[Mapping[str, float | None]], reference: Mapping[str, Any],
-                    *, min_scans: int = 8) -> list[tuple[float | None, str | None]]:
+                    *, min_scans: int = 8,
+                    neighbours: Sequence[Sequence[int] | None] | None = None,
+                    ) -> list[tuple[float | None, str | None]]:
     """QC score of each scan against the *given scans themselves* (a site's, a batch's).
 
     For every measurement of ``reference["features"]``: transform as the reference says,
@@ -594,24 +596,73 @@ def relative_scores(features: list[Mapping[str, float | None]], reference: Mappi
     them first without flagging them (their ``qc_score`` against the model's reference stays
     high). A measurement with fewer than ``min_scans`` values is left out. Returns
     ``(score, driver)`` per scan (``(None, None)`` when no measurement is left).
+
+    ``neighbours``: each scan is scored against itself and the scans of its
+    ``neighbours[i]`` (indices into ``features``; None: all of them) instead of all the
+    scans: :func:`relative_z`.
     """
-    return [_joint(z) for z in relative_z(features, reference, min_scans=min_scans)]
+    return [_joint(z) for z in relative_z(features, reference, min_scans=min_scans, neighbours=neighbours)]
 
 
 def relative_scores_with_contributors(
         features: list[Mapping[str, float | None]], reference: Mapping[str, Any], *,
-        min_scans: int = 8) -> list[tuple[float | None, str | None, list[tuple[str, float]]]]:
+        min_scans: int = 8, neighbours: Sequence[Sequence[int] | None] | None = None,
+) -> list[tuple[float | None, str | None, list[tuple[str, float]]]]:
     """:func:`relative_scores` with each scan's :func:`contributors` against the same scans:
     ``(score, driver, [(name, z), ...])`` per scan."""
-    return [(*_joint(z), contributors(z)) for z in relative_z(features, reference, min_scans=min_scans)]
+    return [(*_joint(z), contributors(z))
+            for z in relative_z(features, reference, min_scans=min_scans, neighbours=neighbours)]
+
+
+def _location_scale(t: np.ndarray, spec: FeatureSpec, floor: float) -> tuple[float, float]:
+    """Location and scale of the clean scans among finite transformed values ``t``."""
+    if spec.direction == "both":
+        return _median_scale(t, floor)
+    y = np.array([_signed(spec, v) for v in t])
+    # only low values are bad for a "down" measurement (sharpness, SNR), yet noise-like
+    # artifacts raise sharpness: they sit on its good side
+    return _clean_side(y, floor, both_sides_move=spec.direction == "down")
+
+
+def _z(spec: FeatureSpec, v: float, loc: float, scale: float) -> float | None:
+    if not np.isfinite(v):
+        return None
+    return abs(v - loc) / scale if spec.direction == "both" else (_signed(spec, v) - loc) / scale
 
 
 def relative_z(features: list[Mapping[str, float | None]], reference: Mapping[str, Any],
-               *, min_scans: int = 8) -> list[dict[str, float | None]]:
+               *, min_scans: int = 8,
+               neighbours: Sequence[Sequence[int] | None] | None = None) -> list[dict[str, float | None]]:
     """Each scan's robust z per measurement against the given scans' clean side, as
     :func:`relative_scores` takes them (``{name: z or None}``; measurements with fewer than
-    ``min_scans`` values are absent)."""
+    ``min_scans`` values are absent).
+
+    ``neighbours[i]``: the indices of the scans scan ``i`` is compared with (itself added;
+    None, or every scan: the whole site as above). A site is rarely one population (scanners,
+    protocols, a few people scanned many times), and against the whole site a minority
+    group's ordinary values lie beyond the clean side; against its nearest scans (the group
+    level takes those whose error maps are most like its own,
+    :func:`qc_pipeline.sitenorm.nearest_maps`) it is compared with its own group. A
+    neighbourhood may hold a few scans of another group (a group smaller than the
+    neighbourhood), which would pull the lower quantiles, so its location is the median and its
+    scale the normal-consistent MAD; a few scans give a noisy spread, so the scale is at least
+    the reference's and the median over the scans of their neighbourhoods' MADs (the site's
+    usual spread among near scans: in a grouped site about one group's, in a site of one
+    population about the whole site's). A neighbourhood with fewer than ``min_scans`` values
+    of a measurement uses the whole site's location and scale for it. The price: an artifact
+    shared by more than half of a scan's nearest scans is their median (its ``qc_score``
+    against the model's reference still sees it).
+    """
     refs = (reference or {}).get("features") or {}
+    n = len(features)
+    if neighbours is not None and len(neighbours) != n:
+        raise QCScoreError(f"neighbours has {len(neighbours)} entries for {n} scans")
+    sets = None if neighbours is None else [
+        None if nb is None else np.unique(np.r_[i, np.asarray(list(nb), dtype=int)]) for i, nb in enumerate(neighbours)]
+    if sets is not None and any(s is not None and (s.min() < 0 or s.max() >= n) for s in sets):
+        raise QCScoreError(f"neighbours must index the {n} scans")
+    if sets is not None:  # a neighbourhood that is every scan is the whole site
+        sets = [None if idx is None or idx.size == n else idx for idx in sets]
     cols: dict[str, list[float | None]] = {}
     for name, ref in refs.items():
         spec = FeatureSpec.from_reference(ref)
@@ -620,16 +671,17 @@ def relative_z(features: list[Mapping[str, float | None]], reference: Mapping[st
         ok = np.isfinite(t)
         if ok.sum() < min_scans:
             continue
-        if spec.direction == "both":
-            med, scale = _median_scale(t[ok], ref["scale"])
-            cols[name] = [None if not np.isfinite(v) else abs(v - med) / scale for v in t]
-            continue
-        y = np.array([_signed(spec, v) if np.isfinite(v) else np.nan for v in t])
-        # only low values are bad for a "down" measurement (sharpness, SNR), yet noise-like
-        # artifacts raise sharpness: they sit on its good side
-        loc, scale = _clean_side(y[ok], ref["scale"], both_sides_move=spec.direction == "down")
-        cols[name] = [None if not np.isfinite(v) else (v - loc) / scale for v in y]
-    return [{k: c[i] for k, c in cols.items()} for i in range(len(features))]
+        site = _location_scale(t[ok], spec, ref["scale"])
+        params = [site] * n
+        if sets is not None:
+            y = t if spec.direction == "both" else np.array([_signed(spec, v) for v in t])
+            local = [None if idx is None or np.isfinite(y[idx]).sum() < min_scans
+                     else _median_scale(y[idx][np.isfinite(y[idx])], ref["scale"]) for idx in sets]
+            if any(p is not None for p in local):
+                usual = float(np.median([p[1] for p in local if p is not None]))
+                params = [site if p is None else (p[0], max(p[1], usual)) for p in local]
+        cols[name] = [_z(spec, v, *p) for v, p in zip(t, params)]
+    return [{k: c[i] for k, c in cols.items()} for i in range(n)]
 
 
 def _grid_mm(prep) -> float:

@@ -404,6 +404,56 @@ def test_site_score_adds_measurements_that_move_together():
     assert max(s for i, (s, _) in enumerate(rel) if i not in (4, 9)) < 1.0
 
 
+def test_each_scan_against_its_nearest_scans():
+    """A site of two groups (two scanners, or a few people scanned many times) whose clean
+    scans differ by 20 reference scales in one measurement: against the whole site the
+    minority's clean scans are out; against their own group they are not, and the same value
+    that is ordinary in one group is an artifact in the other."""
+    from qc_pipeline.errors import QCPipelineError
+    from qc_pipeline.qc.score import relative_scores, relative_z
+
+    ref = {"features": {"x": {"median": 0.0, "scale": 0.01, "direction": "up", "transform": "identity"}}}
+    rng = np.random.default_rng(0)
+    a = list(0.01 * rng.normal(size=18)) + [0.2]      # group A, its last scan an artifact at B's level
+    b = list(0.2 + 0.01 * rng.normal(size=8)) + [0.5]  # group B, its last scan an artifact
+    feats = [{"x": float(v)} for v in a + b]
+    ia, ib = range(len(a)), range(len(a), len(a) + len(b))
+    whole = [s for s, _ in relative_scores(feats, ref)]
+    assert min(whole[i] for i in ib[:-1]) > 5  # the minority's clean scans, against the whole site
+    own = [[j for j in (ia if i in ia else ib) if j != i] for i in range(len(feats))]
+    near = [s for s, _ in relative_scores(feats, ref, neighbours=own)]
+    assert max(near[i] for i in list(ia[:-1]) + list(ib[:-1])) < 4
+    assert near[ia[-1]] > 10 and near[ib[-1]] > 10  # both artifacts, the one at B's level too
+    # every scan's neighbours being all the others is the whole site
+    allothers = [[j for j in range(len(feats)) if j != i] for i in range(len(feats))]
+    assert np.allclose(whole, [s for s, _ in relative_scores(feats, ref, neighbours=allothers)])
+    # a neighbourhood too small for a measurement takes the whole site's location and scale
+    few = [None if i in ib else own[i][:3] for i in range(len(feats))]
+    z = relative_z(feats, ref, neighbours=few)
+    assert [d["x"] for d in z] == pytest.approx([d["x"] for d in relative_z(feats, ref)])
+    with pytest.raises(QCPipelineError, match="neighbours has"):
+        relative_scores(feats, ref, neighbours=own[:3])
+    with pytest.raises(QCPipelineError, match="index"):
+        relative_scores(feats, ref, neighbours=[[len(feats)]] * len(feats))
+
+
+def test_a_small_neighbourhood_never_makes_a_tighter_spread_than_the_sites_usual():
+    """One population, each scan against 8 random others: a neighbourhood whose values happen
+    to lie close together would give a small scale and large z's; the scale is at least the
+    median of the neighbourhoods' scales, so the clean scans' z's stay about as against the
+    whole site."""
+    from qc_pipeline.qc.score import relative_z
+
+    ref = {"features": {"x": {"median": 0.0, "scale": 1e-4, "direction": "up", "transform": "identity"}}}
+    rng = np.random.default_rng(3)
+    feats = [{"x": float(v)} for v in rng.normal(size=60)]
+    nbs = [list(rng.choice([j for j in range(60) if j != i], 8, replace=False)) for i in range(60)]
+    whole = np.array([d["x"] for d in relative_z(feats, ref)])
+    near = np.array([d["x"] for d in relative_z(feats, ref, neighbours=nbs)])
+    assert near.max() < 1.5 * whole.max()
+    assert np.percentile(near, 90) < 1.5 * np.percentile(whole, 90)
+
+
 def test_relative_scores_both_directions_and_missing_values():
     from qc_pipeline.qc.score import relative_scores
 

@@ -265,6 +265,9 @@ def test_a_minority_group_of_a_site_is_compared_with_its_own_scans(tmp_path):
     near = site_normative(scans, factor=3.0, min_scans=8, neighbours=8)
     assert all(near[n].fraction == 0.0 for n in minority_clean)
     assert all(near[n].n_reference == 8 for n in names)
+    assert all(len(near[n].reference) == 8 and n not in near[n].reference for n in names)
+    assert all(a.reference == () for a in whole.values())
+    assert all(sum(k.startswith("sub-b") for k in near[n].reference) == 6 for n in minority_clean)
     for art in arts:
         m = np.asarray(nib.load(str(near[art].mask_file)).dataobj) > 0
         assert m[ARTIFACT] and not m[SHARED] and m.sum() >= 0.8 * _ball(ARTIFACT, 3).sum()
@@ -273,6 +276,39 @@ def test_a_minority_group_of_a_site_is_compared_with_its_own_scans(tmp_path):
     assert all(a.n_reference == 9 for a in small.values())
     with pytest.raises(SiteNormError, match="neighbours"):
         site_normative(scans, neighbours=0)
+
+
+def test_the_site_score_compares_each_scan_with_the_scans_its_engine_mask_was(tmp_path):
+    """The same two-group site, the minority also differing in one measurement (its signal
+    deficit, as one person's or one scanner's trait does): the group level scores each scan's
+    measurements against the scans its engine mask was compared with. Against the whole site
+    every clean minority scan is flagged by the site score; against its nearest scans none is,
+    and an artifact in either group is."""
+    names = _write_site(tmp_path, n_clean=12, sub_prefix="a")
+    names += _write_site(tmp_path, n_clean=6, sub_prefix="b", rng=np.random.default_rng(1), shared=SHARED)
+    ref = {"signal_deficit": {"median": 0.0, "scale": 0.002, "direction": "up", "transform": "identity"}}
+    rng = np.random.default_rng(2)
+    for n in names:
+        p = next(tmp_path.glob(f"sub-*/anat/{n}_qc.json"))
+        q = json.loads(p.read_text())
+        deficit = (0.04 if n.startswith("sub-b") else 0.0) + 0.002 * rng.normal() + (0.04 if "art" in n else 0.0)
+        q.update(qc_score=1.0, quality_features={"signal_deficit": deficit}, qc_score_reference=ref)
+        p.write_text(json.dumps(q))
+    minority_clean = [n for n in names if n.startswith("sub-b") and "art" not in n]
+    arts = [n for n in names if "art" in n]
+
+    def rows(**kw):
+        write_group_tables(tmp_path, **kw)
+        with open(tmp_path / "group_T1w.csv", newline="") as fh:
+            return {r["bids_name"]: r for r in csv.DictReader(fh)}
+
+    whole = rows(site_norm_neighbours=None)
+    assert all(whole[n]["score_flagged"] == "1" for n in minority_clean)
+    near = rows(site_norm_neighbours=8)
+    assert "qc_score_site" in near[names[0]]
+    assert not any(near[n]["score_flagged"] == "1" for n in names if n not in arts)
+    assert all(near[n]["score_flagged"] == "1" and near[n]["qc_score_site_driver"] == "signal_deficit" for n in arts)
+    assert all(float(near[n]["qc_score_site"]) < 3 for n in minority_clean)
 
 
 def test_nearest_maps_are_the_most_alike_and_never_the_scan_itself():
