@@ -24,7 +24,10 @@ exceeds ``DEFAULT_SITE_NORM_FACTOR`` times it and it plus ``DEFAULT_SITE_SPREAD_
 site's voxel-wise robust SD, as the group level keeps it (the median ignores a lesion, which
 sits elsewhere in every copy). Copies of one head are one person's anatomy, which a real site never
 has; ``--pool NAME=HEAD,HEAD`` also scores each lesion against the site made of the copies of
-several heads (different people, as a real site).
+several heads (different people, as a real site). In a site of more than ``--neighbours`` + 1
+scans (default 16, the group level's) each lesion copy is compared with the scans whose error
+maps are most like its own (``qc_pipeline.sitenorm.nearest_maps``, never itself), as the group
+level compares it; 0: with the whole site, the lesion copy included.
 
 Usage::
 
@@ -46,7 +49,8 @@ os.environ.setdefault("NIPYPE_NO_ET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/engine_real.py
 from engine_real import run_as_the_app, template_fit  # noqa: E402
 
-from qc_pipeline.sitenorm import (DEFAULT_SITE_NORM_FACTOR, error_to_template, from_template,  # noqa: E402
+from qc_pipeline.sitenorm import (DEFAULT_SITE_NEIGHBOURS, DEFAULT_SITE_NORM_FACTOR,  # noqa: E402
+                                  error_to_template, from_template, nearest_maps, similarity_vector,
                                   site_anomaly_mask, site_reference_and_spread)
 
 
@@ -127,6 +131,10 @@ def main(argv=None) -> int:
                    help="also score the group level's mask against each head's site (its clean and lesion copies)")
     p.add_argument("--pool", action="append", default=[], metavar="NAME=HEAD,HEAD",
                    help="with --site-reference: also against a site of these heads' copies (repeatable)")
+    p.add_argument("--neighbours", type=int, default=DEFAULT_SITE_NEIGHBOURS,
+                   help="with --site-reference: compare each lesion copy with this many of the site's "
+                        "scans whose error maps are most like its own, as the group level does "
+                        f"(default {DEFAULT_SITE_NEIGHBOURS}); 0: with the whole site")
     args = p.parse_args(argv)
 
     import torch
@@ -205,15 +213,26 @@ def main(argv=None) -> int:
     for (kind, name), members in sites.items():
         if not members:
             continue
-        ref_t, spread_t = site_reference_and_spread([m for h in members for m in site[h]["maps"]])
+        maps = [m for h in members for m in site[h]["maps"]]
+        near = bool(args.neighbours) and len(maps) > args.neighbours + 1
+        vectors = np.stack([similarity_vector(m) for m in maps]) if near else None
+        references = {}  # the scans a reference is made of -> (median, spread)
+        start = 0
         for h in members:
-            for row, err, mask, aff, t2w, lesion, brain in site[h]["pending"]:
+            for i, (row, err, mask, aff, t2w, lesion, brain) in enumerate(site[h]["pending"]):
+                # the lesion copy's own map is site[h]["maps"][i]: as the group level, never its own reference
+                idx = (nearest_maps(vectors, vectors[[start + i]], args.neighbours, exclude=[start + i])[0] if near
+                       else tuple(range(len(maps))))
+                if idx not in references:
+                    references[idx] = site_reference_and_spread([maps[j] for j in idx])
+                ref_t, spread_t = references[idx]
                 m = site_anomaly_mask(err, mask, from_template(ref_t, aff, err.shape, t2w), DEFAULT_SITE_NORM_FACTOR,
                                       spread=from_template(spread_t, aff, err.shape, t2w))
-                row.update({f"{kind}": name, f"{kind}_scans": sum(len(site[x]["maps"]) for x in members),
+                row.update({f"{kind}": name, f"{kind}_scans": len(idx),
                             f"dice_{kind}": dice(m, lesion),
                             f"outside_fraction_{kind}": float((m & ~lesion).sum() / brain.sum()),
                             f"largest_on_lesion_{kind}": largest_on_lesion(m, lesion)})
+            start += len(site[h]["maps"])
     if args.json_out:
         args.json_out.write_text(json.dumps({"model": str(args.model_dir), "model_id": model.card.get("model_id"),
                                              "rows": rows}, indent=1))

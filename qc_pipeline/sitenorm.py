@@ -67,6 +67,7 @@ __all__ = [
     "site_anomaly_mask",
     "site_normative",
     "nearest_maps",
+    "similarity_vector",
     "normal_error_mask",
     "normal_error_masks",
     "template_grid",
@@ -309,7 +310,7 @@ def _write_if_changed(mask: np.ndarray, affine: np.ndarray, path: Path) -> None:
     atomic_write_nifti(nib.Nifti1Image(mask.astype(np.uint8), affine), path)
 
 
-def _similarity_vector(map_t: np.ndarray, block: int = SIMILARITY_BLOCK) -> np.ndarray:
+def similarity_vector(map_t: np.ndarray, block: int = SIMILARITY_BLOCK) -> np.ndarray:
     """A template-grid error map as the vector its similarity to others is taken on: the mean
     of each ``block``^3 block (NaN where the scan covers none of it), log(x + offset)."""
     a = np.asarray(map_t, dtype=np.float32)
@@ -404,7 +405,7 @@ def site_normative(scans: Sequence[ScanMaps], *, factor: float = DEFAULT_SITE_NO
     k = len(maps) if neighbours is None else max(neighbours, min_scans)
     by_neighbours = len(maps) > k + 1
     if by_neighbours:
-        vectors = np.stack([_similarity_vector(m) for m in maps])
+        vectors = np.stack([similarity_vector(m) for m in maps])
         own = {key: j for j, key in enumerate(ref_keys)}
         tv = []
         for s in chosen:
@@ -445,7 +446,7 @@ def _target_vector(s: ScanMaps, size: int) -> np.ndarray:
     """The similarity vector of a scan that is not among the reference maps (all NaN when its
     map cannot be read: it then gets the reference scans most like the site's median)."""
     try:
-        return _similarity_vector(_error_in_template(s))
+        return similarity_vector(_error_in_template(s))
     except Exception as exc:  # noqa: BLE001
         LOGGER.warning("%s: compared with the median scan of its site: %s", s.key, exc)
         return np.full(size, np.nan, dtype=np.float32)

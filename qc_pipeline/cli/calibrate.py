@@ -12,6 +12,7 @@ from ..calibrate import (DEFAULT_GAMMA_FACTOR, CalibrationError, gamma_from_outp
                          rename_calibrated, uncalibrated_id, write_card_gamma, write_card_reference)
 from ..errors import ModelCardError, ModelNotFoundError
 from ..modelcard import CARD_NAME, load_model_card
+from .exits import EXIT_CANT_CREATE, EXIT_NO_INPUT, EXIT_USAGE
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,10 @@ def main(argv=None) -> int:
     except ModelNotFoundError:
         print(f"itermask-qc-calibrate: {args.model_dir}: no {CARD_NAME} (expected a model folder)",
               file=sys.stderr)
-        return 2
+        return EXIT_NO_INPUT
     except ModelCardError as exc:
         print(f"itermask-qc-calibrate: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     # the scans may have been screened before an earlier calibration of this folder
     screened_with = sorted({model_id, uncalibrated_id(model_id)}) if model_id else None
     try:
@@ -52,9 +53,15 @@ def main(argv=None) -> int:
             write_card_gamma(args.model_dir, g)
             log.info("gamma of %s set to %.4g (median tau(50) %.4g over %d scans)", card_path, g["gamma"],
                      g["gamma_calibration"]["median_tau50"], g["gamma_calibration"]["n"])
-    except (CalibrationError, OSError, ValueError) as exc:
+    except CalibrationError as exc:  # no usable participant results (too few clean scans)
         print(f"itermask-qc-calibrate: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_NO_INPUT
+    except OSError as exc:  # the card could not be written
+        print(f"itermask-qc-calibrate: {exc}", file=sys.stderr)
+        return EXIT_CANT_CREATE
+    except ValueError as exc:
+        print(f"itermask-qc-calibrate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     new_id = rename_calibrated(args.model_dir)
     log.info("QC-score reference of %s written from %d scans; model id %s", card_path, ref["n_scans"], new_id)
     return 0

@@ -3,7 +3,9 @@
 Exit codes (BIDS execution spec / sysexits): 0 success; 1 some scans failed (the last line
 names them); 16 invalid dataset; 17 unknown analysis level; 18 the filters matched no
 scans; 64 usage error (bad option value, unknown participant label, output inside the
-input); 66 no input (BIDS_DIR missing; for the group level: no participant-level results);
+input; ``itermask-qc-calibrate``: a model card it cannot read); 66 no input (BIDS_DIR missing;
+for the group level: no participant-level results; for ``itermask-qc-calibrate``: no model
+card or too few clean results to fit on);
 69 a tool the command needs is not there (``sbatch`` off a SLURM login node); 73
 OUTPUT_DIR or the work dir cannot be made or written; 74 the file system failed during the
 run; 75 the work dir (or, for ``itermask-qc-sbatch``, the output folder's previous

@@ -357,13 +357,14 @@ def test_group_level_from_derivatives_alone(run, tmp_path):
 
 def test_calibrate_fits_the_qc_reference_from_clean_outputs(run, model_dir, tmp_path, capsys):
     from qc_pipeline.cli.calibrate import main as calibrate
+    from qc_pipeline.cli.exits import EXIT_NO_INPUT
 
     model = tmp_path / "model"
     shutil.copytree(model_dir, model)
     n_ok = sum(qc_of(run["out"], rel)["status"] == "ok" for rel in GOOD)
     # too few clean scans for the default minimum: a clear refusal, the card untouched
     before = (model / "model_card.json").read_text()
-    assert calibrate([str(run["out"]), str(model)]) == 2
+    assert calibrate([str(run["out"]), str(model)]) == EXIT_NO_INPUT
     assert "need >= 8" in capsys.readouterr().err
     assert (model / "model_card.json").read_text() == before
     assert calibrate([str(run["out"]), str(model), "--min-scans", "5"]) == 0
@@ -378,7 +379,7 @@ def test_calibrate_fits_the_qc_reference_from_clean_outputs(run, model_dir, tmp_
     assert calibrate([str(run["out"]), str(model), "--min-scans", "5"]) == 0
     assert json.loads((model / "model_card.json").read_text())["model_id"] == card["model_id"]
     # a folder that is not a model folder is named in the error
-    assert calibrate([str(run["out"]), str(tmp_path / "nowhere")]) == 2
+    assert calibrate([str(run["out"]), str(tmp_path / "nowhere")]) == EXIT_NO_INPUT
     assert "nowhere" in capsys.readouterr().err
 
 
