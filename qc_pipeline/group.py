@@ -269,7 +269,8 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
     elif use_site:
         prefix = _fnr_fallback(flag_at_fnr)
         rule_summary = (f"{prefix}site z: flag when qc_score_site > {site_z:g} (the measurements more than "
-                        f"{site_z:g} robust SDs beyond the site's clean scans, alone or together)")
+                        f"{site_z:g} robust SDs beyond the site's clean scans most like it, alone or "
+                        "together)")
         site_thr = {s: (float(site_z), rule_summary) for s in sites}
     else:
         prefix = _fnr_fallback(flag_at_fnr)

@@ -321,7 +321,7 @@ def _scan_nav(output_dir: Path, rec: QCRecord) -> dict | None:
 
 
 _SCORE_BASIS = {
-    "qc_score_site": "robust z against this site's clean scans",
+    "qc_score_site": "robust z against this site's clean scans most like it",
     "qc_score": "robust z against the model's clean reference scans",
     "anomaly_fraction": "share of the brain the model could not reconstruct",
 }
