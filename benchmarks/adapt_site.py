@@ -69,10 +69,10 @@ def build_site(name: str, heads: list[tuple[str, Path]], root: Path, *, n_clean:
 
 
 def write_copies(src_path: Path, root: Path, *, n_clean: int, types, severity, seed: int,
-                 prefix: str = "") -> dict:
+                 prefix: str = "", protocol: str = "research") -> dict:
     """Write the copies of one real head into the BIDS folder ``root`` as subjects
-    ``<prefix>cNN`` (clean scanner-variation copies) and ``<prefix>aNN`` (one per artifact type);
-    returns ``{bids_name: (label, kind)}``."""
+    ``<prefix>cNN`` (clean scanner-variation copies of ``protocol``, ``real_scan.variant``) and
+    ``<prefix>aNN`` (one per artifact type); returns ``{bids_name: (label, kind)}``."""
     import nibabel as nib
 
     from qc_pipeline.synth import ARTIFACTS, apply_artifact
@@ -83,7 +83,7 @@ def write_copies(src_path: Path, root: Path, *, n_clean: int, types, severity, s
     jobs = [(f"{prefix}c{v:02d}", v, None) for v in range(n_clean)]
     jobs += [(f"{prefix}a{i:02d}", n_clean + list(ARTIFACTS).index(kind), kind) for i, kind in enumerate(types)]
     for sub, v, kind in jobs:
-        img, _ = variant(src, v, seed)
+        img, _ = variant(src, v, seed, protocol)
         if kind is not None:
             rng = np.random.default_rng([seed, v, 17])
             sev = float(rng.uniform(*severity))

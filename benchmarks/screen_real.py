@@ -2,7 +2,8 @@
 """The whole app on real heads: each head as its own site, and heads of different people pooled.
 
 For each real T1w head (``--scan NAME=PATH``) ``--n-clean`` clean copies under scanner variation
-and one copy per ``--types`` artifact (``adapt_site.write_copies``) go into ONE BIDS dataset,
+(``--protocol``: 3D research voxels, or clinical 2D stacks of thick axial slices) and one copy
+per ``--types`` artifact (``adapt_site.write_copies``) go into ONE BIDS dataset,
 each copy a subject; ``participants.tsv`` names the head as ``site`` and its ``--group`` as
 ``pool`` (several people as one site). The dataset is screened once through the real CLI
 (``participant``), then ranked twice (``group`` with ``--site-column site``, then ``pool``).
@@ -43,7 +44,8 @@ LOCAL = ("chunk_top", "susceptibility", "spike", "ghosting")
 TYPES = ["motion", "ghosting", "spike", "susceptibility", "chunk_top", "kspace_noise", "wrap_around", "blur"]
 
 
-def build(root: Path, scans: dict, pools: dict, *, n_clean: int, types, severity, seed: int) -> dict:
+def build(root: Path, scans: dict, pools: dict, *, n_clean: int, types, severity, seed: int,
+          protocol: str = "research") -> dict:
     """The BIDS dataset (once; reused when its truth file exists): ``{bids_name: [label, kind, head]}``."""
     if (root / "truth.json").is_file():
         return json.loads((root / "truth.json").read_text())
@@ -52,7 +54,7 @@ def build(root: Path, scans: dict, pools: dict, *, n_clean: int, types, severity
     truth, rows = {}, []
     for name, path in scans.items():
         t = write_copies(Path(path), root, n_clean=n_clean, types=types, severity=severity, seed=seed,
-                         prefix=name.replace("_", ""))
+                         prefix=name.replace("_", ""), protocol=protocol)
         for bids_name, (label, kind) in t.items():
             truth[bids_name] = [label, kind, name]
             rows.append(f"{bids_name.rsplit('_', 1)[0]}\t{name}\t{pools.get(name, 'all')}\n")
@@ -154,6 +156,9 @@ def main(argv=None) -> int:
     p.add_argument("--types", nargs="+", default=TYPES)
     p.add_argument("--severity", type=float, nargs=2, default=(0.5, 1.0))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--protocol", choices=["research", "clinical"], default="research",
+                   help="the copies' acquisition (benchmarks/real_scan.variant): 3D research voxels, or "
+                        "clinical 2D stacks of 3-6 mm axial slices")
     p.add_argument("--model-dir", type=Path, default=None)
     p.add_argument("--nprocs", type=int, default=2)
     p.add_argument("--group-option", action="append", default=[], metavar="OPT",
@@ -165,7 +170,7 @@ def main(argv=None) -> int:
     scans = dict(s.split("=", 1) for s in a.scan)
     pools = {h: g.split("=", 1)[0] for g in a.group for h in g.split("=", 1)[1].split(",")}
     truth = build(a.out / "bids", scans, pools, n_clean=a.n_clean, types=a.types, severity=a.severity,
-                  seed=a.seed)
+                  seed=a.seed, protocol=a.protocol)
     out = a.out / "out"
     common = ["-w", a.out / "work", "--nprocs", a.nprocs, "--device", "cpu"]
     if a.model_dir:
