@@ -365,8 +365,8 @@ class QCRecord:
     site_anomaly_fraction: float = math.nan
     site_anomaly_voxels: float = math.nan
     #: the nearest scans of the site the engine's mask was compared with (their ``bids_name``;
-    #: empty: the whole site, or no site reference); the site score compares the
-    #: measurements with the same
+    #: empty: the whole site, or no site reference); the site score compares the scan's
+    #: measurements with the same scans
     site_neighbours: tuple = ()
 
     @property
