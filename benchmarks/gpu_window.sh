@@ -20,7 +20,9 @@ DEVICE=${DEVICE:-cuda}
 SCANS=${SCANS:-64}
 BATCHES=${BATCHES:-"1 16 64"}
 TRAIN_MINUTES=${TRAIN_MINUTES:-6}
-TRAIN_ARGS=${TRAIN_ARGS:-}
+# clinical 2D stacks (3-6 mm slices) are where the engine is weakest (docs/benchmarks.md,
+# "Clinical 2D acquisitions"); the shipped network saw thick slices in one head of five, 2-5 mm
+TRAIN_ARGS=${TRAIN_ARGS:-"--thick-slice-p 0.35 --thick-slice-mm 2 6.5"}
 WORK=${WORK:-/tmp/gpu_window_work}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 NIPYPE_NO_ET=1

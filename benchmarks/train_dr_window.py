@@ -109,6 +109,10 @@ def main(argv=None) -> int:
                         "models/t1w, whose first phase was mixed)")
     p.add_argument("--n-eval", type=int, default=8)
     p.add_argument("--real-cache", type=Path, default=None)
+    p.add_argument("--thick-slice-p", type=float, default=None,
+                   help="share of heads drawn as 2D stacks of thick slices (default: DomainRandConfig's)")
+    p.add_argument("--thick-slice-mm", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="their slice thickness range in mm (default: DomainRandConfig's)")
     args = p.parse_args(argv)
     if len(args.minutes) not in (2, 4):
         p.error(f"--minutes takes 2 or 4 budgets, got {len(args.minutes)}")
@@ -121,16 +125,19 @@ def main(argv=None) -> int:
     bank = load_bank(args.bank)
     common = dict(features=args.features, device=device, batch_size=args.batch_size, checkpoint_minutes=3.0)
     start = args.continue_from or args.out / "mixed"
+    scanner = {k: v for k, v in (("thick_slice_p", args.thick_slice_p),
+                                 ("thick_slice_mm", None if args.thick_slice_mm is None else tuple(args.thick_slice_mm)))
+               if v is not None}
     phases = [
         ("mixed", DomainRandConfig(grid=tuple(args.grid), voxel_mm=args.voxel_size, contrast_probs=MIX,
-                                   p_random_contrast=0.15), args.minutes[0], args.lr[0], None),
+                                   p_random_contrast=0.15, **scanner), args.minutes[0], args.lr[0], None),
         ("t1w", DomainRandConfig(grid=tuple(args.grid), voxel_mm=args.voxel_size,
-                                 contrast_probs={"T1w": 1.0}, p_random_contrast=0.1),
+                                 contrast_probs={"T1w": 1.0}, p_random_contrast=0.1, **scanner),
          args.minutes[1], args.lr[1], start),
     ]
     for name, contrast, minutes in zip(("t2w", "flair"), ("T2w", "FLAIR"), args.minutes[2:]):
         phases.append((name, DomainRandConfig(grid=tuple(args.grid), voxel_mm=args.voxel_size,
-                                              contrast_probs={contrast: 1.0}, p_random_contrast=0.1),
+                                              contrast_probs={contrast: 1.0}, p_random_contrast=0.1, **scanner),
                        minutes, args.lr[1], start))
     results = {}
     for name, cfg, minutes, lr, init in phases:
