@@ -64,7 +64,8 @@ The labelled metrics (AUROC ... FNR90) are of the score, over the screened scans
     background), because on most clean scans the fraction is exactly 0 and the MAD rule
     alone would flag any non-zero value. Scans without the statistic (older qc.json,
     ``available: false``) are never background-flagged and do not enter the thresholds.
-    It never changes the score's flag.
+    A scan whose engine mask was compared with its site's nearest scans is background-flagged
+    against the same scans (:func:`_nearest_thresholds`). It never changes the score's flag.
 ``fnr`` (``flag_at_fnr=0.2`` with labels)
     One threshold calibrated on all labelled scans of the suffix (pooled over sites, since
     few artifact scans per site make per-site calibration unstable): the highest
@@ -290,11 +291,23 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
 
     bg_thr, bg_summary = _measure_thresholds(
         ok, sites, "background_fraction", score="background_artifact_fraction",
-        what="the background statistic", label="background artifact, robust per site", k=mad_k if background_k is None else background_k,
+        what="the background statistic", label="background artifact, robust per site",
+        k=mad_k if background_k is None else background_k,
         floor=background_min_fraction, min_site_size=min_site_size)
 
+    bg_k = mad_k if background_k is None else background_k
+    bg_near = _nearest_thresholds(ok, "background_fraction", k=bg_k, floor=background_min_fraction,
+                                  min_site_size=min_site_size)
+    if bg_near:
+        bg_summary += ("; a scan compared with its site's nearest scans (those its engine mask is "
+                       "compared with) takes the median and scaled MAD of those scans, the MAD at "
+                       "least the site's usual one among near scans")
+
+    def bg_threshold(r: QCRecord) -> float:
+        return bg_near.get(id(r), bg_thr[r.site][0])
+
     def is_bg_flagged(r: QCRecord) -> bool:
-        thr = bg_thr[r.site][0]
+        thr = bg_threshold(r)
         x = r.background_fraction
         return bool(r.ok and math.isfinite(thr) and math.isfinite(x) and x > thr)
 
@@ -326,7 +339,7 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
         pct = 100.0 * float(np.mean(xs <= S(r)))
         rows.append(_row(r, lab, tags, rank=rank, pct=pct, flagged=is_flagged(r),
                          score_flagged=is_score_flagged(r), thr=site_thr[r.site][0],
-                         bg_flagged=is_bg_flagged(r), bg_thr=bg_thr[r.site][0], strict=strict, score_name=score_name, score=S(r),
+                         bg_flagged=is_bg_flagged(r), bg_thr=bg_threshold(r), strict=strict, score_name=score_name, score=S(r),
                          en_flagged=is_en_flagged(r), en_thr=en_thr[r.site][0]))
     for r in sorted(failed, key=lambda r: r.bids_name):
         rows.append(_row(r, lab, tags, rank=None, pct=None, flagged=True, score_flagged=None,
@@ -559,6 +572,35 @@ def _measure_thresholds(ok: list[QCRecord], sites: list[str], attr: str, *, scor
                f"site's scans, {floor:g}); sites with fewer than {min_site_size} scans with it use the "
                f"pooled distribution")
     return out, summary
+
+
+def _nearest_thresholds(ok: list[QCRecord], attr: str, *, k: float, floor: float,
+                        min_site_size: int) -> dict[int, float]:
+    """Per-scan flag thresholds of one measurement against the scan's nearest scans,
+    ``{id(record): threshold}`` for the records that have them.
+
+    A scan whose engine mask was compared with its site's nearest scans (``site_neighbours``,
+    :func:`apply_site_normative`) is flagged against the same scans: ``max(median + k x s,
+    floor)`` over itself and them, ``s`` their scaled MAD (:func:`_robust_threshold`) and at
+    least the median over its site's scans of these MADs (a 17-scan MAD is noisy). A site's
+    clean backgrounds differ by person and scanner (neck and shoulders in the field of view, a
+    coil's pattern), and against the whole site one group's ordinary background reads as an
+    artifact. Fewer than ``min_site_size`` values: no entry (the site's threshold applies).
+    """
+    by_name = {r.bids_name: r for r in ok}
+    local: dict[int, tuple[str, float, float]] = {}
+    for r in ok:
+        if not r.site_neighbours:
+            continue
+        xs = np.array([getattr(q, attr) for q in [r] + [by_name[n] for n in r.site_neighbours if n in by_name]],
+                      dtype=float)
+        xs = xs[np.isfinite(xs)]
+        if xs.size >= min_site_size:
+            _, med, sc = _robust_threshold(xs, k)
+            local[id(r)] = (r.site, med, sc)
+    usual = {site: float(np.median([sc for s, _, sc in local.values() if s == site]))
+             for site in {s for s, _, _ in local.values()}}
+    return {i: max(med + k * max(sc, usual[site]), floor) for i, (site, med, sc) in local.items()}
 
 
 def _contributor_pairs(items) -> list[tuple[str, float]]:

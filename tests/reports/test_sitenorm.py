@@ -279,20 +279,24 @@ def test_a_minority_group_of_a_site_is_compared_with_its_own_scans(tmp_path):
 
 
 def test_the_site_score_compares_each_scan_with_the_scans_its_engine_mask_was(tmp_path):
-    """The same two-group site, the minority also differing in one measurement (its signal
-    deficit, as one person's or one scanner's trait does): the group level scores each scan's
-    measurements against the scans its engine mask was compared with. Against the whole site
-    every clean minority scan is flagged by the site score; against its nearest scans none is,
-    and an artifact in either group is."""
+    """The same two-group site, the minority also differing in its signal deficit and its
+    background (as one person's or one scanner's traits do): the group level scores each
+    scan's measurements and its background against the scans its engine mask was compared
+    with. Against the whole site every clean minority scan is flagged by the site score and
+    the background; against its nearest scans none is, and an artifact in either group is."""
     names = _write_site(tmp_path, n_clean=12, sub_prefix="a")
     names += _write_site(tmp_path, n_clean=6, sub_prefix="b", rng=np.random.default_rng(1), shared=SHARED)
     ref = {"signal_deficit": {"median": 0.0, "scale": 0.002, "direction": "up", "transform": "identity"}}
     rng = np.random.default_rng(2)
+    arts_b = next(n for n in names if n.startswith("sub-b") and "art" in n)
     for n in names:
         p = next(tmp_path.glob(f"sub-*/anat/{n}_qc.json"))
         q = json.loads(p.read_text())
         deficit = (0.04 if n.startswith("sub-b") else 0.0) + 0.002 * rng.normal() + (0.04 if "art" in n else 0.0)
-        q.update(qc_score=1.0, quality_features={"signal_deficit": deficit}, qc_score_reference=ref)
+        # the minority's clean backgrounds also differ (neck in the field of view, another coil)
+        background = (0.03 if n.startswith("sub-b") else 0.0) + 0.001 * rng.random() + (0.1 if n == arts_b else 0.0)
+        q.update(qc_score=1.0, quality_features={"signal_deficit": deficit}, qc_score_reference=ref,
+                 background_artifact_fraction=background)
         p.write_text(json.dumps(q))
     minority_clean = [n for n in names if n.startswith("sub-b") and "art" not in n]
     arts = [n for n in names if "art" in n]
@@ -304,11 +308,15 @@ def test_the_site_score_compares_each_scan_with_the_scans_its_engine_mask_was(tm
 
     whole = rows(site_norm_neighbours=None)
     assert all(whole[n]["score_flagged"] == "1" for n in minority_clean)
+    assert all(whole[n]["background_flagged"] == "1" for n in minority_clean)
     near = rows(site_norm_neighbours=8)
     assert "qc_score_site" in near[names[0]]
-    assert not any(near[n]["score_flagged"] == "1" for n in names if n not in arts)
+    assert not any(near[n]["score_flagged"] == "1" or near[n]["background_flagged"] == "1"
+                   for n in names if n not in arts)
     assert all(near[n]["score_flagged"] == "1" and near[n]["qc_score_site_driver"] == "signal_deficit" for n in arts)
     assert all(float(near[n]["qc_score_site"]) < 3 for n in minority_clean)
+    assert near[arts_b]["background_flagged"] == "1"
+    assert float(near[minority_clean[0]]["background_threshold"]) > 0.03 > float(near[names[0]]["background_threshold"])
 
 
 def test_nearest_maps_are_the_most_alike_and_never_the_scan_itself():
