@@ -775,7 +775,7 @@ def write_group_tables(output_dir, *, labels=None, site_column: str = "site",
         ... and exceeds the site's normal error by this many of the site's voxel-wise robust
         SDs (default 5); None: the factor alone.
     site_norm_neighbours : int or None
-        Compare each scan (its engine mask and its site score) with this many of its site's
+        Compare each scan (its engine mask, site score and background flag) with this many of its site's
         scans, those whose error maps are most like its own (default 16;
         :func:`qc_pipeline.sitenorm.site_normative`); None: with the whole site.
     engine_min_fraction : float

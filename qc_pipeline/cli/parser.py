@@ -197,7 +197,7 @@ def get_parser() -> argparse.ArgumentParser:
                             "there (where the site's people differ most); 0: the factor alone "
                             "(default: 5)")
     g_grp.add_argument("--site-norm-neighbours", type=_site_norm_neighbours, default=16, metavar="N",
-                       help="compare each scan (its engine mask and its site score) with the N "
+                       help="compare each scan (its engine mask, site score and background) with the N "
                             "scans of its site whose error maps are most like its own (a site of "
                             "several scanners or of a few people scanned many times is not one "
                             "population; fewer than 8 counts as 8); 0: with the whole site "
