@@ -289,13 +289,11 @@ def compute_suffix_tables(records: list[QCRecord], *, labels: Mapping[str, int] 
             return False
         return S(r) > thr if strict else S(r) >= thr
 
+    bg_k = mad_k if background_k is None else background_k
     bg_thr, bg_summary = _measure_thresholds(
         ok, sites, "background_fraction", score="background_artifact_fraction",
-        what="the background statistic", label="background artifact, robust per site",
-        k=mad_k if background_k is None else background_k,
+        what="the background statistic", label="background artifact, robust per site", k=bg_k,
         floor=background_min_fraction, min_site_size=min_site_size)
-
-    bg_k = mad_k if background_k is None else background_k
     bg_near = _nearest_thresholds(ok, "background_fraction", k=bg_k, floor=background_min_fraction,
                                   min_site_size=min_site_size)
     if bg_near:
