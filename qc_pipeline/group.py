@@ -585,20 +585,18 @@ def _nearest_thresholds(ok: list[QCRecord], attr: str, *, k: float, floor: float
     coil's pattern), and against the whole site one group's ordinary background reads as an
     artifact. Fewer than ``min_site_size`` values: no entry (the site's threshold applies).
     """
-    by_name = {r.bids_name: r for r in ok}
-    local: dict[int, tuple[str, float, float]] = {}
-    for r in ok:
-        if not r.site_neighbours:
-            continue
-        xs = np.array([getattr(q, attr) for q in [r] + [by_name[n] for n in r.site_neighbours if n in by_name]],
-                      dtype=float)
-        xs = xs[np.isfinite(xs)]
-        if xs.size >= min_site_size:
-            _, med, sc = _robust_threshold(xs, k)
-            local[id(r)] = (r.site, med, sc)
-    usual = {site: float(np.median([sc for s, _, sc in local.values() if s == site]))
-             for site in {s for s, _, _ in local.values()}}
-    return {i: max(med + k * max(sc, usual[site]), floor) for i, (site, med, sc) in local.items()}
+    from .qc.score import neighbourhood_location_scale
+
+    out: dict[int, float] = {}
+    for site in {r.site for r in ok}:
+        recs = [r for r in ok if r.site == site]
+        index = {r.bids_name: i for i, r in enumerate(recs)}
+        x = np.array([getattr(r, attr) for r in recs], dtype=float)
+        sets = [np.array([i] + [index[n] for n in r.site_neighbours if n in index and index[n] != i])
+                if r.site_neighbours else None for i, r in enumerate(recs)]
+        local = neighbourhood_location_scale(x, sets, lambda v: _robust_threshold(v, k)[1:], min_n=min_site_size)
+        out.update({id(r): max(p[0] + k * p[1], floor) for r, p in zip(recs, local) if p is not None})
+    return out
 
 
 def _contributor_pairs(items) -> list[tuple[str, float]]:

@@ -92,7 +92,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -107,6 +107,7 @@ __all__ = [
     "compact_deficit", "contributors", "fit_reference",
     "nonuniformity", "signal_void",
     "scan_features", "scan_quality", "native_measurements", "native_measurements_stale", "relative_z",
+    "neighbourhood_location_scale",
     "axis_sharpness", "sharpness_and_noise", "relative_scores", "relative_scores_with_contributors",
 ]
 
@@ -630,6 +631,44 @@ def _z(spec: FeatureSpec, v: float, loc: float, scale: float) -> float | None:
     return abs(v - loc) / scale if spec.direction == "both" else (_signed(spec, v) - loc) / scale
 
 
+def neighbourhood_location_scale(
+        values: np.ndarray, neighbourhoods: Sequence[np.ndarray | None],
+        location_scale: Callable[[np.ndarray], tuple[float, float]], *, min_n: int,
+) -> list[tuple[float, float] | None]:
+    """Location and scale of ``values`` over each scan's neighbourhood, the scale floored at
+    the site's usual neighbourhood scale.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        One value per scan of the site (NaN where it is missing).
+    neighbourhoods : sequence of index arrays or None
+        Per scan, the indices of the scans it is compared with (itself included); None: no
+        neighbourhood (the caller uses the whole site's estimate).
+    location_scale : callable
+        Estimator ``finite values -> (location, scale)``.
+    min_n : int
+        Fewest finite values a neighbourhood needs; fewer gives None.
+
+    Returns
+    -------
+    list of ``(location, scale)`` or None, one per scan
+        Each scale is at least the median over the scans of their neighbourhoods' scales. A
+        neighbourhood is a small sample (17 scans at the group level's default) whose spread
+        is noisy; that median is the site's usual spread among near scans (in a site of
+        groups about one group's, in a site of one population about the whole site's), so no
+        scan is judged against a spread tighter than its site's usual one.
+    """
+    y = np.asarray(values, dtype=float)
+    local = [None if idx is None or np.isfinite(y[idx]).sum() < min_n
+             else location_scale(y[idx][np.isfinite(y[idx])]) for idx in neighbourhoods]
+    scales = [p[1] for p in local if p is not None]
+    if not scales:
+        return local
+    usual = float(np.median(scales))
+    return [None if p is None else (p[0], max(p[1], usual)) for p in local]
+
+
 def relative_z(features: list[Mapping[str, float | None]], reference: Mapping[str, Any],
                *, min_scans: int = 8,
                neighbours: Sequence[Sequence[int] | None] | None = None) -> list[dict[str, float | None]]:
@@ -675,11 +714,9 @@ def relative_z(features: list[Mapping[str, float | None]], reference: Mapping[st
         params = [site] * n
         if sets is not None:
             y = t if spec.direction == "both" else np.array([_signed(spec, v) for v in t])
-            local = [None if idx is None or np.isfinite(y[idx]).sum() < min_scans
-                     else _median_scale(y[idx][np.isfinite(y[idx])], ref["scale"]) for idx in sets]
-            if any(p is not None for p in local):
-                usual = float(np.median([p[1] for p in local if p is not None]))
-                params = [site if p is None else (p[0], max(p[1], usual)) for p in local]
+            local = neighbourhood_location_scale(
+                y, sets, lambda v, floor=ref["scale"]: _median_scale(v, floor), min_n=min_scans)
+            params = [site if p is None else p for p in local]
         cols[name] = [_z(spec, v, *p) for v, p in zip(t, params)]
     return [{k: c[i] for k, c in cols.items()} for i in range(n)]
 
