@@ -369,6 +369,62 @@ def make_subject(
     (nibabel.Nifti1Image, dict)
         The scan and JSON-safe metadata (everything drawn, for provenance).
     """
+    profile = _check_subject_args(contrast, site, tissue_contrast, contrast_mix)
+    cid = _CONTRAST_ID[contrast]
+    model = tpl.load_head_model(work_mm)
+    anat = _draw_anatomy(seed, model, deform_mm)
+    labels = tpl.head_labels(model, anat["thickness"])
+    tissue, values, detail = _draw_tissue(seed, contrast, model, labels, tissue_contrast=tissue_contrast,
+                                          contrast_mix=contrast_mix, cortex_detail=cortex_detail)
+
+    # ---- warp on the working grid (one pass, linear)
+    grid = np.indices(model.shape, dtype=np.float32)
+    coords = [grid[a] + anat["disp"][a] for a in range(3)]
+    del grid
+    warped = ndi.map_coordinates(tissue, coords, order=1, cval=0.0).astype(np.float32)
+    brain_w = ndi.map_coordinates(model.brain, coords, order=1, cval=0.0) if return_brain_mask else None
+    del coords, tissue
+
+    if not pose:
+        anat.update(pose_rot=np.zeros(3), pose_shift=np.zeros(3), head_scale=np.ones(3))
+    acq, affine, m = _place_in_scanner(_rng(seed, 1, cid), profile, model, anat, max_voxels=max_voxels,
+                                       voxel_size=voxel_size)
+    shape = tuple(acq["shape"])
+    img = _resample(warped, m, shape)
+    mask = _resample(brain_w, m, shape) if return_brain_mask else None
+    img, scanner = _scanner_nuisance(img, _rng(seed, 3, cid), profile, values)
+
+    hdr = nib.Nifti1Header()
+    hdr.set_xyzt_units("mm", "sec")
+    out = nib.Nifti1Image(img.astype(np.float32), affine, hdr)
+    out.header.set_dim_info(freq=acq["freq_axis"], phase=acq["phase_axis"],
+                            slice=acq["slice_axis"])
+    out.set_qform(affine, code=1)
+    out.set_sform(affine, code=1)
+    if finalize:
+        out = finalize_dtype(out, scanner["dtype"])
+    meta = {
+        "seed": int(seed), "contrast": contrast,
+        "tissue_contrast": tissue_contrast or contrast,
+        "contrast_mix": float(contrast_mix) if tissue_contrast else 0.0,
+        "site": profile.name, "manufacturer": profile.manufacturer,
+        "field_strength": profile.field_strength, "work_mm": float(work_mm),
+        "acquisition": acq, "dtype": scanner["dtype"], "snr": scanner["snr"],
+        "noise_sigma": scanner["noise_sigma"], "intensity_scale": scanner["scale"],
+        "bias_amplitude": scanner["bias_amplitude"],
+        "tissue_values": values, "thickness_mm": anat["thickness"],
+        "deform_mm": float(anat["amp"]), "cortex_detail": detail,
+        "head_scale": [float(s) for s in anat["head_scale"]],
+        "pose_rotation_deg": [float(r) for r in anat["pose_rot"]],
+        "pose_translation_mm": [float(t) for t in anat["pose_shift"]],
+    }
+    if mask is not None:
+        meta["brain_mask"] = nib.Nifti1Image((mask > 0.5).astype(np.uint8), affine)
+    return out, meta
+
+
+def _check_subject_args(contrast, site, tissue_contrast, contrast_mix) -> SiteProfile:
+    """The site profile :func:`make_subject` draws from, after checking its arguments."""
     if contrast not in TISSUE_RANGES:
         raise SynthError(f"contrast must be one of {CONTRASTS}; got {contrast!r}")
     if tissue_contrast is not None and tissue_contrast not in TISSUE_RANGES:
@@ -378,15 +434,13 @@ def make_subject(
     if isinstance(site, str):
         if site not in SITES:
             raise SynthError(f"site must be one of {sorted(SITES)} or None; got {site!r}")
-        profile = SITES[site]
-    elif site is None:
-        profile = ANY_SITE
-    else:
-        profile = site
-    cid = _CONTRAST_ID[contrast]
-    model = tpl.load_head_model(work_mm)
+        return SITES[site]
+    return ANY_SITE if site is None else site
 
-    # ---- anatomy (shared by all contrasts of a subject)
+
+def _draw_anatomy(seed, model, deform_mm) -> dict:
+    """The subject's anatomy, shared by all its contrasts (one stream, drawn in a fixed order):
+    layer thicknesses, the deformation field, head size and pose."""
     r_anat = _rng(seed, 0)
     thickness = {
         "csf": r_anat.uniform(1.5, 3.5), "inner": r_anat.uniform(1.2, 2.2),
@@ -398,9 +452,12 @@ def make_subject(
     head_scale = r_anat.uniform(0.92, 1.08, 3)
     pose_rot = r_anat.uniform(-1, 1, 3) * np.array([8.0, 4.0, 5.0])  # pitch, roll, yaw
     pose_shift = r_anat.uniform(-1, 1, 3) * np.array([6.0, 8.0, 8.0])
-    labels = tpl.head_labels(model, thickness)
+    return {"thickness": thickness, "amp": amp, "disp": disp, "head_scale": head_scale,
+            "pose_rot": pose_rot, "pose_shift": pose_shift}
 
-    # ---- intensities
+
+def _draw_tissue(seed, contrast, model, labels, *, tissue_contrast, contrast_mix, cortex_detail):
+    """The tissue image on the working grid, its tissue intensities and the cortex detail drawn."""
     def draw(c):
         r = _rng(seed, 2, _CONTRAST_ID[c])
         return {k: float(r.uniform(*v)) for k, v in TISSUE_RANGES[c].items()}
@@ -415,22 +472,15 @@ def make_subject(
         fractions = cortical_detail(model, r_detail, **detail)
     else:
         fractions, detail = None, {"sulci": 0.0, "steepness": 1.0}
-    r_tex = _rng(seed, 4, cid)
+    r_tex = _rng(seed, 4, _CONTRAST_ID[contrast])
     tissue = _tissue_image(model, labels, values, r_tex, texture=r_tex.uniform(0.02, 0.04),
                            tissue=fractions)
-    del fractions
+    return tissue, values, detail
 
-    # ---- warp on the working grid (one pass, linear)
-    grid = np.indices(model.shape, dtype=np.float32)
-    coords = [grid[a] + disp[a] for a in range(3)]
-    del grid
-    warped = ndi.map_coordinates(tissue, coords, order=1, cval=0.0).astype(np.float32)
-    if return_brain_mask:
-        brain_w = ndi.map_coordinates(model.brain, coords, order=1, cval=0.0)
-    del coords
 
-    # ---- acquisition geometry
-    r_acq = _rng(seed, 1, cid)
+def _place_in_scanner(r_acq, profile, model, anat, *, max_voxels, voxel_size):
+    """The acquisition drawn for the posed head: ``(acq, affine, m)``, ``m`` mapping a stored
+    voxel to a working-grid voxel."""
     acq = _sample_acquisition(r_acq, profile, max_voxels, voxel_size)
     direc = axcodes_matrix(acq["axcodes"])
     obl = _rotation(acq["oblique_deg"])
@@ -438,13 +488,9 @@ def make_subject(
     shape = tuple(acq["shape"])
     # pose: MNI -> scanner (scale about the brain centre, rotate, shift)
     centre = np.array([0.0, -18.0, 10.0])
-    pose_m = np.eye(4)
-    if pose:
-        pose_m[:3, :3] = _rotation(pose_rot) @ np.diag(head_scale)
-        pose_m[:3, 3] = centre - pose_m[:3, :3] @ centre + pose_shift
-    else:
-        pose_rot, pose_shift, head_scale = np.zeros(3), np.zeros(3), np.ones(3)
-    pose = pose_m
+    pose = np.eye(4)
+    pose[:3, :3] = _rotation(anat["pose_rot"]) @ np.diag(anat["head_scale"])
+    pose[:3, 3] = centre - pose[:3, :3] @ centre + anat["pose_shift"]
     # FOV centre in scanner coordinates (isocentre near the head centre)
     head_c = pose[:3, :3] @ np.array([0.0, -15.0, 5.0]) + pose[:3, 3]
     fov_c = head_c + r_acq.uniform(-1, 1, 3) * np.array([3.0, 6.0, 6.0])
@@ -456,13 +502,13 @@ def make_subject(
     affine = np.eye(4)
     affine[:3, :3] = rot @ np.diag(vox)
     affine[:3, 3] = fov_c - affine[:3, :3] @ ((np.array(shape) - 1) / 2.0)
-    # stored voxel -> working-grid voxel
     m = np.linalg.inv(model.affine) @ np.linalg.inv(pose) @ affine
-    img = _resample(warped, m, shape)
-    mask = _resample(brain_w, m, shape) if return_brain_mask else None
+    return acq, affine, m
 
-    # ---- scanner: bias field, scale, Rician noise
-    r_scan = _rng(seed, 3, cid)
+
+def _scanner_nuisance(img, r_scan, profile, values):
+    """Bias field, intensity scale and Rician noise on the stored grid (in place where it can)."""
+    shape = img.shape
     bias_amp = r_scan.uniform(*profile.bias)
     logb = _bias_log(r_scan, shape, bias_amp)
     img *= np.exp(logb)
@@ -484,32 +530,8 @@ def make_subject(
     img *= scale
     if dtype == "uint16" and img.max() > 60000:
         img *= 60000.0 / img.max()
-
-    hdr = nib.Nifti1Header()
-    hdr.set_xyzt_units("mm", "sec")
-    out = nib.Nifti1Image(img.astype(np.float32), affine, hdr)
-    out.header.set_dim_info(freq=acq["freq_axis"], phase=acq["phase_axis"],
-                            slice=acq["slice_axis"])
-    out.set_qform(affine, code=1)
-    out.set_sform(affine, code=1)
-    if finalize:
-        out = finalize_dtype(out, dtype)
-    meta = {
-        "seed": int(seed), "contrast": contrast,
-        "tissue_contrast": tissue_contrast or contrast,
-        "contrast_mix": float(contrast_mix) if tissue_contrast else 0.0,
-        "site": profile.name, "manufacturer": profile.manufacturer,
-        "field_strength": profile.field_strength, "work_mm": float(work_mm),
-        "acquisition": acq, "dtype": dtype, "snr": snr, "noise_sigma": float(sigma * scale),
-        "intensity_scale": scale, "bias_amplitude": float(bias_amp),
-        "tissue_values": values, "thickness_mm": thickness,
-        "deform_mm": float(amp), "cortex_detail": detail, "head_scale": [float(s) for s in head_scale],
-        "pose_rotation_deg": [float(r) for r in pose_rot],
-        "pose_translation_mm": [float(t) for t in pose_shift],
-    }
-    if mask is not None:
-        meta["brain_mask"] = nib.Nifti1Image((mask > 0.5).astype(np.uint8), affine)
-    return out, meta
+    return img, {"dtype": dtype, "snr": snr, "noise_sigma": float(sigma * scale), "scale": scale,
+                 "bias_amplitude": float(bias_amp)}
 
 
 def _resample(vol, m, shape, slab=32):
