@@ -146,6 +146,8 @@ _HEAD_REACH_MM = 20.0    # how far beyond the Otsu head dim tissue is looked for
 _BODY_LEVEL = 0.5        # a piece next to the head this bright (x the head's median) is body
 _BODY_REACH_MM = 40.0    # ... when 90 % of it lies this close to the head (spike stripes cross the FOV)
 _SKULL_SPAN_MM = 150.0   # vertex to below the nose: the head, above the chin, neck and shoulders
+_SLICE_MIN_MM = 3.0      # an axis this coarse and ...
+_SLICE_RATIO = 2.0       # ... this many times the other two's voxel size is a 2D acquisition's slice axis
 _RAYLEIGH_Q25 = math.sqrt(-2.0 * math.log(0.75))   # 0.7585: q25 of Rayleigh(1)
 _RAYLEIGH_SD = math.sqrt((4.0 - math.pi) / 2.0)    # 0.6551: sd of Rayleigh(1)
 _Z25, _Z05 = 0.6745, 1.6449                         # standard normal quantile magnitudes
@@ -359,6 +361,29 @@ def fov_contact(head: np.ndarray, valid: np.ndarray, top_blocks: Optional[int] =
     return best, best_ax
 
 
+def _multislice_axis(zooms: Sequence[float]) -> Optional[int]:
+    """The slice axis of a 2D (multi-slice) acquisition, read off its voxel sizes: the axis at
+    least ``_SLICE_MIN_MM`` thick and ``_SLICE_RATIO`` times the other two (clinical stacks of
+    3-7 mm slices over 0.4-1 mm pixels); None for a 3D-like grid."""
+    z = [float(v) for v in zooms[:3]]
+    ax = int(np.argmax(z))
+    others = [v for i, v in enumerate(z) if i != ax]
+    if z[ax] >= _SLICE_MIN_MM and z[ax] >= _SLICE_RATIO * max(others):
+        return ax
+    return None
+
+
+def _contact_axes(zooms, phase_axis: Optional[int]) -> Optional[tuple[int, ...]]:
+    """The axes ``fov_contact`` looks at: the phase-encoding axis when the header names it;
+    otherwise every axis but a 2D acquisition's slice axis. Slices are excited one at a time,
+    not phase-encoded, so nothing folds along them, and a clinical stack is planned from the
+    skull base to the vertex with the head at both ends."""
+    if phase_axis is not None:
+        return (int(phase_axis),)
+    ax = _multislice_axis(zooms)
+    return None if ax is None else tuple(i for i in range(3) if i != ax)
+
+
 def _dilate_mm(mask: np.ndarray, mm: float, sampling) -> np.ndarray:
     if mm <= 0 or not mask.any():
         return mask.copy()
@@ -545,7 +570,7 @@ def _background_stats(data, zooms, p, debug: Optional[dict] = None, phase_axis: 
     # bright tissue only: the head mask's dim extensions reach into noise near the faces
     contact, contact_ax = fov_contact(head & (bmean > thr), bvalid,
                                       top_blocks=int(math.ceil(_SKULL_SPAN_MM / bz[2])),
-                                      axes=None if phase_axis is None else (int(phase_axis),))
+                                      axes=_contact_axes(z, phase_axis))
 
     # padding share of the outside-head volume (voxel counts)
     out_vox = float(np.count_nonzero(outside)) * n_block_vox

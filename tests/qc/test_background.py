@@ -210,6 +210,25 @@ def test_fov_contact_sees_a_head_running_off_both_ends_of_an_axis():
     assert cut.to_dict()["fov_contact"] == pytest.approx(cut.fov_contact, abs=1e-6)
 
 
+def test_fov_contact_leaves_out_the_slice_axis_of_a_2d_stack():
+    """A clinical 2D stack is planned from the skull base to the vertex, so the head shows at
+    both of its end slices; slices are excited one by one, not phase-encoded, and nothing folds
+    along them. The same head cut along axis 2 counts as contact on a 3D-like grid, not on a
+    grid of thick slices, unless the header names axis 2 as the phase-encoding axis."""
+    sig, noisy = _phantom()
+    si = np.flatnonzero(sig.any(axis=(0, 1)))
+    n = int(0.8 * (si[-1] - si[0] + 1))
+    start = si[0] + (si[-1] - si[0] + 1 - n) // 2
+    cut = noisy(sig)[:, :, start:start + n]
+    iso = background_stats(cut, (3.0, 3.0, 3.0))
+    assert iso.fov_contact_axis == 2 and iso.fov_contact > 0.05
+    thick = background_stats(cut, (1.5, 1.5, 4.5))
+    assert thick.available, thick.reason
+    assert thick.fov_contact == 0.0 and thick.fov_contact_axis is None
+    named = background_stats(cut, (1.5, 1.5, 4.5), phase_axis=2)
+    assert named.fov_contact_axis == 2 and named.fov_contact > 0.05
+
+
 def test_fov_contact_ignores_the_body_below_the_skull():
     """Shoulders and chest below the head span the field of view side to side in any scan
     that reaches them; only the 150 mm below the top of the head count for the side faces."""
