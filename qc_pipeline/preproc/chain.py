@@ -243,7 +243,11 @@ def preprocess(img: nib.spatialimages.SpatialImage, *, voxel_size=DEFAULT_VOXEL_
     # 3. expected brain (where brain should be) on the lattice, prior fitted in world space
     close_vox = int(round(6.0 / float(vs.mean())))
     filled = fill_holes(close_mask(fill_holes(sig), close_vox))
-    prior_fit = align_template_prior(filled, lat_aff, fov, extra_tissue=untrusted) if use_prior else None
+    # tissue outside the mask at least as bright as the brain's median (scalp fat, marrow) is
+    # not missing brain: the template may not be fitted over it
+    tissue = fov & ~filled & (lat > np.median(lat[sig]))
+    prior_fit = (align_template_prior(filled, lat_aff, fov, extra_tissue=untrusted, tissue=tissue)
+                 if use_prior else None)
     prior_lat = warp_template(prior_fit["affine"], lat_aff, lat.shape) if use_prior else None
     if untrusted and use_prior:
         # a mask that took in air may also have taken in the face or neck: it is kept near
@@ -251,7 +255,7 @@ def preprocess(img: nib.spatialimages.SpatialImage, *, voxel_size=DEFAULT_VOXEL_
         near = ndi.distance_transform_edt(~prior_lat, sampling=vs) <= UNTRUSTED_MASK_MARGIN_MM
         sig = largest_component(sig & near)
         filled = fill_holes(close_mask(fill_holes(sig), close_vox))
-        prior_fit = align_template_prior(filled, lat_aff, fov, extra_tissue=True)
+        prior_fit = align_template_prior(filled, lat_aff, fov, extra_tissue=True, tissue=fov & ~filled & tissue)
         prior_lat = warp_template(prior_fit["affine"], lat_aff, lat.shape)
     if check:
         check_brain(sig, lat_aff, prior_fit, fov=fov, source=src,

@@ -51,7 +51,7 @@ def _params_to_affine(p, c_tmpl, c_subj):
 
 
 def align_template_prior(signal_mask: np.ndarray, affine: np.ndarray, fov: np.ndarray | None = None, *,
-                         extra_tissue: bool = False) -> dict:
+                         extra_tissue: bool = False, tissue: np.ndarray | None = None) -> dict:
     """Fit the MNI152 brain mask to a (hole-filled) subject brain mask, robustly.
 
     9-dof (translation, rotation, per-axis scale) fit of the template's surface points to
@@ -67,6 +67,13 @@ def align_template_prior(signal_mask: np.ndarray, affine: np.ndarray, fov: np.nd
     that spilled into the face or neck): a template point inside the mask then pays no
     more than one outside it, so neither missing brain nor extra tissue drags the fit.
 
+    ``tissue`` (optional, same grid): voxels outside the mask where the scan shows bright
+    tissue (scalp fat, marrow, muscle at the brain's own intensity or above). Brain can be
+    missing where the scan shows no signal, not where it shows other tissue, so a template
+    point on such a voxel pays as one inside the mask does. Without it, a template tilted or
+    scaled past the brain into the scalp costs no more than one lying over a missing chunk
+    (seen on clinical thick-slice scans whose skull-strip mask follows the brain poorly).
+
     Returns a dict with ``affine`` (template world -> subject world, 4x4), ``scales``,
     ``rotation_deg``, ``surface_agreement`` (fraction of in-FOV template surface points
     within 4 mm of the subject surface), ``cost``.
@@ -80,7 +87,8 @@ def align_template_prior(signal_mask: np.ndarray, affine: np.ndarray, fov: np.nd
     if not surf.any():
         surf = m & ~ndi.binary_erosion(m)
     dist = ndi.distance_transform_edt(~surf, sampling=vs).astype(np.float32)
-    inside_f = m.astype(np.float32)
+    # where a template point pays in full: inside the mask, and on bright tissue outside it
+    full_f = (m if tissue is None else m | np.asarray(tissue, dtype=bool)).astype(np.float32)
 
     pts, c_t, cov_t, vol_t = _mni_surface_points()
     idx = np.argwhere(m).astype(float)
@@ -100,7 +108,7 @@ def align_template_prior(signal_mask: np.ndarray, affine: np.ndarray, fov: np.nd
         vi = np.clip(np.round(v).astype(int), 0, shape - 1)
         in_fov &= fov[vi[:, 0], vi[:, 1], vi[:, 2]]
         d = ndi.map_coordinates(dist, v.T, order=1, mode="nearest")
-        ins = ndi.map_coordinates(inside_f, v.T, order=1, mode="constant") >= 0.5
+        ins = ndi.map_coordinates(full_f, v.T, order=1, mode="constant") >= 0.5
         return d, in_fov, ins
 
     def cost(p, cap_in, cap_out):

@@ -144,3 +144,31 @@ def test_unstripped_head_with_none_is_no_brain(head):
     img, _ = head
     with pytest.raises(NoBrainError, match="skull-strip"):
         preprocess(img, skull_strip="none")
+
+
+def test_template_claims_missing_brain_where_there_is_no_signal_not_where_there_is_tissue():
+    """The prior's fit tolerates template points outside the mask (missing brain) only where
+    the scan shows no signal: the same flat-topped mask keeps its missing top when the space
+    above is dark, and not when the scan shows other tissue there (a brain flatter than the
+    template under the scalp, as clinical thick-slice masks are)."""
+    from scipy import ndimage as ndi
+
+    from qc_pipeline.preproc.prior import align_template_prior, warp_template
+
+    grid_aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    grid_aff[:3, 3] = [-96, -132, -78]
+    shape = (96, 112, 96)
+    full = warp_template(np.diag([0.9, 0.9, 0.9, 1.0]), grid_aff, shape)
+    top = int(np.nonzero(full.any(axis=(0, 1)))[0].max())
+    mask = full.copy()
+    mask[:, :, top - 7:] = False  # the top 16 mm are not in the mask
+    missing = full & ~mask
+    above = (ndi.distance_transform_edt(~mask, sampling=2.0) <= 20) & ~mask
+    above[:, :, :top - 7] = False
+    covered = {}
+    for name, tissue in (("dark", None), ("tissue", above)):
+        prior = warp_template(align_template_prior(mask, grid_aff, None, tissue=tissue)["affine"], grid_aff, shape)
+        covered[name] = np.count_nonzero(prior & missing) / missing.sum()
+        assert np.count_nonzero(prior & mask) / mask.sum() >= 0.95
+    assert covered["dark"] >= 0.85, covered
+    assert covered["tissue"] <= 0.5, covered
