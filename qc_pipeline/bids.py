@@ -115,6 +115,17 @@ class ScanRecord:
         return self.entities["suffix"]
 
     @property
+    def acquisition_notes(self) -> list[str]:
+        """What the file name says about the acquisition that bears on the engine's mask
+        (written among the scan's warnings)."""
+        agent = self.entities.get("ceagent")
+        if not agent:
+            return []
+        return [f"contrast-enhanced scan (ce-{agent}): the model learned normal brains from scans "
+                f"without contrast agent, so enhancing vessels, dura and marrow at the brain's "
+                f"surface can enter the engine's mask (docs/benchmarks.md, real lesions)"]
+
+    @property
     def out_reldir(self) -> str:
         """Folder of the derivatives, relative to OUTPUT_DIR (mirrors the source)."""
         return str(Path(self.relpath).parent)

@@ -215,7 +215,8 @@ def ok_record(scan, result: Mapping[str, Any], *, model_id, schedule, device,
             "affine": [[round(float(v), 6) for v in row] for row in template_fit["affine"]],
             "surface_agreement": _jf(template_fit.get("surface_agreement")),
         }
-    rec["warnings"] = [one_line(w) for w in warnings]
+    notes = scan.acquisition_notes if isinstance(scan, ScanRecord) else []
+    rec["warnings"] = list(dict.fromkeys(one_line(w) for w in [*warnings, *notes]))
     rec["runtime_s"] = None if runtime_s is None else round(float(runtime_s), 3)
     if paths is not None:
         rec["mask_file"] = paths["mask"].name

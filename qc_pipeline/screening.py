@@ -215,7 +215,8 @@ def scan_record_for(path, *, contrast: Optional[str] = None) -> ScanRecord:
 
     p = Path(path).absolute()
     stem = bids_name_of(p)
-    ents = {k: str(v) for k, v in parse_file_entities(p.name).items()}
+    # pybids reads sub-/ses- only after a path separator
+    ents = {k: str(v) for k, v in parse_file_entities("/" + p.name).items()}
     suffix = contrast or (ents.get("suffix") if ents.get("suffix") in SUFFIXES else None) or "T1w"
     ents.update(suffix=suffix, datatype="anat")
     ents.setdefault("subject", stem)

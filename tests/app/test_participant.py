@@ -267,6 +267,8 @@ def test_the_library_call_gives_the_apps_answer(run, model_dir, tmp_path):
     shutil.copyfile(run["root"] / rel, lone / Path(rel).name)
     rec = screen(lone / Path(rel).name, model_dir=model_dir, skull_strip="none")  # as base_args
     assert {k: rec[k] for k in SCAN_FIELDS} == {k: app[k] for k in SCAN_FIELDS}
+    assert {k: rec["entities"][k] for k in ("subject", "session", "run")} == \
+        {k: app["entities"][k] for k in ("subject", "session", "run")}
     assert rec["mask_file"] is None and not list(lone.glob("*_desc-*"))
     # with an output folder: the same record and the app's images, entity-named
     rec2 = screen(lone / Path(rel).name, model_dir=model_dir, skull_strip="none", output_dir=tmp_path / "out")
@@ -279,6 +281,23 @@ def test_the_library_call_gives_the_apps_answer(run, model_dir, tmp_path):
         np.testing.assert_allclose(a.affine, b.affine)
     assert json.loads((tmp_path / "out" / f"{stem}_qc.json").read_text())["mask_file"] == \
         f"{stem}_desc-anomaly_mask.nii.gz"
+
+
+def test_a_contrast_enhanced_scan_says_so_among_its_warnings():
+    """A ce- entity (BIDS: contrast agent) puts a note among the record's warnings, once: the
+    model learned normal brains without contrast agent (docs/benchmarks.md, real lesions)."""
+    from qc_pipeline.derivatives import ok_record
+    from qc_pipeline.screening import scan_record_for
+
+    plain = scan_record_for("/data/sub-07_ses-1_T1w.nii.gz")
+    assert plain.subject == "07" and plain.entities["session"] == "1"
+    assert plain.acquisition_notes == []
+    ce = scan_record_for("/data/sub-07_ses-1_ce-gadolinium_T1w.nii.gz")
+    assert len(ce.acquisition_notes) == 1 and "ce-gadolinium" in ce.acquisition_notes[0]
+    common = dict(model_id="m", schedule="auto", device="cpu", input_sha256="0")
+    assert ok_record(plain, {}, warnings=["w"], **common)["warnings"] == ["w"]
+    rec = ok_record(ce, {}, warnings=["w", *ce.acquisition_notes], **common)
+    assert rec["warnings"] == ["w", ce.acquisition_notes[0]]
 
 
 def test_the_library_call_raises_a_typed_error_naming_the_file(tmp_path, model_dir):
