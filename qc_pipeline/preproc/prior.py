@@ -71,8 +71,8 @@ def align_template_prior(signal_mask: np.ndarray, affine: np.ndarray, fov: np.nd
     tissue (scalp fat, marrow, muscle at the brain's own intensity or above). Brain can be
     missing where the scan shows no signal, not where it shows other tissue, so a template
     point on such a voxel pays as one inside the mask does. Without it, a template tilted or
-    scaled past the brain into the scalp costs no more than one lying over a missing chunk
-    (seen on clinical thick-slice scans whose skull-strip mask follows the brain poorly).
+    scaled past the brain into the scalp costs no more than one lying over a missing chunk,
+    and the engine marks the scalp it took in as missing brain (``docs/preprocessing.md``).
 
     Returns a dict with ``affine`` (template world -> subject world, 4x4), ``scales``,
     ``rotation_deg``, ``surface_agreement`` (fraction of in-FOV template surface points
