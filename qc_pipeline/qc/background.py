@@ -90,8 +90,9 @@ partition axis is often planned tight to the head (its ends then graze the ears)
 folding. Without it, the slice axis of a 2D stack (an axis of at least 3 mm and twice the
 other two's voxel size) does not count: slices are excited one at a time, not
 phase-encoded, and a clinical stack runs from the skull base to the vertex with head in
-both end slices (two real clinical scans of the benchmarks had contact 0.18-0.24 there). A head cut off at one end only (the neck below the field of view, a
-nose cut by a tight field of view) keeps the smaller end at 0. The array is taken as RAS
+both end slices (two real clinical scans of the benchmarks had contact 0.18-0.24 there).
+A head cut off at one end only (the neck below the field of view, a nose cut by a tight
+field of view) keeps the smaller end at 0. The array is taken as RAS
 (axis 2 inferior -> superior, as :func:`background_stats_for_image` gives it): the
 left/right and anterior/posterior faces count only the 100 mm below the top of the head,
 since the neck, shoulders and chest below it span the field of view in any scan that
