@@ -245,7 +245,7 @@ def preprocess(img: nib.spatialimages.SpatialImage, *, voxel_size=DEFAULT_VOXEL_
     filled = fill_holes(close_mask(fill_holes(sig), close_vox))
     # tissue outside the mask at least as bright as the brain's median (scalp fat, marrow) is
     # not missing brain: the template may not be fitted over it
-    tissue = fov & ~filled & (lat > np.median(lat[sig]))
+    tissue = fov & ~filled & (lat > np.median(lat[sig])) if use_prior else None
     prior_fit = (align_template_prior(filled, lat_aff, fov, extra_tissue=untrusted, tissue=tissue)
                  if use_prior else None)
     prior_lat = warp_template(prior_fit["affine"], lat_aff, lat.shape) if use_prior else None
@@ -255,7 +255,7 @@ def preprocess(img: nib.spatialimages.SpatialImage, *, voxel_size=DEFAULT_VOXEL_
         near = ndi.distance_transform_edt(~prior_lat, sampling=vs) <= UNTRUSTED_MASK_MARGIN_MM
         sig = largest_component(sig & near)
         filled = fill_holes(close_mask(fill_holes(sig), close_vox))
-        prior_fit = align_template_prior(filled, lat_aff, fov, extra_tissue=True, tissue=fov & ~filled & tissue)
+        prior_fit = align_template_prior(filled, lat_aff, fov, extra_tissue=True, tissue=tissue)  # the mask only shrank
         prior_lat = warp_template(prior_fit["affine"], lat_aff, lat.shape)
     if check:
         check_brain(sig, lat_aff, prior_fit, fov=fov, source=src,
