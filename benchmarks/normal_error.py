@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from qc_pipeline.engine.modelio import load_model_card, save_normal_error, write_model_card
+from qc_pipeline.preproc import open_mask
 from qc_pipeline.io import atomic_write_npz
 from qc_pipeline.qc.score import fit_reference, largest_component_fraction
 from qc_pipeline.sitenorm import normal_error_mask, site_reference_and_spread, template_grid, to_template
@@ -108,13 +109,15 @@ def _fit(items, cache) -> tuple[np.ndarray, np.ndarray]:
     return site_reference_and_spread([cache[it["file"]] for it in items])
 
 
-def _masked(z, maps, factor, spread_k=None) -> np.ndarray:
+def _masked(z, maps, factor, spread_k=None, open_vox: int = 0) -> np.ndarray:
+    """The participant level's rule (``IterMask3D.against_normal_error``) on one cached run."""
     if maps is None:
         return z["mask"].astype(bool)
     ref_t, spread_t = maps
     kw = {} if spread_k is None else {"spread_t": spread_t, "spread_k": spread_k}
-    return normal_error_mask(z["error"], z["mask"], ref_t, grid_affine=z["grid_affine"],
-                             template_to_world=z["t2w"], factor=factor, **kw)
+    m = normal_error_mask(z["error"], z["mask"], ref_t, grid_affine=z["grid_affine"],
+                          template_to_world=z["t2w"], factor=factor, **kw)
+    return open_mask(m, open_vox)
 
 
 def _auc(clean, bad) -> float:
@@ -156,7 +159,7 @@ def cmd_eval(args, items, tmaps) -> None:
         for it in ev:
             z = data[it["file"]]
             ref = maps[it["head"]] if use else None
-            frac[it["file"]] = float(_masked(z, ref, factor, spread_k).sum()) / float(z["brain"].sum())
+            frac[it["file"]] = float(_masked(z, ref, factor, spread_k, args.open_vox).sum()) / float(z["brain"].sum())
         cells = []
         for group in [[h] for h in heads] + [heads]:
             g = [it for it in ev if it["head"] in group]
@@ -184,7 +187,7 @@ def cmd_build(args, items, tmaps) -> None:
         ref_k = _fit([it for it in syn if it not in held] + real, tmaps)
         for it in held:
             z = _load(it)
-            m = _masked(z, ref_k, factor, spread_k)
+            m = _masked(z, ref_k, factor, spread_k, args.open_vox)
             n = int(z["brain"].sum())
             rows.append({"anomaly_fraction": float(m.sum()) / n,
                          "anomaly_cluster_fraction": largest_component_fraction(m, n)})
@@ -198,6 +201,7 @@ def cmd_build(args, items, tmaps) -> None:
                      "voxel (template fit of each scan's preprocessing), grey-dilated by one voxel",
         "rule": "a mask voxel stays where error > factor x normal_error" + (
             "" if spread_k is None else " and error > normal_error + spread_k x spread")
+                + ("" if not args.open_vox else ", then the mask is opened by a ball of open_vox grid voxels")
                 + " (IterMask3D.against_normal_error)",
         "n_scans": len(syn) + len(real),
         "training_data": {"synthetic_normals": len(syn), "real_heads": list(args.fit_heads),
@@ -207,6 +211,8 @@ def cmd_build(args, items, tmaps) -> None:
         "date": _dt.date.today().isoformat(),
         "command": "python benchmarks/normal_error.py build " + " ".join(sys.argv[2:]),
     }
+    if args.open_vox:
+        section["open_vox"] = int(args.open_vox)
     if spread_k is not None:
         section["spread_k"] = spread_k
         section["spread_statistic"] = ("voxel-wise normal-consistent MAD of the same scans' errors around that "
@@ -215,7 +221,8 @@ def cmd_build(args, items, tmaps) -> None:
     card = load_model_card(args.model_dir)
     # the id names the map's data too: results of another map are never reused under it
     card["model_id"] = (f"{base_id}-ne{factor:g}" + ("" if spread_k is None else f"s{spread_k:g}")
-                        + (f"r{len(args.fit_heads)}" if args.fit_heads else ""))
+                        + (f"r{len(args.fit_heads)}" if args.fit_heads else "")
+                        + (f"o{args.open_vox}" if args.open_vox else ""))
     feats = fit_reference(rows, features=["anomaly_fraction", "anomaly_cluster_fraction"])["features"]
     card["qc_score"]["features"].update(feats)
     card["qc_score"]["normal_error_features_source"] = (
@@ -240,6 +247,9 @@ def main(argv=None) -> int:
     ap.add_argument("--spread-k", nargs="*", type=float, default=[],
                     help="also require error > map + k x the normal heads' spread (eval: each k; "
                          "build: one k, written into the model folder)")
+    ap.add_argument("--open-vox", type=int, default=0,
+                    help="open the mask after the rule by a ball of this many grid voxels (eval: every row; "
+                         "build: written into the card as normal_error.open_vox)")
     ap.add_argument("--leave-one-out", action="store_true",
                     help="eval: each evaluated head against a map fitted without its own copies "
                          "(evaluated heads may then be in --fit-heads)")

@@ -484,8 +484,10 @@ def _site_normal_error(target: Path, preps, settings, options: AdaptOptions, *, 
         return None
     ref, spread = site_reference_and_spread(maps)
     _, t_aff = template_grid()
+    # the base model's opening carries over: a site's clean scans leave specks just the same
+    opening = {"open_vox": model.normal_error_open} if model.normal_error_open else {}
     save_normal_error(target, ref, t_aff, {
-        "factor": DEFAULT_SITE_NORM_FACTOR, "spread_k": DEFAULT_SITE_SPREAD_K,
+        "factor": DEFAULT_SITE_NORM_FACTOR, "spread_k": DEFAULT_SITE_SPREAD_K, **opening,
         "space": "MNI152 brain-mask grid, 2 mm (qc_pipeline.sitenorm.template_grid)",
         "statistic": "voxel-wise median of the adapted model's squared error over the site's training "
                      "scans, grey-dilated by one voxel",

@@ -16,11 +16,13 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..preproc import open_mask
 from .errors import (EngineError, InvalidInputError, ModelCardError, ModelNotFoundError,
                      ShapeMismatchError, VoxelSizeMismatchError)
 from .hf import high_frequency, hf_radius
 from .modelio import (CARD_NAME, WEIGHTS_NAME, build_network, default_model_dir, load_model_card,
-                      load_normal_error, load_normal_error_spread, model_content_key)
+                      load_normal_error, load_normal_error_opening, load_normal_error_spread,
+                      model_content_key)
 from .schedules import Schedule, get_schedule
 from .taufit import (DEFAULT_GAMMA, DEFAULT_GAMMA_REFERENCE_T, DEFAULT_Y_LIMIT, GAMMA_MODES, R2_MIN, TauFit,
                      fit_tau_curve, relative_gamma)
@@ -116,7 +118,7 @@ class Result:
         Its size, as ``anomaly_voxels`` / ``anomaly_fraction``.
     normal_error : dict
         How the normal-error step went: ``applied``, ``factor``, ``spread_k`` (when the model
-        carries the normal heads' spread), and ``reason`` when it did not run (the model has
+        carries the normal heads' spread), ``open_vox`` (when the mask was opened), and ``reason`` when it did not run (the model has
         no map, the scan has no template fit).
     """
 
@@ -414,6 +416,8 @@ class IterMask3D:
         #: normal heads' voxel-wise spread around that map and its multiple (optional)
         self.normal_error_spread: np.ndarray | None = None
         self.normal_error_spread_k: float | None = None
+        #: radius (grid voxels) of the opening after the normal-error rule (0: none)
+        self.normal_error_open: int = 0
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -446,6 +450,7 @@ class IterMask3D:
         model.model_key = model_content_key(folder)
         model.normal_error, model.normal_error_factor = load_normal_error(folder, card)
         model.normal_error_spread, model.normal_error_spread_k = load_normal_error_spread(folder, card)
+        model.normal_error_open = load_normal_error_opening(folder, card)
         return model
 
     # ------------------------------------------------------------------ normal error
@@ -460,7 +465,10 @@ class IterMask3D:
         robust SD around that median), the error must also exceed the median by
         ``normal_error.spread_k`` spreads: where people differ most (ventricle size, sulcal
         width) one person's anatomy is not an anomaly; the mask before that rule is kept as
-        ``candidate_mask``. ``grid_affine``: the model grid's voxel -> scanner mm;
+        ``candidate_mask``. With the card's ``normal_error.open_vox`` the mask is then opened
+        by a ball of that many grid voxels: a normal brain's residue is specks and threads
+        along sulci and the brain's edge, an anomaly is a body (a lesion, a missing piece, a
+        void), so what cannot hold the ball goes. ``grid_affine``: the model grid's voxel -> scanner mm;
         ``template_to_world``: the scan's template fit (MNI mm -> scanner mm), None when the
         preprocessing made none.
         Without a map or a fit the result is returned as it is, saying why.
@@ -483,6 +491,9 @@ class IterMask3D:
             candidate = {"candidate_mask": before, "candidate_voxels": c,
                          "candidate_fraction": c / res.brain_voxels if res.brain_voxels else 0.0}
             applied["spread_k"] = self.normal_error_spread_k
+        if self.normal_error_open:
+            mask = open_mask(mask, self.normal_error_open)
+            applied["open_vox"] = self.normal_error_open
         n = int(mask.sum())
         vox_mm3 = abs(float(np.linalg.det(np.asarray(grid_affine, dtype=float)[:3, :3])))
         return replace(res, mask=mask, anomaly_voxels=n,

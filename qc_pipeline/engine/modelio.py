@@ -26,6 +26,7 @@ from .taufit import DEFAULT_GAMMA, R2_MIN
 __all__ = [
     "WEIGHTS_NAME", "CARD_NAME", "DEFAULT_GRID", "DEFAULT_VOXEL_SIZE", "NORMALISATION",
     "NORMAL_ERROR_NAME", "NORMAL_ERROR_SPREAD_NAME", "load_normal_error", "load_normal_error_spread",
+    "load_normal_error_opening",
     "save_normal_error",
     "save_model_folder", "load_model_card", "write_model_card", "make_random_model_folder", "default_model_dir",
     "default_card", "build_network", "code_version", "model_content_key",
@@ -227,6 +228,23 @@ def load_normal_error_spread(folder, card: Mapping[str, Any]):
         raise ModelCardError(f"model card in {folder}: normal_error.spread_k must be a number >= 0, "
                              f"got {sec.get('spread_k')!r}")
     return _read_template_volume(folder, Path(folder) / str(sec["spread_file"]), "normal-error spread map"), k
+
+
+def load_normal_error_opening(folder, card: Mapping[str, Any]) -> int:
+    """The radius (model-grid voxels) of the opening applied to the mask after the
+    normal-error rule (the card's ``normal_error.open_vox``); 0 when the card names none.
+
+    Raises
+    ------
+    ModelCardError
+        ``open_vox`` is not a whole number >= 0.
+    """
+    sec = card.get("normal_error") or {}
+    v = sec.get("open_vox", 0)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ModelCardError(f"model card in {folder}: normal_error.open_vox must be a whole number >= 0, "
+                             f"got {v!r}")
+    return v
 
 
 def _read_template_volume(folder, f: Path, what: str):

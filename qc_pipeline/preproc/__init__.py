@@ -14,7 +14,7 @@ The names below are what callers outside the room use; the rest stays in its mod
 """
 from .chain import PrepInfo, PreprocResult, iterative_zscore, preprocess
 from .geometry import to_native
-from .masks import ball, fill_holes, largest_component
+from .masks import ball, fill_holes, largest_component, open_mask
 from .prior import mni_brain_mask
 from .skullstrip import DEFAULT_METHOD_BY_CONTRAST, available_methods
 
@@ -28,6 +28,7 @@ __all__ = [
     "ball",
     "fill_holes",
     "largest_component",
+    "open_mask",
     "available_methods",
     "DEFAULT_METHOD_BY_CONTRAST",
 ]

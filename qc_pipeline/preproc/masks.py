@@ -75,6 +75,16 @@ def close(mask: np.ndarray, radius: int) -> np.ndarray:
     return p[pad:-pad, pad:-pad, pad:-pad] | mask
 
 
+def open_mask(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary opening with a ball of ``radius`` voxels: what is thinner than the ball
+    (specks, one- and two-voxel threads) goes, what holds the ball stays at its full
+    extent; ``radius`` 0 returns a copy of ``mask``."""
+    m = np.asarray(mask, dtype=bool)
+    if radius <= 0:
+        return m.copy()
+    return ndi.binary_opening(m, structure=ball(radius))
+
+
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest face-connected component (``scipy.ndimage.label``'s default) of
     ``mask`` as a bool array; ``mask`` itself when it has at most one component."""

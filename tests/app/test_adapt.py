@@ -64,11 +64,12 @@ def site(tmp_path_factory, model_dir):
     labels = tmp / "ratings.tsv"
     labels.write_text(f"bids_name\trating\nsub-{RATED_BAD}_T1w\tbad\nsub-01_T1w\tgood\n")
     out, work = tmp / "out", tmp / "work"
-    # the base model carries a (flat, low) normal-error map, which the adapted model must carry too
+    # the base model carries a (flat, low) normal-error map and an opening, which the adapted
+    # model must carry too
     model = tmp / "base_model"
     shutil.copytree(model_dir, model)
     shape, t_aff = template_grid()
-    save_normal_error(model, np.full(shape, 1e-3, np.float32), t_aff, {"factor": 4.0, "spread_k": 5.0},
+    save_normal_error(model, np.full(shape, 1e-3, np.float32), t_aff, {"factor": 4.0, "spread_k": 5.0, "open_vox": 1},
                       spread_t=np.full(shape, 1e-3, np.float32))
     rc = main(_args(root, out, work, model, "--labels", str(labels), "--nprocs", "2"))
     return {"rc": rc, "root": root, "out": out, "work": work, "labels": labels, "tmp": tmp,
@@ -118,6 +119,7 @@ def test_card_records_the_adaptation(site):
     sec = card["normal_error"]
     assert "site's own" in ad["normal_error"] and sec["n_scans"] == len(ad["training_scans"])
     assert sec["factor"] == DEFAULT_SITE_NORM_FACTOR and sec["spread_k"] == DEFAULT_SITE_SPREAD_K
+    assert sec["open_vox"] == 1
     assert sec["fitted_for_model_id"] == card["model_id"]
     site_map = site["out"] / "models" / "T1w" / sec["file"]
     base_map = site["model"] / site["base"]["normal_error"]["file"]
@@ -126,7 +128,7 @@ def test_card_records_the_adaptation(site):
     # with a spread map every scan keeps the mask before the spread rule for the group level
     for name, qc in _qcs(site["out"]).items():
         assert qc["normal_error"] == {"applied": True, "factor": DEFAULT_SITE_NORM_FACTOR,
-                                      "spread_k": DEFAULT_SITE_SPREAD_K}, name
+                                      "spread_k": DEFAULT_SITE_SPREAD_K, "open_vox": 1}, name
         assert qc["candidate_anomaly_voxels"] >= qc["anomaly_voxels"], name
         cand = next(site["out"].glob(f"sub-*/anat/{qc['candidate_mask_file']}"))
         assert np.asarray(nib.load(str(cand)).dataobj).sum() >= np.asarray(
@@ -161,6 +163,7 @@ def test_the_base_models_normal_error_can_be_kept(site, tmp_path):
     card = load_model_card(out / "models" / "T1w")
     assert "carried over" in card["adaptation"]["normal_error"]
     assert card["normal_error"]["factor"] == 4.0 and card["normal_error"]["spread_k"] == 5.0
+    assert card["normal_error"]["open_vox"] == 1
     folder = out / "models" / "T1w"
     np.testing.assert_array_equal(nib.load(str(folder / card["normal_error"]["file"])).get_fdata(),
                                   nib.load(str(site["model"] / site["base"]["normal_error"]["file"])).get_fdata())

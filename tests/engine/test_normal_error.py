@@ -200,3 +200,43 @@ def test_the_content_key_follows_the_card_the_weights_and_the_maps(random_model)
     # a file the card does not name is not part of the model
     (random_model / "notes.txt").write_text("scratch")
     assert model_content_key(random_model) == key4
+
+
+def test_the_opening_drops_the_specks_a_normal_brain_leaves_and_keeps_the_artifact(brain_volume):
+    clean, brain, _, _, artifact = _scan(brain_volume)
+    # one-voxel specks of high error scattered over the brain (a normal brain's residue),
+    # and the artifact: a body the opening's ball fits in
+    rng = np.random.default_rng(0)
+    specks = np.zeros(SHAPE, bool)
+    idx = np.argwhere(brain & ~sphere(SHAPE, ARTIFACT, 7))
+    for i, j, k in idx[rng.choice(len(idx), 40, replace=False)]:
+        specks[i, j, k] = True
+    x = clean + 3.0 * artifact + 3.0 * specks
+    low = np.full(template_grid()[0], 1e-3, np.float32)
+    plain = _model(Oracle(clean, x), low)
+    raw = plain.run(x, brain, seed=0)
+    without = plain.against_normal_error(raw, grid_affine=GRID_AFFINE, template_to_world=IDENTITY)
+    assert without.mask[specks].mean() > 0.8
+    opened = _model(Oracle(clean, x), low)
+    opened.normal_error_open = 1
+    res = opened.against_normal_error(raw, grid_affine=GRID_AFFINE, template_to_world=IDENTITY)
+    assert not res.mask[specks].any()
+    assert res.mask[artifact].mean() > 0.8
+    assert not (res.mask & ~without.mask).any()   # the opening only ever removes voxels
+    assert res.anomaly_voxels == int(res.mask.sum()) < without.anomaly_voxels
+    assert res.normal_error == {"applied": True, "factor": 3.0, "open_vox": 1}
+
+
+def test_the_card_names_the_opening_and_a_bad_one_is_a_card_error(random_model):
+    from qc_pipeline.engine.modelio import load_normal_error_opening
+
+    shape, t_aff = template_grid()
+    save_normal_error(random_model, np.ones(shape, np.float32), t_aff, {"factor": 4.0, "open_vox": 1})
+    assert IterMask3D.from_folder(random_model, device="cpu").normal_error_open == 1
+    card = json.loads((random_model / CARD_NAME).read_text())
+    del card["normal_error"]["open_vox"]
+    assert load_normal_error_opening(random_model, card) == 0   # older folders: no opening
+    for bad in (-1, 1.5, "one", True):
+        card["normal_error"]["open_vox"] = bad
+        with pytest.raises(ModelCardError, match=r"normal_error.open_vox must be a whole number >= 0, got"):
+            load_normal_error_opening(random_model, card)

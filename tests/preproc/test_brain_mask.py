@@ -172,3 +172,17 @@ def test_template_claims_missing_brain_where_there_is_no_signal_not_where_there_
         assert np.count_nonzero(prior & mask) / mask.sum() >= 0.95
     assert covered["dark"] >= 0.85, covered
     assert covered["tissue"] <= 0.5, covered
+
+
+def test_an_opening_removes_what_is_thinner_than_its_ball_and_keeps_bodies_whole():
+    from qc_pipeline.preproc import open_mask
+
+    m = np.zeros((30, 30, 30), bool)
+    body = (np.indices(m.shape) - 10) ** 2
+    body = body.sum(0) <= 16                       # a ball of radius 4 voxels
+    m |= body
+    m[20, 5:25, 20] = True                         # a one-voxel thread
+    m[25, 25, 25] = True                           # a speck
+    out = open_mask(m, 1)
+    assert np.array_equal(out, body)
+    assert np.array_equal(open_mask(m, 0), m) and open_mask(m, 0) is not m
