@@ -118,8 +118,8 @@ class Result:
         Its size, as ``anomaly_voxels`` / ``anomaly_fraction``.
     normal_error : dict
         How the normal-error step went: ``applied``, ``factor``, ``spread_k`` (when the model
-        carries the normal heads' spread), ``open_vox`` (when the mask was opened), and ``reason`` when it did not run (the model has
-        no map, the scan has no template fit).
+        carries the normal heads' spread), ``open_vox`` (when the mask was opened), and
+        ``reason`` when it did not run (the model has no map, the scan has no template fit).
     """
 
     anomaly_voxels: int
