@@ -21,10 +21,12 @@ into ``--model-dir`` (``normal_error.nii.gz`` and the card's ``normal_error`` se
 taken against a map fitted without it (two folds), so the reference sees what an unseen normal
 head gets. With ``--spread-k K`` it also writes the same scans' voxel-wise robust SD around the
 median (``normal_error_spread.nii.gz``), and a mask voxel must then exceed the median by K of
-them too; ``eval --spread-k K [K ...]`` adds a row per K. ``eval`` prints, per real head and pooled (one site of different people): AUROC
-(percent) of the clean copies against all artifact types and against the local ones, and the
-clean copies' median masked share of the brain, for the engine's own mask and against maps
-fitted without the evaluated heads.
+them too; ``eval --spread-k K [K ...]`` adds a row per K. ``--open-vox N`` opens every mask
+after the rule by a ball of N grid voxels (``build`` writes it into the card). ``eval``
+prints, per real head and pooled (one site of different people): AUROC (percent) of the clean
+copies against all artifact types and against the local ones, and the clean copies' median
+masked share of the brain, for the engine's own mask and against maps fitted without the
+evaluated heads.
 
     python benchmarks/normal_error.py eval  --synthetic SYN --real RG RGH --work W \\
         --fit-heads itk robex s1 --eval-heads colin bb1 bb2 --factor 2 3 4
@@ -44,8 +46,8 @@ from pathlib import Path
 import numpy as np
 
 from qc_pipeline.engine.modelio import load_model_card, save_normal_error, write_model_card
-from qc_pipeline.preproc import open_mask
 from qc_pipeline.io import atomic_write_npz
+from qc_pipeline.preproc import open_mask
 from qc_pipeline.qc.score import fit_reference, largest_component_fraction
 from qc_pipeline.sitenorm import normal_error_mask, site_reference_and_spread, template_grid, to_template
 
@@ -159,7 +161,8 @@ def cmd_eval(args, items, tmaps) -> None:
         for it in ev:
             z = data[it["file"]]
             ref = maps[it["head"]] if use else None
-            frac[it["file"]] = float(_masked(z, ref, factor, spread_k, args.open_vox).sum()) / float(z["brain"].sum())
+            m = _masked(z, ref, factor, spread_k, args.open_vox)
+            frac[it["file"]] = float(m.sum()) / float(z["brain"].sum())
         cells = []
         for group in [[h] for h in heads] + [heads]:
             g = [it for it in ev if it["head"] in group]

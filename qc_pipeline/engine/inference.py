@@ -468,7 +468,8 @@ class IterMask3D:
         ``candidate_mask``. With the card's ``normal_error.open_vox`` the mask is then opened
         by a ball of that many grid voxels: a normal brain's residue is specks and threads
         along sulci and the brain's edge, an anomaly is a body (a lesion, a missing piece, a
-        void), so what cannot hold the ball goes. ``grid_affine``: the model grid's voxel -> scanner mm;
+        void), so what cannot hold the ball goes.
+        ``grid_affine``: the model grid's voxel -> scanner mm;
         ``template_to_world``: the scan's template fit (MNI mm -> scanner mm), None when the
         preprocessing made none.
         Without a map or a fit the result is returned as it is, saying why.

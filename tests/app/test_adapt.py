@@ -69,8 +69,8 @@ def site(tmp_path_factory, model_dir):
     model = tmp / "base_model"
     shutil.copytree(model_dir, model)
     shape, t_aff = template_grid()
-    save_normal_error(model, np.full(shape, 1e-3, np.float32), t_aff, {"factor": 4.0, "spread_k": 5.0, "open_vox": 1},
-                      spread_t=np.full(shape, 1e-3, np.float32))
+    save_normal_error(model, np.full(shape, 1e-3, np.float32), t_aff,
+                      {"factor": 4.0, "spread_k": 5.0, "open_vox": 1}, spread_t=np.full(shape, 1e-3, np.float32))
     rc = main(_args(root, out, work, model, "--labels", str(labels), "--nprocs", "2"))
     return {"rc": rc, "root": root, "out": out, "work": work, "labels": labels, "tmp": tmp,
             "base": load_model_card(model), "model": model}
