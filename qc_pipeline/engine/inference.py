@@ -466,8 +466,8 @@ class IterMask3D:
         ``normal_error.spread_k`` spreads: where people differ most (ventricle size, sulcal
         width) one person's anatomy is not an anomaly; the mask before that rule is kept as
         ``candidate_mask``. With the card's ``normal_error.open_vox`` the mask is then opened
-        by a ball of that many grid voxels: a normal brain's residue is specks and threads
-        along sulci and the brain's edge, an anomaly is a body (a lesion, a missing piece, a
+        by a ball of that many grid voxels: much of a normal brain's residue is specks and
+        threads along sulci and the brain's edge, an anomaly is a body (a lesion, a missing piece, a
         void), so what cannot hold the ball goes.
         ``grid_affine``: the model grid's voxel -> scanner mm;
         ``template_to_world``: the scan's template fit (MNI mm -> scanner mm), None when the
