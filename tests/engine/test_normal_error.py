@@ -43,12 +43,17 @@ def _model(oracle, normal_error=None, factor=3.0):
     return m
 
 
+def _against(model, raw):
+    """``raw`` against ``model``'s normal error, the scan already in MNI space."""
+    return model.against_normal_error(raw, grid_affine=GRID_AFFINE, template_to_world=IDENTITY)
+
+
 def test_the_map_removes_what_every_brain_shares_and_keeps_the_artifact(brain_volume):
     clean, brain, x, common, artifact = _scan(brain_volume)
     model = _model(Oracle(clean, x), _normal_error_on_template(level=20.0))
     raw = model.run(x, brain, seed=0)
     assert raw.mask[common].mean() > 0.8 and raw.mask[artifact].mean() > 0.8
-    res = model.against_normal_error(raw, grid_affine=GRID_AFFINE, template_to_world=IDENTITY)
+    res = _against(model, raw)
     assert res.mask[artifact].mean() > 0.8 and not res.mask[common].any()
     assert not (res.mask & ~raw.mask).any()  # it only ever removes voxels
     assert res.anomaly_voxels == int(res.mask.sum()) < raw.anomaly_voxels
@@ -58,14 +63,14 @@ def test_the_map_removes_what_every_brain_shares_and_keeps_the_artifact(brain_vo
     assert d["raw_anomaly_voxels"] == raw.anomaly_voxels and d["normal_error"] == {"applied": True, "factor": 3.0}
     # a map that is low everywhere keeps the whole raw mask
     flat = _model(Oracle(clean, x), np.full(template_grid()[0], 1e-3, np.float32))
-    low = flat.against_normal_error(raw, grid_affine=GRID_AFFINE, template_to_world=IDENTITY)
+    low = _against(flat, raw)
     assert low.anomaly_voxels == raw.anomaly_voxels
 
 
 def test_without_a_map_or_a_template_fit_the_mask_stays_and_says_why(brain_volume):
     clean, brain, x, _, _ = _scan(brain_volume)
     raw = _model(Oracle(clean, x)).run(x, brain, seed=0)
-    a = _model(Oracle(clean, x)).against_normal_error(raw, grid_affine=GRID_AFFINE, template_to_world=IDENTITY)
+    a = _against(_model(Oracle(clean, x)), raw)
     assert a.anomaly_voxels == raw.anomaly_voxels and a.normal_error["applied"] is False
     assert "no normal-error map" in a.normal_error["reason"] and a.raw_anomaly_voxels is None
     b = _model(Oracle(clean, x), _normal_error_on_template(20.0)).against_normal_error(
@@ -123,12 +128,12 @@ def test_the_spread_keeps_where_people_differ_out_of_the_mask(brain_volume):
     low_median = np.full(template_grid()[0], 1e-3, np.float32)
     plain = _model(Oracle(clean, x), low_median)
     raw = plain.run(x, brain, seed=0)
-    without = plain.against_normal_error(raw, grid_affine=GRID_AFFINE, template_to_world=IDENTITY)
+    without = _against(plain, raw)
     assert without.mask[common].mean() > 0.8
     # ... but normal heads differ widely there, so with their spread it is not an anomaly
     model = _model(Oracle(clean, x), low_median)
     model.normal_error_spread, model.normal_error_spread_k = _spread_on_template(5.0), 5.0
-    res = model.against_normal_error(raw, grid_affine=GRID_AFFINE, template_to_world=IDENTITY)
+    res = _against(model, raw)
     assert not res.mask[common].any() and res.mask[artifact].mean() > 0.8
     assert res.normal_error == {"applied": True, "factor": 3.0, "spread_k": 5.0}
     # the mask before the spread rule travels with it (the group level starts from it)
@@ -137,7 +142,7 @@ def test_the_spread_keeps_where_people_differ_out_of_the_mask(brain_volume):
     assert without.to_dict()["candidate_anomaly_voxels"] is None
     # k = 0: the spread asks for nothing beyond the median
     model.normal_error_spread_k = 0.0
-    zero = model.against_normal_error(raw, grid_affine=GRID_AFFINE, template_to_world=IDENTITY)
+    zero = _against(model, raw)
     assert zero.anomaly_voxels == without.anomaly_voxels
 
 
@@ -215,11 +220,11 @@ def test_the_opening_drops_the_specks_a_normal_brain_leaves_and_keeps_the_artifa
     low = np.full(template_grid()[0], 1e-3, np.float32)
     plain = _model(Oracle(clean, x), low)
     raw = plain.run(x, brain, seed=0)
-    without = plain.against_normal_error(raw, grid_affine=GRID_AFFINE, template_to_world=IDENTITY)
+    without = _against(plain, raw)
     assert without.mask[specks].mean() > 0.8
     opened = _model(Oracle(clean, x), low)
     opened.normal_error_open = 1
-    res = opened.against_normal_error(raw, grid_affine=GRID_AFFINE, template_to_world=IDENTITY)
+    res = _against(opened, raw)
     assert not res.mask[specks].any()
     assert res.mask[artifact].mean() > 0.8
     assert not (res.mask & ~without.mask).any()   # the opening only ever removes voxels
